@@ -1,0 +1,156 @@
+"""Talking to RabbitMQ: a connection that waits out outages, and a publisher that signs every
+message and returns only once the broker has confirmed it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from aiormq.exceptions import AMQPError
+
+from common.envelope import REJECTION_DETAIL_HEADER, REJECTION_HEADER, Rejected
+from common.errors import BrokerUnavailable
+from common.messages import Trigger, WireMessage
+from common.signing import Keyring
+from common.topology import Topology, event_routing_key
+
+log = logging.getLogger("cronfleet.bus")
+
+CONNECT_ERRORS = (OSError, AMQPError, asyncio.TimeoutError, aio_pika.exceptions.AMQPException)
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``, safe for logs and error lines."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}{port}"))
+
+
+async def connect(url: str, name: str, *, wait: bool) -> AbstractRobustConnection:
+    """A robust connection to ``url``, named ``name`` in the broker's connection list.
+
+    With ``wait``, an unreachable broker is retried with backoff (and logged) until it answers;
+    without, it raises BrokerUnavailable at once. Once connected, losses and recoveries are logged.
+    """
+    delay = 0.5
+    while True:
+        try:
+            connection = await aio_pika.connect_robust(
+                url, client_properties={"connection_name": name}, timeout=10
+            )
+            break
+        except CONNECT_ERRORS as exc:
+            reason = f"cannot reach RabbitMQ at {redact(url)}: {exc or type(exc).__name__}"
+            if not wait:
+                raise BrokerUnavailable(reason) from exc
+            log.warning("%s; retrying in %.1fs", reason, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    connection.close_callbacks.add(_report_loss)
+    connection.reconnect_callbacks.add(_report_recovery)
+    return connection
+
+
+def _report_loss(_connection: object, exc: BaseException | None = None) -> None:
+    if exc is not None and not isinstance(exc, asyncio.CancelledError):
+        log.warning("lost the connection to RabbitMQ (%s); reconnecting", exc)
+
+
+def _report_recovery(_connection: object) -> None:
+    log.warning("reconnected to RabbitMQ")
+
+
+def _message(body: bytes, headers: Mapping[str, Any], message_id: str | None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        headers=dict(headers),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+        timestamp=datetime.now(UTC),
+    )
+
+
+class Publisher:
+    """Signs and publishes messages of one fleet, each confirmed by the broker before returning.
+
+    Publishes may run concurrently: their confirms are pipelined on one channel.
+    Raises BrokerUnavailable when a message is refused, unroutable or the broker is gone.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        exchanges: Mapping[str, AbstractExchange],
+        keyring: Keyring,
+    ) -> None:
+        self.channel = channel
+        self._exchanges = exchanges
+        self._keyring = keyring
+
+    @classmethod
+    async def open(
+        cls, connection: AbstractRobustConnection, topology: Topology, keyring: Keyring
+    ) -> Publisher:
+        """A publisher on a new confirmed channel of ``connection``, exchanges declared."""
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchanges = await topology.declare_exchanges(channel)
+        return cls(channel, exchanges, keyring)
+
+    async def trigger(self, trigger: Trigger) -> None:
+        """Publish ``trigger`` to its pool's queue."""
+        await self.trigger_body(trigger.to_bytes(), trigger.pool, trigger.id)
+
+    async def trigger_body(self, body: bytes, pool: str, message_id: str) -> None:
+        """Publish an already serialised trigger ``body`` (as kept in the outbox) to ``pool``."""
+        await self._publish("triggers", body, self._keyring.sign(body), pool, message_id)
+
+    async def event(self, event: WireMessage) -> None:
+        """Publish a run event or heartbeat on the events exchange under its topic."""
+        body = event.to_bytes()
+        await self._publish("events", body, self._keyring.sign(body), event_routing_key(event), None)
+
+    async def dead_letter(
+        self, message: AbstractIncomingMessage, rejected: Rejected, rejected_by: str
+    ) -> None:
+        """Keep a refused ``message`` on the dead-letter queue, unchanged, with why in its headers."""
+        headers = dict(message.headers or {})
+        headers[REJECTION_HEADER] = rejected.reason.value
+        headers[REJECTION_DETAIL_HEADER] = rejected.detail
+        headers["cronfleet-rejected-by"] = rejected_by
+        headers["cronfleet-original-routing-key"] = message.routing_key or ""
+        headers["cronfleet-original-exchange"] = message.exchange or ""
+        await self._publish("dead", message.body, headers, "", message.message_id)
+
+    async def _publish(
+        self,
+        role: str,
+        body: bytes,
+        headers: Mapping[str, Any],
+        routing_key: str,
+        message_id: str | None,
+    ) -> None:
+        try:
+            await self._exchanges[role].publish(
+                _message(body, headers, message_id), routing_key=routing_key, mandatory=True
+            )
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise BrokerUnavailable(
+                f"RabbitMQ did not accept the message for {role}/{routing_key or '-'}: {exc}"
+            ) from exc
+        except CONNECT_ERRORS as exc:
+            raise BrokerUnavailable(f"publishing to RabbitMQ failed: {exc or type(exc).__name__}") from exc

@@ -1,0 +1,77 @@
+"""The jobs table: read the jobs, and apply a jobs file to it as one transaction with a diff."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import delete, select
+
+from common.jobs import JobSpec, spec_from_json
+from common.store import JobRow, Store
+
+
+@dataclass(frozen=True)
+class JobsDiff:
+    """What ``apply`` did: job names added, changed, removed and left as they were."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
+async def load_jobs(store: Store) -> list[JobSpec]:
+    """Every job in the store, enabled or not, by name."""
+    async with store.session() as session:
+        rows = (await session.execute(select(JobRow.spec).order_by(JobRow.name))).scalars()
+        return [spec_from_json(spec) for spec in rows]
+
+
+async def find_job(store: Store, name: str) -> JobSpec | None:
+    """The job called ``name``, or None."""
+    async with store.session() as session:
+        spec = await session.scalar(select(JobRow.spec).where(JobRow.name == name))
+    return None if spec is None else spec_from_json(spec)
+
+
+async def apply_jobs(
+    store: Store, specs: Sequence[JobSpec], now: datetime, *, prune: bool = True, dry_run: bool = False
+) -> JobsDiff:
+    """Make the store hold exactly ``specs`` (with ``prune``, jobs not in ``specs`` are removed).
+
+    Idempotent: applying the same specs twice changes nothing the second time. With
+    ``dry_run``, reports the diff and writes nothing.
+    """
+    diff = JobsDiff()
+    wanted = {spec.name: spec for spec in specs}
+    async with store.session() as session, session.begin():
+        existing = {row.name: row for row in (await session.execute(select(JobRow))).scalars()}
+        for name, spec in sorted(wanted.items()):
+            row = existing.get(name)
+            if row is None:
+                diff.added.append(name)
+                row = JobRow(name=name, created_at=now)
+                if not dry_run:
+                    session.add(row)
+            elif row.fingerprint != spec.fingerprint():
+                diff.changed.append(name)
+            else:
+                diff.unchanged.append(name)
+                continue
+            if not dry_run:
+                _fill(row, spec, now)
+        if prune:
+            diff.removed.extend(sorted(set(existing) - set(wanted)))
+            if diff.removed and not dry_run:
+                await session.execute(delete(JobRow).where(JobRow.name.in_(diff.removed)))
+    return diff
+
+
+def _fill(row: JobRow, spec: JobSpec, now: datetime) -> None:
+    row.spec = spec.canonical_json().decode()
+    row.fingerprint = spec.fingerprint()
+    row.pool = spec.pool
+    row.enabled = spec.enabled
+    row.updated_at = now

@@ -1,0 +1,185 @@
+"""Commands for people: apply, jobs, trigger, runs, status, ping, keys, schema."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import orjson
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from common import fires
+from common.bus import Publisher, connect
+from common.catalog import apply_jobs, find_job, load_jobs
+from common.cli.output import emit
+from common.clock import utcnow
+from common.errors import CronfleetError, NotFound
+from common.health import JobState, judge
+from common.jobs import load_jobs_file
+from common.messages import ALL_MESSAGES, HeartbeatKind, JobHeartbeat
+from common.settings import Settings
+from common.signing import new_key
+from common.store import JobRow, JobStateRow, RunRow, Store
+from common.topology import Topology
+
+
+@asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[Store]:
+    """The store for the length of a command."""
+    store = await Store.open(settings.database_url, settings.database_schema)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def open_publisher(settings: Settings, name: str) -> AsyncIterator[Publisher]:
+    """A publisher for the length of a command; fails at once if the broker does not answer."""
+    keyring = settings.keyring()
+    connection = await connect(settings.amqp_url, name, wait=False)
+    try:
+        yield await Publisher.open(connection, Topology(settings.namespace), keyring)
+    finally:
+        await connection.close()
+
+
+async def apply(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet apply FILE``: all jobs valid, or nothing changes."""
+    specs = load_jobs_file(args.file)
+    async with open_store(settings) as store:
+        diff = await apply_jobs(store, specs, utcnow(), prune=not args.keep, dry_run=args.dry_run)
+    verb = "would be " if args.dry_run else ""
+    for label, names in (("added", diff.added), ("changed", diff.changed), ("removed", diff.removed)):
+        for name in names:
+            print(f"{verb}{label}: {name}")
+    if not (diff.added or diff.changed or diff.removed):
+        print(f"no changes ({len(diff.unchanged)} job(s) up to date)")
+    return 0
+
+
+async def jobs(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet jobs``."""
+    async with open_store(settings) as store:
+        specs = await load_jobs(store)
+    rows = [
+        {
+            "name": s.name,
+            "schedule": s.schedule,
+            "timezone": s.timezone,
+            "action": s.action.type if s.action else "heartbeat",
+            "pool": s.pool,
+            "enabled": s.enabled,
+            "timeout_seconds": s.timeout_seconds,
+            "spec": s.model_dump(mode="json") if args.json else None,
+        }
+        for s in specs
+    ]
+    emit(rows, ["name", "schedule", "timezone", "action", "pool", "enabled"], args.json)
+    return 0
+
+
+async def trigger(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet trigger NAME``: claim a manual fire now and publish it."""
+    async with open_store(settings) as store:
+        spec = await find_job(store, args.name)
+        if spec is None:
+            raise NotFound(f"no job called {args.name!r} (see `cronfleet jobs`)")
+        if spec.action is None:
+            raise CronfleetError(f"job {args.name!r} has no action: it only receives heartbeats")
+        async with open_publisher(settings, "cronfleet-cli") as publisher:
+            await Topology(settings.namespace).declare_pool(publisher.channel, spec.pool)
+            now = utcnow()
+            message = spec.trigger_at(now, now, manual=True)
+            await fires.publish_claimed(store, publisher, [message], "cli", now)
+    print(f"triggered {message.id}")
+    return 0
+
+
+async def runs(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet runs [NAME] [--limit N]``."""
+    query = select(RunRow).order_by(RunRow.started_at.desc()).limit(max(1, args.limit))
+    if args.name:
+        query = query.where(RunRow.job == args.name)
+    async with open_store(settings) as store, store.session() as session:
+        found = (await session.execute(query)).scalars().all()
+    rows = [{c.key: getattr(r, c.key) for c in RunRow.__table__.columns} for r in found]
+    emit(
+        rows,
+        ["job", "status", "started_at", "duration_seconds", "exit_code", "http_status", "worker", "error"],
+        args.json,
+    )
+    return 0
+
+
+async def status(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet status``: every job's health now; exits 1 when any job is late or failing."""
+    now = utcnow()
+    async with open_store(settings) as store, store.session() as session:
+        applied = {row.name: row.updated_at for row in (await session.execute(select(JobRow))).scalars()}
+        states = {row.job: row for row in (await session.execute(select(JobStateRow))).scalars()}
+        specs = await load_jobs(store)
+    rows = []
+    for spec in specs:
+        row = states.get(spec.name)
+        state = JobState(
+            last_status=row.last_status if row else None,
+            last_started_at=row.last_started_at if row else None,
+            last_finished_at=row.last_finished_at if row else None,
+            next_expected_at=row.next_expected_at if row else None,
+        )
+        verdict = judge(spec, state, applied[spec.name], now)
+        rows.append(
+            {
+                "job": spec.name,
+                "health": verdict.health.value,
+                "reason": verdict.reason,
+                "last_status": state.last_status,
+                "last_finished_at": state.last_finished_at,
+                "due_at": verdict.due_at,
+            }
+        )
+    emit(rows, ["job", "health", "last_status", "last_finished_at", "due_at", "reason"], args.json)
+    return 1 if any(r["health"] in ("late", "failing") for r in rows) else 0
+
+
+async def ping(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet ping NAME``: a signed heartbeat, confirmed by the broker."""
+    if args.start:
+        kind = HeartbeatKind.START
+    elif args.fail or (args.exit_code not in (None, 0)):
+        kind = HeartbeatKind.FAIL
+    else:
+        kind = HeartbeatKind.SUCCESS
+    try:
+        beat = JobHeartbeat(
+            id=uuid.uuid4().hex,
+            job=args.name,
+            kind=kind,
+            exit_code=args.exit_code,
+            at=utcnow(),
+            message=args.message,
+        )
+    except ValidationError as exc:
+        raise CronfleetError(f"cannot send that heartbeat: {exc.errors()[0]['msg']}") from exc
+    async with open_publisher(settings, "cronfleet-cli") as publisher:
+        await publisher.event(beat)
+    print(f"sent {kind.value} heartbeat for {args.name}")
+    return 0
+
+
+async def keys(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet keys new``: print a fresh ``id:secret``."""
+    print(new_key(args.id))
+    return 0
+
+
+async def schema(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet schema``: the JSON Schema of every wire message, keyed by message type."""
+    schemas = {m.model_fields["type"].default: m.model_json_schema() for m in ALL_MESSAGES}
+    sys.stdout.write(orjson.dumps(schemas, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0

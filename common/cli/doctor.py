@@ -1,0 +1,85 @@
+"""``cronfleet doctor``: check the keys, the store and the broker, and say what is wrong plainly."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+from sqlalchemy import func, select
+
+from common.bus import CONNECT_ERRORS, connect, redact
+from common.catalog import load_jobs
+from common.errors import CronfleetError
+from common.settings import Settings
+from common.store import FireRow, Store
+from common.topology import Topology
+
+Check = Callable[[], Awaitable[str]]
+
+
+async def doctor(settings: Settings, args: argparse.Namespace) -> int:
+    """Print one line per check; exit 1 when any fails."""
+    pools: set[str] = {"default"}
+
+    async def keys() -> str:
+        keyring = settings.keyring()
+        others = len(keyring.secrets) - 1
+        return f"{len(keyring.secrets)} key(s); signing with {keyring.signing_key_id!r}" + (
+            f", {others} more accepted for verification" if others else ""
+        )
+
+    async def store() -> str:
+        opened = await Store.open(settings.database_url, settings.database_schema)
+        try:
+            specs = await load_jobs(opened)
+            async with opened.session() as session:
+                pending = await session.scalar(
+                    select(func.count()).select_from(FireRow).where(FireRow.published_at.is_(None))
+                )
+        finally:
+            await opened.close()
+        pools.update(s.pool for s in specs if s.enabled and s.action is not None)
+        enabled = sum(s.enabled for s in specs)
+        note = f"; {pending} fire(s) waiting to be published" if pending else ""
+        where = opened.engine.url.render_as_string(hide_password=True)
+        return f"{opened.dialect} at {where}: {len(specs)} job(s), {enabled} enabled{note}"
+
+    async def broker() -> str:
+        connection = await connect(settings.amqp_url, "cronfleet-doctor", wait=False)
+        topology = Topology(settings.namespace)
+        notes = []
+        try:
+            for name in [
+                *(topology.pool_queue(p) for p in sorted(pools)),
+                topology.monitor_queue,
+                topology.dead_queue,
+            ]:
+                channel = await connection.channel()
+                try:
+                    queue = await channel.declare_queue(name, passive=True)
+                    result = queue.declaration_result
+                    notes.append(
+                        f"{name}: {result.message_count} message(s), {result.consumer_count} consumer(s)"
+                    )
+                except aio_pika.exceptions.ChannelClosed:
+                    notes.append(f"{name}: not declared yet (start the process that consumes it)")
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+        finally:
+            await connection.close()
+        return f"RabbitMQ at {redact(settings.amqp_url)}\n    " + "\n    ".join(notes)
+
+    failures = 0
+    for label, check in (("keys", keys), ("store", store), ("broker", broker)):
+        try:
+            print(f"ok    {label}: {await check()}")
+        except CronfleetError as exc:
+            failures += 1
+            print(f"FAIL  {label}: {exc}")
+        except CONNECT_ERRORS as exc:
+            failures += 1
+            print(f"FAIL  {label}: {exc}")
+    print("all good" if not failures else f"{failures} problem(s) found")
+    return 1 if failures else 0

@@ -1,0 +1,68 @@
+"""Commands that run processes: ``run`` (all three), ``scheduler``, ``worker``, ``monitor``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from common.catalog import apply_jobs
+from common.clock import utcnow
+from common.jobs import load_jobs_file
+from common.services import ServiceOptions, load_service
+from common.settings import Settings
+from common.store import Store
+
+log = logging.getLogger("cronfleet")
+
+
+async def run_services(settings: Settings, services: list[tuple[str, ServiceOptions]]) -> int:
+    """Run the named services side by side until cancelled or one of them fails."""
+    settings.keyring()  # fail fast, in one line, before anything starts
+    async with asyncio.TaskGroup() as tasks:
+        for name, options in services:
+            tasks.create_task(load_service(name)(settings, options), name=name)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> ServiceOptions:
+    return ServiceOptions(pool=args.pool, concurrency=args.concurrency)
+
+
+async def run_all(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet run``: apply ``--jobs`` if given, then the three processes in this one."""
+    if args.jobs is not None:
+        specs = load_jobs_file(args.jobs)
+        store = await Store.open(settings.database_url, settings.database_schema)
+        try:
+            diff = await apply_jobs(store, specs, utcnow())
+        finally:
+            await store.close()
+        log.info(
+            "applied %s: %d added, %d changed, %d removed, %d unchanged",
+            args.jobs,
+            len(diff.added),
+            len(diff.changed),
+            len(diff.removed),
+            len(diff.unchanged),
+        )
+    log.info("runs and health: `cronfleet runs` and `cronfleet status` in another shell")
+    return await run_services(
+        settings,
+        [("monitor", ServiceOptions()), ("worker", _worker(args)), ("scheduler", ServiceOptions())],
+    )
+
+
+async def run_scheduler(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet scheduler``."""
+    return await run_services(settings, [("scheduler", ServiceOptions())])
+
+
+async def run_worker(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet worker [--pool P] [--concurrency N]``."""
+    return await run_services(settings, [("worker", _worker(args))])
+
+
+async def run_monitor(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet monitor``."""
+    return await run_services(settings, [("monitor", ServiceOptions())])

@@ -1,0 +1,149 @@
+"""Parsing the command line, running the chosen command, and turning failures into one line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from common.cli import admin, doctor, fleet
+from common.errors import CronfleetError
+from common.settings import Settings
+
+Handler = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every ``cronfleet`` command and its options."""
+    parser = argparse.ArgumentParser(
+        prog="cronfleet",
+        description="Distributed cron over RabbitMQ. Settings come from CRONFLEET_* variables.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = command("run", fleet.run_all, "scheduler, worker and monitor in one process (one host)")
+    run.add_argument("--jobs", type=Path, help="apply this jobs file first")
+    _worker_options(run)
+    command("scheduler", fleet.run_scheduler, "run a scheduler")
+    _worker_options(command("worker", fleet.run_worker, "run a worker"))
+    command("monitor", fleet.run_monitor, "run a monitor")
+
+    apply = command("apply", admin.apply, "validate a TOML jobs file and make the store match it")
+    apply.add_argument("file", type=Path)
+    apply.add_argument("--dry-run", action="store_true", help="print the changes, make none")
+    apply.add_argument("--keep", action="store_true", help="keep jobs that are not in the file")
+    _json(command("jobs", admin.jobs, "list the jobs"))
+    trigger = command("trigger", admin.trigger, "run a job now")
+    trigger.add_argument("name")
+    runs = _json(command("runs", admin.runs, "list recent runs, newest first"))
+    runs.add_argument("name", nargs="?")
+    runs.add_argument("--limit", type=int, default=20)
+    _json(command("status", admin.status, "each job's health"))
+    ping = command("ping", admin.ping, "publish a signed heartbeat for a job")
+    ping.add_argument("name")
+    kind = ping.add_mutually_exclusive_group()
+    kind.add_argument("--start", action="store_true", help="the job has started")
+    kind.add_argument("--fail", action="store_true", help="the job has failed")
+    ping.add_argument("--exit-code", type=int, help="the job's exit code (non-zero means failed)")
+    ping.add_argument("--message", help="a short note kept with the run")
+    keys = command("keys", admin.keys, "signing keys")
+    keys.add_argument("action", choices=["new"])
+    keys.add_argument("--id", help="the new key's id (default: random)")
+    command("schema", admin.schema, "print the JSON Schema of every wire message")
+    command("doctor", doctor.doctor, "check the broker, the store and the keys")
+    return parser
+
+
+def _worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pool", default="default", help="the pool to consume (default: default)")
+    parser.add_argument("--concurrency", type=int, default=4, help="runs at once (default: 4)")
+
+
+def _json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 failure, 2 usage, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = Settings()
+        return asyncio.run(_until_signal(args.handler(settings, args)))
+    except KeyboardInterrupt:
+        return 130
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in error["loc"])
+        print(f"cronfleet: bad setting CRONFLEET_{field.upper()}: {error['msg']}", file=sys.stderr)
+        return 1
+    except (CronfleetError, BaseExceptionGroup) as exc:
+        found = _cronfleet_error(exc)
+        if found is None or args.debug:
+            raise
+        print(f"cronfleet: {found}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"cronfleet: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr
+        )
+        return 1
+
+
+async def _until_signal(work: Awaitable[int]) -> int:
+    """Run ``work``; SIGTERM or SIGINT cancels it cleanly and the command exits 0."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = True
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if stopped:
+            return 0
+        raise
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _cronfleet_error(exc: BaseException) -> CronfleetError | None:
+    if isinstance(exc, CronfleetError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _cronfleet_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

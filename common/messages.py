@@ -1,0 +1,167 @@
+"""The wire contract: every message cronfleet puts on RabbitMQ, as strict, frozen, versioned models.
+
+Bodies are UTF-8 JSON written by orjson. ``docs/protocol.md`` publishes their JSON Schemas, which
+come from these classes (``cronfleet schema``).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+
+from common.actions import Action
+
+JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+OUTPUT_TAIL_LIMIT = 4096
+
+JobName = Annotated[str, Field(pattern=JOB_NAME_PATTERN)]
+PoolName = Annotated[str, Field(pattern=POOL_PATTERN)]
+Identifier = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class RunStatus(enum.StrEnum):
+    """Where a run is, or how it ended. Every run ends in one of the non-running states."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    EXPIRED = "expired"
+    SKIPPED = "skipped"
+    LOST = "lost"
+
+
+class HeartbeatKind(enum.StrEnum):
+    """What a job reports about itself from outside: it began, it succeeded, it failed."""
+
+    START = "start"
+    SUCCESS = "success"
+    FAIL = "fail"
+
+
+class WireMessage(BaseModel):
+    """Common shape: strict, frozen, version 1."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+
+    def to_bytes(self) -> bytes:
+        """The exact body bytes to sign and publish."""
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def trigger_id(job: str, scheduled_at: datetime) -> str:
+    """The id of the trigger of ``job`` at ``scheduled_at``: ``job@<UTC ISO 8601>``."""
+    return f"{job}@{format_instant(scheduled_at)}"
+
+
+def format_instant(moment: datetime) -> str:
+    """An aware instant as ISO 8601 in UTC with a ``Z`` (microseconds only when present)."""
+    text = moment.astimezone(UTC).isoformat()
+    return text.replace("+00:00", "Z")
+
+
+class Trigger(WireMessage):
+    """Run ``job``'s action now: published by the scheduler (or ``cronfleet trigger``)."""
+
+    type: Literal["trigger"] = "trigger"
+    id: Identifier
+    job: JobName
+    pool: PoolName
+    scheduled_at: AwareDatetime
+    published_at: AwareDatetime
+    expires_at: AwareDatetime
+    timeout_seconds: float = Field(gt=0)
+    action: Action
+    manual: bool = False
+
+
+class RunStarted(WireMessage):
+    """A worker began executing a trigger."""
+
+    type: Literal["run.started"] = "run.started"
+    run_id: Identifier
+    trigger_id: Identifier
+    job: JobName
+    pool: PoolName
+    worker: Identifier
+    redelivered: bool = False
+    scheduled_at: AwareDatetime
+    started_at: AwareDatetime
+
+
+class RunFinished(WireMessage):
+    """A worker finished (or refused) executing a trigger, and how it went."""
+
+    type: Literal["run.finished"] = "run.finished"
+    run_id: Identifier
+    trigger_id: Identifier
+    job: JobName
+    pool: PoolName
+    worker: Identifier
+    redelivered: bool = False
+    scheduled_at: AwareDatetime
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
+    duration_seconds: float = Field(ge=0)
+    status: RunStatus
+    exit_code: int | None = None
+    http_status: int | None = None
+    output_tail: str | None = Field(default=None, max_length=OUTPUT_TAIL_LIMIT)
+    error: str | None = Field(default=None, max_length=OUTPUT_TAIL_LIMIT)
+
+
+class JobHeartbeat(WireMessage):
+    """A job (or anything acting for it) says it started, succeeded or failed."""
+
+    type: Literal["job.heartbeat"] = "job.heartbeat"
+    id: Identifier
+    job: JobName
+    kind: HeartbeatKind = HeartbeatKind.SUCCESS
+    exit_code: int | None = None
+    at: AwareDatetime
+    message: str | None = Field(default=None, max_length=OUTPUT_TAIL_LIMIT)
+
+
+class WorkerHeartbeat(WireMessage):
+    """A worker is alive, consuming ``pool``."""
+
+    type: Literal["worker.heartbeat"] = "worker.heartbeat"
+    worker: Identifier
+    pool: PoolName
+    at: AwareDatetime
+    concurrency: int = Field(ge=1)
+    running: int = Field(ge=0)
+
+
+class SchedulerHeartbeat(WireMessage):
+    """A scheduler is alive and planning ``jobs`` jobs."""
+
+    type: Literal["scheduler.heartbeat"] = "scheduler.heartbeat"
+    scheduler: Identifier
+    at: AwareDatetime
+    jobs: int = Field(ge=0)
+    next_fire_at: AwareDatetime | None = None
+
+
+Event = Annotated[
+    RunStarted | RunFinished | JobHeartbeat | WorkerHeartbeat | SchedulerHeartbeat,
+    Field(discriminator="type"),
+]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+TRIGGER_ADAPTER: TypeAdapter[Trigger] = TypeAdapter(Trigger)
+
+ALL_MESSAGES: tuple[type[WireMessage], ...] = (
+    Trigger,
+    RunStarted,
+    RunFinished,
+    JobHeartbeat,
+    WorkerHeartbeat,
+    SchedulerHeartbeat,
+)

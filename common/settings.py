@@ -1,0 +1,63 @@
+"""Settings, read once from the environment (``CRONFLEET_*``) and passed down explicitly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.errors import ConfigError
+from common.signing import Keyring
+
+
+def normalise_database_url(url: str) -> str:
+    """Return ``url`` with an async driver: plain ``sqlite://`` and ``postgresql://`` are accepted."""
+    for plain, driver in (
+        ("sqlite://", "sqlite+aiosqlite://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain) :]
+    return url
+
+
+class Settings(BaseSettings):
+    """Everything a cronfleet process needs to know about its surroundings."""
+
+    model_config = SettingsConfigDict(env_prefix="CRONFLEET_", extra="ignore", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "sqlite+aiosqlite:///cronfleet.db"
+    database_schema: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    keys: str = Field(default="", repr=False)
+    keys_file: Path | None = None
+    namespace: str = Field(default="cronfleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    jobs_reload_seconds: float = Field(default=2.0, gt=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+    def keyring(self) -> Keyring:
+        """The signing keys: from ``CRONFLEET_KEYS``, else from ``CRONFLEET_KEYS_FILE``.
+
+        Raises ConfigError when neither gives at least one well-formed key.
+        """
+        text = self.keys
+        if not text and self.keys_file is not None:
+            try:
+                text = self.keys_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read CRONFLEET_KEYS_FILE {self.keys_file}: {exc.strerror}"
+                ) from exc
+        if not text.strip():
+            raise ConfigError(
+                "no signing key: set CRONFLEET_KEYS=id:secret "
+                "(make one with `cronfleet keys new`) or CRONFLEET_KEYS_FILE"
+            )
+        return Keyring.parse(text)

@@ -1,0 +1,16 @@
+"""The SQL store shared by all processes: the same code on SQLite (one host) and PostgreSQL."""
+
+from common.store.database import Store, dialect_insert
+from common.store.models import Base, FireRow, HeartbeatRow, JobRow, JobStateRow, LeaseRow, RunRow
+
+__all__ = [
+    "Base",
+    "FireRow",
+    "HeartbeatRow",
+    "JobRow",
+    "JobStateRow",
+    "LeaseRow",
+    "RunRow",
+    "Store",
+    "dialect_insert",
+]

@@ -1,0 +1,117 @@
+"""Every exchange and queue cronfleet uses, with its arguments: declared here and nowhere else.
+
+All names start with the namespace (``CRONFLEET_NAMESPACE``, default ``cronfleet``), so several
+fleets, or several tests, can share one broker without seeing each other's messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from common.messages import (
+    JobHeartbeat,
+    RunFinished,
+    RunStarted,
+    SchedulerHeartbeat,
+    WireMessage,
+    WorkerHeartbeat,
+)
+
+# A trigger redelivered this many times (its workers kept dying on it) is poison: the broker
+# dead-letters it instead of handing it out forever.
+DELIVERY_LIMIT = 5
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names and declarations of one fleet's exchanges and queues."""
+
+    namespace: str = "cronfleet"
+
+    @property
+    def triggers_exchange(self) -> str:
+        """Direct exchange: triggers, routed by pool name."""
+        return f"{self.namespace}.triggers"
+
+    @property
+    def events_exchange(self) -> str:
+        """Topic exchange: run events and heartbeats (see ``event_routing_key``)."""
+        return f"{self.namespace}.events"
+
+    @property
+    def dead_exchange(self) -> str:
+        """Fanout exchange behind the dead-letter queue."""
+        return f"{self.namespace}.dead"
+
+    @property
+    def dead_queue(self) -> str:
+        """Where refused and poison messages are kept, with their reason in the headers."""
+        return f"{self.namespace}.dead"
+
+    @property
+    def monitor_queue(self) -> str:
+        """The monitors' shared queue of every event."""
+        return f"{self.namespace}.monitor"
+
+    def pool_queue(self, pool: str) -> str:
+        """The queue the workers of ``pool`` consume."""
+        return f"{self.namespace}.pool.{pool}"
+
+    def _quorum(self, **extra: Any) -> dict[str, Any]:
+        return {"x-queue-type": "quorum", "x-dead-letter-exchange": self.dead_exchange, **extra}
+
+    async def declare_exchanges(self, channel: AbstractChannel) -> dict[str, AbstractExchange]:
+        """Declare the three exchanges and the dead-letter queue; return the exchanges by role."""
+        triggers = await channel.declare_exchange(
+            self.triggers_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        events = await channel.declare_exchange(
+            self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        dead = await channel.declare_exchange(self.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        dead_queue = await channel.declare_queue(
+            self.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await dead_queue.bind(dead)
+        return {"triggers": triggers, "events": events, "dead": dead}
+
+    async def declare_pool(self, channel: AbstractChannel, pool: str) -> AbstractQueue:
+        """Declare ``pool``'s quorum queue, bound to the triggers exchange by the pool name."""
+        await self.declare_exchanges(channel)
+        queue = await channel.declare_queue(
+            self.pool_queue(pool),
+            durable=True,
+            arguments=self._quorum(**{"x-delivery-limit": DELIVERY_LIMIT}),
+        )
+        await queue.bind(self.triggers_exchange, routing_key=pool)
+        return queue
+
+    async def declare_monitor(self, channel: AbstractChannel) -> AbstractQueue:
+        """Declare the monitor's quorum queue, bound to every event."""
+        await self.declare_exchanges(channel)
+        queue = await channel.declare_queue(self.monitor_queue, durable=True, arguments=self._quorum())
+        await queue.bind(self.events_exchange, routing_key="#")
+        return queue
+
+    async def delete(self, channel: AbstractChannel, pools: list[str]) -> None:
+        """Remove this namespace's queues and exchanges (for tests and ``cronfleet`` teardown)."""
+        for queue in [*(self.pool_queue(p) for p in pools), self.monitor_queue, self.dead_queue]:
+            await channel.queue_delete(queue)
+        for exchange in (self.triggers_exchange, self.events_exchange, self.dead_exchange):
+            await channel.exchange_delete(exchange)
+
+
+def event_routing_key(event: WireMessage) -> str:
+    """The topic an event is published under: ``<type>.<job or pool or scheduler>``."""
+    match event:
+        case RunStarted() | RunFinished() | JobHeartbeat():
+            return f"{event.type}.{event.job}"
+        case WorkerHeartbeat():
+            return f"{event.type}.{event.pool}"
+        case SchedulerHeartbeat():
+            return event.type
+    raise TypeError(f"{type(event).__name__} is not an event")

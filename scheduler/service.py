@@ -1,0 +1,127 @@
+"""The scheduler process: wires the planner to the store (jobs, fires) and to the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
+
+from common import fires
+from common.bus import Publisher, connect
+from common.catalog import load_jobs
+from common.clock import Clock, utcnow
+from common.errors import BrokerUnavailable
+from common.messages import SchedulerHeartbeat
+from common.services import ServiceOptions
+from common.settings import Settings
+from common.store import Store
+from common.topology import Topology
+from scheduler.planner import Planner
+
+log = logging.getLogger("cronfleet.scheduler")
+
+
+class Scheduler:
+    """One scheduler: reloads jobs, sleeps until the next fire, claims and publishes it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        publisher: Publisher,
+        name: str,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+        self.name = name
+        self.clock = clock
+        self.planner = Planner()
+        self.topology = Topology(settings.namespace)
+        self._pools: set[str] = set()
+        self._reloaded_at: datetime | None = None
+
+    async def reload(self) -> None:
+        """Re-read the jobs table; make sure every planned pool has its queue."""
+        specs = await load_jobs(self.store)
+        now = self.clock()
+        self.planner.sync(specs, now)
+        self._reloaded_at = now
+        for pool in {s.pool for s in specs if s.enabled and s.action is not None} - self._pools:
+            await self.topology.declare_pool(self.publisher.channel, pool)
+            self._pools.add(pool)
+
+    async def plan_forever(self) -> None:
+        """Fire due jobs as they fall due; reload the jobs every ``jobs_reload_seconds``."""
+        reload_every = self.settings.jobs_reload_seconds
+        while True:
+            now = self.clock()
+            if self._reloaded_at is None or (now - self._reloaded_at).total_seconds() >= reload_every:
+                await self.reload()
+                now = self.clock()
+            await self.fire_due(now)
+            wakeup = self.planner.next_wakeup()
+            until_reload = reload_every - (self.clock() - (self._reloaded_at or now)).total_seconds()
+            delay = (
+                until_reload if wakeup is None else min(until_reload, (wakeup - self.clock()).total_seconds())
+            )
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def fire_due(self, now: datetime) -> int:
+        """Claim and publish every fire due by ``now``; returns how many this scheduler won."""
+        due = self.planner.pop_due(now)
+        if not due:
+            return 0
+        published_at = self.clock()
+        triggers = [fire.job.trigger_at(fire.scheduled_at, published_at) for fire in due]
+        won = await fires.publish_claimed(self.store, self.publisher, triggers, self.name, published_at)
+        for fire in won:
+            log.info("fired %s", fire.trigger_id)
+        return len(won)
+
+    async def publish_pending_forever(self, every: float = 1.0) -> None:
+        """Keep publishing fires the broker has not confirmed yet (after an outage or a crash)."""
+        while True:
+            published = await fires.publish_pending(self.store, self.publisher, self.clock())
+            if published:
+                log.warning("published %d trigger(s) that had been waiting for the broker", published)
+            await asyncio.sleep(every)
+
+    async def heartbeat_forever(self) -> None:
+        """Say this scheduler is alive, every ``heartbeat_seconds``."""
+        while True:
+            beat = SchedulerHeartbeat(
+                scheduler=self.name,
+                at=self.clock(),
+                jobs=len(self.planner),
+                next_fire_at=self.planner.next_wakeup(),
+            )
+            with contextlib.suppress(BrokerUnavailable):
+                await self.publisher.event(beat)
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+
+
+async def serve(settings: Settings, options: ServiceOptions) -> None:
+    """Run a scheduler until cancelled. Waits out an unreachable broker; fails on bad settings."""
+    keyring = settings.keyring()
+    name = options.instance("scheduler")
+    store = await Store.open(settings.database_url, settings.database_schema)
+    try:
+        connection = await connect(settings.amqp_url, name, wait=True)
+        try:
+            publisher = await Publisher.open(connection, Topology(settings.namespace), keyring)
+            scheduler = Scheduler(settings, store, publisher, name)
+            await scheduler.reload()
+            log.info("scheduler %s planning %d job(s)", name, len(scheduler.planner))
+            options.ready.set()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(scheduler.plan_forever())
+                tasks.create_task(scheduler.publish_pending_forever())
+                tasks.create_task(scheduler.heartbeat_forever())
+        finally:
+            await connection.close()
+    finally:
+        await store.close()

@@ -1,0 +1,52 @@
+"""Send one HTTP request; the run succeeds when the status is one the job expects."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from common.actions import HttpAction, ShellAction
+from common.messages import RunStatus
+from worker.actions.base import ActionResult, OutputTail
+
+
+class HttpExecutor:
+    """Runs ``http`` actions on a shared client (connection pooling across runs)."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+
+    async def run(self, action: ShellAction | HttpAction, timeout: float) -> ActionResult:
+        """Send the request; time out after ``timeout`` seconds in all (connect, send, read)."""
+        assert isinstance(action, HttpAction)
+        tail = OutputTail()
+        try:
+            async with (
+                asyncio.timeout(timeout),
+                self._client.stream(
+                    action.method,
+                    str(action.url),
+                    headers=action.headers,
+                    content=action.body.encode() if action.body is not None else None,
+                    timeout=timeout,
+                ) as response,
+            ):
+                async for chunk in response.aiter_bytes():
+                    tail.feed(chunk)
+        except (TimeoutError, httpx.TimeoutException):
+            return ActionResult(RunStatus.TIMED_OUT, error=f"no complete response within {timeout:g}s")
+        except httpx.HTTPError as exc:
+            return ActionResult(
+                RunStatus.FAILED, error=f"{type(exc).__name__}: {exc or 'connection failed'}"[:1000]
+            )
+        code = response.status_code
+        if code in action.expect_status:
+            return ActionResult(RunStatus.SUCCEEDED, http_status=code, output_tail=tail.text())
+        expected = ", ".join(str(s) for s in action.expect_status)
+        return ActionResult(
+            RunStatus.FAILED,
+            http_status=code,
+            output_tail=tail.text(),
+            error=f"HTTP {code}, expected {expected}",
+        )

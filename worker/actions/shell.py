@@ -1,0 +1,73 @@
+"""Run a program: argv, timeout (the whole process group is killed), exit code, output tail."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+
+from common.actions import HttpAction, ShellAction
+from common.messages import RunStatus
+from worker.actions.base import ActionResult, OutputTail
+
+KILL_GRACE_SECONDS = 5.0
+
+
+class ShellExecutor:
+    """Runs ``shell`` actions as child processes in their own process group."""
+
+    async def run(self, action: ShellAction | HttpAction, timeout: float) -> ActionResult:
+        """Run ``action.argv``; succeeded when the exit code is one of ``success_exit_codes``."""
+        assert isinstance(action, ShellAction)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *action.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=action.cwd,
+                env={**os.environ, **action.env} if action.env else None,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            return ActionResult(
+                RunStatus.FAILED, error=f"cannot start {action.argv[0]!r}: {exc.strerror or exc}"
+            )
+        tail = OutputTail()
+        try:
+            async with asyncio.timeout(timeout):
+                await _pump(process, tail)
+                code = await process.wait()
+        except TimeoutError:
+            await _terminate(process)
+            return ActionResult(
+                RunStatus.TIMED_OUT,
+                exit_code=process.returncode,
+                output_tail=tail.text(),
+                error=f"timed out after {timeout:g}s; the process group was killed",
+            )
+        except BaseException:
+            await _terminate(process)
+            raise
+        status = RunStatus.SUCCEEDED if code in action.success_exit_codes else RunStatus.FAILED
+        error = None if status is RunStatus.SUCCEEDED else f"exit code {code}"
+        return ActionResult(status, exit_code=code, output_tail=tail.text(), error=error)
+
+
+async def _pump(process: asyncio.subprocess.Process, tail: OutputTail) -> None:
+    assert process.stdout is not None
+    while chunk := await process.stdout.read(65536):
+        tail.feed(chunk)
+
+
+async def _terminate(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM the process group, then SIGKILL it if it has not gone within the grace period."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), wait)
+            return
+        except TimeoutError:
+            continue

@@ -1,0 +1,142 @@
+"""Handling one delivered trigger: verify, report the start, execute, report the end, ack.
+
+The ack comes only after ``run.finished`` is confirmed by the broker, so a worker that dies
+mid-run leaves the trigger to be redelivered (and the new run is marked as a redelivery).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from common.bus import Publisher
+from common.clock import Clock, utcnow
+from common.envelope import Rejected, RejectionReason, open_envelope
+from common.errors import BrokerUnavailable
+from common.messages import TRIGGER_ADAPTER, RunFinished, RunStarted, RunStatus, Trigger
+from common.signing import Keyring
+from worker.actions import ActionResult, Executor
+
+log = logging.getLogger("cronfleet.worker")
+
+
+class TriggerHandler:
+    """Turns each delivered trigger into exactly one reported run, or a dead letter."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        keyring: Keyring,
+        executors: Mapping[str, Executor],
+        worker: str,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.publisher = publisher
+        self.keyring = keyring
+        self.executors = executors
+        self.worker = worker
+        self.clock = clock
+        self.running = 0
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        """Process one delivery to its ack (or to a requeue when the broker is unreachable)."""
+        try:
+            await self._handle(message)
+        except BrokerUnavailable as exc:
+            log.warning("could not report %s (%s); it will be delivered again", message.message_id, exc)
+            await _requeue(message)
+        except Exception:
+            # A bug must not kill the worker: requeue; the queue's delivery limit dead-letters
+            # a trigger that keeps failing this way.
+            log.exception("unexpected error handling %s; requeued", message.message_id)
+            await _requeue(message)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        opened = open_envelope(
+            message.body, message.headers or {}, self.keyring, TRIGGER_ADAPTER, self.clock()
+        )
+        if isinstance(opened, Rejected):
+            await self._refuse(message, opened)
+            return
+        trigger = opened.message
+        run_id = uuid.uuid4().hex
+        redelivered = bool(message.redelivered)
+        started_at = self.clock()
+        await self.publisher.event(
+            RunStarted(
+                run_id=run_id,
+                trigger_id=trigger.id,
+                job=trigger.job,
+                pool=trigger.pool,
+                worker=self.worker,
+                redelivered=redelivered,
+                scheduled_at=trigger.scheduled_at,
+                started_at=started_at,
+            )
+        )
+        log.info("run %s of %s started%s", run_id, trigger.id, " (redelivery)" if redelivered else "")
+        self.running += 1
+        try:
+            result = await self.executors[trigger.action.type].run(trigger.action, trigger.timeout_seconds)
+        finally:
+            self.running -= 1
+        await self._finish(trigger, run_id, redelivered, started_at, result)
+        await message.ack()
+
+    async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
+        """Dead-letter a refused trigger with its reason; an expired one is also reported as a run."""
+        log.warning("refused trigger %s: %s (%s)", message.message_id, rejected.reason.value, rejected.detail)
+        await self.publisher.dead_letter(message, rejected, self.worker)
+        if rejected.reason is RejectionReason.EXPIRED:
+            # The signature was valid, so the body is ours: report the run as expired.
+            trigger = TRIGGER_ADAPTER.validate_json(message.body)
+            now = self.clock()
+            await self._finish(
+                trigger,
+                uuid.uuid4().hex,
+                bool(message.redelivered),
+                now,
+                ActionResult(RunStatus.EXPIRED, error=rejected.detail),
+            )
+        await message.ack()
+
+    async def _finish(
+        self,
+        trigger: Trigger,
+        run_id: str,
+        redelivered: bool,
+        started_at: datetime,
+        result: ActionResult,
+    ) -> None:
+        finished_at = self.clock()
+        await self.publisher.event(
+            RunFinished(
+                run_id=run_id,
+                trigger_id=trigger.id,
+                job=trigger.job,
+                pool=trigger.pool,
+                worker=self.worker,
+                redelivered=redelivered,
+                scheduled_at=trigger.scheduled_at,
+                started_at=started_at,
+                finished_at=finished_at,
+                duration_seconds=max(0.0, (finished_at - started_at).total_seconds()),
+                status=result.status,
+                exit_code=result.exit_code,
+                http_status=result.http_status,
+                output_tail=result.output_tail,
+                error=result.error,
+            )
+        )
+        log.info("run %s of %s %s", run_id, trigger.id, result.status.value)
+
+
+async def _requeue(message: AbstractIncomingMessage) -> None:
+    try:
+        await message.nack(requeue=True)
+    except Exception as exc:  # the channel is gone: the broker requeues it by itself
+        log.debug("nack of %s not sent: %s", message.message_id, exc)
