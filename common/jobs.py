@@ -11,6 +11,7 @@ A bad file raises JobFileError naming the file, the line, the job and the field.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 import tomllib
@@ -132,50 +133,74 @@ def parse_jobs(text: str, source: str = "<jobs>") -> list[JobSpec]:
 
 
 def _describe(exc: ValidationError, text: str, source: str, job: str) -> str:
-    error = exc.errors(include_url=False)[0]
-    # A discriminated union adds the chosen variant ("shell") to the path; it is not a key.
-    path = [str(part) for part in error["loc"] if not (isinstance(part, str) and part in ("shell", "http"))]
-    field = ".".join(path) or "?"
+    errors = exc.errors(include_url=False)
+    # An unknown field is usually the cause of a "missing" one (a typo): report it first.
+    errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+    error = errors[0]
+    path = _field_path(error["loc"])
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        message = "unknown field"
+        missing = [_field_path(e["loc"])[-1] for e in errors if e["type"] == "missing"]
+        guess = difflib.get_close_matches(path[-1], missing, n=1)
+        message = "unknown field" + (f" (did you mean {guess[0]!r}?)" if guess else "")
     elif error["type"] == "missing":
         message = "required field is missing"
     line = _line_of(text, ["jobs", job, *path])
-    more = len(exc.errors()) - 1
+    more = len(errors) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{source}:{line}: job {job!r}, field {field}: {message}{suffix}"
+    return f"{source}:{line}: job {job!r}, field {'.'.join(path) or '?'}: {message}{suffix}"
+
+
+def _field_path(loc: tuple[int | str, ...]) -> list[str]:
+    # A discriminated union puts the chosen variant ("shell") in the path; it is not a key.
+    return [str(part) for part in loc if part not in ("shell", "http")]
 
 
 def _line_of(text: str, path: Sequence[str]) -> int:
-    """Best-effort line of a dotted TOML key: the deepest part of ``path`` that can be found.
+    """The line that defines the deepest part of the dotted key ``path`` (1-based).
 
-    TOML parsers give no positions for values, so this follows table headers and keys in order.
+    TOML parsers give no positions for values, so this follows table headers and keys
+    (dotted keys and inline tables included) and keeps the line that matches most of ``path``.
     """
-    lines = text.splitlines()
-    best = 1
-    start = 0
-    for depth in range(1, len(path) + 1):
-        found = _find_key(lines, path[:depth], start)
-        if found is None:
+    table: list[str] = []
+    best_line, best_depth = 1, 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            table = _split_key(header.group(1))
+            here = table
+        else:
+            key = _KEY.match(line)
+            if key is None:
+                continue
+            here = [*table, *_split_key(key.group(1))]
+        depth = _common_prefix(here, path)
+        if depth == len(here):
+            # An inline table: later parts of the path may sit on this same line.
+            for part in path[depth:]:
+                if not re.search(r"[{,]\s*" + _key_pattern(part) + r"\s*=", line):
+                    break
+                depth += 1
+        if depth > best_depth:
+            best_line, best_depth = number, depth
+    return best_line
+
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?")
+_KEY = re.compile(r"""^\s*([A-Za-z0-9_\-."' ]+?)\s*=""")
+
+
+def _split_key(key: str) -> list[str]:
+    return [part.strip().strip("\"'") for part in key.split(".")]
+
+
+def _common_prefix(left: Sequence[str], right: Sequence[str]) -> int:
+    depth = 0
+    for a, b in zip(left, right, strict=False):
+        if a != b:
             break
-        best = start = found
-    return best + 1 if lines else 1
-
-
-def _find_key(lines: list[str], path: Sequence[str], start: int) -> int | None:
-    header = re.compile(r"^\s*\[+\s*" + r"\s*\.\s*".join(_key_pattern(p) for p in path) + r"\s*\]+")
-    leaf = re.compile(r"(^|[\s{,])" + _key_pattern(path[-1]) + r"\s*=")
-    dotted = re.compile(r"^\s*" + r"\s*\.\s*".join(_key_pattern(p) for p in path[-2:]) + r"\s*=")
-    for index in range(start, len(lines)):
-        line = lines[index]
-        if header.search(line) or dotted.search(line):
-            return index
-        if index > start and leaf.search(line) and not line.lstrip().startswith("["):
-            return index
-        if index == start and index > 0 and leaf.search(line):
-            return index
-    return None
+        depth += 1
+    return depth
 
 
 def _key_pattern(key: str) -> str:

@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cronfleet",
         description="Distributed cron over RabbitMQ. Settings come from CRONFLEET_* variables.",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for processes, else WARNING)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -80,11 +82,7 @@ def _json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 1 failure, 2 usage, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    _configure_logging(args)
     try:
         settings = Settings()
         return asyncio.run(_until_signal(args.handler(settings, args)))
@@ -108,6 +106,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"cronfleet: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr
         )
         return 1
+
+
+PROCESS_COMMANDS = ("run", "scheduler", "worker", "monitor")
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = (args.log_level or ("INFO" if args.command in PROCESS_COMMANDS else "WARNING")).upper()
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )
+    if level != "DEBUG":
+        # cronfleet reports connection trouble itself, in one line; the libraries' own reports
+        # repeat it with tracebacks.
+        logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+        logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
 
 
 async def _until_signal(work: Awaitable[int]) -> int:

@@ -1,0 +1,122 @@
+"""Real things for integration tests: the shared RabbitMQ (isolated by a namespace per test),
+a store per test, and a fleet of real scheduler, worker and monitor tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from sqlalchemy import text
+
+from common.services import ServiceOptions, load_service
+from common.settings import Settings, normalise_database_url
+from common.store import Store
+from common.topology import Topology
+from tests.conftest import TEST_KEYS
+
+AMQP_URL = os.environ.get("CRONFLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+POSTGRES_URL = os.environ.get("CRONFLEET_TEST_DATABASE_URL", "")
+STORES = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
+
+
+@pytest.fixture(params=STORES)
+async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Settings]:
+    """Settings of a private fleet: its own namespace on the broker and its own store."""
+    suffix = uuid.uuid4().hex[:10]
+    namespace = f"test-{suffix}"
+    schema = None
+    if request.param == "sqlite":
+        database_url = f"sqlite+aiosqlite:///{tmp_path / 'cronfleet.db'}"
+    else:
+        database_url = normalise_database_url(POSTGRES_URL)
+        schema = f"t_{suffix}"
+    value = Settings(
+        amqp_url=AMQP_URL,
+        database_url=database_url,
+        database_schema=schema,
+        keys=TEST_KEYS,
+        namespace=namespace,
+        heartbeat_seconds=0.5,
+        jobs_reload_seconds=0.3,
+    )
+    yield value
+    await _delete_namespace(namespace)
+    if schema is not None:
+        store = await Store.open(database_url)
+        async with store.engine.begin() as connection:
+            await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await store.close()
+
+
+async def _delete_namespace(namespace: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await Topology(namespace).delete(channel, pools=["default", "other"])
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    """The test fleet's store, open."""
+    opened = await Store.open(settings.database_url, settings.database_schema)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[AbstractRobustConnection]:
+    """A plain connection to the shared broker, for publishing and inspecting by hand."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    yield connection
+    await connection.close()
+
+
+Start = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+async def fleet(settings: Settings) -> AsyncIterator[Start]:
+    """``await fleet("monitor", "worker", ...)`` starts real processes as tasks and waits until
+    each is consuming. They are cancelled and awaited when the test ends."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(*names: str, **options: Any) -> None:
+        for name in names:
+            service_options = ServiceOptions(name=f"{name}-{len(tasks)}", **options)
+            task = asyncio.create_task(load_service(name)(settings, service_options))
+            tasks.append(task)
+            ready = asyncio.create_task(service_options.ready.wait())
+            done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                ready.cancel()
+                task.result()  # raises what stopped the service
+            if ready not in done:
+                ready.cancel()
+                raise TimeoutError(f"{name} did not become ready within 20s")
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, every: float = 0.1) -> Any:
+    """Wait until ``check()`` returns something truthy, and return it; fail after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+        await asyncio.sleep(every)

@@ -1,0 +1,222 @@
+"""The ``cronfleet`` command as a user runs it: real processes, real broker, real store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from common.settings import Settings
+from common.store import Store
+from tests.integration.conftest import Start, eventually
+from tests.integration.helpers import runs_of
+
+JOBS = """
+[jobs.alpha]
+schedule = "*/5 * * * *"
+action = { type = "shell", argv = ["true"] }
+
+[jobs.beta]
+schedule = "@daily"
+timezone = "Asia/Tokyo"
+"""
+
+
+def cronfleet(
+    settings: Settings, *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cronfleet ARGS`` in a child process with the test fleet's settings."""
+    environment = {
+        **os.environ,
+        "CRONFLEET_AMQP_URL": settings.amqp_url,
+        "CRONFLEET_DATABASE_URL": settings.database_url,
+        "CRONFLEET_KEYS": settings.keys,
+        "CRONFLEET_NAMESPACE": settings.namespace,
+        **env,
+    }
+    if settings.database_schema:
+        environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "cronfleet"), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+
+
+def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_apply_prints_the_diff_and_is_idempotent(settings: Settings, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(JOBS)
+    first = cronfleet(settings, "apply", str(jobs))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == ["added: alpha", "added: beta"]
+    again = cronfleet(settings, "apply", str(jobs))
+    assert again.stdout.strip() == "no changes (2 job(s) up to date)"
+
+    jobs.write_text(
+        JOBS.replace("*/5", "*/10").split("[jobs.beta]")[0] + '[jobs.gamma]\nschedule = "@hourly"\n'
+    )
+    dry = cronfleet(settings, "apply", "--dry-run", str(jobs))
+    assert dry.stdout.splitlines() == [
+        "would be added: gamma",
+        "would be changed: alpha",
+        "would be removed: beta",
+    ]
+    changed = cronfleet(settings, "apply", str(jobs))
+    assert changed.stdout.splitlines() == ["added: gamma", "changed: alpha", "removed: beta"]
+
+    listed = cronfleet(settings, "jobs", "--json")
+    rows = orjson.loads(listed.stdout)
+    assert [(r["name"], r["schedule"], r["action"]) for r in rows] == [
+        ("alpha", "*/10 * * * *", "shell"),
+        ("gamma", "@hourly", "heartbeat"),
+    ]
+    table = cronfleet(settings, "jobs")
+    assert table.stdout.splitlines()[0].split() == [
+        "NAME",
+        "SCHEDULE",
+        "TIMEZONE",
+        "ACTION",
+        "POOL",
+        "ENABLED",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("snippet", "expected"),
+    [
+        (
+            'schedule = "61 * * * *"',
+            ":3: job 'bad', field schedule: '61 * * * *' is not a valid cron expression",
+        ),
+        (
+            'schedule = "* * * * *"\ntimezone = "Mars/Olympus"',
+            ":4: job 'bad', field timezone: unknown time zone",
+        ),
+        ('schedule = "* * * * *"\ntimout_seconds = 5', ":4: job 'bad', field timout_seconds: unknown field"),
+        (
+            'schedule = "* * * * *"\n[jobs.bad.action]\ntype = "shell"\nargv = []',
+            ":6: job 'bad', field action.argv: List should have at least 1 item",
+        ),
+        ('schedule = "* * * * *"\naction = { type = "ftp" }', ":4: job 'bad', field action: "),
+        ("timezone = 'UTC'", ":2: job 'bad', field schedule: required field is missing"),
+    ],
+)
+def test_a_bad_jobs_file_names_line_job_and_field_and_changes_nothing(
+    settings: Settings, tmp_path: Path, snippet: str, expected: str
+) -> None:
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(JOBS)
+    assert cronfleet(settings, "apply", str(jobs)).returncode == 0
+    jobs.write_text("\n[jobs.bad]\n" + snippet + "\n" + JOBS.replace("alpha", "alpha2"))
+    result = cronfleet(settings, "apply", str(jobs))
+    assert result.returncode == 1
+    no_traceback(result)
+    assert result.stderr.startswith(f"cronfleet: {jobs}{expected}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    rows = orjson.loads(cronfleet(settings, "jobs", "--json").stdout)
+    assert [r["name"] for r in rows] == ["alpha", "beta"]
+
+
+def test_a_file_that_is_not_toml_is_one_clear_line(settings: Settings, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text("[jobs.x\nschedule = 1\n")
+    result = cronfleet(settings, "apply", str(jobs))
+    assert result.returncode == 1
+    no_traceback(result)
+    assert "not valid TOML" in result.stderr and "line 1" in result.stderr
+    missing = cronfleet(settings, "apply", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+async def test_trigger_runs_a_job_now_and_runs_and_status_show_it(
+    settings: Settings, store: Store, fleet: Start, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(
+        '[jobs.manual]\nschedule = "0 0 1 1 *"\naction = { type = "shell", argv = ["sh", "-c", "exit 7"] }\n'
+    )
+    assert cronfleet(settings, "apply", str(jobs)).returncode == 0
+    await fleet("monitor", "worker")
+    triggered = cronfleet(settings, "trigger", "manual")
+    assert triggered.returncode == 0, triggered.stderr
+    assert triggered.stdout.startswith("triggered manual@")
+    await eventually(lambda: runs_of(store, "manual", status="failed"))
+
+    runs = orjson.loads(cronfleet(settings, "runs", "manual", "--json").stdout)
+    assert runs[0]["status"] == "failed" and runs[0]["exit_code"] == 7
+    status = cronfleet(settings, "status", "--json")
+    assert status.returncode == 1  # a failing job makes `status` fail, for scripts and probes
+    assert orjson.loads(status.stdout)[0]["health"] == "failing"
+
+    unknown = cronfleet(settings, "trigger", "nope")
+    assert (
+        unknown.returncode == 1
+        and unknown.stderr.strip() == "cronfleet: no job called 'nope' (see `cronfleet jobs`)"
+    )
+
+
+async def test_ping_publishes_a_signed_heartbeat(settings: Settings, store: Store, fleet: Start) -> None:
+    await fleet("monitor")
+    assert cronfleet(settings, "ping", "outside", "--start").returncode == 0
+    result = cronfleet(settings, "ping", "outside", "--exit-code", "4", "--message", "disk full")
+    assert result.returncode == 0 and result.stdout.strip() == "sent fail heartbeat for outside"
+    runs = await eventually(lambda: runs_of(store, "outside", status="failed"))
+    assert runs[0].exit_code == 4 and runs[0].output_tail == "disk full"
+    bad = cronfleet(settings, "ping", "no spaces allowed")
+    assert bad.returncode == 1
+    no_traceback(bad)
+
+
+def test_doctor_says_what_is_wrong_in_plain_words(settings: Settings) -> None:
+    healthy = cronfleet(settings, "doctor")
+    assert healthy.returncode == 0, healthy.stdout
+    assert "all good" in healthy.stdout
+
+    broken = cronfleet(
+        settings, "doctor", CRONFLEET_AMQP_URL="amqp://guest:hunter2pw@127.0.0.1:1/", CRONFLEET_KEYS=""
+    )
+    assert broken.returncode == 1
+    no_traceback(broken)
+    assert "FAIL  keys: no signing key" in broken.stdout
+    assert "FAIL  broker: cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/" in broken.stdout
+    assert "hunter2pw" not in broken.stdout
+
+
+def test_a_process_without_keys_or_broker_fails_in_one_line(settings: Settings) -> None:
+    no_keys = cronfleet(settings, "worker", CRONFLEET_KEYS="")
+    assert no_keys.returncode == 1
+    assert no_keys.stderr.strip().startswith("cronfleet: no signing key")
+    weak = cronfleet(settings, "ping", "x", CRONFLEET_KEYS="k:short")
+    assert (
+        weak.returncode == 1
+        and "too short" in weak.stderr
+        and "short" not in weak.stderr.split("too short")[0]
+    )
+    no_broker = cronfleet(settings, "ping", "x", CRONFLEET_AMQP_URL="amqp://guest:guest@127.0.0.1:1/")
+    assert no_broker.returncode == 1
+    no_traceback(no_broker)
+    assert no_broker.stderr.strip().startswith(
+        "cronfleet: cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/"
+    )
+    bad_setting = cronfleet(settings, "jobs", CRONFLEET_HEARTBEAT_SECONDS="soon")
+    assert bad_setting.returncode == 1
+    assert bad_setting.stderr.startswith("cronfleet: bad setting CRONFLEET_HEARTBEAT_SECONDS")
+
+
+def test_keys_new_prints_a_usable_key(settings: Settings) -> None:
+    result = cronfleet(settings, "keys", "new", "--id", "2026-11")
+    key_id, secret = result.stdout.strip().split(":")
+    assert key_id == "2026-11" and len(secret) >= 32
+    assert cronfleet(settings, "jobs", CRONFLEET_KEYS=result.stdout.strip()).returncode == 0

@@ -1,0 +1,156 @@
+"""A trigger that is not exactly what a current key signed, or that has expired, is never run:
+it lands on the dead-letter queue with its reason, and the fleet goes on."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from common.actions import ShellAction
+from common.clock import utcnow
+from common.envelope import REJECTION_DETAIL_HEADER, REJECTION_HEADER
+from common.messages import Trigger
+from common.settings import Settings
+from common.signing import Keyring
+from common.store import Store
+from common.topology import Topology
+from tests.integration.conftest import Start, eventually
+from tests.integration.helpers import runs_of
+
+
+def _trigger(marker: Path, job: str, *, expired: bool = False) -> Trigger:
+    now = utcnow()
+    scheduled = now - timedelta(minutes=10) if expired else now
+    return Trigger(
+        id=f"{job}@{scheduled.isoformat()}",
+        job=job,
+        pool="default",
+        scheduled_at=scheduled,
+        published_at=now,
+        expires_at=scheduled + timedelta(minutes=5),
+        timeout_seconds=10,
+        action=ShellAction(argv=["touch", str(marker)]),
+    )
+
+
+Publish = Callable[[bytes, dict[str, str]], Awaitable[None]]
+
+
+async def _publisher(amqp: AbstractRobustConnection, settings: Settings) -> Publish:
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(Topology(settings.namespace).triggers_exchange)
+
+    async def publish(body: bytes, headers: dict[str, str]) -> None:
+        await exchange.publish(aio_pika.Message(body, headers=headers), routing_key="default")
+
+    return publish
+
+
+async def _dead_letters(
+    amqp: AbstractRobustConnection, settings: Settings, count: int
+) -> list[AbstractIncomingMessage]:
+    channel = await amqp.channel()
+    queue = await channel.get_queue(Topology(settings.namespace).dead_queue)
+    found: list[AbstractIncomingMessage] = []
+
+    async def enough() -> bool:
+        while (message := await queue.get(fail=False)) is not None:
+            found.append(message)
+        return len(found) >= count
+
+    await eventually(enough)
+    return found
+
+
+async def test_forged_tampered_unknown_expired_and_malformed_triggers_are_dead_lettered_never_run(
+    settings: Settings, store: Store, fleet: Start, amqp: AbstractRobustConnection, tmp_path: Path
+) -> None:
+    await fleet("monitor", "worker")
+    publish = await _publisher(amqp, settings)
+    good = Keyring.parse(settings.keys)
+    markers = {
+        name: tmp_path / name for name in ("wrong-key", "tampered", "unknown-key", "expired", "unsigned")
+    }
+
+    forger = Keyring.parse("k1:not-the-real-secret-at-all-000000")
+    body = _trigger(markers["wrong-key"], "wrong-key").to_bytes()
+    await publish(body, forger.sign(body))
+
+    body = _trigger(markers["tampered"], "tampered").to_bytes()
+    headers = good.sign(body)
+    await publish(body.replace(b'"touch"', b'"rm"'), headers)
+
+    stranger = Keyring.parse("k9:a-key-nobody-configured-0123456789")
+    body = _trigger(markers["unknown-key"], "unknown-key").to_bytes()
+    await publish(body, stranger.sign(body))
+
+    body = _trigger(markers["expired"], "expired", expired=True).to_bytes()
+    await publish(body, good.sign(body))
+
+    body = _trigger(markers["unsigned"], "unsigned").to_bytes()
+    await publish(body, {})
+
+    malformed = orjson.dumps({"v": 1, "type": "trigger", "job": "no-such-fields"})
+    await publish(malformed, good.sign(malformed))
+
+    dead = await _dead_letters(amqp, settings, 6)
+    reasons = {}
+    for message in dead:
+        headers = message.headers or {}
+        detail = headers.get(REJECTION_DETAIL_HEADER)
+        assert detail, "every dead letter says why"
+        job = orjson.loads(message.body).get("job")
+        reasons[job] = headers.get(REJECTION_HEADER)
+    assert reasons == {
+        "wrong-key": "bad_signature",
+        "tampered": "bad_signature",
+        "unknown-key": "unknown_key",
+        "expired": "expired",
+        "unsigned": "missing_signature",
+        "no-such-fields": "malformed",
+    }
+    # The body on the dead-letter queue is the exact body received (tampering included).
+    assert any(b'"rm"' in m.body for m in dead)
+
+    # None was executed, and the worker is still consuming: a genuine trigger still runs.
+    ok_marker = tmp_path / "genuine"
+    body = _trigger(ok_marker, "genuine").to_bytes()
+    await publish(body, good.sign(body))
+    await eventually(lambda: runs_of(store, "genuine", status="succeeded"))
+    assert ok_marker.exists()
+    assert not any(marker.exists() for marker in markers.values())
+    for job in ("wrong-key", "tampered", "unknown-key", "unsigned"):
+        assert await runs_of(store, job) == []
+    # An expired trigger was genuine: it is not run, but its run is accounted for as expired.
+    expired = await eventually(lambda: runs_of(store, "expired"))
+    assert [r.status for r in expired] == ["expired"]
+
+
+async def test_a_forged_event_never_reaches_the_store(
+    settings: Settings, store: Store, fleet: Start, amqp: AbstractRobustConnection
+) -> None:
+    await fleet("monitor")
+    channel = await amqp.channel()
+    events = await channel.get_exchange(Topology(settings.namespace).events_exchange)
+    beat = orjson.dumps(
+        {
+            "v": 1,
+            "type": "job.heartbeat",
+            "id": "forged-1",
+            "job": "victim",
+            "kind": "success",
+            "at": utcnow().isoformat(),
+        }
+    )
+    forger = Keyring.parse("k1:not-the-real-secret-at-all-000000")
+    await events.publish(
+        aio_pika.Message(beat, headers=forger.sign(beat)), routing_key="job.heartbeat.victim"
+    )
+    dead = await _dead_letters(amqp, settings, 1)
+    assert (dead[0].headers or {})[REJECTION_HEADER] == "bad_signature"
+    assert await runs_of(store, "victim") == []

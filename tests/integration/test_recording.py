@@ -1,0 +1,100 @@
+"""The monitor records every event once, however often the broker delivers it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from zoneinfo import ZoneInfo
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+
+from common.clock import utcnow
+from common.messages import HeartbeatKind, JobHeartbeat, RunFinished, RunStarted, RunStatus, WireMessage
+from common.settings import Settings
+from common.signing import Keyring
+from common.store import Store
+from common.topology import Topology, event_routing_key
+from tests.integration.conftest import Start, eventually
+from tests.integration.helpers import apply_toml, runs_of, state_of
+
+
+async def _send(amqp: AbstractRobustConnection, settings: Settings, *events: WireMessage) -> None:
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(Topology(settings.namespace).events_exchange)
+    keyring = Keyring.parse(settings.keys)
+    for event in events:
+        body = event.to_bytes()
+        await exchange.publish(aio_pika.Message(body, headers=keyring.sign(body)), event_routing_key(event))
+
+
+async def test_a_redelivered_run_event_does_not_create_a_second_row(
+    settings: Settings, store: Store, fleet: Start, amqp: AbstractRobustConnection
+) -> None:
+    await fleet("monitor")
+    now = utcnow()
+    common = {
+        "run_id": "run-1",
+        "trigger_id": "dup@2026-01-01T00:00:00Z",
+        "job": "dup",
+        "pool": "default",
+        "worker": "w",
+        "scheduled_at": now,
+        "started_at": now,
+    }
+    started = RunStarted(**common)
+    finished = RunFinished(
+        **common,
+        finished_at=now + timedelta(seconds=2),
+        duration_seconds=2.0,
+        status=RunStatus.FAILED,
+        exit_code=1,
+    )
+    # Out of order and repeated, as redeliveries may come.
+    await _send(amqp, settings, finished, started, finished, started, finished)
+    await _send(amqp, settings, JobHeartbeat(id="marker", job="dup-done", at=now))
+    await eventually(lambda: runs_of(store, "dup-done"))
+
+    runs = await runs_of(store, "dup")
+    assert len(runs) == 1
+    assert runs[0].status == "failed" and runs[0].exit_code == 1 and runs[0].duration_seconds == 2.0
+    state = await state_of(store, "dup")
+    assert state is not None and state.consecutive_failures == 1
+
+
+async def test_heartbeats_make_runs_of_a_heartbeat_only_job(
+    settings: Settings, store: Store, fleet: Start, amqp: AbstractRobustConnection
+) -> None:
+    await apply_toml(
+        store,
+        """
+        [jobs.backup]
+        schedule = "0 3 * * *"
+        timezone = "Europe/Berlin"
+        """,
+    )
+    await fleet("monitor", "scheduler")
+    now = utcnow()
+    start = JobHeartbeat(id="b-1", job="backup", kind=HeartbeatKind.START, at=now - timedelta(seconds=30))
+    done = JobHeartbeat(id="b-2", job="backup", kind=HeartbeatKind.SUCCESS, at=now, message="42 files")
+    await _send(amqp, settings, start, start, done, done)
+
+    async def finished() -> list[object]:
+        runs = await runs_of(store, "backup")
+        return runs if runs and runs[-1].status == "succeeded" else []
+
+    runs = await eventually(finished)
+    assert len(runs) == 1
+    assert runs[0].source == "heartbeat" and runs[0].duration_seconds == 30.0
+    assert runs[0].output_tail == "42 files"
+    state = await state_of(store, "backup")
+    assert state is not None and state.last_status == "succeeded"
+    assert state.next_expected_at is not None and state.next_expected_at > now
+    local = state.next_expected_at.astimezone(ZoneInfo("Europe/Berlin"))
+    assert (local.hour, local.minute) == (3, 0)
+
+    fail = JobHeartbeat(
+        id="b-3", job="backup", kind=HeartbeatKind.FAIL, exit_code=2, at=now + timedelta(seconds=1)
+    )
+    await _send(amqp, settings, fail)
+    failed = await eventually(lambda: runs_of(store, "backup", status="failed"))
+    assert failed[0].exit_code == 2

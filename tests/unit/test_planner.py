@@ -1,0 +1,99 @@
+"""The timer heap: each fire once, in order, re-planned on change, skipped when hopelessly late."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from common.jobs import parse_jobs
+from scheduler.planner import Planner
+
+T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+JOBS = """
+[jobs.fast]
+schedule = "*/10 * * * * *"
+action = { type = "shell", argv = ["true"] }
+
+[jobs.slow]
+schedule = "* * * * *"
+action = { type = "shell", argv = ["true"] }
+
+[jobs.pinged]
+schedule = "* * * * *"
+
+[jobs.paused]
+schedule = "* * * * * *"
+enabled = false
+action = { type = "shell", argv = ["true"] }
+"""
+
+
+def _drain(
+    planner: Planner, until: datetime, step: timedelta = timedelta(seconds=1)
+) -> list[tuple[str, datetime]]:
+    fired, now = [], T0
+    while now <= until:
+        fired += [(f.job.name, f.scheduled_at) for f in planner.pop_due(now)]
+        now += step
+    return fired
+
+
+def test_only_enabled_jobs_with_an_action_are_planned() -> None:
+    planner = Planner()
+    planner.sync(parse_jobs(JOBS), T0)
+    assert len(planner) == 2
+    assert planner.next_wakeup() == T0 + timedelta(seconds=10)
+
+
+def test_every_fire_comes_once_and_in_order() -> None:
+    planner = Planner()
+    planner.sync(parse_jobs(JOBS), T0)
+    fired = _drain(planner, T0 + timedelta(minutes=2))
+    assert [t for name, t in fired if name == "fast"] == [
+        T0 + timedelta(seconds=10 * i) for i in range(1, 13)
+    ]
+    assert [t for name, t in fired if name == "slow"] == [
+        T0 + timedelta(minutes=1),
+        T0 + timedelta(minutes=2),
+    ]
+    times = [t for _, t in fired]
+    assert times == sorted(times)
+
+
+def test_a_late_tick_catches_up_on_fires_that_have_not_expired() -> None:
+    planner = Planner()
+    planner.sync(parse_jobs(JOBS), T0)
+    due = planner.pop_due(T0 + timedelta(seconds=35))
+    assert [f.scheduled_at for f in due] == [T0 + timedelta(seconds=s) for s in (10, 20, 30)]
+
+
+def test_fires_older_than_the_expiry_are_skipped_not_replayed() -> None:
+    planner = Planner()
+    planner.sync(parse_jobs(JOBS), T0)
+    due = planner.pop_due(T0 + timedelta(hours=1, seconds=5))
+    assert due == []  # all expired (5 minutes by default): re-planned from now instead
+    assert planner.next_wakeup() == T0 + timedelta(hours=1, seconds=10)
+
+
+def test_changing_or_removing_a_job_replans_it() -> None:
+    planner = Planner()
+    planner.sync(parse_jobs(JOBS), T0)
+    changed = JOBS.replace('"*/10 * * * * *"', '"*/15 * * * * *"')
+    planner.sync(parse_jobs(changed), T0 + timedelta(seconds=1))
+    fired = _drain(planner, T0 + timedelta(seconds=31))
+    assert [t for name, t in fired if name == "fast"] == [
+        T0 + timedelta(seconds=15),
+        T0 + timedelta(seconds=30),
+    ]
+    planner.sync([j for j in parse_jobs(JOBS) if j.name != "fast"], T0 + timedelta(seconds=32))
+    assert all(name != "fast" for name, _ in _drain(planner, T0 + timedelta(minutes=1)))
+
+
+def test_removing_and_re_adding_a_job_does_not_double_its_fires() -> None:
+    planner = Planner()
+    jobs = parse_jobs(JOBS)
+    planner.sync(jobs, T0)
+    planner.sync([], T0)
+    planner.sync(jobs, T0)
+    fired = _drain(planner, T0 + timedelta(seconds=30))
+    fast = [t for name, t in fired if name == "fast"]
+    assert fast == sorted(set(fast))
