@@ -4,8 +4,9 @@ message and returns only once the broker has confirmed it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -15,6 +16,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueue,
     AbstractRobustConnection,
 )
 from aiormq.exceptions import AMQPError
@@ -154,3 +156,56 @@ class Publisher:
             ) from exc
         except CONNECT_ERRORS as exc:
             raise BrokerUnavailable(f"publishing to RabbitMQ failed: {exc or type(exc).__name__}") from exc
+
+
+async def settle(message: AbstractIncomingMessage, *, ack: bool = True, requeue: bool = False) -> bool:
+    """Ack ``message`` (or, with ``ack=False``, nack it, requeued or dead-lettered).
+
+    Returns False when the channel that delivered it is gone: the broker then requeues the
+    message by itself, so there is nothing more to do than to say so.
+    """
+    try:
+        if ack:
+            await message.ack()
+        else:
+            await message.nack(requeue=requeue)
+    except CONNECT_ERRORS as exc:
+        log.warning(
+            "could not settle delivery %s (%s); the broker will redeliver it", message.message_id, exc
+        )
+        return False
+    return True
+
+
+async def consume_forever(
+    connection: AbstractRobustConnection,
+    declare: Callable[[AbstractChannel], Awaitable[AbstractQueue]],
+    prefetch: int,
+    on_message: Callable[[AbstractIncomingMessage], object],
+    ready: asyncio.Event,
+) -> None:
+    """Hand every delivery of the queue that ``declare`` returns to ``on_message``, forever.
+
+    aio-pika 10 restores a consumer the broker cancelled (the queue was deleted, a quorum leader
+    moved) and one lost with its connection; this loop is the backstop for when it does not:
+    if the delivery iterator ends or the channel fails, the queue is declared again on a new
+    channel and consumed again. ``ready`` is set once consuming.
+    """
+    while True:
+        channel: AbstractChannel | None = None
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await declare(channel)
+            async with queue.iterator() as deliveries:
+                ready.set()
+                async for message in deliveries:
+                    on_message(message)
+            log.warning("the consumer of %s was cancelled by the broker; consuming again", queue.name)
+        except CONNECT_ERRORS as exc:
+            log.warning("consuming stopped (%s); starting again", exc or type(exc).__name__)
+            await asyncio.sleep(1.0)
+        finally:
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(*CONNECT_ERRORS):
+                    await channel.close()

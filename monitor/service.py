@@ -14,7 +14,7 @@ from datetime import datetime
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from common.bus import Publisher, connect
+from common.bus import Publisher, connect, consume_forever, settle
 from common.clock import Clock, utcnow
 from common.envelope import Accepted, Rejected, open_envelope
 from common.errors import BrokerUnavailable
@@ -47,10 +47,6 @@ class EventRecorder:
         self.recorded = 0
         self.rejected = 0
 
-    async def deliver(self, message: AbstractIncomingMessage) -> None:
-        """Consumer callback: queue the delivery for the writer."""
-        self.inbox.put_nowait(message)
-
     async def write_forever(self) -> None:
         """Take whatever has arrived, verify it, record it, ack it; forever."""
         while True:
@@ -76,7 +72,7 @@ class EventRecorder:
         except OperationalError as exc:
             log.error("the store is unavailable (%s); %d event(s) requeued", exc.orig, len(accepted))
             for message, _event in accepted:
-                await message.nack(requeue=True)
+                await settle(message, ack=False, requeue=True)
             await asyncio.sleep(1.0)
             return
         except SQLAlchemyError:
@@ -86,7 +82,7 @@ class EventRecorder:
                 await self._record_alone(message, event, now)
             return
         for message, _event in accepted:
-            await message.ack()
+            await settle(message)
 
     async def _record(self, accepted: list[tuple[AbstractIncomingMessage, Event]], now: datetime) -> None:
         async with self.store.session() as session, session.begin():
@@ -98,12 +94,12 @@ class EventRecorder:
         try:
             await self._record([(message, event)], now)
         except OperationalError:
-            await message.nack(requeue=True)
+            await settle(message, ack=False, requeue=True)
         except SQLAlchemyError as exc:
             log.error("cannot record event %s (%s); dead-lettered", message.routing_key, exc)
-            await message.nack(requeue=False)
+            await settle(message, ack=False)
         else:
-            await message.ack()
+            await settle(message)
 
     async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
         self.rejected += 1
@@ -112,9 +108,9 @@ class EventRecorder:
             await self.publisher.dead_letter(message, rejected, self.name)
         except BrokerUnavailable as exc:
             log.warning("could not dead-letter a refused event (%s); requeued", exc)
-            await message.nack(requeue=True)
+            await settle(message, ack=False, requeue=True)
             return
-        await message.ack()
+        await settle(message)
 
 
 async def serve(settings: Settings, options: ServiceOptions) -> None:
@@ -128,14 +124,12 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
         try:
             publisher = await Publisher.open(connection, topology, keyring)
             recorder = EventRecorder(store, publisher, keyring, name)
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=PREFETCH)
-            queue = await topology.declare_monitor(channel)
+            log.info("monitor %s consuming %s", name, topology.monitor_queue)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(recorder.write_forever())
-                await queue.consume(recorder.deliver)
-                log.info("monitor %s consuming %s", name, topology.monitor_queue)
-                options.ready.set()
+                await consume_forever(
+                    connection, topology.declare_monitor, PREFETCH, recorder.inbox.put_nowait, options.ready
+                )
         finally:
             await connection.close()
     finally:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from common import fires
-from common.bus import Publisher, connect
+from common.bus import CONNECT_ERRORS, Publisher, connect
 from common.catalog import load_jobs
 from common.clock import Clock, utcnow
 from common.errors import BrokerUnavailable
-from common.messages import SchedulerHeartbeat
+from common.messages import SchedulerHeartbeat, Trigger
 from common.services import ServiceOptions
 from common.settings import Settings
 from common.store import Store
@@ -20,6 +22,8 @@ from common.topology import Topology
 from scheduler.planner import Planner
 
 log = logging.getLogger("cronfleet.scheduler")
+
+OUTAGES = (SQLAlchemyError, BrokerUnavailable, *CONNECT_ERRORS)
 
 
 class Scheduler:
@@ -42,6 +46,8 @@ class Scheduler:
         self.topology = Topology(settings.namespace)
         self._pools: set[str] = set()
         self._reloaded_at: datetime | None = None
+        # Triggers whose fire could not be claimed yet (the store was unavailable).
+        self._unclaimed: list[Trigger] = []
 
     async def reload(self) -> None:
         """Re-read the jobs table; make sure every planned pool has its queue."""
@@ -54,30 +60,57 @@ class Scheduler:
             self._pools.add(pool)
 
     async def plan_forever(self) -> None:
-        """Fire due jobs as they fall due; reload the jobs every ``jobs_reload_seconds``."""
+        """Fire due jobs as they fall due; reload the jobs every ``jobs_reload_seconds``.
+
+        An unavailable store or broker is logged and retried; it never stops the loop.
+        """
         reload_every = self.settings.jobs_reload_seconds
         while True:
             now = self.clock()
-            if self._reloaded_at is None or (now - self._reloaded_at).total_seconds() >= reload_every:
-                await self.reload()
-                now = self.clock()
-            await self.fire_due(now)
-            wakeup = self.planner.next_wakeup()
-            until_reload = reload_every - (self.clock() - (self._reloaded_at or now)).total_seconds()
-            delay = (
-                until_reload if wakeup is None else min(until_reload, (wakeup - self.clock()).total_seconds())
-            )
-            if delay > 0:
-                await asyncio.sleep(delay)
+            try:
+                if self._reloaded_at is None or (now - self._reloaded_at).total_seconds() >= reload_every:
+                    await self.reload()
+                    now = self.clock()
+                await self.fire_due(now)
+            except OUTAGES as exc:
+                log.warning("scheduler cannot reach the store or the broker (%s); retrying", exc)
+                self._reloaded_at = self.clock()
+            await asyncio.sleep(self._seconds_to_next_work(reload_every))
+
+    def _seconds_to_next_work(self, reload_every: float) -> float:
+        """Until the next fire, the next reload, or a retry of unclaimed fires, whichever is first."""
+        now = self.clock()
+        moments = [(self._reloaded_at or now) + timedelta(seconds=reload_every)]
+        wakeup = self.planner.next_wakeup()
+        if wakeup is not None:
+            moments.append(wakeup)
+        if self._unclaimed:
+            moments.append(now + timedelta(seconds=1))
+        return max(0.0, (min(moments) - now).total_seconds())
 
     async def fire_due(self, now: datetime) -> int:
-        """Claim and publish every fire due by ``now``; returns how many this scheduler won."""
-        due = self.planner.pop_due(now)
-        if not due:
-            return 0
+        """Claim and publish every fire due by ``now``; returns how many this scheduler won.
+
+        Fires that cannot be claimed because the store is unavailable are kept and claimed on a
+        later call, until their triggers expire (an expired one is logged as lost).
+        """
         published_at = self.clock()
-        triggers = [fire.job.trigger_at(fire.scheduled_at, published_at) for fire in due]
-        won = await fires.publish_claimed(self.store, self.publisher, triggers, self.name, published_at)
+        triggers = [
+            *self._unclaimed,
+            *(f.job.trigger_at(f.scheduled_at, published_at) for f in self.planner.pop_due(now)),
+        ]
+        self._unclaimed = []
+        if not triggers:
+            return 0
+        try:
+            won = await fires.publish_claimed(self.store, self.publisher, triggers, self.name, published_at)
+        except SQLAlchemyError:
+            for trigger in triggers:
+                if trigger.expires_at > now:
+                    self._unclaimed.append(trigger)
+                else:
+                    log.error("fire %s expired before the store could record it", trigger.id)
+            raise
         for fire in won:
             log.info("fired %s", fire.trigger_id)
         return len(won)
@@ -85,9 +118,13 @@ class Scheduler:
     async def publish_pending_forever(self, every: float = 1.0) -> None:
         """Keep publishing fires the broker has not confirmed yet (after an outage or a crash)."""
         while True:
-            published = await fires.publish_pending(self.store, self.publisher, self.clock())
-            if published:
-                log.warning("published %d trigger(s) that had been waiting for the broker", published)
+            try:
+                published = await fires.publish_pending(self.store, self.publisher, self.clock())
+            except OUTAGES as exc:
+                log.debug("pending fires not published yet: %s", exc)
+            else:
+                if published:
+                    log.warning("published %d trigger(s) that had been waiting for the broker", published)
             await asyncio.sleep(every)
 
     async def heartbeat_forever(self) -> None:

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from common.bus import Publisher
+from common.bus import Publisher, settle
 from common.clock import Clock, utcnow
 from common.envelope import Rejected, RejectionReason, open_envelope
 from common.errors import BrokerUnavailable
@@ -48,12 +48,12 @@ class TriggerHandler:
             await self._handle(message)
         except BrokerUnavailable as exc:
             log.warning("could not report %s (%s); it will be delivered again", message.message_id, exc)
-            await _requeue(message)
+            await settle(message, ack=False, requeue=True)
         except Exception:
             # A bug must not kill the worker: requeue; the queue's delivery limit dead-letters
             # a trigger that keeps failing this way.
             log.exception("unexpected error handling %s; requeued", message.message_id)
-            await _requeue(message)
+            await settle(message, ack=False, requeue=True)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         opened = open_envelope(
@@ -85,7 +85,7 @@ class TriggerHandler:
         finally:
             self.running -= 1
         await self._finish(trigger, run_id, redelivered, started_at, result)
-        await message.ack()
+        await settle(message)
 
     async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
         """Dead-letter a refused trigger with its reason; an expired one is also reported as a run."""
@@ -102,7 +102,7 @@ class TriggerHandler:
                 now,
                 ActionResult(RunStatus.EXPIRED, error=rejected.detail),
             )
-        await message.ack()
+        await settle(message)
 
     async def _finish(
         self,
@@ -133,10 +133,3 @@ class TriggerHandler:
             )
         )
         log.info("run %s of %s %s", run_id, trigger.id, result.status.value)
-
-
-async def _requeue(message: AbstractIncomingMessage) -> None:
-    try:
-        await message.nack(requeue=True)
-    except Exception as exc:  # the channel is gone: the broker requeues it by itself
-        log.debug("nack of %s not sent: %s", message.message_id, exc)

@@ -8,7 +8,7 @@ import logging
 
 import httpx
 
-from common.bus import Publisher, connect
+from common.bus import Publisher, connect, consume_forever
 from common.clock import utcnow
 from common.errors import BrokerUnavailable, ConfigError
 from common.messages import WorkerHeartbeat
@@ -33,16 +33,16 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
         async with httpx.AsyncClient(follow_redirects=False) as client:
             publisher = await Publisher.open(connection, topology, keyring)
             handler = TriggerHandler(publisher, keyring, executors(client), name)
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=options.concurrency)
-            queue = await topology.declare_pool(channel, options.pool)
             log.info("worker %s consuming pool %s (concurrency %d)", name, options.pool, options.concurrency)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(_heartbeat_forever(settings, options, publisher, handler, name))
-                async with queue.iterator() as deliveries:
-                    options.ready.set()
-                    async for message in deliveries:
-                        tasks.create_task(handler.handle(message))
+                await consume_forever(
+                    connection,
+                    lambda channel: topology.declare_pool(channel, options.pool),
+                    options.concurrency,
+                    lambda message: tasks.create_task(handler.handle(message)),
+                    options.ready,
+                )
     finally:
         await connection.close()
 
