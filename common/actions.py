@@ -5,17 +5,21 @@ Workers hold the executors (``worker/actions/``); this module only describes the
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 HTTP_METHODS = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
+def _type_required(schema: dict[str, Any]) -> None:
+    schema["required"] = sorted({"type", *schema.get("required", [])})
+
+
 class ShellAction(BaseModel):
     """Run a program with these arguments (no shell unless ``argv`` asks for one)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_type_required)
 
     type: Literal["shell"] = "shell"
     argv: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
@@ -27,7 +31,7 @@ class ShellAction(BaseModel):
 class HttpAction(BaseModel):
     """Send one HTTP request; the run succeeds when the response status is expected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_type_required)
 
     type: Literal["http"] = "http"
     url: HttpUrl

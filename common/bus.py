@@ -21,7 +21,14 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import AMQPError
 
-from common.envelope import REJECTION_DETAIL_HEADER, REJECTION_HEADER, Rejected
+from common.envelope import (
+    ORIGINAL_EXCHANGE_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+    REJECTED_BY_HEADER,
+    REJECTION_DETAIL_HEADER,
+    REJECTION_HEADER,
+    Rejected,
+)
 from common.errors import BrokerUnavailable
 from common.messages import Trigger, WireMessage
 from common.signing import Keyring
@@ -133,9 +140,9 @@ class Publisher:
         headers = dict(message.headers or {})
         headers[REJECTION_HEADER] = rejected.reason.value
         headers[REJECTION_DETAIL_HEADER] = rejected.detail
-        headers["cronfleet-rejected-by"] = rejected_by
-        headers["cronfleet-original-routing-key"] = message.routing_key or ""
-        headers["cronfleet-original-exchange"] = message.exchange or ""
+        headers[REJECTED_BY_HEADER] = rejected_by
+        headers[ORIGINAL_ROUTING_KEY_HEADER] = message.routing_key or ""
+        headers[ORIGINAL_EXCHANGE_HEADER] = message.exchange or ""
         await self._publish("dead", message.body, headers, "", message.message_id)
 
     async def _publish(

@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, TypeVar
 
-import orjson
 from pydantic import TypeAdapter, ValidationError
 
+from common.messages import WIRE_FIELDS
 from common.signing import Keyring, SignatureCheck
 
 M = TypeVar("M")
 
 REJECTION_HEADER = "cronfleet-rejection"
 REJECTION_DETAIL_HEADER = "cronfleet-rejection-detail"
+REJECTED_BY_HEADER = "cronfleet-rejected-by"
+ORIGINAL_EXCHANGE_HEADER = "cronfleet-original-exchange"
+ORIGINAL_ROUTING_KEY_HEADER = "cronfleet-original-routing-key"
 
 
 class RejectionReason(enum.StrEnum):
@@ -64,18 +67,20 @@ def open_envelope(
 ) -> Accepted[M] | Rejected:
     """Verify ``body`` against ``headers``, then parse it with ``adapter``.
 
-    A message with an ``expires_at`` earlier than ``now`` is rejected as expired. The signature
-    is checked on the exact bytes received, before any parsing.
+    A message whose ``expires_at`` is not after ``now`` is rejected as expired. The signature
+    is checked on the exact bytes received, before any parsing; parsing is strict JSON (no
+    numbers for strings or booleans for numbers) and needs ``v`` and ``type``.
     """
     check = keyring.check(body, headers)
     if check is not SignatureCheck.VALID:
         return Rejected(_SIGNATURE_REJECTIONS[check], f"signature check: {check.value}")
     try:
-        message = adapter.validate_python(orjson.loads(body))
-    except orjson.JSONDecodeError as exc:
-        return Rejected(RejectionReason.MALFORMED, f"not JSON: {exc}"[:500])
+        message = adapter.validate_json(body, strict=True)
     except ValidationError as exc:
         return Rejected(RejectionReason.MALFORMED, _first_error(exc))
+    missing = WIRE_FIELDS - getattr(message, "model_fields_set", WIRE_FIELDS)
+    if missing:
+        return Rejected(RejectionReason.MALFORMED, f"a message must carry {' and '.join(sorted(missing))}")
     expires_at = getattr(message, "expires_at", None)
     if isinstance(expires_at, datetime) and expires_at <= now:
         return Rejected(RejectionReason.EXPIRED, f"expired at {expires_at.isoformat()}")

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+)
 
 from common.actions import Action
 
@@ -22,6 +30,8 @@ OUTPUT_TAIL_LIMIT = 4096
 JobName = Annotated[str, Field(pattern=JOB_NAME_PATTERN)]
 PoolName = Annotated[str, Field(pattern=POOL_PATTERN)]
 Identifier = Annotated[str, Field(min_length=1, max_length=200)]
+# Any offset is accepted on the wire; inside, every instant is UTC.
+Instant = Annotated[AwareDatetime, AfterValidator(lambda moment: moment.astimezone(UTC))]
 
 
 class RunStatus(enum.StrEnum):
@@ -44,12 +54,30 @@ class HeartbeatKind(enum.StrEnum):
     FAIL = "fail"
 
 
-class WireMessage(BaseModel):
-    """Common shape: strict, frozen, version 1."""
+WIRE_FIELDS = frozenset({"v", "type"})
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+def _wire_fields_required(schema: dict[str, Any]) -> None:
+    schema["required"] = sorted(WIRE_FIELDS | set(schema.get("required", [])))
+
+
+class WireMessage(BaseModel):
+    """Common shape: strict, frozen, version 1.
+
+    In Python, ``v`` and ``type`` have defaults; on the wire a body must carry both, as the
+    published schemas say (``common.envelope`` checks it).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_wire_fields_required)
 
     v: Literal[1] = 1
+
+    @field_validator("v", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, value: object) -> object:
+        if isinstance(value, bool):  # True == 1 in Python, not on the wire
+            raise ValueError("v must be the integer 1")
+        return value
 
     def to_bytes(self) -> bytes:
         """The exact body bytes to sign and publish."""
@@ -74,9 +102,9 @@ class Trigger(WireMessage):
     id: Identifier
     job: JobName
     pool: PoolName
-    scheduled_at: AwareDatetime
-    published_at: AwareDatetime
-    expires_at: AwareDatetime
+    scheduled_at: Instant
+    published_at: Instant
+    expires_at: Instant
     timeout_seconds: float = Field(gt=0)
     action: Action
     manual: bool = False
@@ -92,8 +120,8 @@ class RunStarted(WireMessage):
     pool: PoolName
     worker: Identifier
     redelivered: bool = False
-    scheduled_at: AwareDatetime
-    started_at: AwareDatetime
+    scheduled_at: Instant
+    started_at: Instant
 
 
 class RunFinished(WireMessage):
@@ -106,15 +134,22 @@ class RunFinished(WireMessage):
     pool: PoolName
     worker: Identifier
     redelivered: bool = False
-    scheduled_at: AwareDatetime
-    started_at: AwareDatetime
-    finished_at: AwareDatetime
+    scheduled_at: Instant
+    started_at: Instant
+    finished_at: Instant
     duration_seconds: float = Field(ge=0)
     status: RunStatus
     exit_code: int | None = None
     http_status: int | None = None
     output_tail: str | None = Field(default=None, max_length=OUTPUT_TAIL_LIMIT)
     error: str | None = Field(default=None, max_length=OUTPUT_TAIL_LIMIT)
+
+    @field_validator("status")
+    @classmethod
+    def _finished(cls, status: RunStatus) -> RunStatus:
+        if status is RunStatus.RUNNING:
+            raise ValueError("a finished run cannot be 'running'")
+        return status
 
 
 class JobHeartbeat(WireMessage):
@@ -125,7 +160,7 @@ class JobHeartbeat(WireMessage):
     job: JobName
     kind: HeartbeatKind = HeartbeatKind.SUCCESS
     exit_code: int | None = None
-    at: AwareDatetime
+    at: Instant
     message: str | None = Field(default=None, max_length=OUTPUT_TAIL_LIMIT)
 
 
@@ -135,7 +170,7 @@ class WorkerHeartbeat(WireMessage):
     type: Literal["worker.heartbeat"] = "worker.heartbeat"
     worker: Identifier
     pool: PoolName
-    at: AwareDatetime
+    at: Instant
     concurrency: int = Field(ge=1)
     running: int = Field(ge=0)
 
@@ -145,9 +180,9 @@ class SchedulerHeartbeat(WireMessage):
 
     type: Literal["scheduler.heartbeat"] = "scheduler.heartbeat"
     scheduler: Identifier
-    at: AwareDatetime
+    at: Instant
     jobs: int = Field(ge=0)
-    next_fire_at: AwareDatetime | None = None
+    next_fire_at: Instant | None = None
 
 
 Event = Annotated[

@@ -12,7 +12,7 @@ import logging
 from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from common.bus import Publisher, connect, consume_forever, settle
 from common.clock import Clock, utcnow
@@ -22,7 +22,7 @@ from common.messages import EVENT_ADAPTER, Event
 from common.services import ServiceOptions
 from common.settings import Settings
 from common.signing import Keyring
-from common.store import Store
+from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
 from monitor.recorder import record
 
@@ -56,7 +56,11 @@ class EventRecorder:
             await self.write_batch(batch)
 
     async def write_batch(self, batch: list[AbstractIncomingMessage]) -> None:
-        """Record a batch; dead-letter what fails verification; on a store error requeue it all."""
+        """Record a batch and ack it; dead-letter what fails verification.
+
+        While the store is unavailable the batch is held (not acked, not requeued) and written
+        again with backoff, so nothing is acked before it is stored and nothing churns.
+        """
         now = self.clock()
         accepted: list[tuple[AbstractIncomingMessage, Event]] = []
         for message in batch:
@@ -65,24 +69,24 @@ class EventRecorder:
                 accepted.append((message, opened.message))
             else:
                 await self._refuse(message, opened)
-        if not accepted:
-            return
-        try:
-            await self._record(accepted, now)
-        except OperationalError as exc:
-            log.error("the store is unavailable (%s); %d event(s) requeued", exc.orig, len(accepted))
+        delay = 0.5
+        while accepted:
+            try:
+                await self._record(accepted, now)
+            except STORE_OUTAGES as exc:
+                log.error("the store is unavailable (%s); %d event(s) held, retrying", exc, len(accepted))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            except SQLAlchemyError:
+                # Not an outage: some event cannot be recorded. Write them one by one so that one
+                # bad event goes to the dead-letter queue instead of blocking every other.
+                for message, event in accepted:
+                    await self._record_alone(message, event, now)
+                return
             for message, _event in accepted:
-                await settle(message, ack=False, requeue=True)
-            await asyncio.sleep(1.0)
+                await settle(message)
             return
-        except SQLAlchemyError:
-            # Not an outage: some event cannot be recorded. Write them one by one so that one
-            # bad event goes to the dead-letter queue instead of blocking every other.
-            for message, event in accepted:
-                await self._record_alone(message, event, now)
-            return
-        for message, _event in accepted:
-            await settle(message)
 
     async def _record(self, accepted: list[tuple[AbstractIncomingMessage, Event]], now: datetime) -> None:
         async with self.store.session() as session, session.begin():
@@ -93,7 +97,7 @@ class EventRecorder:
     async def _record_alone(self, message: AbstractIncomingMessage, event: Event, now: datetime) -> None:
         try:
             await self._record([(message, event)], now)
-        except OperationalError:
+        except STORE_OUTAGES:
             await settle(message, ack=False, requeue=True)
         except SQLAlchemyError as exc:
             log.error("cannot record event %s (%s); dead-lettered", message.routing_key, exc)

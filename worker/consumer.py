@@ -93,11 +93,12 @@ class TriggerHandler:
         await self.publisher.dead_letter(message, rejected, self.worker)
         if rejected.reason is RejectionReason.EXPIRED:
             # The signature was valid, so the body is ours: report the run as expired.
-            trigger = TRIGGER_ADAPTER.validate_json(message.body)
+            trigger = TRIGGER_ADAPTER.validate_json(message.body, strict=True)
             now = self.clock()
+            # One id per trigger, so that a redelivered expired trigger is recorded once.
             await self._finish(
                 trigger,
-                uuid.uuid4().hex,
+                f"{trigger.id}#expired",
                 bool(message.redelivered),
                 now,
                 ActionResult(RunStatus.EXPIRED, error=rejected.detail),

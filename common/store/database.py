@@ -6,11 +6,14 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from common.errors import StoreUnavailable
 from common.store.models import Base
+
+# What "the database is not there right now" looks like, as opposed to a bad statement.
+STORE_OUTAGES = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 
 class Store:

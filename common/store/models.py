@@ -83,7 +83,8 @@ class RunRow(Base):
 
     __tablename__ = "runs"
 
-    run_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # Worker runs use the run id of their events; heartbeat runs "hb:" + the heartbeat id.
+    run_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     trigger_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
     job: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(16))
@@ -123,7 +124,7 @@ class JobStateRow(Base):
     __tablename__ = "job_state"
 
     job: Mapped[str] = mapped_column(String(64), primary_key=True)
-    last_run_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    last_run_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     last_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
     last_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -70,3 +70,29 @@ def test_no_signed_bytes_can_crash_the_opener(body: bytes) -> None:
     keys = keyring()
     opened = open_envelope(body, keys.sign(body), keys, EVENT_ADAPTER, NOW)
     assert isinstance(opened, (Accepted, Rejected))
+
+
+def test_the_wire_is_strict_and_needs_v_and_type() -> None:
+    keys = keyring()
+    good = orjson.loads(_trigger(timedelta(minutes=5)).to_bytes())
+    variants = {
+        "no v": {k: v for k, v in good.items() if k != "v"},
+        "no type": {k: v for k, v in good.items() if k != "type"},
+        "number as text": {**good, "timeout_seconds": "5"},
+        "unix time": {**good, "expires_at": 1893456000},
+        "boolean version": {**good, "v": True},
+    }
+    for label, data in variants.items():
+        body = orjson.dumps(data)
+        opened = open_envelope(body, keys.sign(body), keys, TRIGGER_ADAPTER, NOW)
+        assert isinstance(opened, Rejected) and opened.reason is RejectionReason.MALFORMED, label
+
+
+def test_instants_with_an_offset_are_kept_in_utc() -> None:
+    keys = keyring()
+    data = orjson.loads(_trigger(timedelta(minutes=5)).to_bytes())
+    body = orjson.dumps({**data, "scheduled_at": "2026-11-01T06:30:00+01:00"})
+    opened = open_envelope(body, keys.sign(body), keys, TRIGGER_ADAPTER, NOW)
+    assert isinstance(opened, Accepted)
+    assert opened.message.scheduled_at.utcoffset() == timedelta(0)
+    assert opened.message.scheduled_at == NOW

@@ -48,7 +48,11 @@ def test_a_trigger_survives_bytes_unchanged(job: str, at: datetime, argv: list[s
 
 
 @given(
-    names, instants, st.sampled_from(list(RunStatus)), st.none() | st.integers(-255, 255), st.none() | texts
+    names,
+    instants,
+    st.sampled_from([s for s in RunStatus if s is not RunStatus.RUNNING]),
+    st.none() | st.integers(-255, 255),
+    st.none() | texts,
 )
 def test_run_events_survive_bytes_unchanged(
     job: str, at: datetime, status: RunStatus, code: int | None, tail: str | None
