@@ -19,7 +19,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aiormq.exceptions import AMQPError
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from common.envelope import (
     ORIGINAL_EXCHANGE_HEADER,
@@ -36,7 +36,14 @@ from common.topology import Topology, event_routing_key
 
 log = logging.getLogger("cronfleet.bus")
 
-CONNECT_ERRORS = (OSError, AMQPError, asyncio.TimeoutError, aio_pika.exceptions.AMQPException)
+# Everything that means "the broker, or our channel to it, is not there right now".
+CONNECT_ERRORS = (
+    OSError,
+    AMQPError,
+    ChannelInvalidStateError,
+    asyncio.TimeoutError,
+    aio_pika.exceptions.AMQPException,
+)
 
 
 def redact(url: str) -> str:

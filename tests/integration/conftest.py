@@ -3,24 +3,23 @@ a store per test, and a fleet of real scheduler, worker and monitor tasks."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import text
 
-from common.services import ServiceOptions, load_service
 from common.settings import Settings, normalise_database_url
 from common.store import Store
 from common.topology import Topology
 from tests.conftest import TEST_KEYS
+from tests.fleet import Fleet, eventually
+
+__all__ = ["Start", "eventually"]
 
 AMQP_URL = os.environ.get("CRONFLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 POSTGRES_URL = os.environ.get("CRONFLEET_TEST_DATABASE_URL", "")
@@ -86,37 +85,6 @@ Start = Callable[..., Awaitable[None]]
 async def fleet(settings: Settings) -> AsyncIterator[Start]:
     """``await fleet("monitor", "worker", ...)`` starts real processes as tasks and waits until
     each is consuming. They are cancelled and awaited when the test ends."""
-    tasks: list[asyncio.Task[None]] = []
-
-    async def start(*names: str, **options: Any) -> None:
-        for name in names:
-            service_options = ServiceOptions(name=f"{name}-{len(tasks)}", **options)
-            task = asyncio.create_task(load_service(name)(settings, service_options))
-            tasks.append(task)
-            ready = asyncio.create_task(service_options.ready.wait())
-            done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                ready.cancel()
-                task.result()  # raises what stopped the service
-            if ready not in done:
-                ready.cancel()
-                raise TimeoutError(f"{name} did not become ready within 20s")
-
-    yield start
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, every: float = 0.1) -> Any:
-    """Wait until ``check()`` returns something truthy, and return it; fail after ``timeout``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
-        await asyncio.sleep(every)
+    running = Fleet(settings)
+    yield running.start
+    await running.stop()
