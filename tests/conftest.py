@@ -1,9 +1,24 @@
-"""Fixtures shared by every test: keys, and for integration tests a private namespace on the real
-broker and a private store (a temp SQLite file, and a PostgreSQL schema when one is configured)."""
+"""Fixtures shared by every suite: keys, and for tests that need them a private namespace on the
+real broker, a private store (a temp SQLite file, and a PostgreSQL schema when
+CRONFLEET_TEST_DATABASE_URL names one) and a fleet of real processes."""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from sqlalchemy import text
+
+from common.settings import Settings, normalise_database_url
 from common.signing import Keyring
+from common.store import Store
+from common.topology import Topology
+from tests.fleet import Fleet
 
 TEST_KEYS = "k1:test-secret-number-one-0123456789,k0:test-secret-number-zero-0123456789"
 
@@ -11,3 +26,72 @@ TEST_KEYS = "k1:test-secret-number-one-0123456789,k0:test-secret-number-zero-012
 def keyring() -> Keyring:
     """The keyring every test fleet uses."""
     return Keyring.parse(TEST_KEYS)
+
+
+AMQP_URL = os.environ.get("CRONFLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+POSTGRES_URL = os.environ.get("CRONFLEET_TEST_DATABASE_URL", "")
+STORES = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
+
+
+@pytest.fixture(params=STORES)
+async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Settings]:
+    """Settings of a private fleet: its own namespace on the broker and its own store."""
+    suffix = uuid.uuid4().hex[:10]
+    namespace = f"test-{suffix}"
+    schema = None
+    if request.param == "sqlite":
+        database_url = f"sqlite+aiosqlite:///{tmp_path / 'cronfleet.db'}"
+    else:
+        database_url = normalise_database_url(POSTGRES_URL)
+        schema = f"t_{suffix}"
+    value = Settings(
+        amqp_url=AMQP_URL,
+        database_url=database_url,
+        database_schema=schema,
+        keys=TEST_KEYS,
+        namespace=namespace,
+        heartbeat_seconds=0.5,
+        jobs_reload_seconds=0.3,
+    )
+    yield value
+    await _delete_namespace(namespace)
+    if schema is not None:
+        store = await Store.open(database_url)
+        async with store.engine.begin() as connection:
+            await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await store.close()
+
+
+async def _delete_namespace(namespace: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await Topology(namespace).delete(channel, pools=["default", "other"])
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    """The test fleet's store, open."""
+    opened = await Store.open(settings.database_url, settings.database_schema)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[AbstractRobustConnection]:
+    """A plain connection to the shared broker, for publishing and inspecting by hand."""
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    yield connection
+    await connection.close()
+
+
+Start = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+async def fleet(settings: Settings) -> AsyncIterator[Start]:
+    """``await fleet("monitor", "worker", ...)`` starts real processes as tasks and waits until
+    each is consuming. They are cancelled and awaited when the test ends."""
+    running = Fleet(settings)
+    yield running.start
+    await running.stop()

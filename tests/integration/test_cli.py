@@ -12,7 +12,8 @@ import pytest
 
 from common.settings import Settings
 from common.store import Store
-from tests.integration.conftest import Start, eventually
+from tests.conftest import Start
+from tests.fleet import eventually
 from tests.integration.helpers import runs_of
 
 JOBS = """

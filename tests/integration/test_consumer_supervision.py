@@ -13,7 +13,8 @@ from aio_pika.abc import AbstractRobustConnection
 from common.settings import Settings
 from common.store import Store
 from common.topology import Topology
-from tests.integration.conftest import Start, eventually
+from tests.conftest import Start
+from tests.fleet import eventually
 from tests.integration.helpers import apply_toml, runs_of
 
 

@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import func, select
 
 from common.store import FireRow, JobStateRow, Store
-from tests.integration.conftest import Start, eventually
+from tests.conftest import Start
+from tests.fleet import eventually
 from tests.integration.helpers import apply_toml, runs_of, state_of
 
 

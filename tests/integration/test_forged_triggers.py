@@ -19,7 +19,8 @@ from common.settings import Settings
 from common.signing import Keyring
 from common.store import Store
 from common.topology import Topology
-from tests.integration.conftest import Start, eventually
+from tests.conftest import Start
+from tests.fleet import eventually
 from tests.integration.helpers import runs_of
 
 

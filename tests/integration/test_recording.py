@@ -14,7 +14,8 @@ from common.settings import Settings
 from common.signing import Keyring
 from common.store import Store
 from common.topology import Topology, event_routing_key
-from tests.integration.conftest import Start, eventually
+from tests.conftest import Start
+from tests.fleet import eventually
 from tests.integration.helpers import apply_toml, runs_of, state_of
 
 

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 
 from common.actions import HttpAction, ShellAction
 from common.messages import RunStatus
 from worker.actions.base import ActionResult, OutputTail
 
 KILL_GRACE_SECONDS = 5.0
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_the_worker() -> None:
+    """In the child, before exec: be killed if the worker dies (even by SIGKILL), so that a
+    run whose trigger is redelivered to another worker is not also finished by an orphan."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class ShellExecutor:
@@ -29,6 +40,7 @@ class ShellExecutor:
                 cwd=action.cwd,
                 env={**os.environ, **action.env} if action.env else None,
                 start_new_session=True,
+                preexec_fn=_die_with_the_worker,
             )
         except OSError as exc:
             return ActionResult(

@@ -1,0 +1,667 @@
+"""End-to-end benchmark: cronfleet's trigger path against a bare aio-pika ceiling, in one run.
+
+Not a test (pytest does not collect ``bench_*.py``). Run it from the repository root::
+
+    .venv/bin/python tests/bench/bench_e2e.py --triggers 2000
+
+It measures, against the RabbitMQ at ``--amqp-url`` and a throwaway SQLite store:
+
+1. **Trigger throughput.** N triggers are claimed and published the way the scheduler does
+   (``common.fires.publish_claimed``: outbox insert, signed, pipelined confirms, in batches),
+   consumed by the real worker (``worker.service.serve``, its executors swapped for a no-op so the
+   action costs nothing), whose ``run.started`` and ``run.finished`` events are recorded by the real
+   monitor (``monitor.service.serve``). The clock runs from the first publish until the runs table
+   holds N succeeded runs.
+2. **Fire lag.** The real scheduler (``scheduler.service.serve``) plans ``--jobs`` jobs, all on
+   ``* * * * * *``, for ``--seconds`` seconds, with the worker and monitor consuming. The lag is
+   ``fires.published_at - fires.scheduled_at`` from the fires table; the dispatch lag
+   ``runs.started_at - runs.scheduled_at`` (fire to run start on the worker) is shown beside it.
+3. **The ceiling.** A bare aio-pika loop with the same message size and headers: publish with
+   confirms (pipelined the same way) -> consume -> ack, on throwaway quorum and classic queues.
+
+``--mode inproc`` (the default) runs the worker and the monitor as tasks in this event loop, as
+``cronfleet run`` does; ``--mode procs`` runs each in its own process, as a real deployment does.
+Every queue and exchange it creates is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from multiprocessing.synchronize import Event as ProcessEvent
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from sqlalchemy import func, select
+
+import monitor.service
+import scheduler.service
+import worker.service
+from common import fires
+from common.actions import HttpAction, ShellAction
+from common.bus import Publisher, connect
+from common.catalog import apply_jobs
+from common.clock import utcnow
+from common.jobs import JobSpec
+from common.messages import RunStatus, Trigger
+from common.services import ServiceOptions
+from common.settings import Settings
+from common.store import FireRow, RunRow, Store
+from common.topology import Topology
+from worker.actions import ActionResult, Executor
+
+POOL = "default"
+SUCCEEDED = RunStatus.SUCCEEDED.value
+SERVICES: dict[str, Callable[[Settings, ServiceOptions], Awaitable[None]]] = {
+    "worker": worker.service.serve,
+    "monitor": monitor.service.serve,
+    "scheduler": scheduler.service.serve,
+}
+
+
+# --- the no-op action -------------------------------------------------------------------------
+
+
+class NoopExecutor:
+    """Succeeds at once: the benchmark measures cronfleet's path, not ``fork``/``exec``."""
+
+    async def run(self, action: ShellAction | HttpAction, timeout: float) -> ActionResult:
+        return ActionResult(RunStatus.SUCCEEDED)
+
+
+def _noop_executors(_client: object) -> dict[str, Executor]:
+    return {"shell": NoopExecutor(), "http": NoopExecutor()}
+
+
+def install_noop_executors() -> None:
+    """Make ``worker.service.serve`` build its TriggerHandler with no-op executors.
+
+    Everything else in the worker (connection, confirmed publisher, prefetch, one task per
+    delivery, verify + parse, run.started / run.finished, ack) is the real code.
+    """
+    worker.service.executors = _noop_executors  # type: ignore[assignment]
+
+
+# --- running the services ---------------------------------------------------------------------
+
+
+def make_settings(amqp_url: str, database_url: str, keys: str, namespace: str) -> Settings:
+    return Settings(amqp_url=amqp_url, database_url=database_url, keys=keys, namespace=namespace)
+
+
+async def start_service(name: str, settings: Settings, concurrency: int) -> asyncio.Task[None]:
+    """Start ``name``'s real ``serve`` as a task; return once it is consuming (options.ready)."""
+    options = ServiceOptions(pool=POOL, concurrency=concurrency, name=f"bench-{name}")
+    task = asyncio.create_task(SERVICES[name](settings, options), name=name)
+    ready = asyncio.create_task(options.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if ready not in done:
+        ready.cancel()
+        if task in done:
+            task.result()  # raises what stopped it
+        task.cancel()
+        raise RuntimeError(f"{name} did not become ready in 60 s")
+    return task
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it; report (not raise) an error it died of before or on the way."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return
+    except Exception as exc:
+        print(f"!! {task.get_name()} died: {exc!r}", file=sys.stderr, flush=True)
+
+
+def _child(
+    name: str, settings: dict[str, str], concurrency: int, ready: ProcessEvent, stop: ProcessEvent, level: str
+) -> None:
+    """Entry point of a service child process (``--mode procs``)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    install_noop_executors()
+
+    async def main() -> None:
+        task = await start_service(name, Settings(**settings), concurrency)
+        ready.set()
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await stop_task(task)
+
+    asyncio.run(main())
+
+
+@dataclass
+class Fleet:
+    """The worker and the monitor of one namespace, in this event loop or in child processes."""
+
+    settings: Settings
+    mode: str
+    concurrency: int
+    log_level: str
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _procs: list[tuple[Any, ProcessEvent]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        for name in ("monitor", "worker"):
+            if self.mode == "inproc":
+                self._tasks.append(await start_service(name, self.settings, self.concurrency))
+                continue
+            context = multiprocessing.get_context("spawn")
+            ready, stop = context.Event(), context.Event()
+            fields = {
+                "amqp_url": self.settings.amqp_url,
+                "database_url": self.settings.database_url,
+                "keys": self.settings.keys,
+                "namespace": self.settings.namespace,
+            }
+            process = context.Process(
+                target=_child,
+                args=(name, fields, self.concurrency, ready, stop, self.log_level),
+                name=f"bench-{name}",
+                daemon=True,
+            )
+            process.start()
+            self._procs.append((process, stop))
+            loop = asyncio.get_running_loop()
+            if not await loop.run_in_executor(None, ready.wait, 60):
+                raise RuntimeError(f"{name} process did not become ready in 60 s")
+
+    async def stop(self) -> None:
+        for task in reversed(self._tasks):
+            await stop_task(task)
+        self._tasks.clear()
+        loop = asyncio.get_running_loop()
+        for process, stop in reversed(self._procs):
+            stop.set()
+            await loop.run_in_executor(None, process.join, 30)
+            if process.is_alive():
+                process.terminate()
+                await loop.run_in_executor(None, process.join, 5)
+        self._procs.clear()
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of ``values`` (``p`` in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(p / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+async def count_succeeded(store: Store) -> int:
+    async with store.session() as session:
+        return int(
+            await session.scalar(select(func.count()).select_from(RunRow).where(RunRow.status == SUCCEEDED))
+            or 0
+        )
+
+
+async def wait_for_runs(store: Store, n: int, *, poll: float = 0.02, stall: float = 60.0) -> float:
+    """Poll the runs table until it holds ``n`` succeeded runs; return that instant (perf_counter).
+
+    Raises RuntimeError when the count has not moved for ``stall`` seconds.
+    """
+    last, moved = -1, time.perf_counter()
+    while True:
+        count = await count_succeeded(store)
+        now = time.perf_counter()
+        if count >= n:
+            return now
+        if count != last:
+            last, moved = count, now
+        elif now - moved > stall:
+            raise RuntimeError(f"stalled at {count}/{n} succeeded runs")
+        await asyncio.sleep(poll)
+
+
+def bench_jobs(count: int, schedule: str) -> list[JobSpec]:
+    return [
+        JobSpec(name=f"bench-{i:04d}", schedule=schedule, action=ShellAction(argv=["true"]), pool=POOL)
+        for i in range(count)
+    ]
+
+
+@dataclass
+class Throughput:
+    triggers: int
+    publish_seconds: float
+    total_seconds: float
+    body_bytes: int
+
+    @property
+    def per_second(self) -> float:
+        return self.triggers / self.total_seconds
+
+    @property
+    def publish_per_second(self) -> float:
+        return self.triggers / self.publish_seconds
+
+
+async def trigger_throughput(
+    settings: Settings, n: int, batch: int, jobs: int, fleet: Fleet
+) -> tuple[Throughput, Trigger]:
+    """Publish ``n`` triggers as the scheduler does; time until ``n`` runs are recorded."""
+    store = await Store.open(settings.database_url)
+    connection = await connect(settings.amqp_url, "bench-publisher", wait=False)
+    try:
+        specs = bench_jobs(jobs, "*/5 * * * *")
+        await apply_jobs(store, specs, utcnow())
+        await fleet.start()
+        publisher = await Publisher.open(connection, Topology(settings.namespace), settings.keyring())
+        base = utcnow()
+        # Built before the clock starts (the scheduler builds them in fire_due, before the claim).
+        triggers = [specs[i % jobs].trigger_at(base + timedelta(microseconds=i), base) for i in range(n)]
+        started = time.perf_counter()
+        for first in range(0, n, batch):
+            won = await fires.publish_claimed(
+                store, publisher, triggers[first : first + batch], "bench", utcnow()
+            )
+            if len(won) != len(triggers[first : first + batch]):
+                raise RuntimeError("a bench trigger was already claimed")
+        published = time.perf_counter()
+        finished = await wait_for_runs(store, n)
+        await fleet.stop()
+        result = Throughput(
+            n, published - started, finished - started, body_bytes=len(triggers[0].to_bytes())
+        )
+        return result, triggers[0]
+    finally:
+        await fleet.stop()
+        await connection.close()
+        await store.close()
+
+
+class ConfirmLog:
+    """Instrumentation only: when each trigger's publish returned, i.e. the broker confirmed it.
+
+    ``Publisher.trigger_body`` returns once the confirm is in, so wrapping it gives the instant
+    the fire really left the scheduler (``fires.published_at`` is set before the claim).
+    """
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[datetime]] = defaultdict(list)
+        self._original: Any = None
+
+    def __enter__(self) -> ConfirmLog:
+        original = self._original = Publisher.trigger_body
+        times = self.times
+
+        async def trigger_body(publisher: Publisher, body: bytes, pool: str, message_id: str) -> None:
+            await original(publisher, body, pool, message_id)
+            times[message_id].append(utcnow())
+
+        Publisher.trigger_body = trigger_body  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        Publisher.trigger_body = self._original  # type: ignore[method-assign]
+
+
+@dataclass
+class FireLag:
+    jobs: int
+    seconds: float
+    fires: int
+    lag: list[float]
+    confirmed: list[float]
+    dispatch: list[float]
+    per_second: float
+    duplicate_publishes: int
+    duplicate_runs: int
+
+
+async def settle_runs(store: Store, triggers: int, *, stall: float = 60.0) -> None:
+    """Wait until ``triggers`` distinct triggers have a succeeded run and the runs table is still."""
+    distinct = select(func.count(RunRow.trigger_id.distinct())).where(RunRow.status == SUCCEEDED)
+    last, moved = -1, time.perf_counter()
+    while True:
+        async with store.session() as session:
+            done = int(await session.scalar(distinct) or 0)
+        total = await count_succeeded(store)
+        now = time.perf_counter()
+        if total != last:
+            last, moved = total, now
+        elif done >= triggers and now - moved > 1.0:
+            return
+        elif now - moved > stall:
+            raise RuntimeError(f"stalled at {done}/{triggers} triggers run")
+        await asyncio.sleep(0.05)
+
+
+async def fire_lag(settings: Settings, jobs: int, seconds: float, fleet: Fleet) -> FireLag:
+    """Run the real scheduler on ``jobs`` every-second jobs for ``seconds``; read the fires table."""
+    store = await Store.open(settings.database_url)
+    try:
+        await apply_jobs(store, bench_jobs(jobs, "* * * * * *"), utcnow())
+        await fleet.start()
+        with ConfirmLog() as confirms:
+            task = await start_service("scheduler", settings, 1)
+            began = utcnow()
+            await asyncio.sleep(seconds)
+            await stop_task(task)
+            ended = utcnow()
+        async with store.session() as session:
+            fired = (
+                await session.execute(select(FireRow.trigger_id, FireRow.scheduled_at, FireRow.published_at))
+            ).all()
+        scheduled = {trigger_id: at for trigger_id, at, _published in fired}
+        recorded = [(published - at).total_seconds() for _id, at, published in fired if published is not None]
+        confirmed = [
+            (times[0] - scheduled[trigger_id]).total_seconds()
+            for trigger_id, times in confirms.times.items()
+            if trigger_id in scheduled
+        ]
+        # Let the worker and the monitor drain what was published, then read the dispatch lag.
+        await settle_runs(store, len(confirms.times))
+        await fleet.stop()
+        async with store.session() as session:
+            runs = (
+                await session.execute(
+                    select(
+                        RunRow.trigger_id,
+                        func.min(RunRow.scheduled_at),
+                        func.min(RunRow.started_at),
+                        func.count(),
+                    )
+                    .where(RunRow.status == SUCCEEDED)
+                    .group_by(RunRow.trigger_id)
+                )
+            ).all()
+        window = (ended - began).total_seconds()
+        return FireLag(
+            jobs=jobs,
+            seconds=window,
+            fires=len(confirms.times),
+            lag=recorded,
+            confirmed=confirmed,
+            dispatch=[(_aware(start) - _aware(at)).total_seconds() for _id, at, start, _n in runs],
+            per_second=len(confirms.times) / window,
+            duplicate_publishes=sum(1 for times in confirms.times.values() if len(times) > 1),
+            duplicate_runs=sum(1 for *_rest, n in runs if n > 1),
+        )
+    finally:
+        await fleet.stop()
+        await store.close()
+
+
+def _aware(moment: datetime) -> datetime:
+    """Aggregates (min) bypass the column type: SQLite gives back naive UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass
+class Ceiling:
+    queue_type: str
+    messages: int
+    publish_seconds: float
+    total_seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.messages / self.total_seconds
+
+
+async def bare_ceiling(
+    amqp_url: str, queue_name: str, queue_type: str, n: int, batch: int, sample: Trigger, keys: str
+) -> Ceiling:
+    """publish (confirmed, pipelined in batches) -> consume -> ack, nothing else."""
+    body = sample.to_bytes()
+    headers = Settings(keys=keys).keyring().sign(body)
+    producer = await aio_pika.connect_robust(
+        amqp_url, client_properties={"connection_name": "bench-bare-pub"}
+    )
+    consumer = await aio_pika.connect_robust(
+        amqp_url, client_properties={"connection_name": "bench-bare-sub"}
+    )
+    try:
+        publish_channel = await producer.channel(publisher_confirms=True, on_return_raises=True)
+        consume_channel = await consumer.channel()
+        await consume_channel.set_qos(prefetch_count=monitor.service.PREFETCH)
+        queue = await consume_channel.declare_queue(
+            queue_name, durable=True, arguments={"x-queue-type": queue_type}
+        )
+        received = 0
+        done = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal received
+            await message.ack()
+            received += 1
+            if received >= n:
+                done.set()
+
+        consumer_tag = await queue.consume(on_message)
+        exchange = publish_channel.default_exchange
+
+        def message(i: int) -> aio_pika.Message:
+            return aio_pika.Message(
+                body,
+                headers=dict(headers),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=f"bare-{i}",
+                timestamp=datetime.now(UTC),
+            )
+
+        started = time.perf_counter()
+        for first in range(0, n, batch):
+            await asyncio.gather(
+                *(
+                    exchange.publish(message(i), routing_key=queue_name, mandatory=True)
+                    for i in range(first, min(n, first + batch))
+                )
+            )
+        published = time.perf_counter()
+        await asyncio.wait_for(done.wait(), timeout=120)
+        finished = time.perf_counter()
+        await queue.cancel(consumer_tag)
+        await consume_channel.queue_delete(queue_name)
+        return Ceiling(queue_type, n, published - started, finished - started)
+    finally:
+        await producer.close()
+        await consumer.close()
+
+
+async def cleanup(amqp_url: str, namespaces: Sequence[str], queues: Sequence[str]) -> None:
+    """Delete the namespaces' queues and exchanges and the bare queues (each in its own channel)."""
+    connection = await aio_pika.connect_robust(amqp_url, client_properties={"connection_name": "bench-clean"})
+    try:
+        for namespace in namespaces:
+            channel = await connection.channel()
+            await Topology(namespace).delete(channel, [POOL])
+            await channel.close()
+        for queue in queues:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+            await channel.close()
+    finally:
+        await connection.close()
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+async def broker_version(amqp_url: str) -> str:
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        version = connection.transport.connection.server_properties.get("version", b"?")
+        return version.decode() if isinstance(version, bytes) else str(version)
+    finally:
+        await connection.close()
+
+
+def _git_revision(directory: Path) -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(directory), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return done.stdout.strip()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+async def run(args: argparse.Namespace) -> int:
+    run_id = uuid.uuid4().hex[:8]
+    keys = "bench:" + secrets.token_hex(16)
+    namespaces = [f"bench-{run_id}", f"bench-{run_id}-sched"]
+    bare_queues = [f"bench-{run_id}.bare.{kind}" for kind in args.bare_queue_types]
+    version = await broker_version(args.amqp_url)
+    print(f"cronfleet code from {args.code}", flush=True)
+    print(
+        f"cronfleet e2e bench: {os.cpu_count()} cpu(s) ({platform.machine()}), "
+        f"Python {platform.python_version()}, "
+        f"RabbitMQ {version}, mode={args.mode}, worker concurrency={args.concurrency}, batch={args.batch}",
+        flush=True,
+    )
+    results: list[Throughput] = []
+    lags: list[FireLag] = []
+    ceilings: list[Ceiling] = []
+    with tempfile.TemporaryDirectory(prefix="cronfleet-bench-") as tmp:
+        try:
+            sample: Trigger | None = None
+            for index, n in enumerate(args.triggers):
+                database = f"sqlite+aiosqlite:///{Path(tmp) / f'throughput-{index}.db'}"
+                settings = make_settings(args.amqp_url, database, keys, namespaces[0])
+                fleet = Fleet(settings, args.mode, args.concurrency, args.log_level)
+                print(f"[1] {n} triggers through publish -> worker -> monitor ...", flush=True)
+                result, sample = await trigger_throughput(settings, n, args.batch, args.jobs, fleet)
+                results.append(result)
+                print(
+                    f"    {result.per_second:.0f} triggers/s end to end ({result.total_seconds:.2f} s); "
+                    f"publish alone {result.publish_per_second:.0f}/s",
+                    flush=True,
+                )
+            for jobs in args.fire_jobs:
+                database = f"sqlite+aiosqlite:///{Path(tmp) / f'scheduler-{jobs}.db'}"
+                settings = make_settings(args.amqp_url, database, keys, namespaces[1])
+                fleet = Fleet(settings, args.mode, args.concurrency, args.log_level)
+                print(f"[2] scheduler: {jobs} jobs every second for {args.seconds:g} s ...", flush=True)
+                lag = await fire_lag(settings, jobs, args.seconds, fleet)
+                lags.append(lag)
+                print(
+                    f"    {lag.fires} fires, {lag.per_second:.0f}/s; lag p50 {_ms(percentile(lag.lag, 50))} "
+                    f"p99 {_ms(percentile(lag.lag, 99))}; "
+                    f"confirmed p99 {_ms(percentile(lag.confirmed, 99))}; "
+                    f"{lag.duplicate_publishes} published twice",
+                    flush=True,
+                )
+            assert sample is not None
+            for queue, kind in zip(bare_queues, args.bare_queue_types, strict=True):
+                n = max(args.triggers)
+                print(f"[3] bare aio-pika, {kind} queue, {n} messages ...", flush=True)
+                ceiling = await bare_ceiling(args.amqp_url, queue, kind, n, args.batch, sample, keys)
+                ceilings.append(ceiling)
+                print(f"    {ceiling.per_second:.0f} msgs/s", flush=True)
+        finally:
+            await cleanup(args.amqp_url, namespaces, bare_queues)
+    print_table(results, lags, ceilings, args)
+    return 0
+
+
+def print_table(
+    results: list[Throughput], lags: list[FireLag], ceilings: list[Ceiling], args: argparse.Namespace
+) -> None:
+    best = max((c.per_second for c in ceilings), default=float("nan"))
+    quorum = next((c.per_second for c in ceilings if c.queue_type == "quorum"), best)
+    print()
+    print(f"{'measure':<58} {'value':>14}")
+    print("-" * 73)
+    body = results[0].body_bytes if results else 0
+    for r in results:
+        print(f"{f'cronfleet triggers/s end to end (N={r.triggers})':<58} {r.per_second:>14.0f}")
+        print(f"{f'  publish phase alone, triggers/s (N={r.triggers})':<58} {r.publish_per_second:>14.0f}")
+        print(f"{'  = broker messages/s (trigger + 2 events, all confirmed)':<58} {3 * r.per_second:>14.0f}")
+    for c in ceilings:
+        label = f"bare aio-pika msgs/s, {c.queue_type} queue (N={c.messages}, {body} B)"
+        print(f"{label:<58} {c.per_second:>14.0f}")
+    for r in results:
+        label = f"ratio cronfleet / bare quorum (N={r.triggers}), per trigger"
+        print(f"{label:<58} {r.per_second / quorum:>13.1%}")
+        label = "  per broker message (3 per trigger)"
+        print(f"{label:<58} {3 * r.per_second / quorum:>13.1%}")
+    for lag in lags:
+        rows = [
+            (f"scheduler, {lag.jobs} jobs @1/s: fires published/s", f"{lag.per_second:.0f}"),
+            ("  fire lag p50 (fires.published_at - scheduled_at)", _ms(percentile(lag.lag, 50))),
+            ("  fire lag p99", _ms(percentile(lag.lag, 99))),
+            ("  confirmed lag p50 (broker confirm - scheduled_at)", _ms(percentile(lag.confirmed, 50))),
+            ("  confirmed lag p99", _ms(percentile(lag.confirmed, 99))),
+            ("  dispatch lag p50 (runs.started_at - scheduled_at)", _ms(percentile(lag.dispatch, 50))),
+            ("  dispatch lag p99", _ms(percentile(lag.dispatch, 99))),
+            ("  triggers published more than once", str(lag.duplicate_publishes)),
+            ("  triggers run more than once", str(lag.duplicate_runs)),
+        ]
+        for label, value in rows:
+            print(f"{label:<58} {value:>14}")
+    print(f"\nmode={args.mode} concurrency={args.concurrency} batch={args.batch} jobs={args.jobs}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--triggers", type=int, nargs="+", default=[2000], help="N triggers per throughput run (several ok)"
+    )
+    parser.add_argument("--batch", type=int, default=500, help="triggers per publish_claimed batch")
+    parser.add_argument(
+        "--jobs", type=int, default=100, help="distinct jobs the throughput triggers cycle over"
+    )
+    parser.add_argument("--concurrency", type=int, default=64, help="worker concurrency (prefetch)")
+    parser.add_argument(
+        "--fire-jobs", type=int, nargs="*", default=[500], help="every-second jobs for the fire-lag run(s)"
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="how long the scheduler runs")
+    parser.add_argument("--mode", choices=["inproc", "procs"], default="inproc")
+    parser.add_argument(
+        "--bare-queue-types", nargs="*", default=["quorum", "classic"], choices=["quorum", "classic"]
+    )
+    parser.add_argument(
+        "--amqp-url", default=os.environ.get("CRONFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    )
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    if min(args.triggers) < 1 or args.batch < 1 or args.jobs < 1 or args.concurrency < 1:
+        parser.error("--triggers, --batch, --jobs and --concurrency must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args.log_level = args.log_level.upper()
+    install_noop_executors()
+    code = Path(monitor.service.__file__).resolve().parent.parent
+    args.code = f"{code} ({_git_revision(code)})"
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

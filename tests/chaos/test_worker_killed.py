@@ -1,0 +1,67 @@
+"""A worker killed mid-run does not lose the run: the trigger goes to another worker, whose run
+is marked as a redelivery."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from common.settings import Settings
+from common.store import Store
+from tests.conftest import Start
+from tests.fleet import eventually
+from tests.integration.helpers import apply_toml, runs_of
+
+
+def _worker_process(settings: Settings) -> subprocess.Popen[bytes]:
+    environment = {
+        **os.environ,
+        "CRONFLEET_AMQP_URL": settings.amqp_url,
+        "CRONFLEET_KEYS": settings.keys,
+        "CRONFLEET_NAMESPACE": settings.namespace,
+    }
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", "1"],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def test_a_trigger_held_by_a_killed_worker_runs_again_marked_as_redelivered(
+    settings: Settings, store: Store, fleet: Start, tmp_path: Path
+) -> None:
+    done = tmp_path / "done"
+    await apply_toml(
+        store,
+        f"""
+        [jobs.slow]
+        schedule = "0 0 1 1 *"
+        timeout_seconds = 60
+        action = {{ type = "shell", argv = ["sh", "-c", "sleep 2; echo ran >> {done}"] }}
+        """,
+    )
+    await fleet("monitor")
+    doomed = _worker_process(settings)
+    try:
+        from tests.integration.test_cli import cronfleet
+
+        assert cronfleet(settings, "trigger", "slow").returncode == 0
+        await eventually(lambda: runs_of(store, "slow", status="running"), timeout=30)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=10)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    await fleet("worker")
+
+    redelivered = await eventually(lambda: runs_of(store, "slow", status="succeeded"), timeout=30)
+    assert redelivered[0].redelivered is True
+    first = [r for r in await runs_of(store, "slow") if r.run_id != redelivered[0].run_id]
+    assert len(first) == 1 and first[0].trigger_id == redelivered[0].trigger_id
+    # The killed run never finished; the redelivered one ran the action to its end once.
+    assert first[0].status == "running"
+    assert done.read_text() == "ran\n"
