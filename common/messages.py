@@ -110,32 +110,30 @@ class Trigger(WireMessage):
     manual: bool = False
 
 
-class RunStarted(WireMessage):
+class RunEvent(WireMessage):
+    """What ``run.started`` and ``run.finished`` share: which run of which trigger, where."""
+
+    type: str  # each event narrows it to its own literal; declared here to come first
+    run_id: Identifier
+    trigger_id: Identifier
+    job: JobName
+    pool: PoolName
+    worker: Identifier
+    redelivered: bool = False
+    scheduled_at: Instant
+    started_at: Instant
+
+
+class RunStarted(RunEvent):
     """A worker began executing a trigger."""
 
     type: Literal["run.started"] = "run.started"
-    run_id: Identifier
-    trigger_id: Identifier
-    job: JobName
-    pool: PoolName
-    worker: Identifier
-    redelivered: bool = False
-    scheduled_at: Instant
-    started_at: Instant
 
 
-class RunFinished(WireMessage):
+class RunFinished(RunEvent):
     """A worker finished (or refused) executing a trigger, and how it went."""
 
     type: Literal["run.finished"] = "run.finished"
-    run_id: Identifier
-    trigger_id: Identifier
-    job: JobName
-    pool: PoolName
-    worker: Identifier
-    redelivered: bool = False
-    scheduled_at: Instant
-    started_at: Instant
     finished_at: Instant
     duration_seconds: float = Field(ge=0)
     status: RunStatus

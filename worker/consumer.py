@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -63,28 +62,20 @@ class TriggerHandler:
             await self._refuse(message, opened)
             return
         trigger = opened.message
-        run_id = uuid.uuid4().hex
-        redelivered = bool(message.redelivered)
-        started_at = self.clock()
-        await self.publisher.event(
-            RunStarted(
-                run_id=run_id,
-                trigger_id=trigger.id,
-                job=trigger.job,
-                pool=trigger.pool,
-                worker=self.worker,
-                redelivered=redelivered,
-                scheduled_at=trigger.scheduled_at,
-                started_at=started_at,
-            )
+        started = self._start(trigger, uuid.uuid4().hex, bool(message.redelivered))
+        await self.publisher.event(started)
+        log.info(
+            "run %s of %s started%s",
+            started.run_id,
+            trigger.id,
+            " (redelivery)" if started.redelivered else "",
         )
-        log.info("run %s of %s started%s", run_id, trigger.id, " (redelivery)" if redelivered else "")
         self.running += 1
         try:
             result = await self.executors[trigger.action.type].run(trigger.action, trigger.timeout_seconds)
         finally:
             self.running -= 1
-        await self._finish(trigger, run_id, redelivered, started_at, result)
+        await self._finish(started, result)
         await settle(message)
 
     async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
@@ -92,40 +83,32 @@ class TriggerHandler:
         log.warning("refused trigger %s: %s (%s)", message.message_id, rejected.reason.value, rejected.detail)
         await self.publisher.dead_letter(message, rejected, self.worker)
         if rejected.reason is RejectionReason.EXPIRED:
-            # The signature was valid, so the body is ours: report the run as expired.
+            # The signature was valid, so the body is ours: report the run as expired, under one
+            # id per trigger so that a redelivered expired trigger is recorded once.
             trigger = TRIGGER_ADAPTER.validate_json(message.body, strict=True)
-            now = self.clock()
-            # One id per trigger, so that a redelivered expired trigger is recorded once.
-            await self._finish(
-                trigger,
-                f"{trigger.id}#expired",
-                bool(message.redelivered),
-                now,
-                ActionResult(RunStatus.EXPIRED, error=rejected.detail),
-            )
+            started = self._start(trigger, f"{trigger.id}#expired", bool(message.redelivered))
+            await self._finish(started, ActionResult(RunStatus.EXPIRED, error=rejected.detail))
         await settle(message)
 
-    async def _finish(
-        self,
-        trigger: Trigger,
-        run_id: str,
-        redelivered: bool,
-        started_at: datetime,
-        result: ActionResult,
-    ) -> None:
+    def _start(self, trigger: Trigger, run_id: str, redelivered: bool) -> RunStarted:
+        return RunStarted(
+            run_id=run_id,
+            trigger_id=trigger.id,
+            job=trigger.job,
+            pool=trigger.pool,
+            worker=self.worker,
+            redelivered=redelivered,
+            scheduled_at=trigger.scheduled_at,
+            started_at=self.clock(),
+        )
+
+    async def _finish(self, started: RunStarted, result: ActionResult) -> None:
         finished_at = self.clock()
         await self.publisher.event(
             RunFinished(
-                run_id=run_id,
-                trigger_id=trigger.id,
-                job=trigger.job,
-                pool=trigger.pool,
-                worker=self.worker,
-                redelivered=redelivered,
-                scheduled_at=trigger.scheduled_at,
-                started_at=started_at,
+                **started.model_dump(exclude={"type"}),
                 finished_at=finished_at,
-                duration_seconds=max(0.0, (finished_at - started_at).total_seconds()),
+                duration_seconds=max(0.0, (finished_at - started.started_at).total_seconds()),
                 status=result.status,
                 exit_code=result.exit_code,
                 http_status=result.http_status,
@@ -133,4 +116,4 @@ class TriggerHandler:
                 error=result.error,
             )
         )
-        log.info("run %s of %s %s", run_id, trigger.id, result.status.value)
+        log.info("run %s of %s %s", started.run_id, started.trigger_id, result.status.value)
