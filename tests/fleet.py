@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from common.services import ServiceOptions, load_service
@@ -53,3 +57,28 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0,
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
         await asyncio.sleep(every)
+
+
+def cronfleet(
+    settings: Settings, *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cronfleet ARGS`` in a child process with the test fleet's settings."""
+    environment = {
+        **os.environ,
+        "CRONFLEET_AMQP_URL": settings.amqp_url,
+        "CRONFLEET_DATABASE_URL": settings.database_url,
+        "CRONFLEET_KEYS": settings.keys,
+        "CRONFLEET_NAMESPACE": settings.namespace,
+        **env,
+    }
+    if settings.database_schema:
+        environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "cronfleet"), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 from common.settings import Settings
 from common.store import Store
 from tests.conftest import Start
-from tests.fleet import eventually
+from tests.fleet import cronfleet, eventually
 from tests.integration.helpers import apply_toml, runs_of
 
 
@@ -47,8 +47,6 @@ async def test_a_trigger_held_by_a_killed_worker_runs_again_marked_as_redelivere
     await fleet("monitor")
     doomed = _worker_process(settings)
     try:
-        from tests.integration.test_cli import cronfleet
-
         assert cronfleet(settings, "trigger", "slow").returncode == 0
         await eventually(lambda: runs_of(store, "slow", status="running"), timeout=30)
         doomed.send_signal(signal.SIGKILL)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -13,7 +11,7 @@ import pytest
 from common.settings import Settings
 from common.store import Store
 from tests.conftest import Start
-from tests.fleet import eventually
+from tests.fleet import cronfleet, eventually
 from tests.integration.helpers import runs_of
 
 JOBS = """
@@ -25,31 +23,6 @@ action = { type = "shell", argv = ["true"] }
 schedule = "@daily"
 timezone = "Asia/Tokyo"
 """
-
-
-def cronfleet(
-    settings: Settings, *args: str, cwd: Path | None = None, **env: str
-) -> subprocess.CompletedProcess[str]:
-    """Run ``cronfleet ARGS`` in a child process with the test fleet's settings."""
-    environment = {
-        **os.environ,
-        "CRONFLEET_AMQP_URL": settings.amqp_url,
-        "CRONFLEET_DATABASE_URL": settings.database_url,
-        "CRONFLEET_KEYS": settings.keys,
-        "CRONFLEET_NAMESPACE": settings.namespace,
-        **env,
-    }
-    if settings.database_schema:
-        environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "cronfleet"), *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=cwd,
-        timeout=60,
-        check=False,
-    )
 
 
 def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
