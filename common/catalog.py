@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -22,11 +22,22 @@ class JobsDiff:
     unchanged: list[str] = field(default_factory=list)
 
 
-async def load_jobs(store: Store) -> list[JobSpec]:
-    """Every job in the store, enabled or not, by name."""
+async def load_jobs(store: Store, names: Collection[str] | None = None) -> list[JobSpec]:
+    """Every job in the store (or those of ``names``), enabled or not, by name."""
+    query = select(JobRow.spec).order_by(JobRow.name)
+    if names is not None:
+        query = query.where(JobRow.name.in_(list(names)))
     async with store.session() as session:
-        rows = (await session.execute(select(JobRow.spec).order_by(JobRow.name))).scalars()
+        rows = (await session.execute(query)).scalars()
         return [spec_from_json(spec) for spec in rows]
+
+
+async def load_fingerprints(store: Store) -> dict[str, str]:
+    """Each job's name and fingerprint: enough to tell which jobs changed since last read."""
+    async with store.session() as session:
+        return {
+            name: fp for name, fp in (await session.execute(select(JobRow.name, JobRow.fingerprint))).all()
+        }
 
 
 async def find_job(store: Store, name: str) -> JobSpec | None:

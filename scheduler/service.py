@@ -11,9 +11,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from common import fires
 from common.bus import CONNECT_ERRORS, Publisher, connect
-from common.catalog import load_jobs
+from common.catalog import load_fingerprints, load_jobs
 from common.clock import Clock, utcnow
 from common.errors import BrokerUnavailable
+from common.jobs import JobSpec
 from common.messages import SchedulerHeartbeat, Trigger
 from common.services import ServiceOptions
 from common.settings import Settings
@@ -45,17 +46,28 @@ class Scheduler:
         self.planner = Planner()
         self.topology = Topology(settings.namespace)
         self._pools: set[str] = set()
+        self._specs: dict[str, JobSpec] = {}
+        self._fingerprints: dict[str, str] = {}
         self._reloaded_at: datetime | None = None
         # Triggers whose fire could not be claimed yet (the store was unavailable).
         self._unclaimed: list[Trigger] = []
 
     async def reload(self) -> None:
-        """Re-read the jobs table; make sure every planned pool has its queue."""
-        specs = await load_jobs(self.store)
+        """Re-read the jobs that changed since the last reload; declare any new pool's queue."""
+        fingerprints = await load_fingerprints(self.store)
+        changed = [name for name, fp in fingerprints.items() if self._fingerprints.get(name) != fp]
+        removed = self._fingerprints.keys() - fingerprints.keys()
+        for spec in await load_jobs(self.store, changed) if changed else []:
+            self._specs[spec.name] = spec
+        for name in removed:
+            self._specs.pop(name, None)
+        self._fingerprints = fingerprints
         now = self.clock()
-        self.planner.sync(specs, now)
+        if changed or removed:
+            self.planner.sync(self._specs.values(), now)
         self._reloaded_at = now
-        for pool in {s.pool for s in specs if s.enabled and s.action is not None} - self._pools:
+        planned = {s.pool for s in self._specs.values() if s.enabled and s.action is not None}
+        for pool in planned - self._pools:
             await self.topology.declare_pool(self.publisher.channel, pool)
             self._pools.add(pool)
 
