@@ -61,6 +61,8 @@ def parse_timezone(name: str) -> ZoneInfo:
         raise ValueError(f"unknown time zone {name!r} (use an IANA name like 'Europe/Paris')") from exc
 
 
+# Many jobs share a schedule and fire at the same instants: their next fires are computed once.
+@lru_cache(maxsize=16384)
 def next_fire(schedule: str, zone: tzinfo, after: datetime) -> datetime:
     """The first fire instant of ``schedule`` in ``zone`` strictly after ``after``, in UTC.
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 
 from common.bus import Publisher
+from common.clock import utcnow
 from common.errors import BrokerUnavailable
 from common.messages import Trigger
 from common.store import FireRow, Store, dialect_insert
 
 log = logging.getLogger("cronfleet.fires")
+
+# A fire claimed this long ago and still unpublished is taken over by another scheduler: its
+# claimer is presumably dead (a live one publishes within milliseconds, or retries it itself).
+STALE_CLAIM_SECONDS = 30.0
 
 
 class PendingFire(NamedTuple):
@@ -66,16 +71,17 @@ async def claim(
     return [fire for fire in fires if fire.trigger_id in claimed]
 
 
-async def publish(store: Store, publisher: Publisher, fires: Sequence[PendingFire], now: datetime) -> int:
+async def publish(store: Store, publisher: Publisher, fires: Sequence[PendingFire]) -> int:
     """Publish claimed fires with pipelined confirms.
 
-    Marks the confirmed ones published and returns how many were. A fire the broker did not
-    confirm stays pending for ``publish_pending``.
+    Marks the confirmed ones published (at the moment the confirms came back) and returns how
+    many were. A fire the broker did not confirm stays pending for ``publish_pending``.
     """
     results = await asyncio.gather(
         *(publisher.trigger_body(f.body.encode(), f.pool, f.trigger_id) for f in fires),
         return_exceptions=True,
     )
+    confirmed_at = utcnow()
     done = [fire.trigger_id for fire, result in zip(fires, results, strict=True) if result is None]
     for fire, result in zip(fires, results, strict=True):
         if isinstance(result, BaseException):
@@ -85,7 +91,7 @@ async def publish(store: Store, publisher: Publisher, fires: Sequence[PendingFir
     if done:
         async with store.session() as session, session.begin():
             await session.execute(
-                update(FireRow).where(FireRow.trigger_id.in_(done)).values(published_at=now)
+                update(FireRow).where(FireRow.trigger_id.in_(done)).values(published_at=confirmed_at)
             )
     return len(done)
 
@@ -95,24 +101,42 @@ async def publish_claimed(
 ) -> list[PendingFire]:
     """Claim ``triggers`` and publish those this call won. Returns the ones it won."""
     won = await claim(store, triggers, claimed_by, now)
-    await publish(store, publisher, won, now)
+    await publish(store, publisher, won)
     return won
 
 
-async def publish_pending(store: Store, publisher: Publisher, now: datetime, limit: int = 500) -> int:
+async def publish_pending(
+    store: Store,
+    publisher: Publisher,
+    claimed_by: str,
+    now: datetime,
+    *,
+    stale_after: float = STALE_CLAIM_SECONDS,
+    limit: int = 500,
+) -> int:
     """Publish fires claimed but never confirmed (a broker outage, a crash) that have not expired.
 
-    Returns how many were published now.
+    Takes over, atomically, the unpublished fires ``claimed_by`` claimed itself, and those another
+    claimer left unpublished for ``stale_after`` seconds (it is presumably dead): two callers never
+    take the same fire. The caller must not call this while it is publishing fires it claimed
+    (the scheduler holds a lock), or those would be published twice. Returns how many were
+    published now.
     """
-    async with store.session() as session:
-        rows = (
-            await session.execute(
-                select(FireRow.trigger_id, FireRow.pool, FireRow.body)
-                .where(FireRow.published_at.is_(None), FireRow.expires_at > now)
-                .order_by(FireRow.claimed_at)
-                .limit(limit)
-            )
-        ).all()
+    # Checked again by the UPDATE itself, so that of two concurrent callers only one takes a fire.
+    takeable = and_(
+        FireRow.published_at.is_(None),
+        FireRow.expires_at > now,
+        or_(FireRow.claimed_by == claimed_by, FireRow.claimed_at <= now - timedelta(seconds=stale_after)),
+    )
+    candidates = select(FireRow.trigger_id).where(takeable).order_by(FireRow.claimed_at).limit(limit)
+    take = (
+        update(FireRow)
+        .where(FireRow.trigger_id.in_(candidates.scalar_subquery()), takeable)
+        .values(claimed_by=claimed_by, claimed_at=now)
+        .returning(FireRow.trigger_id, FireRow.pool, FireRow.body)
+    )
+    async with store.session() as session, session.begin():
+        rows = (await session.execute(take)).all()
     if not rows:
         return 0
-    return await publish(store, publisher, [PendingFire(*row) for row in rows], now)
+    return await publish(store, publisher, [PendingFire(*row) for row in rows])

@@ -1,11 +1,15 @@
 """Recording events in the store, idempotently: a redelivered event changes nothing.
 
-One call records one event inside the caller's transaction; the caller batches many.
+A batch of events is recorded inside the caller's transaction with a handful of statements:
+the runs and job states it touches are read with one query each, each job's next expected
+time is computed once per batch, and everything is flushed once.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import select
@@ -28,22 +32,96 @@ log = logging.getLogger("cronfleet.monitor")
 _HEARTBEAT_STATUS = {HeartbeatKind.SUCCESS: RunStatus.SUCCEEDED, HeartbeatKind.FAIL: RunStatus.FAILED}
 
 
-async def record(session: AsyncSession, event: Event, now: datetime) -> bool:
-    """Record ``event``; returns False when it had been recorded before (nothing changed)."""
-    match event:
-        case RunStarted():
-            return await _run_started(session, event)
-        case RunFinished():
-            return await _run_finished(session, event, now)
-        case JobHeartbeat():
-            return await _job_heartbeat(session, event, now)
-    return False  # process heartbeats carry no run; they are consumed and acked
+@dataclass
+class _Batch:
+    """What one batch reads and writes: runs and job states by key, and due times to compute."""
+
+    session: AsyncSession
+    now: datetime
+    runs: dict[str, RunRow] = field(default_factory=dict)
+    states: dict[str, JobStateRow] = field(default_factory=dict)
+    due_after: dict[str, datetime] = field(default_factory=dict)
+
+    async def load(self, events: Sequence[Event]) -> None:
+        run_ids = {e.run_id for e in events if isinstance(e, RunStarted | RunFinished)}
+        if run_ids:
+            rows = await self.session.execute(select(RunRow).where(RunRow.run_id.in_(run_ids)))
+            self.runs = {row.run_id: row for row in rows.scalars()}
+        jobs = {e.job for e in events if isinstance(e, RunFinished | JobHeartbeat)}
+        if jobs:
+            states = await self.session.execute(select(JobStateRow).where(JobStateRow.job.in_(jobs)))
+            self.states = {state.job: state for state in states.scalars()}
+
+    def add_run(self, run: RunRow) -> RunRow:
+        self.session.add(run)
+        self.runs[run.run_id] = run
+        return run
+
+    def finish(self, run: RunRow, due_after: datetime) -> None:
+        """Make ``run`` its job's last run, unless a later one is already recorded."""
+        state = self.states.get(run.job)
+        if state is None:
+            state = JobStateRow(job=run.job, consecutive_failures=0, updated_at=self.now)
+            self.session.add(state)
+            self.states[run.job] = state
+        elif (
+            state.last_finished_at is not None
+            and run.finished_at is not None
+            and run.finished_at < state.last_finished_at
+        ):
+            return
+        state.last_run_id = run.run_id
+        state.last_status = run.status
+        state.last_started_at = run.started_at
+        state.last_finished_at = run.finished_at
+        succeeded = run.status == RunStatus.SUCCEEDED.value
+        state.consecutive_failures = 0 if succeeded else (state.consecutive_failures or 0) + 1
+        state.updated_at = self.now
+        self.due_after[run.job] = due_after
+
+    async def compute_due_times(self) -> None:
+        """Each finished job's next expected time, once per job, from its current schedule."""
+        if not self.due_after:
+            return
+        rows = await self.session.execute(
+            select(JobRow.name, JobRow.spec).where(JobRow.name.in_(list(self.due_after)))
+        )
+        specs = {name: spec_from_json(spec) for name, spec in rows.all()}
+        for job, after in self.due_after.items():
+            spec = specs.get(job)
+            self.states[job].next_expected_at = (
+                None if spec is None else next_fire(spec.schedule, spec.zone(), after)
+            )
 
 
-async def _run_started(session: AsyncSession, event: RunStarted) -> bool:
-    if await session.get(RunRow, event.run_id) is not None:
+async def record_batch(session: AsyncSession, events: Sequence[Event], now: datetime) -> int:
+    """Record ``events`` in order; returns how many changed something (the rest were repeats).
+
+    Process heartbeats carry no run: they are accepted and change nothing.
+    """
+    batch = _Batch(session, now)
+    await batch.load(events)
+    recorded = 0
+    for event in events:
+        match event:
+            case RunStarted():
+                changed = _run_started(batch, event)
+            case RunFinished():
+                changed = _run_finished(batch, event)
+            case JobHeartbeat():
+                changed = await _job_heartbeat(batch, event)
+            case _:
+                changed = False
+        recorded += changed
+    await batch.compute_due_times()
+    await session.flush()
+    return recorded
+
+
+def _run_started(batch: _Batch, event: RunStarted) -> bool:
+    if event.run_id in batch.runs:
         return False
-    session.add(
+    batch.add_run(
         RunRow(
             run_id=event.run_id,
             trigger_id=event.trigger_id,
@@ -57,17 +135,15 @@ async def _run_started(session: AsyncSession, event: RunStarted) -> bool:
             started_at=event.started_at,
         )
     )
-    await session.flush()
     return True
 
 
-async def _run_finished(session: AsyncSession, event: RunFinished, now: datetime) -> bool:
-    run = await session.get(RunRow, event.run_id)
+def _run_finished(batch: _Batch, event: RunFinished) -> bool:
+    run = batch.runs.get(event.run_id)
     if run is not None and run.finished_at is not None:
         return False
     if run is None:
-        run = RunRow(run_id=event.run_id, source="worker", started_at=event.started_at)
-        session.add(run)
+        run = batch.add_run(RunRow(run_id=event.run_id, source="worker"))
     run.trigger_id = event.trigger_id
     run.job = event.job
     run.pool = event.pool
@@ -82,12 +158,13 @@ async def _run_finished(session: AsyncSession, event: RunFinished, now: datetime
     run.http_status = event.http_status
     run.output_tail = event.output_tail
     run.error = event.error
-    await session.flush()
-    await _update_state(session, run, due_after=max(event.scheduled_at, event.finished_at), now=now)
+    batch.finish(run, due_after=max(event.scheduled_at, event.finished_at))
     return True
 
 
-async def _job_heartbeat(session: AsyncSession, event: JobHeartbeat, now: datetime) -> bool:
+async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool:
+    session = batch.session
+    await session.flush()  # earlier heartbeats of this batch must be visible to the queries below
     if await session.get(HeartbeatRow, event.id) is not None:
         return False
     session.add(
@@ -101,7 +178,7 @@ async def _job_heartbeat(session: AsyncSession, event: JobHeartbeat, now: dateti
         )
     )
     if event.kind is HeartbeatKind.START:
-        session.add(
+        batch.add_run(
             RunRow(
                 run_id=f"hb:{event.id}",
                 job=event.job,
@@ -110,7 +187,6 @@ async def _job_heartbeat(session: AsyncSession, event: JobHeartbeat, now: dateti
                 started_at=event.at,
             )
         )
-        await session.flush()
         return True
     run = await session.scalar(
         select(RunRow)
@@ -124,44 +200,13 @@ async def _job_heartbeat(session: AsyncSession, event: JobHeartbeat, now: dateti
         .limit(1)
     )
     if run is None:
-        run = RunRow(run_id=f"hb:{event.id}", job=event.job, source="heartbeat", started_at=event.at)
-        session.add(run)
+        run = batch.add_run(
+            RunRow(run_id=f"hb:{event.id}", job=event.job, source="heartbeat", started_at=event.at)
+        )
     run.status = _HEARTBEAT_STATUS[event.kind].value
     run.finished_at = event.at
     run.duration_seconds = max(0.0, (event.at - run.started_at).total_seconds())
     run.exit_code = event.exit_code
     run.output_tail = event.message
-    await session.flush()
-    await _update_state(session, run, due_after=event.at, now=now)
+    batch.finish(run, due_after=event.at)
     return True
-
-
-async def _update_state(session: AsyncSession, run: RunRow, due_after: datetime, now: datetime) -> None:
-    """Make ``run`` the job's last run unless a later one is already recorded."""
-    state = await session.get(JobStateRow, run.job)
-    if state is None:
-        state = JobStateRow(job=run.job, consecutive_failures=0, updated_at=now)
-        session.add(state)
-    elif (
-        state.last_finished_at is not None
-        and run.finished_at is not None
-        and run.finished_at < state.last_finished_at
-    ):
-        return
-    state.last_run_id = run.run_id
-    state.last_status = run.status
-    state.last_started_at = run.started_at
-    state.last_finished_at = run.finished_at
-    succeeded = run.status == RunStatus.SUCCEEDED.value
-    state.consecutive_failures = 0 if succeeded else (state.consecutive_failures or 0) + 1
-    state.next_expected_at = await _next_expected(session, run.job, due_after)
-    state.updated_at = now
-    await session.flush()
-
-
-async def _next_expected(session: AsyncSession, job: str, after: datetime) -> datetime | None:
-    spec_json = await session.scalar(select(JobRow.spec).where(JobRow.name == job))
-    if spec_json is None:
-        return None
-    spec = spec_from_json(spec_json)
-    return next_fire(spec.schedule, spec.zone(), after)

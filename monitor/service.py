@@ -24,7 +24,7 @@ from common.settings import Settings
 from common.signing import Keyring
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
-from monitor.recorder import record
+from monitor.recorder import record_batch
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -90,9 +90,7 @@ class EventRecorder:
 
     async def _record(self, accepted: list[tuple[AbstractIncomingMessage, Event]], now: datetime) -> None:
         async with self.store.session() as session, session.begin():
-            for _message, event in accepted:
-                if await record(session, event, now):
-                    self.recorded += 1
+            self.recorded += await record_batch(session, [event for _message, event in accepted], now)
 
     async def _record_alone(self, message: AbstractIncomingMessage, event: Event, now: datetime) -> None:
         try:

@@ -51,6 +51,9 @@ class Scheduler:
         self._reloaded_at: datetime | None = None
         # Triggers whose fire could not be claimed yet (the store was unavailable).
         self._unclaimed: list[Trigger] = []
+        # Held while publishing: the outbox sweep must never see this scheduler's in-flight fires
+        # as pending, or it would publish them a second time.
+        self._publishing = asyncio.Lock()
 
     async def reload(self) -> None:
         """Re-read the jobs that changed since the last reload; declare any new pool's queue."""
@@ -115,7 +118,10 @@ class Scheduler:
         if not triggers:
             return 0
         try:
-            won = await fires.publish_claimed(self.store, self.publisher, triggers, self.name, published_at)
+            async with self._publishing:
+                won = await fires.publish_claimed(
+                    self.store, self.publisher, triggers, self.name, published_at
+                )
         except SQLAlchemyError:
             for trigger in triggers:
                 if trigger.expires_at > now:
@@ -131,7 +137,10 @@ class Scheduler:
         """Keep publishing fires the broker has not confirmed yet (after an outage or a crash)."""
         while True:
             try:
-                published = await fires.publish_pending(self.store, self.publisher, self.clock())
+                async with self._publishing:
+                    published = await fires.publish_pending(
+                        self.store, self.publisher, self.name, self.clock()
+                    )
             except OUTAGES as exc:
                 log.debug("pending fires not published yet: %s", exc)
             else:
