@@ -13,7 +13,7 @@ from datetime import UTC, datetime, tzinfo
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 # A valid expression yields a new candidate each step; the bound only stops a pathological
@@ -49,8 +49,23 @@ def parse_schedule(text: str) -> Schedule:
     if not croniter.is_valid(expression, second_at_beginning=has_seconds):
         raise ValueError(f"{expression!r} is not a valid cron expression")
     hour = fields[2] if has_seconds else fields[1]
-    fixed_hour = not any(mark in hour for mark in "*/-,")
-    return Schedule(expression, has_seconds=has_seconds, fixed_hour=fixed_hour)
+    # As cronie: an hour field starting with '*' (every hour, or a step) follows real time on
+    # DST nights; any other (a number, a list, a range) names wall-clock hours, fired once each.
+    fixed_hour = not hour.startswith("*")
+    schedule = Schedule(expression, has_seconds=has_seconds, fixed_hour=fixed_hour)
+    _first_fire(schedule)
+    return schedule
+
+
+def _first_fire(schedule: Schedule) -> None:
+    """Raise ValueError when ``schedule`` names no instant at all (say, 30 February)."""
+    try:
+        croniter(schedule.text, _EPOCH, second_at_beginning=schedule.has_seconds).get_next(datetime)
+    except (CroniterError, ValueError) as exc:
+        raise ValueError(f"{schedule.text!r} never fires (no date matches it)") from exc
+
+
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def parse_timezone(name: str) -> ZoneInfo:

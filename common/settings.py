@@ -23,10 +23,13 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
+SETTINGS_PREFIX = "CRONFLEET_"
+
+
 class Settings(BaseSettings):
     """Everything a cronfleet process needs to know about its surroundings."""
 
-    model_config = SettingsConfigDict(env_prefix="CRONFLEET_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=SETTINGS_PREFIX, extra="ignore", frozen=True)
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     database_url: str = "sqlite+aiosqlite:///cronfleet.db"

@@ -18,13 +18,13 @@ from common.jobs import JobSpec
 from common.messages import SchedulerHeartbeat, Trigger
 from common.services import ServiceOptions
 from common.settings import Settings
-from common.store import Store
+from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
 from scheduler.planner import Planner
 
 log = logging.getLogger("cronfleet.scheduler")
 
-OUTAGES = (SQLAlchemyError, BrokerUnavailable, *CONNECT_ERRORS)
+OUTAGES = (*STORE_OUTAGES, BrokerUnavailable, *CONNECT_ERRORS)
 
 
 class Scheduler:
@@ -122,7 +122,7 @@ class Scheduler:
                 won = await fires.publish_claimed(
                     self.store, self.publisher, triggers, self.name, published_at
                 )
-        except SQLAlchemyError:
+        except (SQLAlchemyError, *STORE_OUTAGES):
             for trigger in triggers:
                 if trigger.expires_at > now:
                     self._unclaimed.append(trigger)

@@ -85,26 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args)
     try:
         settings = Settings()
-        return asyncio.run(_until_signal(args.handler(settings, args)))
-    except KeyboardInterrupt:
-        return 130
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         field = ".".join(str(p) for p in error["loc"])
         print(f"cronfleet: bad setting CRONFLEET_{field.upper()}: {error['msg']}", file=sys.stderr)
         return 1
-    except (CronfleetError, BaseExceptionGroup) as exc:
-        found = _cronfleet_error(exc)
-        if found is None or args.debug:
-            raise
-        print(f"cronfleet: {found}", file=sys.stderr)
-        return 1
-    except Exception as exc:
+    try:
+        return asyncio.run(_until_signal(args.handler(settings, args)))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # every failure ends as one line; --debug shows the traceback
         if args.debug:
             raise
-        print(
-            f"cronfleet: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug)", file=sys.stderr
-        )
+        print(f"cronfleet: {_one_line(exc)}", file=sys.stderr)
         return 1
 
 
@@ -145,6 +138,16 @@ async def _until_signal(work: Awaitable[int]) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A CronfleetError's own message, else the first real cause of an unexpected failure."""
+    found = _cronfleet_error(exc)
+    if found is not None:
+        return str(found)
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
 
 
 def _cronfleet_error(exc: BaseException) -> CronfleetError | None:

@@ -71,6 +71,9 @@ def test_a_daily_job_fires_once_per_local_day(zone: str, after: datetime) -> Non
         ("America/New_York", "2026-11-01", "30 1 * * *", ["01:30-04:00"]),
         ("Europe/Berlin", "2026-10-25", "30 2 * * *", ["02:30+02:00"]),
         ("Australia/Lord_Howe", "2026-04-05", "45 1 * * *", ["01:45+11:00"]),
+        # Hour lists and ranges name wall-clock hours too.
+        ("America/New_York", "2026-11-01", "30 1,13 * * *", ["01:30-04:00", "13:30-05:00"]),
+        ("America/New_York", "2026-11-01", "30 1-2 * * *", ["01:30-04:00", "02:30-05:00"]),
         # Clocks go forward: a wall time in the gap fires right after it, not never.
         ("Europe/Berlin", "2026-03-29", "30 2 * * *", ["03:00+02:00"]),
         ("America/New_York", "2026-03-08", "30 2 * * *", ["03:00-04:00"]),
@@ -108,6 +111,7 @@ def test_six_fields_put_seconds_first() -> None:
         ("61 * * * *", "not a valid cron expression"),
         ("@sometimes", "unknown macro"),
         ("* * * * * * *", "not 7"),
+        ("0 0 30 2 *", "never fires"),
     ],
 )
 def test_bad_schedules_say_why(text: str, reason: str) -> None:

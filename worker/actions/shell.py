@@ -8,9 +8,11 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
 from common.actions import HttpAction, ShellAction
 from common.messages import RunStatus
+from common.settings import SETTINGS_PREFIX
 from worker.actions.base import ActionResult, OutputTail
 
 KILL_GRACE_SECONDS = 5.0
@@ -23,6 +25,13 @@ def _die_with_the_worker() -> None:
     run whose trigger is redelivered to another worker is not also finished by an orphan."""
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def job_environment(worker: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment a job runs with: the worker's, minus cronfleet's own settings (signing
+    keys, broker and database URLs with their passwords), plus the job's ``env``."""
+    inherited = {k: v for k, v in worker.items() if not k.startswith(SETTINGS_PREFIX)}
+    return {**inherited, **extra}
 
 
 class ShellExecutor:
@@ -38,7 +47,7 @@ class ShellExecutor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=action.cwd,
-                env={**os.environ, **action.env} if action.env else None,
+                env=job_environment(os.environ, action.env),
                 start_new_session=True,
                 preexec_fn=_die_with_the_worker,
             )
