@@ -65,7 +65,12 @@ class Topology:
         return {"x-queue-type": "quorum", "x-dead-letter-exchange": self.dead_exchange, **extra}
 
     async def declare_exchanges(self, channel: AbstractChannel) -> dict[str, AbstractExchange]:
-        """Declare the three exchanges and the dead-letter queue; return the exchanges by role."""
+        """Declare the three exchanges, the dead-letter queue and the monitor's queue; return the
+        exchanges by role.
+
+        Every publisher declares both queues, so that no event is ever unroutable: events
+        published before any monitor starts wait for it in its queue.
+        """
         triggers = await channel.declare_exchange(
             self.triggers_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
@@ -77,6 +82,7 @@ class Topology:
             self.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await dead_queue.bind(dead)
+        await self._monitor_queue(channel)
         return {"triggers": triggers, "events": events, "dead": dead}
 
     async def declare_pool(self, channel: AbstractChannel, pool: str) -> AbstractQueue:
@@ -91,8 +97,11 @@ class Topology:
         return queue
 
     async def declare_monitor(self, channel: AbstractChannel) -> AbstractQueue:
-        """Declare the monitor's quorum queue, bound to every event."""
+        """Declare everything (see ``declare_exchanges``) and return the monitor's queue."""
         await self.declare_exchanges(channel)
+        return await self._monitor_queue(channel)
+
+    async def _monitor_queue(self, channel: AbstractChannel) -> AbstractQueue:
         queue = await channel.declare_queue(self.monitor_queue, durable=True, arguments=self._quorum())
         await queue.bind(self.events_exchange, routing_key="#")
         return queue

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import func, select
 
+from common.clock import utcnow
 from common.store import FireRow, JobStateRow, Store
 from tests.conftest import Start
 from tests.fleet import eventually
@@ -178,3 +179,24 @@ async def test_the_fleet_waits_for_jobs_applied_after_it_started(store: Store, f
         """,
     )
     await eventually(lambda: runs_of(store, "late-comer", status="succeeded"))
+
+
+async def test_runs_before_any_monitor_started_are_recorded_once_it_does(store: Store, fleet: Start) -> None:
+    await apply_toml(
+        store,
+        """
+        [jobs.early]
+        schedule = "* * * * * *"
+        action = { type = "shell", argv = ["true"] }
+        """,
+    )
+    await fleet("worker", "scheduler")
+    await asyncio.sleep(2.5)  # fires run while no monitor exists; their events must wait for one
+    monitor_started = utcnow()
+    await fleet("monitor")
+
+    async def runs_from_before_the_monitor() -> list[object]:
+        runs = await runs_of(store, "early", status="succeeded")
+        return [r for r in runs if r.started_at < monitor_started]
+
+    assert len(await eventually(runs_from_before_the_monitor)) >= 2
