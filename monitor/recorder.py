@@ -47,7 +47,7 @@ class _Batch:
         if run_ids:
             rows = await self.session.execute(select(RunRow).where(RunRow.run_id.in_(run_ids)))
             self.runs = {row.run_id: row for row in rows.scalars()}
-        jobs = {e.job for e in events if isinstance(e, RunFinished | JobHeartbeat)}
+        jobs = {e.job for e in events if isinstance(e, RunStarted | RunFinished | JobHeartbeat)}
         if jobs:
             states = await self.session.execute(select(JobStateRow).where(JobStateRow.job.in_(jobs)))
             self.states = {state.job: state for state in states.scalars()}
@@ -57,18 +57,29 @@ class _Batch:
         self.runs[run.run_id] = run
         return run
 
-    def finish(self, run: RunRow, due_after: datetime) -> None:
-        """Make ``run`` its job's last run, unless a later one is already recorded."""
-        state = self.states.get(run.job)
+    def state(self, job: str) -> JobStateRow:
+        """``job``'s state row, created if the monitor has never seen the job."""
+        state = self.states.get(job)
         if state is None:
-            state = JobStateRow(job=run.job, consecutive_failures=0, updated_at=self.now)
+            state = JobStateRow(job=job, consecutive_failures=0, updated_at=self.now)
             self.session.add(state)
-            self.states[run.job] = state
-        elif (
-            state.last_finished_at is not None
-            and run.finished_at is not None
-            and run.finished_at < state.last_finished_at
-        ):
+            self.states[job] = state
+        return state
+
+    def start(self, run: RunRow) -> None:
+        """Make ``run`` its job's current run, unless a later one has already begun."""
+        state = self.state(run.job)
+        if state.last_started_at is not None and run.started_at < state.last_started_at:
+            return
+        state.last_run_id = run.run_id
+        state.last_status = run.status
+        state.last_started_at = run.started_at
+        state.updated_at = self.now
+
+    def finish(self, run: RunRow, due_after: datetime) -> None:
+        """Make ``run`` its job's last run, unless a later one has already begun."""
+        state = self.state(run.job)
+        if state.last_started_at is not None and run.started_at < state.last_started_at:
             return
         state.last_run_id = run.run_id
         state.last_status = run.status
@@ -121,7 +132,7 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
 def _run_started(batch: _Batch, event: RunStarted) -> bool:
     if event.run_id in batch.runs:
         return False
-    batch.add_run(
+    run = batch.add_run(
         RunRow(
             run_id=event.run_id,
             trigger_id=event.trigger_id,
@@ -135,6 +146,7 @@ def _run_started(batch: _Batch, event: RunStarted) -> bool:
             started_at=event.started_at,
         )
     )
+    batch.start(run)
     return True
 
 
@@ -178,7 +190,7 @@ async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool:
         )
     )
     if event.kind is HeartbeatKind.START:
-        batch.add_run(
+        started = batch.add_run(
             RunRow(
                 run_id=f"hb:{event.id}",
                 job=event.job,
@@ -187,6 +199,7 @@ async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool:
                 started_at=event.at,
             )
         )
+        batch.start(started)
         return True
     run = await session.scalar(
         select(RunRow)

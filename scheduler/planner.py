@@ -7,12 +7,14 @@ import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from common.cron import next_fire
 from common.jobs import JobSpec
 
 log = logging.getLogger("cronfleet.scheduler")
+
+_JUST_BEFORE = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Planner:
     _jobs: dict[str, JobSpec] = field(default_factory=dict)
     _fingerprints: dict[str, str] = field(default_factory=dict)
     _plans: dict[str, int] = field(default_factory=dict)
+    _pending: dict[str, datetime] = field(default_factory=dict)
     _heap: list[tuple[datetime, str, int]] = field(default_factory=list)
     _numbers: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -42,18 +45,23 @@ class Planner:
         return len(self._jobs)
 
     def sync(self, specs: Iterable[JobSpec], now: datetime) -> None:
-        """Plan exactly the enabled, runnable jobs of ``specs``; new or changed ones from ``now``."""
+        """Plan exactly the enabled, runnable jobs of ``specs``; new ones from ``now``.
+
+        A changed job is re-planned from its pending fire if that is already due, so that an
+        edit made as a job falls due does not drop the fire.
+        """
         wanted = {spec.name: spec for spec in specs if spec.enabled and spec.action is not None}
         for name in set(self._jobs) - set(wanted):
-            del self._jobs[name], self._fingerprints[name], self._plans[name]
+            del self._jobs[name], self._fingerprints[name], self._plans[name], self._pending[name]
         for name, spec in wanted.items():
             fingerprint = spec.fingerprint()
             if self._fingerprints.get(name) == fingerprint:
                 continue
+            pending = self._pending.get(name)
             self._jobs[name] = spec
             self._fingerprints[name] = fingerprint
             self._plans[name] = next(self._numbers)
-            self._push(spec, now)
+            self._push(spec, min(now, pending - _JUST_BEFORE) if pending is not None else now)
         if len(self._heap) > 2 * len(self._jobs) + 64:
             self._heap = [entry for entry in self._heap if self._is_current(entry)]
             heapq.heapify(self._heap)
@@ -87,6 +95,7 @@ class Planner:
 
     def _push(self, spec: JobSpec, after: datetime) -> None:
         when = next_fire(spec.schedule, spec.zone(), after)
+        self._pending[spec.name] = when
         heapq.heappush(self._heap, (when, spec.name, self._plans[spec.name]))
 
     def _is_current(self, entry: tuple[datetime, str, int]) -> bool:

@@ -83,10 +83,11 @@ class Scheduler:
         while True:
             now = self.clock()
             try:
+                # Fire first: a reload may re-plan a job, and what is due now must go out first.
+                await self.fire_due(now)
                 if self._reloaded_at is None or (now - self._reloaded_at).total_seconds() >= reload_every:
                     await self.reload()
-                    now = self.clock()
-                await self.fire_due(now)
+                    await self.fire_due(self.clock())
             except OUTAGES as exc:
                 log.warning("scheduler cannot reach the store or the broker (%s); retrying", exc)
                 self._reloaded_at = self.clock()

@@ -99,3 +99,39 @@ async def test_heartbeats_make_runs_of_a_heartbeat_only_job(
     await _send(amqp, settings, fail)
     failed = await eventually(lambda: runs_of(store, "backup", status="failed"))
     assert failed[0].exit_code == 2
+
+
+async def test_a_run_in_progress_makes_its_job_running_until_it_ends(
+    settings: Settings, store: Store, fleet: Start, amqp: AbstractRobustConnection
+) -> None:
+    await fleet("monitor")
+    now = utcnow()
+    fields = {
+        "trigger_id": "long@x",
+        "job": "long",
+        "pool": "default",
+        "worker": "w",
+        "scheduled_at": now,
+    }
+    older = RunStarted(run_id="older", started_at=now - timedelta(minutes=5), **fields)
+    current = RunStarted(run_id="current", started_at=now, **fields)
+    await _send(amqp, settings, current, older)  # out of order: the older start must not win
+
+    async def running() -> object:
+        state = await state_of(store, "long")
+        return state if state is not None and state.last_run_id == "current" else None
+
+    state = await eventually(running)
+    assert state.last_status == "running"
+    late_end = RunFinished(
+        run_id="older",
+        started_at=older.started_at,
+        finished_at=now + timedelta(seconds=1),
+        duration_seconds=301,
+        status=RunStatus.SUCCEEDED,
+        **fields,
+    )
+    await _send(amqp, settings, late_end)
+    await eventually(lambda: runs_of(store, "long", status="succeeded"))
+    state = await state_of(store, "long")
+    assert state is not None and (state.last_run_id, state.last_status) == ("current", "running")

@@ -97,3 +97,15 @@ def test_removing_and_re_adding_a_job_does_not_double_its_fires() -> None:
     fired = _drain(planner, T0 + timedelta(seconds=30))
     fast = [t for name, t in fired if name == "fast"]
     assert fast == sorted(set(fast))
+
+
+def test_editing_a_job_as_it_falls_due_does_not_drop_the_fire() -> None:
+    planner = Planner()
+    planner.sync(parse_jobs(JOBS), T0)
+    edited = JOBS.replace(
+        'schedule = "* * * * *"\naction', 'schedule = "* * * * *"\ndescription = "edited"\naction', 1
+    )
+    planner.sync(parse_jobs(edited), T0 + timedelta(minutes=1, milliseconds=200))
+    due = planner.pop_due(T0 + timedelta(minutes=1, milliseconds=300))
+    assert (T0 + timedelta(minutes=1)) in [f.scheduled_at for f in due if f.job.name == "slow"]
+    assert [f.job.description for f in due if f.job.name == "slow"] == ["edited"]
