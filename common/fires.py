@@ -83,16 +83,17 @@ async def publish(store: Store, publisher: Publisher, fires: Sequence[PendingFir
     )
     confirmed_at = utcnow()
     done = [fire.trigger_id for fire, result in zip(fires, results, strict=True) if result is None]
+    if done:
+        # Marked before anything else can fail: a confirmed fire left unmarked would be sent again.
+        async with store.session() as session, session.begin():
+            await session.execute(
+                update(FireRow).where(FireRow.trigger_id.in_(done)).values(published_at=confirmed_at)
+            )
     for fire, result in zip(fires, results, strict=True):
         if isinstance(result, BaseException):
             if not isinstance(result, BrokerUnavailable):
                 raise result
             log.warning("trigger %s not published yet: %s", fire.trigger_id, result)
-    if done:
-        async with store.session() as session, session.begin():
-            await session.execute(
-                update(FireRow).where(FireRow.trigger_id.in_(done)).values(published_at=confirmed_at)
-            )
     return len(done)
 
 

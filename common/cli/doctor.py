@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from common.bus import CONNECT_ERRORS, connect, redact
 from common.catalog import load_jobs
+from common.clock import utcnow
 from common.errors import CronfleetError
 from common.settings import Settings
 from common.store import FireRow, Store
@@ -35,7 +36,9 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
             specs = await load_jobs(opened)
             async with opened.session() as session:
                 pending = await session.scalar(
-                    select(func.count()).select_from(FireRow).where(FireRow.published_at.is_(None))
+                    select(func.count())
+                    .select_from(FireRow)
+                    .where(FireRow.published_at.is_(None), FireRow.expires_at > utcnow())
                 )
         finally:
             await opened.close()
@@ -75,10 +78,7 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
     for label, check in (("keys", keys), ("store", store), ("broker", broker)):
         try:
             print(f"ok    {label}: {await check()}")
-        except CronfleetError as exc:
-            failures += 1
-            print(f"FAIL  {label}: {exc}")
-        except CONNECT_ERRORS as exc:
+        except (CronfleetError, *CONNECT_ERRORS) as exc:
             failures += 1
             print(f"FAIL  {label}: {exc}")
     print("all good" if not failures else f"{failures} problem(s) found")
