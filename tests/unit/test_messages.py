@@ -44,7 +44,7 @@ def test_a_trigger_survives_bytes_unchanged(job: str, at: datetime, argv: list[s
         action=ShellAction(argv=argv),
         manual=manual,
     )
-    assert TRIGGER_ADAPTER.validate_python(orjson.loads(trigger.to_bytes())) == trigger
+    assert TRIGGER_ADAPTER.validate_json(trigger.to_bytes(), strict=True) == trigger
 
 
 @given(
@@ -71,7 +71,7 @@ def test_run_events_survive_bytes_unchanged(
         exit_code=code,
         output_tail=tail,
     )
-    assert EVENT_ADAPTER.validate_python(orjson.loads(event.to_bytes())) == event
+    assert EVENT_ADAPTER.validate_json(event.to_bytes(), strict=True) == event
 
 
 @given(names, instants, st.sampled_from(list(HeartbeatKind)))
@@ -81,7 +81,7 @@ def test_heartbeats_survive_bytes_unchanged(job: str, at: datetime, kind: Heartb
         WorkerHeartbeat(worker="w", pool=job, at=at, concurrency=2, running=1),
         SchedulerHeartbeat(scheduler="s", at=at, jobs=3, next_fire_at=at),
     ):
-        assert EVENT_ADAPTER.validate_python(orjson.loads(event.to_bytes())) == event
+        assert EVENT_ADAPTER.validate_json(event.to_bytes(), strict=True) == event
 
 
 def test_trigger_ids_are_job_at_utc_instant() -> None:
