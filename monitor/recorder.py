@@ -66,28 +66,25 @@ class _Batch:
             self.states[job] = state
         return state
 
-    def start(self, run: RunRow) -> None:
+    def start(self, run: RunRow) -> bool:
         """Make ``run`` its job's current run, unless a later one has already begun."""
         state = self.state(run.job)
         if state.last_started_at is not None and run.started_at < state.last_started_at:
-            return
+            return False
         state.last_run_id = run.run_id
         state.last_status = run.status
         state.last_started_at = run.started_at
         state.updated_at = self.now
+        return True
 
     def finish(self, run: RunRow, due_after: datetime) -> None:
         """Make ``run`` its job's last run, unless a later one has already begun."""
-        state = self.state(run.job)
-        if state.last_started_at is not None and run.started_at < state.last_started_at:
+        if not self.start(run):
             return
-        state.last_run_id = run.run_id
-        state.last_status = run.status
-        state.last_started_at = run.started_at
+        state = self.states[run.job]
         state.last_finished_at = run.finished_at
         succeeded = run.status == RunStatus.SUCCEEDED.value
         state.consecutive_failures = 0 if succeeded else (state.consecutive_failures or 0) + 1
-        state.updated_at = self.now
         self.due_after[run.job] = due_after
 
     async def compute_due_times(self) -> None:
