@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     namespace: str = Field(default="cronfleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     jobs_reload_seconds: float = Field(default=2.0, gt=0)
+    drain_seconds: float = Field(default=25.0, ge=0)
 
     @field_validator("database_url")
     @classmethod

@@ -52,6 +52,7 @@ async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         namespace=namespace,
         heartbeat_seconds=0.5,
         jobs_reload_seconds=0.3,
+        drain_seconds=5,
     )
     yield value
     await _delete_namespace(namespace)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import httpx
 
@@ -34,17 +36,49 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
             publisher = await Publisher.open(connection, topology, keyring)
             handler = TriggerHandler(publisher, keyring, executors(client), name)
             log.info("worker %s consuming pool %s (concurrency %d)", name, options.pool, options.concurrency)
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(_heartbeat_forever(settings, options, publisher, handler, name))
-                await consume_forever(
-                    connection,
-                    lambda channel: topology.declare_pool(channel, options.pool),
-                    options.concurrency,
-                    lambda message: tasks.create_task(handler.handle(message)),
-                    options.ready,
-                )
+            runs = RunningJobs()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(_heartbeat_forever(settings, options, publisher, handler, name))
+                    await consume_forever(
+                        connection,
+                        lambda channel: topology.declare_pool(channel, options.pool),
+                        options.concurrency,
+                        lambda message: runs.start(handler.handle(message)),
+                        options.ready,
+                    )
+            finally:
+                # Consuming has stopped; the connection stays open so that the jobs still
+                # running can finish, report and ack before the worker exits.
+                await runs.drain(settings.drain_seconds)
     finally:
         await connection.close()
+
+
+class RunningJobs:
+    """The worker's run tasks: one per delivery, owned here, drained when the worker stops."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, run: Coroutine[Any, Any, None]) -> None:
+        """Run ``run`` as a task this object keeps until it ends."""
+        task = asyncio.create_task(run)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the running jobs, then kill what is left (their triggers
+        go back to the queue and run again elsewhere, marked as redeliveries)."""
+        if not self._tasks:
+            return
+        log.warning("stopping: waiting up to %gs for %d running job(s)", seconds, len(self._tasks))
+        _done, left = await asyncio.wait(set(self._tasks), timeout=seconds)
+        for task in left:
+            task.cancel()
+        if left:
+            log.warning("stopping: %d job(s) did not finish in time and were killed", len(left))
+            await asyncio.gather(*left, return_exceptions=True)
 
 
 async def _heartbeat_forever(

@@ -3,6 +3,7 @@ is marked as a redelivery."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -63,3 +64,33 @@ async def test_a_trigger_held_by_a_killed_worker_runs_again_marked_as_redelivere
     # The killed run never finished; the redelivered one ran the action to its end once.
     assert first[0].status == "running"
     assert done.read_text() == "ran\n"
+
+
+async def test_a_worker_asked_to_stop_lets_its_running_job_finish(
+    settings: Settings, store: Store, fleet: Start, tmp_path: Path
+) -> None:
+    done = tmp_path / "done"
+    await apply_toml(
+        store,
+        f"""
+        [jobs.deploying]
+        schedule = "0 0 1 1 *"
+        timeout_seconds = 60
+        action = {{ type = "shell", argv = ["sh", "-c", "sleep 2; echo ran >> {done}"] }}
+        """,
+    )
+    await fleet("monitor")
+    worker = _worker_process(settings)
+    try:
+        assert cronfleet(settings, "trigger", "deploying").returncode == 0
+        await eventually(lambda: runs_of(store, "deploying", status="running"), timeout=30)
+        worker.send_signal(signal.SIGTERM)  # a rolling deploy
+        exit_code = await asyncio.to_thread(worker.wait, 30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert exit_code == 0
+    runs = await eventually(lambda: runs_of(store, "deploying", status="succeeded"), timeout=30)
+    assert len(runs) == 1 and runs[0].redelivered is False
+    assert done.read_text() == "ran\n"
+    assert len(await runs_of(store, "deploying")) == 1
