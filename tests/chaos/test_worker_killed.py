@@ -32,29 +32,36 @@ def _worker_process(settings: Settings) -> subprocess.Popen[bytes]:
     )
 
 
-async def test_a_trigger_held_by_a_killed_worker_runs_again_marked_as_redelivered(
-    settings: Settings, store: Store, fleet: Start, tmp_path: Path
-) -> None:
-    done = tmp_path / "done"
+async def _signal_a_worker_mid_run(
+    settings: Settings, store: Store, fleet: Start, done: Path, job: str, sig: signal.Signals
+) -> int:
+    """Run a 2-second job on a worker process, send ``sig`` to it mid-run; its exit code."""
     await apply_toml(
         store,
         f"""
-        [jobs.slow]
+        [jobs.{job}]
         schedule = "0 0 1 1 *"
         timeout_seconds = 60
         action = {{ type = "shell", argv = ["sh", "-c", "sleep 2; echo ran >> {done}"] }}
         """,
     )
     await fleet("monitor")
-    doomed = _worker_process(settings)
+    worker = _worker_process(settings)
     try:
-        assert cronfleet(settings, "trigger", "slow").returncode == 0
-        await eventually(lambda: runs_of(store, "slow", status="running"), timeout=30)
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait(timeout=10)
+        assert cronfleet(settings, "trigger", job).returncode == 0
+        await eventually(lambda: runs_of(store, job, status="running"), timeout=30)
+        worker.send_signal(sig)
+        return await asyncio.to_thread(worker.wait, 30)
     finally:
-        if doomed.poll() is None:
-            doomed.kill()
+        if worker.poll() is None:
+            worker.kill()
+
+
+async def test_a_trigger_held_by_a_killed_worker_runs_again_marked_as_redelivered(
+    settings: Settings, store: Store, fleet: Start, tmp_path: Path
+) -> None:
+    done = tmp_path / "done"
+    await _signal_a_worker_mid_run(settings, store, fleet, done, "slow", signal.SIGKILL)
     await fleet("worker")
 
     redelivered = await eventually(lambda: runs_of(store, "slow", status="succeeded"), timeout=30)
@@ -70,25 +77,8 @@ async def test_a_worker_asked_to_stop_lets_its_running_job_finish(
     settings: Settings, store: Store, fleet: Start, tmp_path: Path
 ) -> None:
     done = tmp_path / "done"
-    await apply_toml(
-        store,
-        f"""
-        [jobs.deploying]
-        schedule = "0 0 1 1 *"
-        timeout_seconds = 60
-        action = {{ type = "shell", argv = ["sh", "-c", "sleep 2; echo ran >> {done}"] }}
-        """,
-    )
-    await fleet("monitor")
-    worker = _worker_process(settings)
-    try:
-        assert cronfleet(settings, "trigger", "deploying").returncode == 0
-        await eventually(lambda: runs_of(store, "deploying", status="running"), timeout=30)
-        worker.send_signal(signal.SIGTERM)  # a rolling deploy
-        exit_code = await asyncio.to_thread(worker.wait, 30)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
+    # SIGTERM, as a rolling deploy sends it.
+    exit_code = await _signal_a_worker_mid_run(settings, store, fleet, done, "deploying", signal.SIGTERM)
     assert exit_code == 0
     runs = await eventually(lambda: runs_of(store, "deploying", status="succeeded"), timeout=30)
     assert len(runs) == 1 and runs[0].redelivered is False
