@@ -30,7 +30,7 @@ from common.envelope import (
     Rejected,
 )
 from common.errors import BrokerUnavailable
-from common.messages import Trigger, WireMessage
+from common.messages import WireMessage
 from common.signing import Keyring
 from common.topology import Topology, event_routing_key
 
@@ -126,10 +126,6 @@ class Publisher:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchanges = await topology.declare_exchanges(channel)
         return cls(channel, exchanges, keyring)
-
-    async def trigger(self, trigger: Trigger) -> None:
-        """Publish ``trigger`` to its pool's queue."""
-        await self.trigger_body(trigger.to_bytes(), trigger.pool, trigger.id)
 
     async def trigger_body(self, body: bytes, pool: str, message_id: str) -> None:
         """Publish an already serialised trigger ``body`` (as kept in the outbox) to ``pool``."""
