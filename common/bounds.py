@@ -1,0 +1,66 @@
+"""Every bound on what a jobs file or a message may say, in one place.
+
+The jobs file, the wire models and the store all use these, so that a value one of them accepts
+can never break another (an instant the store cannot hold, a timeout that overflows a timer, an
+argument the kernel refuses).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, AwareDatetime, Field
+
+# Instants: far enough on both sides for any real schedule, well inside what datetime, every
+# driver and every timer can hold after adding the longest duration below.
+EARLIEST_INSTANT = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_INSTANT = datetime(2200, 1, 1, tzinfo=UTC)
+
+DAY_SECONDS = 24 * 3600
+MAX_TIMEOUT_SECONDS = 7 * DAY_SECONDS
+MAX_GRACE_SECONDS = 365 * DAY_SECONDS
+MAX_EXPIRY_SECONDS = 365 * DAY_SECONDS
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# Linux refuses a single argument or environment string longer than MAX_ARG_STRLEN (32 pages,
+# 131,072 bytes with its terminating NUL); all of them together must stay well under ARG_MAX.
+MAX_ARGUMENT_BYTES = 131_071
+MAX_COMMAND_BYTES = 512 * 1024
+MAX_ARGV_ITEMS = 4096
+
+MAX_NAME_LENGTH = 64
+MAX_TEXT_LENGTH = 4096  # output tails, errors, heartbeat messages, descriptions
+MAX_MESSAGE_BYTES = 1024 * 1024  # a whole message body on the wire
+MAX_JOBS_FILE_BYTES = 64 * 1024 * 1024
+
+
+def _within_range(moment: datetime) -> datetime:
+    moment = moment.astimezone(UTC)
+    if not EARLIEST_INSTANT <= moment < LATEST_INSTANT:
+        raise ValueError(
+            f"instant must be between {EARLIEST_INSTANT.year} and {LATEST_INSTANT.year}, not {moment.year}"
+        )
+    return moment
+
+
+# Any offset is accepted on the wire; inside, every instant is UTC and within range.
+Instant = Annotated[AwareDatetime, AfterValidator(_within_range)]
+
+Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+ExitCode = Annotated[int, Field(ge=-255, le=255)]  # negative: killed by that signal
+HttpStatus = Annotated[int, Field(ge=100, le=599)]
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character")
+    return text
+
+
+# Text that reaches a C API or a database (argv, paths, names): never a NUL.
+CleanText = Annotated[str, AfterValidator(_no_nul)]
+BoundedText = Annotated[str, Field(max_length=MAX_TEXT_LENGTH), AfterValidator(_no_nul)]
