@@ -21,5 +21,14 @@ class StoreUnavailable(CronfleetError):
     """The database cannot be reached or its schema cannot be created."""
 
 
+class SchemaMismatch(CronfleetError):
+    """The store's schema is not the one this code was written for (older, newer or missing)."""
+
+
+class StatementTooLarge(CronfleetError):
+    """A statement carries more bind parameters than every supported database accepts: a bug,
+    never an outage, so it is never retried."""
+
+
 class NotFound(CronfleetError):
     """A named thing (a job, a service) does not exist."""

@@ -54,10 +54,12 @@ async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         jobs_reload_seconds=0.3,
         drain_seconds=5,
     )
+    # Every process of the fleet refuses a store that is not at the newest schema.
+    await (await Store.open(database_url, schema, upgrade=True)).close()
     yield value
     await _delete_namespace(namespace)
     if schema is not None:
-        store = await Store.open(database_url)
+        store = await Store.connect(database_url)
         async with store.engine.begin() as connection:
             await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         await store.close()

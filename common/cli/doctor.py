@@ -33,6 +33,7 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
     async def store() -> str:
         opened = await Store.open(settings.database_url, settings.database_schema)
         try:
+            revision = (await opened.schema_version()).revision
             specs = await load_jobs(opened)
             async with opened.session() as session:
                 pending = await session.scalar(
@@ -46,7 +47,10 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
         enabled = sum(s.enabled for s in specs)
         note = f"; {pending} fire(s) waiting to be published" if pending else ""
         where = opened.engine.url.render_as_string(hide_password=True)
-        return f"{opened.dialect} at {where}: {len(specs)} job(s), {enabled} enabled{note}"
+        return (
+            f"{opened.dialect} at {where}, schema {revision} (head): "
+            f"{len(specs)} job(s), {enabled} enabled{note}"
+        )
 
     async def broker() -> str:
         connection = await connect(settings.amqp_url, "cronfleet-doctor", wait=False)

@@ -31,13 +31,14 @@ def _worker(args: argparse.Namespace) -> ServiceOptions:
 
 async def run_all(settings: Settings, args: argparse.Namespace) -> int:
     """``cronfleet run``: apply ``--jobs`` if given, then the three processes in this one."""
-    if args.jobs is not None:
-        specs = load_jobs_file(args.jobs)
-        store = await Store.open(settings.database_url, settings.database_schema)
-        try:
-            diff = await apply_jobs(store, specs, utcnow())
-        finally:
-            await store.close()
+    specs = load_jobs_file(args.jobs) if args.jobs is not None else None
+    # One host, one command: `run` brings the store to this code's schema by itself.
+    store = await Store.open(settings.database_url, settings.database_schema, upgrade=True)
+    try:
+        diff = None if specs is None else await apply_jobs(store, specs, utcnow())
+    finally:
+        await store.close()
+    if diff is not None:
         log.info(
             "applied %s: %d added, %d changed, %d removed, %d unchanged",
             args.jobs,

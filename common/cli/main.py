@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.cli import admin, doctor, fleet
+from common.cli import admin, database, doctor, fleet
 from common.errors import CronfleetError
 from common.settings import Settings
 
@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--id", help="the new key's id (default: random)")
     command("schema", admin.schema, "print the JSON Schema of every wire message")
     command("doctor", doctor.doctor, "check the broker, the store and the keys")
+
+    db = commands.add_parser("db", help="the store's schema and history", description="the store's schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    for name, handler, text in (
+        ("upgrade", database.upgrade, "migrate the store to this cronfleet's schema"),
+        ("current", database.current, "show the store's schema revision"),
+        ("purge", database.purge_history, "delete old finished runs, heartbeats and fires"),
+    ):
+        sub = db_commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(handler=handler)
+        if name == "purge":
+            sub.add_argument("--older-than", required=True, help="an age such as 30d, 12h or 2w")
     return parser
 
 

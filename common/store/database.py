@@ -1,4 +1,4 @@
-"""Opening the store: an async engine on SQLite (WAL) or PostgreSQL, and its tables."""
+"""Opening the store: an async engine on SQLite (WAL) or PostgreSQL, at this code's schema version."""
 
 from __future__ import annotations
 
@@ -9,18 +9,25 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from common.errors import StoreUnavailable
-from common.store.models import Base
+from common.errors import CronfleetError, StatementTooLarge, StoreUnavailable
+from common.store import schema
+from common.store.schema import SchemaVersion
 
 # What "the database is not there right now" looks like, as opposed to a bad statement.
 STORE_OUTAGES = (OperationalError, InterfaceError, OSError, TimeoutError)
 
+# PostgreSQL (asyncpg) takes at most 32,767 bind parameters in one statement and stock SQLite
+# builds 32,766. No statement may come near: statements are chunked (``common.store.chunks``), and
+# one that grows past this anyway is refused here, on every database, before the driver sees it.
+MAX_STATEMENT_PARAMETERS = 16_000
+
 
 class Store:
-    """An open database: an engine and a session factory. ``open`` creates missing tables."""
+    """An open database: an engine and a session factory."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, schema_name: str | None = None) -> None:
         self.engine = engine
+        self.schema_name = schema_name
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
 
     @property
@@ -28,26 +35,65 @@ class Store:
         """``sqlite`` or ``postgresql``."""
         return self.engine.dialect.name
 
-    @classmethod
-    async def open(cls, url: str, schema: str | None = None) -> Store:
-        """Connect to ``url`` (an async SQLAlchemy URL) and create the tables that are missing.
+    @property
+    def where(self) -> str:
+        """The database's URL without its password, for messages."""
+        return self.engine.url.render_as_string(hide_password=True)
 
-        On PostgreSQL, ``schema`` (created if needed) holds the tables. Raises StoreUnavailable
-        with the reason in one line.
+    @classmethod
+    async def connect(cls, url: str, schema_name: str | None = None) -> Store:
+        """Connect to ``url`` (an async SQLAlchemy URL) whatever its schema version.
+
+        On PostgreSQL, ``schema_name`` (created if needed) holds the tables. Raises
+        StoreUnavailable with the reason in one line.
         """
-        engine = _engine(url, schema)
+        engine = _engine(url, schema_name)
         try:
             async with engine.begin() as connection:
-                if schema and engine.dialect.name == "postgresql":
-                    await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-                await connection.run_sync(Base.metadata.create_all)
+                if schema_name and engine.dialect.name == "postgresql":
+                    await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema_name}"'))
         except (SQLAlchemyError, OSError) as exc:
             await engine.dispose()
-            reason = getattr(exc, "orig", None) or exc
-            raise StoreUnavailable(
-                f"cannot open the store at {engine.url.render_as_string(hide_password=True)}: {reason}"
-            ) from exc
-        return cls(engine)
+            raise _unavailable(engine, exc) from exc
+        return cls(engine, schema_name)
+
+    @property
+    def url(self) -> str:
+        """The database's URL, password included (never print it: see ``where``)."""
+        return self.engine.url.render_as_string(hide_password=False)
+
+    @classmethod
+    async def open(cls, url: str, schema_name: str | None = None, *, upgrade: bool = False) -> Store:
+        """Connect to ``url`` and make sure its schema is the one this code was written for.
+
+        With ``upgrade``, an older (or empty) schema is first migrated to this code's head.
+        Raises SchemaMismatch, in one line saying what to do, when the schema is not current,
+        and StoreUnavailable when the database cannot be reached.
+        """
+        store = await cls.connect(url, schema_name)
+        try:
+            version = await (store.upgrade() if upgrade else store.schema_version())
+            schema.require_current(version, store.where)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def schema_version(self) -> SchemaVersion:
+        """Where this database's schema is, against this code's head revision."""
+        try:
+            return await schema.schema_version(self.engine)
+        except (SQLAlchemyError, OSError) as exc:
+            raise _unavailable(self.engine, exc) from exc
+
+    async def upgrade(self, target: str = "head") -> SchemaVersion:
+        """Migrate this database to ``target``; see ``common.store.schema.upgrade``."""
+        try:
+            return await schema.upgrade(self.engine, target)
+        except CronfleetError:
+            raise
+        except (SQLAlchemyError, OSError) as exc:
+            raise _unavailable(self.engine, exc) from exc
 
     async def close(self) -> None:
         """Release every connection."""
@@ -58,15 +104,22 @@ class Store:
         return self.sessions()
 
 
-def _engine(url: str, schema: str | None) -> AsyncEngine:
+def _unavailable(engine: AsyncEngine, exc: BaseException) -> StoreUnavailable:
+    reason = getattr(exc, "orig", None) or exc
+    where = engine.url.render_as_string(hide_password=True)
+    return StoreUnavailable(f"cannot open the store at {where}: {reason}")
+
+
+def _engine(url: str, schema_name: str | None) -> AsyncEngine:
     options: dict[str, Any] = {}
     if url.startswith("sqlite"):
         options["connect_args"] = {"timeout": 30}
-    elif schema:
-        options["connect_args"] = {"server_settings": {"search_path": schema}}
+    elif schema_name:
+        options["connect_args"] = {"server_settings": {"search_path": schema_name}}
     engine = create_async_engine(url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    event.listen(engine.sync_engine, "before_cursor_execute", _refuse_huge_statements)
     return engine
 
 
@@ -76,6 +129,24 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def statement_parameters(parameters: Any, executemany: bool) -> int:
+    """How many bind parameters one execution of a statement carries (per row for executemany)."""
+    if executemany:
+        return len(parameters[0]) if parameters else 0
+    return len(parameters) if parameters else 0
+
+
+def _refuse_huge_statements(
+    _connection: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool
+) -> None:
+    count = statement_parameters(parameters, executemany)
+    if count > MAX_STATEMENT_PARAMETERS:
+        raise StatementTooLarge(
+            f"a statement with {count} bind parameters (at most {MAX_STATEMENT_PARAMETERS}): "
+            f"{statement[:80]!r}... must be chunked"
+        )
 
 
 def dialect_insert(dialect: str, table: Any) -> postgresql.Insert | sqlite.Insert:

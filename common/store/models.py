@@ -1,14 +1,18 @@
 """Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, leases.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
+These classes describe the schema at the newest migration (``common/store/migrations``); a change
+here needs a new revision, and ``tests/integration/test_migrations.py`` fails until it has one.
 """
 
 from __future__ import annotations
 
+import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     Index,
@@ -16,10 +20,16 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
-    UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from common.messages import HeartbeatKind, RunStatus
+
+
+def _one_of(column: str, values: type[enum.StrEnum] | tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -58,10 +68,10 @@ class JobRow(Base):
 
 
 class FireRow(Base):
-    """A fire time claimed by a scheduler: at most one per (job, scheduled time)."""
+    """A fire time claimed by a scheduler: at most one per (job, scheduled time), which is what
+    the trigger id says (``job@scheduled-time``)."""
 
     __tablename__ = "fires"
-    __table_args__ = (UniqueConstraint("job", "scheduled_at", name="uq_fires_job_scheduled"),)
 
     trigger_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     job: Mapped[str] = mapped_column(String(64))
@@ -75,13 +85,23 @@ class FireRow(Base):
     body: Mapped[str] = mapped_column(Text)
 
 
-Index("ix_fires_unpublished", FireRow.published_at, FireRow.claimed_at)
+# Only the few fires still waiting for the broker: the outbox sweep reads them every second.
+_UNPUBLISHED = text("published_at IS NULL")
+Index("ix_fires_unpublished", FireRow.claimed_at, postgresql_where=_UNPUBLISHED, sqlite_where=_UNPUBLISHED)
+Index("ix_fires_expires", FireRow.expires_at)
+
+
+RUN_SOURCES = ("worker", "heartbeat")
 
 
 class RunRow(Base):
     """One execution of a job (by a worker), or one start/finish reported by heartbeats."""
 
     __tablename__ = "runs"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", RunStatus), name="ck_runs_status"),
+        CheckConstraint(_one_of("source", RUN_SOURCES), name="ck_runs_source"),
+    )
 
     # Worker runs use the run id of their events; heartbeat runs "hb:" + the heartbeat id.
     run_id: Mapped[str] = mapped_column(String(255), primary_key=True)
@@ -103,12 +123,15 @@ class RunRow(Base):
 
 
 Index("ix_runs_job_started", RunRow.job, RunRow.started_at)
+Index("ix_runs_started", RunRow.started_at)
+Index("ix_runs_finished", RunRow.finished_at)
 
 
 class HeartbeatRow(Base):
     """A job heartbeat, kept once by its producer-chosen id."""
 
     __tablename__ = "heartbeats"
+    __table_args__ = (CheckConstraint(_one_of("kind", HeartbeatKind), name="ck_heartbeats_kind"),)
 
     id: Mapped[str] = mapped_column(String(200), primary_key=True)
     job: Mapped[str] = mapped_column(String(64), index=True)
@@ -118,10 +141,18 @@ class HeartbeatRow(Base):
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+Index("ix_heartbeats_at", HeartbeatRow.at)
+
+
 class JobStateRow(Base):
     """What the monitor knows of a job now: its last run and when the next one is due."""
 
     __tablename__ = "job_state"
+    __table_args__ = (
+        CheckConstraint(
+            f"last_status IS NULL OR {_one_of('last_status', RunStatus)}", name="ck_job_state_last_status"
+        ),
+    )
 
     job: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_run_id: Mapped[str | None] = mapped_column(String(255), nullable=True)

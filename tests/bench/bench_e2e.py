@@ -265,7 +265,7 @@ async def trigger_throughput(
     settings: Settings, n: int, batch: int, jobs: int, fleet: Fleet
 ) -> tuple[Throughput, Trigger]:
     """Publish ``n`` triggers as the scheduler does; time until ``n`` runs are recorded."""
-    store = await Store.open(settings.database_url)
+    store = await Store.open(settings.database_url, upgrade=True)
     connection = await connect(settings.amqp_url, "bench-publisher", wait=False)
     try:
         specs = bench_jobs(jobs, "*/5 * * * *")
@@ -364,7 +364,7 @@ async def settle_runs(store: Store, triggers: int, *, stall: float = 30.0) -> bo
 
 async def fire_lag(settings: Settings, jobs: int, seconds: float, fleet: Fleet) -> FireLag:
     """Run the real scheduler on ``jobs`` every-second jobs for ``seconds``; read the fires table."""
-    store = await Store.open(settings.database_url)
+    store = await Store.open(settings.database_url, upgrade=True)
     try:
         await apply_jobs(store, bench_jobs(jobs, "* * * * * *"), utcnow())
         await fleet.start()

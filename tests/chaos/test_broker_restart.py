@@ -35,7 +35,7 @@ async def chaos_settings(private_broker: PrivateBroker, tmp_path: Path) -> Setti
 
 @pytest.fixture
 async def chaos_store(chaos_settings: Settings) -> AsyncIterator[Store]:
-    store = await Store.open(chaos_settings.database_url)
+    store = await Store.open(chaos_settings.database_url, upgrade=True)
     yield store
     await store.close()
 

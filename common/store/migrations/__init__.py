@@ -1,0 +1,1 @@
+"""Alembic migrations of the cronfleet store: one revision per schema change, from the baseline."""

@@ -1,0 +1,61 @@
+"""Forgetting old history in small batches: runs, heartbeats and fires past their age.
+
+Each batch is its own short transaction (``PURGE_BATCH`` rows), so a purge never holds a long
+lock and never builds a statement that grows with the data. What is kept: jobs, each job's
+state, leases, every run still running, and every fire not yet published that has not expired.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import ColumnElement, delete, select
+from sqlalchemy.orm import InstrumentedAttribute
+
+from common.store.chunks import PURGE_BATCH
+from common.store.database import Store
+from common.store.models import Base, FireRow, HeartbeatRow, RunRow
+
+
+@dataclass(frozen=True)
+class Purged:
+    """How many rows of each table a purge removed."""
+
+    runs: int = 0
+    heartbeats: int = 0
+    fires: int = 0
+
+    @property
+    def total(self) -> int:
+        """Rows removed in all."""
+        return self.runs + self.heartbeats + self.fires
+
+
+async def purge(store: Store, older_than: timedelta, now: datetime, *, batch: int = PURGE_BATCH) -> Purged:
+    """Delete finished runs, heartbeats and fires older than ``older_than`` before ``now``.
+
+    A run counts from when it finished (a run still running is never purged), a heartbeat from
+    its instant, a fire from its expiry (an expired fire can never be published again).
+    """
+    cutoff = now - older_than
+    return Purged(
+        runs=await _purge(store, RunRow, RunRow.run_id, RunRow.finished_at < cutoff, batch),
+        heartbeats=await _purge(store, HeartbeatRow, HeartbeatRow.id, HeartbeatRow.at < cutoff, batch),
+        fires=await _purge(store, FireRow, FireRow.trigger_id, FireRow.expires_at < cutoff, batch),
+    )
+
+
+async def _purge(
+    store: Store, table: type[Base], key: InstrumentedAttribute[str], old: ColumnElement[bool], batch: int
+) -> int:
+    """Delete the rows matching ``old``, ``batch`` keys per transaction, until none is left."""
+    removed = 0
+    while True:
+        oldest = select(key).where(old).limit(batch).scalar_subquery()
+        async with store.session() as session, session.begin():
+            result = await session.execute(delete(table).where(key.in_(oldest)))
+        count = int(getattr(result, "rowcount", 0) or 0)
+        removed += count
+        if count < batch:
+            return removed
