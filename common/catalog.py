@@ -10,6 +10,7 @@ from sqlalchemy import delete, select
 
 from common.jobs import JobSpec, spec_from_json
 from common.store import JobRow, Store
+from common.store.chunks import IN_LIST_CHUNK, chunks
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,16 @@ class JobsDiff:
 
 async def load_jobs(store: Store, names: Collection[str] | None = None) -> list[JobSpec]:
     """Every job in the store (or those of ``names``), enabled or not, by name."""
-    query = select(JobRow.spec).order_by(JobRow.name)
-    if names is not None:
-        query = query.where(JobRow.name.in_(list(names)))
+    if names is None:
+        async with store.session() as session:
+            rows = (await session.execute(select(JobRow.spec).order_by(JobRow.name))).scalars()
+            return [spec_from_json(spec) for spec in rows]
+    specs: list[JobSpec] = []
     async with store.session() as session:
-        rows = (await session.execute(query)).scalars()
-        return [spec_from_json(spec) for spec in rows]
+        for some in chunks(sorted(names), IN_LIST_CHUNK):
+            rows = (await session.execute(select(JobRow.spec).where(JobRow.name.in_(some)))).scalars()
+            specs.extend(spec_from_json(spec) for spec in rows)
+    return sorted(specs, key=lambda spec: spec.name)
 
 
 async def load_fingerprints(store: Store) -> dict[str, str]:
@@ -75,8 +80,9 @@ async def apply_jobs(
                 _fill(row, spec, now)
         if prune:
             diff.removed.extend(sorted(set(existing) - set(wanted)))
-            if diff.removed and not dry_run:
-                await session.execute(delete(JobRow).where(JobRow.name.in_(diff.removed)))
+            if not dry_run:
+                for some in chunks(diff.removed, IN_LIST_CHUNK):
+                    await session.execute(delete(JobRow).where(JobRow.name.in_(some)))
     return diff
 
 

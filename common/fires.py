@@ -20,6 +20,7 @@ from common.clock import utcnow
 from common.errors import BrokerUnavailable
 from common.messages import Trigger
 from common.store import FireRow, Store, dialect_insert
+from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 
 log = logging.getLogger("cronfleet.fires")
 
@@ -60,14 +61,16 @@ async def claim(
         }
         for t, fire in zip(triggers, fires, strict=True)
     ]
-    statement = (
-        dialect_insert(store.dialect, FireRow)
-        .values(rows)
-        .on_conflict_do_nothing()
-        .returning(FireRow.trigger_id)
-    )
+    claimed: set[str] = set()
     async with store.session() as session, session.begin():
-        claimed = set((await session.execute(statement)).scalars())
+        for some in chunks(rows, rows_per_insert(len(rows[0]))):
+            statement = (
+                dialect_insert(store.dialect, FireRow)
+                .values(list(some))
+                .on_conflict_do_nothing()
+                .returning(FireRow.trigger_id)
+            )
+            claimed.update((await session.execute(statement)).scalars())
     return [fire for fire in fires if fire.trigger_id in claimed]
 
 
@@ -86,9 +89,10 @@ async def publish(store: Store, publisher: Publisher, fires: Sequence[PendingFir
     if done:
         # Marked before anything else can fail: a confirmed fire left unmarked would be sent again.
         async with store.session() as session, session.begin():
-            await session.execute(
-                update(FireRow).where(FireRow.trigger_id.in_(done)).values(published_at=confirmed_at)
-            )
+            for some in chunks(done, IN_LIST_CHUNK):
+                await session.execute(
+                    update(FireRow).where(FireRow.trigger_id.in_(some)).values(published_at=confirmed_at)
+                )
     for fire, result in zip(fires, results, strict=True):
         if isinstance(result, BaseException):
             if not isinstance(result, BrokerUnavailable):

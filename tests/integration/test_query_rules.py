@@ -1,0 +1,227 @@
+"""The query rules of docs/development.md, checked: no statement grows with the data, hot queries
+use an index, and old history is purged in small batches."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from sqlalchemy import Engine, event, func, select, text
+
+from common import fires
+from common.bus import Publisher
+from common.catalog import apply_jobs, load_jobs
+from common.clock import utcnow
+from common.errors import StatementTooLarge
+from common.jobs import JobSpec
+from common.messages import RunStatus
+from common.settings import Settings
+from common.store import FireRow, HeartbeatRow, JobRow, RunRow, Store
+from common.store.chunks import IN_LIST_CHUNK, INSERT_PARAMETERS_CHUNK
+from common.store.database import MAX_STATEMENT_PARAMETERS, statement_parameters
+from common.store.retention import purge
+from common.topology import Topology
+from tests.conftest import Start
+from tests.fleet import cronfleet, eventually
+from tests.integration.helpers import apply_toml, runs_of
+
+# More than PostgreSQL's 32,767 bind parameters once multiplied by any table's columns, and more
+# than the store's own per-statement limit as a plain IN list.
+MANY = MAX_STATEMENT_PARAMETERS + 1000
+
+
+def _job(name: str) -> JobSpec:
+    return JobSpec.model_validate(
+        {"name": name, "schedule": "*/5 * * * *", "action": {"type": "shell", "argv": ["true"]}}
+    )
+
+
+@pytest.fixture
+def largest_statement() -> Iterator[list[int]]:
+    """The largest number of bind parameters any statement of this test carried, as [n]."""
+    largest = [0]
+
+    def measure(*args: Any) -> None:
+        _conn, _cursor, _statement, parameters, _context, executemany = args
+        largest[0] = max(largest[0], statement_parameters(parameters, executemany))
+
+    event.listen(Engine, "before_cursor_execute", measure)
+    yield largest
+    event.remove(Engine, "before_cursor_execute", measure)
+
+
+async def test_a_statement_that_would_outgrow_the_databases_is_refused_on_every_store(store: Store) -> None:
+    names = [f"j{i}" for i in range(MANY)]
+    with pytest.raises(StatementTooLarge, match="must be chunked"):
+        async with store.session() as session:
+            await session.execute(select(JobRow.name).where(JobRow.name.in_(names)))
+
+
+async def test_more_fires_than_a_statement_can_carry_are_claimed_and_published(
+    settings: Settings, store: Store, amqp: AbstractRobustConnection, largest_statement: list[int]
+) -> None:
+    topology = Topology(settings.namespace)
+    publisher = await Publisher.open(amqp, topology, settings.keyring())
+    await topology.declare_pool(publisher.channel, "default")
+    job = _job("many")
+    now = utcnow()
+    # 5,000 fires: unchunked, the INSERT would carry 45,000 parameters and the UPDATE 5,000.
+    count = 5000
+    triggers = [job.trigger_at(now - timedelta(seconds=i), now) for i in range(count)]
+
+    won = await fires.claim(store, triggers, "scheduler-1", now)
+    assert len(won) == count
+    assert await fires.claim(store, triggers[:10], "scheduler-2", now) == []  # claimed once
+    assert await fires.publish(store, publisher, won) == count
+
+    async with store.session() as session:
+        published = await session.scalar(
+            select(func.count()).select_from(FireRow).where(FireRow.published_at.is_not(None))
+        )
+    assert published == count
+    assert 0 < largest_statement[0] <= max(IN_LIST_CHUNK, INSERT_PARAMETERS_CHUNK) < count
+
+
+async def test_applying_and_removing_more_jobs_than_a_statement_can_carry(
+    store: Store, largest_statement: list[int]
+) -> None:
+    specs = [_job(f"job-{i:05d}") for i in range(MANY)]
+    diff = await apply_jobs(store, specs, utcnow())
+    assert len(diff.added) == MANY
+    assert len(await load_jobs(store, [s.name for s in specs])) == MANY
+
+    diff = await apply_jobs(store, specs[:1], utcnow())
+    assert len(diff.removed) == MANY - 1
+    assert [s.name for s in await load_jobs(store)] == [specs[0].name]
+    assert 0 < largest_statement[0] <= MAX_STATEMENT_PARAMETERS
+
+
+# Statements that read a whole table on purpose, and why. Anything else scanning a table fails.
+FULL_SCANS_ALLOWED = {
+    "jobs": "apply compares the file with every job, and the scheduler's reload reads every "
+    "fingerprint (issue 16 replaces that with a version counter)",
+    "job_state": "`status` shows every job",
+}
+_FULL_SCAN = re.compile(r"^SCAN (\w+)$")
+
+
+@pytest.mark.parametrize("settings", ["sqlite"], indirect=True)
+async def test_every_query_of_the_running_fleet_uses_an_index(
+    settings: Settings, store: Store, fleet: Start
+) -> None:
+    captured: dict[str, Any] = {}
+
+    def capture(*args: Any) -> None:
+        _conn, _cursor, statement, parameters, _context, executemany = args
+        if not executemany and statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE")):
+            captured.setdefault(statement, parameters)
+
+    event.listen(Engine, "before_cursor_execute", capture)
+    try:
+        await apply_toml(
+            store,
+            '[jobs.every]\nschedule = "* * * * * *"\naction = { type = "shell", argv = ["true"] }\n'
+            '[jobs.outside]\nschedule = "@daily"\n',
+        )
+        await fleet("monitor", "worker", "scheduler")
+        await eventually(lambda: runs_of(store, "every", status=RunStatus.SUCCEEDED.value))
+        assert cronfleet(settings, "ping", "outside", "--start").returncode == 0
+        assert cronfleet(settings, "ping", "outside").returncode == 0
+        await eventually(lambda: runs_of(store, "outside", status=RunStatus.SUCCEEDED.value))
+        for command in (
+            ["runs"],
+            ["runs", "every"],
+            ["status"],
+            ["jobs"],
+            ["db", "purge", "--older-than", "1d"],
+        ):
+            assert cronfleet(settings, *command).returncode in (0, 1), command
+    finally:
+        event.remove(Engine, "before_cursor_execute", capture)
+
+    scans: dict[str, list[str]] = {}
+    async with store.engine.connect() as connection:
+        for statement, parameters in captured.items():
+            if "sqlite_master" in statement or "alembic_version" in statement:
+                continue
+            plan = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            for row in plan:
+                found = _FULL_SCAN.match(row[-1])
+                if found and found.group(1) not in FULL_SCANS_ALLOWED:
+                    scans.setdefault(found.group(1), []).append(" ".join(statement.split())[:160])
+    print(f"{len(captured)} distinct statements explained")
+    assert len(captured) > 10, "the fleet ran too few statements to judge"
+    assert scans == {}, f"full table scans on hot paths: {scans}"
+
+
+async def test_purge_deletes_old_history_in_batches_and_keeps_what_is_live(store: Store) -> None:
+    now = utcnow()
+    old, recent = now - timedelta(days=40), now - timedelta(days=1)
+    async with store.session() as session, session.begin():
+        for i in range(25):
+            session.add(_run(f"old-{i}", started=old, finished=old))
+            session.add(HeartbeatRow(id=f"old-{i}", job="j", kind="success", at=old))
+            session.add(_fire(f"j@old-{i}", expires=old))
+        session.add(_run("still-running", started=old, finished=None))
+        session.add(_run("recent", started=recent, finished=recent))
+        session.add(HeartbeatRow(id="recent", job="j", kind="success", at=recent))
+        session.add(_fire("j@pending", expires=now + timedelta(minutes=5)))
+
+    purged = await purge(store, timedelta(days=30), now, batch=10)
+
+    assert (purged.runs, purged.heartbeats, purged.fires) == (25, 25, 25)
+    async with store.session() as session:
+        runs = set((await session.execute(select(RunRow.run_id))).scalars())
+        beats = set((await session.execute(select(HeartbeatRow.id))).scalars())
+        pending = set((await session.execute(select(FireRow.trigger_id))).scalars())
+    assert runs == {"still-running", "recent"} and beats == {"recent"} and pending == {"j@pending"}
+    assert (await purge(store, timedelta(days=30), now)).total == 0
+
+
+def test_db_purge_takes_an_age_and_says_what_it_removed(settings: Settings) -> None:
+    result = cronfleet(settings, "db", "purge", "--older-than", "30d")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "purged 0 run(s), 0 heartbeat(s) and 0 fire(s) older than 30d"
+    bad = cronfleet(settings, "db", "purge", "--older-than", "a while")
+    assert bad.returncode == 1 and "like 30d, 12h or 90m" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _run(run_id: str, *, started: Any, finished: Any) -> RunRow:
+    return RunRow(
+        run_id=run_id,
+        job="j",
+        source="worker",
+        status=RunStatus.RUNNING.value if finished is None else RunStatus.SUCCEEDED.value,
+        started_at=started,
+        finished_at=finished,
+    )
+
+
+def _fire(trigger_id: str, *, expires: Any) -> FireRow:
+    return FireRow(
+        trigger_id=trigger_id,
+        job="j",
+        scheduled_at=expires,
+        expires_at=expires,
+        claimed_by="s",
+        claimed_at=expires,
+        published_at=None,
+        pool="default",
+        manual=False,
+        body="{}",
+    )
+
+
+async def test_the_unpublished_fires_index_holds_only_unpublished_fires(store: Store) -> None:
+    described = {
+        "sqlite": "SELECT sql FROM sqlite_master WHERE name = 'ix_fires_unpublished'",
+        "postgresql": "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_fires_unpublished' "
+        "AND schemaname = current_schema()",
+    }[store.dialect]
+    async with store.engine.connect() as connection:
+        sql = await connection.scalar(text(described))
+    assert sql is not None and re.search(r"WHERE \(?published_at IS NULL\)?", sql), sql
