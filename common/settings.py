@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.durations import parse_duration
 from common.errors import ConfigError
 from common.signing import Keyring
 
@@ -40,6 +42,21 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     jobs_reload_seconds: float = Field(default=2.0, gt=0)
     drain_seconds: float = Field(default=25.0, ge=0)
+    # When set (e.g. "30d"), the monitor purges finished runs, heartbeats and expired fires
+    # older than this, every ``retention_check_seconds``.
+    retention: str | None = None
+    retention_check_seconds: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
+
+    @field_validator("retention")
+    @classmethod
+    def _a_duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    def retention_age(self) -> timedelta | None:
+        """How old history may grow before the monitor purges it, or None to keep it all."""
+        return None if self.retention is None else parse_duration(self.retention)
 
     @field_validator("database_url")
     @classmethod
