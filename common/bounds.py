@@ -38,12 +38,13 @@ MAX_JOBS_FILE_BYTES = 64 * 1024 * 1024
 
 
 def _within_range(moment: datetime) -> datetime:
-    moment = moment.astimezone(UTC)
+    # Compare before converting: converting 0001-01-01T00:00:00+14:00 to UTC overflows, and an
+    # OverflowError is not a validation error (it went through every parser and stopped the monitor).
     if not EARLIEST_INSTANT <= moment < LATEST_INSTANT:
         raise ValueError(
             f"instant must be between {EARLIEST_INSTANT.year} and {LATEST_INSTANT.year}, not {moment.year}"
         )
-    return moment
+    return moment.astimezone(UTC)
 
 
 # Any offset is accepted on the wire; inside, every instant is UTC and within range.
