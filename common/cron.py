@@ -4,10 +4,24 @@ Schedules have 5 fields (minute first) or 6 (seconds first), or a macro such as 
 Daylight-saving nights follow cronie: a fixed-time job whose wall time is repeated when clocks go
 back fires once, at the first occurrence; a wall time skipped when clocks go forward fires right
 after the gap. The next fire is always strictly later than ``after``.
+
+Only what every process evaluates identically is accepted, since each scheduler computes the fires
+itself and they must agree to the instant:
+
+- numbers, month and weekday names (``JAN``, ``MON``), ``*``, lists ``,``, ranges ``-``, steps ``/``;
+- ``?`` in the day-of-month or weekday field (the same as ``*``);
+- ``L`` (the last day of the month; ``L5``, the last Friday), ``#`` (``1#2``, the second Monday)
+  and ``W`` (``15W``, the weekday nearest the 15th): pure calendar arithmetic, the same in every
+  process.
+
+Refused: croniter's ``R`` (random: each process would draw its own value, so two schedulers fire at
+different instants), Jenkins' ``H`` (hashed: croniter needs a seed the scheduler does not give it;
+write the value yourself), its seventh year field, and anything but printable ASCII.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from functools import lru_cache
@@ -15,10 +29,17 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterError, croniter
 
+from common.bounds import MAX_SCHEDULE_LENGTH, MAX_TIMEZONE_LENGTH
+
 MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
 # A valid expression yields a new candidate each step; the bound only stops a pathological
 # expression (say, 30 February) from looping, it never limits a real schedule.
 _MAX_STEPS = 64
+_CHARACTERS = re.compile(r"[A-Za-z0-9*,\-/?#@() \t\r\n]+")
+# croniter's random and hashed forms: R, R(0-5), R/10, H(0-29)/10 (a whole list item).
+_RANDOM_OR_HASHED = re.compile(r"(?:^|,)([rh])(?:\(\d+-\d+\))?(?:/\d+)?(?=,|$)", re.IGNORECASE)
+# What an IANA name may hold: letters, digits, '_', '-', '+', in '/'-separated parts.
+_ZONE_NAME = re.compile(r"[A-Za-z0-9_+\-]+(?:/[A-Za-z0-9_+\-]+)*")
 
 
 @dataclass(frozen=True)
@@ -32,7 +53,15 @@ class Schedule:
 
 @lru_cache(maxsize=8192)
 def parse_schedule(text: str) -> Schedule:
-    """Parse and validate ``text``. Raises ValueError with a plain reason when it is not cron."""
+    """Parse and validate ``text``. Raises ValueError with a plain reason when it is not cron,
+    or when it is a form processes could evaluate differently (see the module's docstring)."""
+    if len(text) > MAX_SCHEDULE_LENGTH:
+        raise ValueError(f"the schedule is too long ({len(text)} characters, at most {MAX_SCHEDULE_LENGTH})")
+    if text and not _CHARACTERS.fullmatch(text):
+        odd = next(c for c in text if not _CHARACTERS.fullmatch(c))
+        raise ValueError(
+            f"the schedule holds the character {odd!r}; cron uses ASCII digits, names and * , - / ? L W #"
+        )
     expression = " ".join(text.split())
     if not expression:
         raise ValueError("the schedule is empty")
@@ -46,7 +75,23 @@ def parse_schedule(text: str) -> Schedule:
             f"a schedule has 5 fields (minute hour day month weekday) or 6 (seconds first), not {len(fields)}"
         )
     has_seconds = len(fields) == 6
-    if not croniter.is_valid(expression, second_at_beginning=has_seconds):
+    for field in fields:
+        found = _RANDOM_OR_HASHED.search(field)
+        if found and found.group(1).lower() == "r":
+            raise ValueError(
+                f"{field!r} is croniter's random form: each scheduler would draw its own value and "
+                "fire at a different instant; write the value itself"
+            )
+        if found:
+            raise ValueError(
+                f"{field!r} is a hashed ('H') form, which cronfleet does not support; write the value itself"
+            )
+    try:
+        valid = croniter.is_valid(expression, second_at_beginning=has_seconds)
+    # is_valid only catches croniter's own errors; any other is still a text it cannot read.
+    except (TypeError, IndexError, KeyError, ValueError):
+        valid = False
+    if not valid:
         raise ValueError(f"{expression!r} is not a valid cron expression")
     hour = fields[2] if has_seconds else fields[1]
     # As cronie: an hour field starting with '*' (every hour, or a step) follows real time on
@@ -69,11 +114,21 @@ _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def parse_timezone(name: str) -> ZoneInfo:
-    """The IANA time zone called ``name``. Raises ValueError when there is none."""
+    """The IANA time zone called ``name``. Raises ValueError when there is none (or when the name
+    could not be one: too long, odd characters, a path)."""
+    if len(name) > MAX_TIMEZONE_LENGTH:
+        raise ValueError(
+            f"the time zone name is too long ({len(name)} characters, at most {MAX_TIMEZONE_LENGTH})"
+        )
+    unknown = ValueError(f"unknown time zone {name!r} (use an IANA name like 'Europe/Paris')")
+    if not _ZONE_NAME.fullmatch(name):
+        raise unknown
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"unknown time zone {name!r} (use an IANA name like 'Europe/Paris')") from exc
+    # A directory ("America") or an unreadable file is an OSError; a file that is not a zone, a
+    # ValueError.
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
+        raise unknown from exc
 
 
 # Many jobs share a schedule and fire at the same instants: their next fires are computed once.

@@ -127,3 +127,79 @@ def test_unknown_time_zones_say_so() -> None:
 def test_naive_instants_are_refused() -> None:
     with pytest.raises(ValueError, match="aware"):
         next_fire("* * * * *", UTC, datetime(2026, 1, 1))
+
+
+# -- only what every scheduler evaluates identically (issue 12) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # croniter draws R afresh in each process: two schedulers fired at different instants.
+        ("R * * * *", "random"),
+        ("r * * * *", "random"),
+        ("0 R(0-5) * * *", "random"),
+        ("*/5 * * * * R", "random"),
+        ("0 0 * * R", "random"),
+        ("H * * * *", "hashed"),
+        ("H(0-29)/10 * * * *", "hashed"),
+        ("0 h * * *", "hashed"),
+        ("x" * 2000, "too long"),
+        ("0 0 * * 1\x00", "character"),
+        ("0 0 * * 1\u00a0", "character"),
+        ("٣ * * * *", "character"),
+        ("0 0 0 1 1 * 2030", "not 7"),  # croniter's year field
+        ("@reboot", "unknown macro"),
+        ("@every 5m", "unknown macro"),
+        ("0 0 LW * *", "not a valid cron expression"),
+    ],
+)
+def test_schedules_that_processes_could_disagree_on_are_refused(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_schedule(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Month and weekday names are not R or H, though they contain those letters.
+        ("0 0 * MAR,APR THU,FRI", "2026-03-05T00:00"),
+        ("0 0 ? * MON", "2026-01-05T00:00"),  # '?' is '*'
+        ("0 0 L * *", "2026-01-31T00:00"),  # the last day of the month
+        ("0 0 * * L5", "2026-01-30T00:00"),  # the last Friday of the month
+        ("0 0 * * 1#2", "2026-01-12T00:00"),  # the second Monday
+        ("0 0 15W * *", "2026-01-15T00:00"),  # the weekday nearest the 15th
+        ("0 0 17W 1 *", "2026-01-16T00:00"),  # the 17th is a Saturday
+    ],
+)
+def test_deterministic_extensions_are_accepted(text: str, expected: str) -> None:
+    after = datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)
+    assert next_fire(text, UTC, after).strftime("%Y-%m-%dT%H:%M") == expected
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="0123456789*,-/?#@LWlwHhRr()JANFEBMARSUNMONabc \t\x00é", max_size=40))
+def test_any_text_is_a_schedule_or_a_value_error(text: str) -> None:
+    try:
+        schedule = parse_schedule(text)
+    except ValueError:
+        return
+    assert "r" not in schedule.text.lower().replace("mar", "").replace("apr", "").replace("fri", "")
+    next_fire(schedule.text, UTC, datetime(2026, 1, 1, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("a" * 5000, "too long"),
+        ("America", "unknown time zone"),
+        ("../etc/passwd", "unknown time zone"),
+        ("/etc/localtime", "unknown time zone"),
+        ("Europe/Paris\x00", "unknown time zone"),
+        ("zone.tab", "unknown time zone"),
+        ("", "unknown time zone"),
+    ],
+)
+def test_odd_time_zone_names_are_a_value_error(name: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_timezone(name)
