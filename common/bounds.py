@@ -65,3 +65,46 @@ def _no_nul(text: str) -> str:
 # Text that reaches a C API or a database (argv, paths, names): never a NUL.
 CleanText = Annotated[str, AfterValidator(_no_nul)]
 BoundedText = Annotated[str, Field(max_length=MAX_TEXT_LENGTH), AfterValidator(_no_nul)]
+
+
+# -- the jobs file: schedules, zones and actions ------------------------------------------------
+
+MAX_SCHEDULE_LENGTH = 1024  # a cron expression (lists of every minute and second fit easily)
+MAX_TIMEZONE_LENGTH = 64  # IANA names are at most about 32 characters
+MAX_PATH_BYTES = 4095  # PATH_MAX, with its terminating NUL
+MAX_URL_LENGTH = 2083  # what pydantic's HttpUrl (and old browsers) allow
+MAX_CODES = 256  # success exit codes or expected HTTP statuses of one action
+MAX_HTTP_HEADER_BYTES = 64 * 1024  # all of an http action's header names and values together
+# An action's JSON (its body, argv, env...) travels inside every trigger: with the trigger's other
+# fields it must stay within MAX_MESSAGE_BYTES, however much JSON escaping makes it grow.
+MAX_ACTION_JSON_BYTES = 768 * 1024
+
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # POSIX: what a shell can name; never '='
+HTTP_HEADER_NAME_PATTERN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$"  # an RFC 9110 token
+
+
+# Durations of the jobs file: finite, positive (a grace may be 0) and bounded, so that any instant
+# plus any of them is still an instant every process can hold.
+TimeoutSeconds = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_SECONDS, allow_inf_nan=False)]
+GraceSeconds = Annotated[float, Field(ge=0, le=MAX_GRACE_SECONDS, allow_inf_nan=False)]
+ExpirySeconds = Annotated[float, Field(gt=0, le=MAX_EXPIRY_SECONDS, allow_inf_nan=False)]
+
+
+def utf8_size(text: str) -> int:
+    """How many bytes ``text`` takes in UTF-8. Raises ValueError when it holds a lone surrogate,
+    which no file, JSON body or C API can carry."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from exc
+
+
+def _encodable(text: str) -> str:
+    utf8_size(text)
+    return text
+
+
+# Text a person wrote in a jobs file (a description): bounded, no NUL, valid Unicode.
+PlainText = Annotated[
+    str, Field(max_length=MAX_TEXT_LENGTH), AfterValidator(_no_nul), AfterValidator(_encodable)
+]

@@ -6,7 +6,16 @@ The file is a table of jobs keyed by name::
     schedule = "0 3 * * *"
     action = { type = "shell", argv = ["/usr/local/bin/backup"] }
 
-A bad file raises JobFileError naming the file, the line, the job and the field.
+A bad file raises JobFileError, one line naming the file, the line, the job and the field::
+
+    jobs.toml:12: job 'backup', field timeout_seconds: Input should be a valid number
+    jobs.toml:3:8: not valid TOML: Expected ']' at the end of a table declaration (at line 3, column 8)
+
+Values are strict: no string is read as a number or a boolean (a TOML integer is a good float).
+Every value is bounded (``common.bounds``): durations are finite, timeouts at most 7 days, grace
+and expiry at most a year; integers fit in 64 bits; strings carry no NUL; arguments, environment,
+headers and URLs are what the kernel and HTTP accept. So a job that applies can never stop a
+process that reads it back, plans it or runs it.
 """
 
 from __future__ import annotations
@@ -22,9 +31,18 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from common.actions import Action
+from common.bounds import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_JOBS_FILE_BYTES,
+    ExpirySeconds,
+    GraceSeconds,
+    PlainText,
+    TimeoutSeconds,
+)
 from common.cron import parse_schedule, parse_timezone
 from common.errors import JobFileError
 from common.messages import JOB_NAME_PATTERN, JobName, PoolName, Trigger, trigger_id
@@ -40,11 +58,11 @@ class JobSpec(BaseModel):
     timezone: str = "UTC"
     action: Action | None = None
     pool: PoolName = "default"
-    timeout_seconds: float = Field(default=300.0, gt=0, le=7 * 24 * 3600)
-    expires_after_seconds: float = Field(default=300.0, gt=0)
-    grace_seconds: float = Field(default=60.0, ge=0)
+    timeout_seconds: TimeoutSeconds = 300.0
+    expires_after_seconds: ExpirySeconds = 300.0
+    grace_seconds: GraceSeconds = 60.0
     enabled: bool = True
-    description: str = ""
+    description: PlainText = ""
 
     @field_validator("schedule")
     @classmethod
@@ -89,21 +107,42 @@ class JobSpec(BaseModel):
 def load_jobs_file(path: Path) -> list[JobSpec]:
     """Read and validate every job of a TOML jobs file; all of them or none.
 
-    Raises JobFileError with ``FILE:LINE: job NAME, field FIELD: reason``.
+    Raises JobFileError, one line: ``FILE:LINE: job 'NAME', field FIELD: reason``, or
+    ``FILE:LINE:COL: reason`` where the text itself is at fault (not UTF-8, not TOML).
     """
+    source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_JOBS_FILE_BYTES + 1)
     except OSError as exc:
-        raise JobFileError(f"{path}: cannot read: {exc.strerror}") from exc
-    return parse_jobs(text, str(path))
+        raise JobFileError(_one_line(f"{source}: cannot read: {exc.strerror or exc}")) from exc
+    if len(data) > MAX_JOBS_FILE_BYTES:
+        line = data[:MAX_JOBS_FILE_BYTES].count(b"\n") + 1
+        raise JobFileError(
+            _one_line(f"{source}:{line}: the file is larger than {MAX_JOBS_FILE_BYTES // 2**20} MiB")
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise JobFileError(
+            _one_line(f"{source}:{line}:{column}: not UTF-8 text (byte 0x{data[exc.start]:02x})")
+        ) from exc
+    return parse_jobs(text, source)
 
 
 def parse_jobs(text: str, source: str = "<jobs>") -> list[JobSpec]:
-    """Validate the jobs of a TOML document. See ``load_jobs_file``."""
+    """Validate the jobs of a TOML document. See ``load_jobs_file``. An empty document (or one of
+    comments only) has no jobs: deciding whether that may be applied is the caller's business."""
     try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise JobFileError(f"{source}: not valid TOML: {exc}") from exc
+        return _parse_jobs(text, source)
+    except JobFileError as exc:
+        raise JobFileError(_one_line(str(exc))) from exc.__cause__
+
+
+def _parse_jobs(text: str, source: str) -> list[JobSpec]:
+    document = _read_toml(text, source)
     unknown = sorted(set(document) - {"jobs"})
     if unknown:
         line = _line_of(text, [unknown[0]])
@@ -115,7 +154,7 @@ def parse_jobs(text: str, source: str = "<jobs>") -> list[JobSpec]:
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise JobFileError(f"{source}:{_line_of(text, ['jobs', name])}: job {name!r} must be a table")
-        if not re.match(JOB_NAME_PATTERN, name):
+        if not re.fullmatch(JOB_NAME_PATTERN, name):
             raise JobFileError(
                 f"{source}:{_line_of(text, ['jobs', name])}: job {name!r}, field name: "
                 "use letters, digits, '-' and '_' (at most 64, starting with a letter or digit)"
@@ -125,11 +164,100 @@ def parse_jobs(text: str, source: str = "<jobs>") -> list[JobSpec]:
                 f"{source}:{_line_of(text, ['jobs', name, 'name'])}: job {name!r}, field name: "
                 "the name is the table key, [jobs.NAME]; remove the 'name' field"
             )
+        huge = _integer_beyond_64_bits(table)
+        if huge is not None:
+            raise JobFileError(
+                f"{source}:{_line_of(text, ['jobs', name, *huge])}: job {name!r}, field {'.'.join(huge)}: "
+                "integer out of range (TOML integers are 64-bit)"
+            )
         try:
-            specs.append(JobSpec.model_validate({"name": name, **table}))
+            # Strict: a string is never read as a number or a boolean (an integer is a good float).
+            specs.append(JobSpec.model_validate({"name": name, **table}, strict=True))
         except ValidationError as exc:
             raise JobFileError(_describe(exc, text, source, name)) from exc
     return specs
+
+
+def _read_toml(text: str, source: str) -> dict[str, Any]:
+    """The TOML document, or JobFileError naming where it stops being TOML."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line, column = _position(str(exc), text)
+        raise JobFileError(f"{source}:{line}:{column}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise JobFileError(f"{source}:{_deepest_line(text)}: values nested too deeply") from exc
+    except ValueError as exc:
+        # Python refuses to read an integer of more than 4300 digits (tomllib lets that through).
+        digits = re.search(r"[0-9_]{4300,}", text)
+        if digits is None:
+            raise JobFileError(f"{source}:1: not valid TOML: {exc}") from exc
+        line = text.count("\n", 0, digits.start()) + 1
+        raise JobFileError(f"{source}:{line}: integer out of range (TOML integers are 64-bit)") from exc
+
+
+def _position(message: str, text: str) -> tuple[int, int]:
+    """The line and column tomllib names in ``message`` (Python 3.11 has no attributes for them)."""
+    found = re.search(r"\(at line (\d+), column (\d+)\)$", message)
+    if found:
+        return int(found.group(1)), int(found.group(2))
+    lines = text.split("\n")  # "at end of document"
+    return len(lines), len(lines[-1]) + 1
+
+
+def _deepest_line(text: str) -> int:
+    """The first line where arrays and inline tables nest deepest (strings and comments skipped)."""
+    depth, deepest, line, best = 0, 0, 1, 1
+    quote: str | None = None
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "\n":
+            line += 1
+        if quote is not None:
+            if char == "\\" and quote[0] == '"':
+                index += 1
+                line += text.startswith("\n", index)
+            elif text.startswith(quote, index):
+                index += len(quote) - 1
+                quote = None
+        elif char == "#":
+            newline = text.find("\n", index)
+            index = (len(text) if newline < 0 else newline) - 1
+        elif char in "\"'":
+            quote = char * 3 if text.startswith(char * 3, index) else char
+            index += len(quote) - 1
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, best = depth, line
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        index += 1
+    return best
+
+
+def _integer_beyond_64_bits(table: dict[str, Any]) -> list[str] | None:
+    """The key path of the first integer in ``table`` that does not fit in 64 bits, if any."""
+    stack: list[tuple[list[str], Any]] = [([], table)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            return path
+        if isinstance(value, dict):
+            stack.extend(([*path, str(k)], v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(([*path, str(i)], v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _one_line(message: str) -> str:
+    """``message`` with any character that could break a line or a terminal escaped, shortened."""
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    return escaped if len(escaped) <= _MAX_MESSAGE else escaped[: _MAX_MESSAGE - 3] + "..."
+
+
+_MAX_MESSAGE = 1000
 
 
 def _describe(exc: ValidationError, text: str, source: str, job: str) -> str:
@@ -152,8 +280,9 @@ def _describe(exc: ValidationError, text: str, source: str, job: str) -> str:
 
 
 def _field_path(loc: tuple[int | str, ...]) -> list[str]:
-    # A discriminated union puts the chosen variant ("shell") in the path; it is not a key.
-    return [str(part) for part in loc if part not in ("shell", "http")]
+    # A discriminated union puts the chosen variant ("shell") in the path, and a bad dict key
+    # adds "[key]": neither is a key of the file.
+    return [str(part) or '""' for part in loc if part not in ("shell", "http", "[key]")]
 
 
 def _line_of(text: str, path: Sequence[str]) -> int:
@@ -164,7 +293,7 @@ def _line_of(text: str, path: Sequence[str]) -> int:
     """
     table: list[str] = []
     best_line, best_depth = 1, 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         header = _HEADER.match(line)
         if header:
             table = _split_key(header.group(1))
@@ -186,8 +315,10 @@ def _line_of(text: str, path: Sequence[str]) -> int:
     return best_line
 
 
-_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?")
-_KEY = re.compile(r"""^\s*([A-Za-z0-9_\-."' ]+?)\s*=""")
+# Possessive quantifiers keep these linear: a long line of spaces (in a multi-line string) must
+# not cost quadratic time.
+_HEADER = re.compile(r"^\s*+\[\[?+([^\]]*+)\]")
+_KEY = re.compile(r"""^\s*+([A-Za-z0-9_\-."' \t]++)=""")
 
 
 def _split_key(key: str) -> list[str]:
