@@ -17,7 +17,7 @@ from common.bus import Publisher, connect
 from common.catalog import apply_jobs, find_job, load_jobs
 from common.cli.output import emit
 from common.clock import utcnow
-from common.errors import CronfleetError, NotFound
+from common.errors import CronfleetError, JobFileError, NotFound
 from common.health import JobState, judge
 from common.jobs import load_jobs_file
 from common.messages import ALL_MESSAGES, HeartbeatKind, JobHeartbeat
@@ -49,8 +49,17 @@ async def open_publisher(settings: Settings, name: str) -> AsyncIterator[Publish
 
 
 async def apply(settings: Settings, args: argparse.Namespace) -> int:
-    """``cronfleet apply FILE``: all jobs valid, or nothing changes."""
+    """``cronfleet apply FILE``: all jobs valid, or nothing changes.
+
+    A file with no jobs (empty, or all commented out) would remove every job, since apply prunes:
+    it is refused unless ``--allow-empty`` or ``--prune`` says that is meant. Raises JobFileError.
+    """
     specs = load_jobs_file(args.file)
+    if not specs and not (args.allow_empty or args.prune):
+        raise JobFileError(
+            f"{args.file}:1: the file defines no jobs; applying it would remove every job "
+            "(pass --allow-empty if that is what you mean)"
+        )
     async with open_store(settings) as store:
         diff = await apply_jobs(store, specs, utcnow(), prune=not args.keep, dry_run=args.dry_run)
     verb = "would be " if args.dry_run else ""

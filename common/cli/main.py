@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from common.cli import admin, database, doctor, fleet
-from common.errors import CronfleetError
+from common.errors import CronfleetError, JobFileError
 from common.settings import Settings
 
 Handler = Callable[[Settings, argparse.Namespace], Awaitable[int]]
@@ -46,7 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     apply = command("apply", admin.apply, "validate a TOML jobs file and make the store match it")
     apply.add_argument("file", type=Path)
     apply.add_argument("--dry-run", action="store_true", help="print the changes, make none")
-    apply.add_argument("--keep", action="store_true", help="keep jobs that are not in the file")
+    pruning = apply.add_mutually_exclusive_group()
+    pruning.add_argument("--keep", action="store_true", help="keep jobs that are not in the file")
+    pruning.add_argument(
+        "--prune", action="store_true", help="remove jobs that are not in the file (the default), even all"
+    )
+    apply.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="apply a file with no jobs (removing every job unless --keep)",
+    )
     _json(command("jobs", admin.jobs, "list the jobs"))
     trigger = command("trigger", admin.trigger, "run a job now")
     trigger.add_argument("name")
@@ -92,7 +101,8 @@ def _json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 1 failure, 2 usage, 130 interrupted)."""
+    """Run one command; returns the exit status (0 ok, 1 failure, 2 usage or a jobs file that
+    cannot be applied, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     _configure_logging(args)
     try:
@@ -110,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"cronfleet: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(_cronfleet_error(exc), JobFileError) else 1
 
 
 PROCESS_COMMANDS = ("run", "scheduler", "worker", "monitor")

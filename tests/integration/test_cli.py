@@ -95,7 +95,7 @@ def test_a_bad_jobs_file_names_line_job_and_field_and_changes_nothing(
     assert cronfleet(settings, "apply", str(jobs)).returncode == 0
     jobs.write_text("\n[jobs.bad]\n" + snippet + "\n" + JOBS.replace("alpha", "alpha2"))
     result = cronfleet(settings, "apply", str(jobs))
-    assert result.returncode == 1
+    assert result.returncode == 2
     no_traceback(result)
     assert result.stderr.startswith(f"cronfleet: {jobs}{expected}"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -107,11 +107,11 @@ def test_a_file_that_is_not_toml_is_one_clear_line(settings: Settings, tmp_path:
     jobs = tmp_path / "jobs.toml"
     jobs.write_text("[jobs.x\nschedule = 1\n")
     result = cronfleet(settings, "apply", str(jobs))
-    assert result.returncode == 1
+    assert result.returncode == 2
     no_traceback(result)
     assert "not valid TOML" in result.stderr and "line 1" in result.stderr
     missing = cronfleet(settings, "apply", str(tmp_path / "nope.toml"))
-    assert missing.returncode == 1 and "cannot read" in missing.stderr
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
 async def test_trigger_runs_a_job_now_and_runs_and_status_show_it(
