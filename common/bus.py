@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import decimal
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from common.envelope import (
     REJECTION_DETAIL_HEADER,
     REJECTION_HEADER,
     Rejected,
+    one_line,
 )
 from common.errors import BrokerUnavailable
 from common.messages import WireMessage
@@ -139,10 +141,13 @@ class Publisher:
     async def dead_letter(
         self, message: AbstractIncomingMessage, rejected: Rejected, rejected_by: str
     ) -> None:
-        """Keep a refused ``message`` on the dead-letter queue, unchanged, with why in its headers."""
-        headers = dict(message.headers or {})
+        """Keep a refused ``message`` on the dead-letter queue, unchanged, with why in its headers.
+
+        The body is kept byte for byte; so are the headers, except values AMQP cannot carry back
+        (a header string that was not UTF-8 is kept as a byte array)."""
+        headers = {str(name): amqp_value(value) for name, value in (message.headers or {}).items()}
         headers[REJECTION_HEADER] = rejected.reason.value
-        headers[REJECTION_DETAIL_HEADER] = rejected.detail
+        headers[REJECTION_DETAIL_HEADER] = one_line(rejected.detail)
         headers[REJECTED_BY_HEADER] = rejected_by
         headers[ORIGINAL_ROUTING_KEY_HEADER] = message.routing_key or ""
         headers[ORIGINAL_EXCHANGE_HEADER] = message.exchange or ""
@@ -166,6 +171,29 @@ class Publisher:
             ) from exc
         except CONNECT_ERRORS as exc:
             raise BrokerUnavailable(f"publishing to RabbitMQ failed: {exc or type(exc).__name__}") from exc
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def amqp_value(value: object) -> Any:
+    """``value`` (a decoded header) as something the AMQP encoder can write again.
+
+    The decoder hands back what the encoder refuses: ``bytes`` for a string that was not UTF-8.
+    Those become byte arrays (the same bytes); anything else it cannot write becomes its text.
+    """
+    match value:
+        case bool() | str() | float() | decimal.Decimal() | datetime() | bytearray() | None:
+            return value
+        case int():
+            return value if value in _INT64 else str(value)
+        case bytes():
+            return bytearray(value)
+        case dict():
+            return {str(name): amqp_value(item) for name, item in value.items()}
+        case list() | tuple():
+            return [amqp_value(item) for item in value]
+    return repr(value)
 
 
 async def settle(message: AbstractIncomingMessage, *, ack: bool = True, requeue: bool = False) -> bool:

@@ -14,8 +14,9 @@ from typing import Generic, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
+from common.bounds import MAX_MESSAGE_BYTES
 from common.messages import WIRE_FIELDS
-from common.signing import Keyring, SignatureCheck
+from common.signing import SIGNATURE_HEADER, Keyring, SignatureCheck
 
 M = TypeVar("M")
 
@@ -24,6 +25,9 @@ REJECTION_DETAIL_HEADER = "cronfleet-rejection-detail"
 REJECTED_BY_HEADER = "cronfleet-rejected-by"
 ORIGINAL_EXCHANGE_HEADER = "cronfleet-original-exchange"
 ORIGINAL_ROUTING_KEY_HEADER = "cronfleet-original-routing-key"
+DETAIL_LIMIT = 500
+# A signature is 64 hex digits; a header far longer than that is not one, whatever it holds.
+MAX_SIGNATURE_HEADER_LENGTH = 256
 
 
 class RejectionReason(enum.StrEnum):
@@ -33,7 +37,10 @@ class RejectionReason(enum.StrEnum):
     UNKNOWN_KEY = "unknown_key"
     BAD_SIGNATURE = "bad_signature"
     MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
     EXPIRED = "expired"
+    ID_CONFLICT = "id_conflict"
+    INTERNAL_ERROR = "internal_error"
 
 
 _SIGNATURE_REJECTIONS = {
@@ -67,10 +74,19 @@ def open_envelope(
 ) -> Accepted[M] | Rejected:
     """Verify ``body`` against ``headers``, then parse it with ``adapter``.
 
-    A message whose ``expires_at`` is not after ``now`` is rejected as expired. The signature
-    is checked on the exact bytes received, before any parsing; parsing is strict JSON (no
-    numbers for strings or booleans for numbers) and needs ``v`` and ``type``.
+    A body over ``MAX_MESSAGE_BYTES`` is refused unread. A message whose ``expires_at`` is not
+    after ``now`` is rejected as expired. The signature is checked on the exact bytes received,
+    before any parsing; parsing is strict JSON (no numbers for strings or booleans for numbers)
+    and needs ``v`` and ``type``. Never raises: whatever the bytes or the header values (of any
+    type), the outcome is a value; an exception from the parser itself is ``internal_error``.
     """
+    if len(body) > MAX_MESSAGE_BYTES:
+        return Rejected(
+            RejectionReason.TOO_LARGE, f"the body is {len(body)} bytes; at most {MAX_MESSAGE_BYTES}"
+        )
+    claimed = headers.get(SIGNATURE_HEADER)
+    if isinstance(claimed, str | bytes) and len(claimed) > MAX_SIGNATURE_HEADER_LENGTH:
+        return Rejected(RejectionReason.BAD_SIGNATURE, "signature check: the signature header is too long")
     check = keyring.check(body, headers)
     if check is not SignatureCheck.VALID:
         return Rejected(_SIGNATURE_REJECTIONS[check], f"signature check: {check.value}")
@@ -78,6 +94,8 @@ def open_envelope(
         message = adapter.validate_json(body, strict=True)
     except ValidationError as exc:
         return Rejected(RejectionReason.MALFORMED, _first_error(exc))
+    except Exception as exc:  # a parser bug must not stop a consumer: refuse the message instead
+        return internal_error(exc)
     missing = WIRE_FIELDS - getattr(message, "model_fields_set", WIRE_FIELDS)
     if missing:
         return Rejected(RejectionReason.MALFORMED, f"a message must carry {' and '.join(sorted(missing))}")
@@ -87,9 +105,21 @@ def open_envelope(
     return Accepted(message)
 
 
+def internal_error(exc: BaseException) -> Rejected:
+    """The refusal of a message whose handling raised ``exc`` unexpectedly (a bug, not the sender's
+    fault as far as cronfleet can tell): ``internal_error``, detail ``<ExceptionType>: <message>``."""
+    return Rejected(RejectionReason.INTERNAL_ERROR, one_line(f"{type(exc).__name__}: {exc}"))
+
+
+def one_line(text: str, limit: int = DETAIL_LIMIT) -> str:
+    """``text`` fit for a header or a log line: one line, no NUL, valid UTF-8, at most ``limit``."""
+    cleaned = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    return " ".join(cleaned.split())[:limit]
+
+
 def _first_error(exc: ValidationError) -> str:
     errors = exc.errors(include_url=False)
     first = errors[0]
     where = ".".join(str(part) for part in first["loc"]) or "body"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {first['msg']}{more}"[:500]
+    return one_line(f"{where}: {first['msg']}{more}")

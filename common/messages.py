@@ -11,27 +11,38 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import (
-    AfterValidator,
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from common.actions import Action
+from common.bounds import (
+    EARLIEST_INSTANT,
+    LATEST_INSTANT,
+    MAX_TEXT_LENGTH,
+    MAX_TIMEOUT_SECONDS,
+    BoundedText,
+    CleanText,
+    Instant,
+    Int32,
+    Int64,
+)
 
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-OUTPUT_TAIL_LIMIT = 4096
+OUTPUT_TAIL_LIMIT = MAX_TEXT_LENGTH
+IDENTIFIER_LENGTH = 200
+# No run lasts longer than the span of instants the wire can carry.
+MAX_DURATION_SECONDS = (LATEST_INSTANT - EARLIEST_INSTANT).total_seconds()
+
 
 JobName = Annotated[str, Field(pattern=JOB_NAME_PATTERN)]
 PoolName = Annotated[str, Field(pattern=POOL_PATTERN)]
-Identifier = Annotated[str, Field(min_length=1, max_length=200)]
-# Any offset is accepted on the wire; inside, every instant is UTC.
-Instant = Annotated[AwareDatetime, AfterValidator(lambda moment: moment.astimezone(UTC))]
+# Ids and process names: stored in columns of 200 characters, never a NUL (PostgreSQL refuses it).
+Identifier = Annotated[CleanText, Field(min_length=1, max_length=IDENTIFIER_LENGTH)]
+TimeoutSeconds = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_SECONDS, allow_inf_nan=False)]
+DurationSeconds = Annotated[float, Field(ge=0, le=MAX_DURATION_SECONDS, allow_inf_nan=False)]
+Count = Annotated[Int32, Field(ge=0)]
+# What an HTTP client may hand back: three digits (a server may answer 799; it is still recorded).
+ResponseStatus = Annotated[int, Field(ge=100, le=999)]
 
 
 class RunStatus(enum.StrEnum):
@@ -105,7 +116,7 @@ class Trigger(WireMessage):
     scheduled_at: Instant
     published_at: Instant
     expires_at: Instant
-    timeout_seconds: float = Field(gt=0)
+    timeout_seconds: TimeoutSeconds
     action: Action
     manual: bool = False
 
@@ -135,12 +146,12 @@ class RunFinished(RunEvent):
 
     type: Literal["run.finished"] = "run.finished"
     finished_at: Instant
-    duration_seconds: float = Field(ge=0)
+    duration_seconds: DurationSeconds
     status: RunStatus
-    exit_code: int | None = None
-    http_status: int | None = None
-    output_tail: str | None = Field(default=None, max_length=OUTPUT_TAIL_LIMIT)
-    error: str | None = Field(default=None, max_length=OUTPUT_TAIL_LIMIT)
+    exit_code: Int32 | None = None
+    http_status: ResponseStatus | None = None
+    output_tail: BoundedText | None = None
+    error: BoundedText | None = None
 
     @field_validator("status")
     @classmethod
@@ -157,9 +168,9 @@ class JobHeartbeat(WireMessage):
     id: Identifier
     job: JobName
     kind: HeartbeatKind = HeartbeatKind.SUCCESS
-    exit_code: int | None = None
+    exit_code: Int32 | None = None
     at: Instant
-    message: str | None = Field(default=None, max_length=OUTPUT_TAIL_LIMIT)
+    message: BoundedText | None = None
 
 
 class WorkerHeartbeat(WireMessage):
@@ -169,8 +180,8 @@ class WorkerHeartbeat(WireMessage):
     worker: Identifier
     pool: PoolName
     at: Instant
-    concurrency: int = Field(ge=1)
-    running: int = Field(ge=0)
+    concurrency: Annotated[Int32, Field(ge=1)]
+    running: Count
 
 
 class SchedulerHeartbeat(WireMessage):
@@ -179,7 +190,7 @@ class SchedulerHeartbeat(WireMessage):
     type: Literal["scheduler.heartbeat"] = "scheduler.heartbeat"
     scheduler: Identifier
     at: Instant
-    jobs: int = Field(ge=0)
+    jobs: Annotated[Int64, Field(ge=0)]
     next_fire_at: Instant | None = None
 
 

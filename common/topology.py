@@ -11,7 +11,9 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aiormq.exceptions import ChannelPreconditionFailed
 
+from common.errors import BrokerUnavailable
 from common.messages import (
     JobHeartbeat,
     RunFinished,
@@ -21,9 +23,14 @@ from common.messages import (
     WorkerHeartbeat,
 )
 
-# A trigger redelivered this many times (its workers kept dying on it) is poison: the broker
-# dead-letters it instead of handing it out forever.
+# A message redelivered this many times (its consumers kept dying on it) is poison: the broker
+# dead-letters it instead of handing it out forever. Every consumed queue has this limit; the
+# consumers themselves dead-letter what they refuse, so only a crash ever reaches it.
 DELIVERY_LIMIT = 5
+
+
+class QueueMismatch(BrokerUnavailable):
+    """A queue exists under our name with other arguments (the broker says PRECONDITION_FAILED)."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +95,7 @@ class Topology:
     async def declare_pool(self, channel: AbstractChannel, pool: str) -> AbstractQueue:
         """Declare ``pool``'s quorum queue, bound to the triggers exchange by the pool name."""
         await self.declare_exchanges(channel)
-        queue = await channel.declare_queue(
-            self.pool_queue(pool),
-            durable=True,
-            arguments=self._quorum(**{"x-delivery-limit": DELIVERY_LIMIT}),
-        )
+        queue = await _declare_queue(channel, self.pool_queue(pool), self._consumed())
         await queue.bind(self.triggers_exchange, routing_key=pool)
         return queue
 
@@ -102,9 +105,13 @@ class Topology:
         return await self._monitor_queue(channel)
 
     async def _monitor_queue(self, channel: AbstractChannel) -> AbstractQueue:
-        queue = await channel.declare_queue(self.monitor_queue, durable=True, arguments=self._quorum())
+        queue = await _declare_queue(channel, self.monitor_queue, self._consumed())
         await queue.bind(self.events_exchange, routing_key="#")
         return queue
+
+    def _consumed(self) -> dict[str, Any]:
+        """Arguments of a queue cronfleet consumes: quorum, dead-lettered, delivery-limited."""
+        return self._quorum(**{"x-delivery-limit": DELIVERY_LIMIT})
 
     async def delete(self, channel: AbstractChannel, pools: list[str]) -> None:
         """Remove this namespace's queues and exchanges (for tests and ``cronfleet`` teardown)."""
@@ -112,6 +119,20 @@ class Topology:
             await channel.queue_delete(queue)
         for exchange in (self.triggers_exchange, self.events_exchange, self.dead_exchange):
             await channel.exchange_delete(exchange)
+
+
+async def _declare_queue(channel: AbstractChannel, name: str, arguments: dict[str, Any]) -> AbstractQueue:
+    """Declare durable queue ``name``; raises QueueMismatch, in one line, when the broker holds
+    one of that name with other arguments (say, a monitor queue of a version before its delivery
+    limit)."""
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except ChannelPreconditionFailed as exc:
+        raise QueueMismatch(
+            f"RabbitMQ holds a queue {name!r} declared with other arguments than {arguments} "
+            f"(from an older cronfleet?): drain and delete it, then start again "
+            f"(docs/operations.md, 'Upgrading'); the broker said: {exc}"
+        ) from exc
 
 
 def event_routing_key(event: WireMessage) -> str:
