@@ -2,23 +2,35 @@
 
 The ack comes only after ``run.finished`` is confirmed by the broker, so a worker that dies
 mid-run leaves the trigger to be redelivered (and the new run is marked as a redelivery).
+Nothing a trigger says can stop the worker or loop it: every delivery ends acked, as one run or
+as one dead letter with its reason; only a broker outage hands a trigger back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
 
 from common.bus import Publisher, settle
 from common.clock import Clock, utcnow
-from common.envelope import Rejected, RejectionReason, open_envelope
+from common.envelope import Rejected, RejectionReason, internal_error, one_line, open_envelope
 from common.errors import BrokerUnavailable
-from common.messages import TRIGGER_ADAPTER, RunFinished, RunStarted, RunStatus, Trigger
+from common.messages import (
+    OUTPUT_TAIL_LIMIT,
+    TRIGGER_ADAPTER,
+    RunFinished,
+    RunStarted,
+    RunStatus,
+    Trigger,
+)
 from common.signing import Keyring
 from worker.actions import ActionResult, Executor
 
@@ -26,6 +38,7 @@ log = logging.getLogger("cronfleet.worker")
 
 REQUEUE_PAUSE_SECONDS = 1.0
 REMEMBERED_TRIGGERS = 10_000
+V = TypeVar("V")
 
 
 class TriggerHandler:
@@ -49,13 +62,16 @@ class TriggerHandler:
         # (its channel was lost before the ack) is settled without running the job again.
         self._in_flight: dict[str, asyncio.Event] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
+        # The body (its SHA-256) each recent trigger id came with: the same id with another body
+        # is not a redelivery but a conflict, refused rather than silently dropped.
+        self._bodies: OrderedDict[str, bytes] = OrderedDict()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        """Process one delivery to its ack.
+        """Process one delivery to its ack; never raises.
 
         Once a job has started it is never handed back: its end is reported (retried until the
         broker confirms it) and then acked. Before that, a broker failure requeues the trigger
-        after a pause.
+        after a pause; any other failure dead-letters it as ``internal_error``.
         """
         try:
             await self._handle(message)
@@ -63,11 +79,10 @@ class TriggerHandler:
             log.warning("could not report %s (%s); it will be delivered again", message.message_id, exc)
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
             await settle(message, ack=False, requeue=True)
-        except Exception:
-            # A bug must not kill the worker: requeue; the queue's delivery limit dead-letters
-            # a trigger that keeps failing this way.
-            log.exception("unexpected error handling %s; requeued", message.message_id)
-            await settle(message, ack=False, requeue=True)
+        except Exception as exc:
+            # A bug must neither kill the worker nor loop the trigger through redeliveries.
+            log.exception("unexpected error handling %s; dead-lettered", message.message_id)
+            await self._give_up(message, internal_error(exc))
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         opened = open_envelope(
@@ -77,29 +92,55 @@ class TriggerHandler:
             await self._refuse(message, opened)
             return
         trigger = opened.message
+        digest = hashlib.sha256(message.body).digest()
+        if self._bodies.setdefault(trigger.id, digest) != digest:
+            await self._refuse(
+                message,
+                Rejected(
+                    RejectionReason.ID_CONFLICT,
+                    one_line(f"trigger id {trigger.id!r} was already used for another body"),
+                ),
+            )
+            return
+        _remember(self._bodies, trigger.id, digest)
         if await self._already_run(trigger.id):
             log.warning("trigger %s was delivered again after this worker ran it; not run twice", trigger.id)
             await settle(message)
             return
-        started = self._start(trigger, uuid.uuid4().hex, bool(message.redelivered))
-        await self.publisher.event(started)
-        log.info(
-            "run %s of %s started%s",
-            started.run_id,
-            trigger.id,
-            " (redelivery)" if started.redelivered else "",
-        )
-        self.running += 1
+        await self._run(message, trigger)
+
+    async def _run(self, message: AbstractIncomingMessage, trigger: Trigger) -> None:
+        """Announce, execute and report one run of ``trigger``, then ack it."""
+        # In flight from here, before the first await, so that a duplicate delivered meanwhile waits.
         finished = self._in_flight[trigger.id] = asyncio.Event()
         try:
-            result = await self.executors[trigger.action.type].run(trigger.action, trigger.timeout_seconds)
-            await self._finish(started, result, retry=True)
-            self._remember_done(trigger.id)
+            started = self._start(trigger, uuid.uuid4().hex, bool(message.redelivered))
+            await self.publisher.event(started)
+            log.info(
+                "run %s of %s started%s",
+                started.run_id,
+                trigger.id,
+                " (redelivery)" if started.redelivered else "",
+            )
+            self.running += 1
+            try:
+                result = await self._execute(trigger)
+                await self._finish(started, result, retry=True)
+                _remember(self._done, trigger.id, None)
+            finally:
+                self.running -= 1
         finally:
-            self.running -= 1
             del self._in_flight[trigger.id]
             finished.set()
         await settle(message)
+
+    async def _execute(self, trigger: Trigger) -> ActionResult:
+        """The action's result; an executor that raises (a bug) makes a failed run, not a crash."""
+        try:
+            return await self.executors[trigger.action.type].run(trigger.action, trigger.timeout_seconds)
+        except Exception as exc:
+            log.exception("the %s executor raised on %s", trigger.action.type, trigger.id)
+            return ActionResult(RunStatus.FAILED, error=f"internal_error: {type(exc).__name__}: {exc}")
 
     async def _already_run(self, trigger_id: str) -> bool:
         """Whether this worker ran, or is running, ``trigger_id`` (waits for a running one)."""
@@ -107,11 +148,6 @@ class TriggerHandler:
         if running is not None:
             await running.wait()
         return trigger_id in self._done
-
-    def _remember_done(self, trigger_id: str) -> None:
-        self._done[trigger_id] = None
-        while len(self._done) > REMEMBERED_TRIGGERS:
-            self._done.popitem(last=False)
 
     async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
         """Dead-letter a refused trigger with its reason; an expired one is also reported as a run."""
@@ -123,6 +159,24 @@ class TriggerHandler:
             trigger = TRIGGER_ADAPTER.validate_json(message.body, strict=True)
             started = self._start(trigger, f"{trigger.id}#expired", bool(message.redelivered))
             await self._finish(started, ActionResult(RunStatus.EXPIRED, error=rejected.detail))
+        await settle(message)
+
+    async def _give_up(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
+        """Dead-letter ``message`` after an unexpected failure, so that it is never delivered again."""
+        if message.processed:
+            return  # already acked: what failed came after
+        try:
+            await self.publisher.dead_letter(message, rejected, self.worker)
+        except BrokerUnavailable as exc:
+            log.warning("could not dead-letter %s (%s); it will be delivered again", message.message_id, exc)
+            await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
+            await settle(message, ack=False, requeue=True)
+            return
+        except Exception:
+            # Even the copy failed: let the broker dead-letter it (without our reason headers).
+            log.exception("could not dead-letter %s; the broker dead-letters it", message.message_id)
+            await settle(message, ack=False, requeue=False)
+            return
         await settle(message)
 
     def _start(self, trigger: Trigger, run_id: str, redelivered: bool) -> RunStarted:
@@ -139,17 +193,7 @@ class TriggerHandler:
 
     async def _finish(self, started: RunStarted, result: ActionResult, *, retry: bool = False) -> None:
         """Report the end of a run; with ``retry``, until the broker confirms it."""
-        finished_at = self.clock()
-        event = RunFinished(
-            **started.model_dump(exclude={"type"}),
-            finished_at=finished_at,
-            duration_seconds=max(0.0, (finished_at - started.started_at).total_seconds()),
-            status=result.status,
-            exit_code=result.exit_code,
-            http_status=result.http_status,
-            output_tail=result.output_tail,
-            error=result.error,
-        )
+        event = self._finished(started, result)
         delay = 0.5
         while True:
             try:
@@ -163,4 +207,49 @@ class TriggerHandler:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        log.info("run %s of %s %s", started.run_id, started.trigger_id, result.status.value)
+        log.info("run %s of %s %s", started.run_id, started.trigger_id, event.status.value)
+
+    def _finished(self, started: RunStarted, result: ActionResult) -> RunFinished:
+        """The ``run.finished`` of ``started``: always a valid event, whatever ``result`` holds.
+
+        Output and errors are made wire text (no NUL, valid UTF-8, bounded); should the event
+        still not validate, a failed run saying why is reported instead.
+        """
+        finished_at = max(self.clock(), started.started_at)
+        ended = {
+            **started.model_dump(exclude={"type"}),
+            "finished_at": finished_at,
+            "duration_seconds": (finished_at - started.started_at).total_seconds(),
+        }
+        try:
+            event = RunFinished(
+                **ended,
+                status=result.status,
+                exit_code=result.exit_code,
+                http_status=result.http_status,
+                output_tail=_wire_text(result.output_tail, keep_end=True),
+                error=_wire_text(result.error),
+            )
+            event.to_bytes()
+        except (ValidationError, TypeError, ValueError) as exc:
+            log.exception("the result of run %s cannot be reported as it is", started.run_id)
+            why = one_line(f"internal_error: {type(exc).__name__}: {exc}")
+            event = RunFinished(**ended, status=RunStatus.FAILED, error=why)
+        return event
+
+
+def _remember(memory: OrderedDict[str, V], key: str, value: V) -> None:
+    """Keep ``key`` as the most recent of at most ``REMEMBERED_TRIGGERS``."""
+    memory[key] = value
+    memory.move_to_end(key)
+    while len(memory) > REMEMBERED_TRIGGERS:
+        memory.popitem(last=False)
+
+
+def _wire_text(text: str | None, *, keep_end: bool = False) -> str | None:
+    """``text`` as the wire takes it: NUL and invalid UTF-8 replaced by U+FFFD, at most
+    ``OUTPUT_TAIL_LIMIT`` characters (the last ones with ``keep_end``)."""
+    if text is None:
+        return None
+    cleaned = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    return cleaned[-OUTPUT_TAIL_LIMIT:] if keep_end else cleaned[:OUTPUT_TAIL_LIMIT]

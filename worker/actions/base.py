@@ -43,8 +43,10 @@ class OutputTail:
             del self._buffer[: len(self._buffer) - self._limit]
 
     def text(self) -> str | None:
-        """The tail as text (invalid UTF-8 replaced), or None when nothing was written."""
+        """The tail as text (invalid UTF-8 and NUL replaced by U+FFFD: the wire carries neither),
+        or None when nothing was written."""
         if not self._buffer:
             return None
         # Cut to whole characters so the text never exceeds the limit once decoded.
-        return bytes(self._buffer).decode("utf-8", errors="replace")[-self._limit :]
+        text = bytes(self._buffer).decode("utf-8", errors="replace")[-self._limit :]
+        return text.replace("\x00", "\ufffd")

@@ -36,7 +36,8 @@ class HttpExecutor:
                     tail.feed(chunk)
         except (TimeoutError, httpx.TimeoutException):
             return ActionResult(RunStatus.TIMED_OUT, error=f"no complete response within {timeout:g}s")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+            # InvalidURL and encoding errors (a header h11 cannot send) are not HTTPErrors.
             return ActionResult(
                 RunStatus.FAILED, error=f"{type(exc).__name__}: {exc or 'connection failed'}"[:1000]
             )

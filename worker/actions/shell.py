@@ -55,6 +55,10 @@ class ShellExecutor:
             return ActionResult(
                 RunStatus.FAILED, error=f"cannot start {action.argv[0]!r}: {exc.strerror or exc}"
             )
+        except (ValueError, TypeError) as exc:
+            # What the kernel could never be handed (a NUL in an argument, '=' in an environment
+            # name): the jobs file refuses it, but a trigger from elsewhere may still carry it.
+            return ActionResult(RunStatus.FAILED, error=f"cannot start {action.argv[0]!r}: {exc}")
         tail = OutputTail()
         try:
             async with asyncio.timeout(timeout):
