@@ -3,6 +3,10 @@
 A batch of events is recorded inside the caller's transaction with a handful of statements:
 the runs and job states it touches are read with one query each, each job's next expected
 time is computed once per batch, and everything is flushed once.
+
+An event that reuses a recorded id for something else (a heartbeat id with another job, kind,
+instant or content; a run id of another job or trigger) changes nothing and is reported as a
+conflict, for the caller to dead-letter.
 """
 
 from __future__ import annotations
@@ -30,6 +34,22 @@ from common.store import HeartbeatRow, JobRow, JobStateRow, RunRow
 log = logging.getLogger("cronfleet.monitor")
 
 _HEARTBEAT_STATUS = {HeartbeatKind.SUCCESS: RunStatus.SUCCEEDED, HeartbeatKind.FAIL: RunStatus.FAILED}
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """An event whose id is already recorded for something else: why, in one line."""
+
+    detail: str
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What recording a batch did: how many events changed something, and which conflicted
+    (by their position in the batch)."""
+
+    recorded: int
+    conflicts: dict[int, str]
 
 
 @dataclass
@@ -102,15 +122,18 @@ class _Batch:
             )
 
 
-async def record_batch(session: AsyncSession, events: Sequence[Event], now: datetime) -> int:
-    """Record ``events`` in order; returns how many changed something (the rest were repeats).
+async def record_batch(session: AsyncSession, events: Sequence[Event], now: datetime) -> BatchOutcome:
+    """Record ``events`` in order; say how many changed something (the rest were repeats or
+    conflicts) and which conflicted with what is recorded.
 
     Process heartbeats carry no run: they are accepted and change nothing.
     """
     batch = _Batch(session, now)
     await batch.load(events)
     recorded = 0
-    for event in events:
+    conflicts: dict[int, str] = {}
+    for position, event in enumerate(events):
+        changed: bool | Conflict
         match event:
             case RunStarted():
                 changed = _run_started(batch, event)
@@ -120,15 +143,29 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
                 changed = await _job_heartbeat(batch, event)
             case _:
                 changed = False
-        recorded += changed
+        if isinstance(changed, Conflict):
+            conflicts[position] = changed.detail
+        else:
+            recorded += changed
     await batch.compute_due_times()
     await session.flush()
-    return recorded
+    return BatchOutcome(recorded, conflicts)
 
 
-def _run_started(batch: _Batch, event: RunStarted) -> bool:
-    if event.run_id in batch.runs:
-        return False
+def _run_conflict(run: RunRow, event: RunStarted | RunFinished) -> Conflict | None:
+    """Whether ``event`` claims ``run``'s id for another job or trigger."""
+    if run.job == event.job and run.trigger_id == event.trigger_id:
+        return None
+    return Conflict(
+        f"run {event.run_id!r} is recorded for job {run.job!r}, trigger {run.trigger_id!r}, "
+        f"not job {event.job!r}, trigger {event.trigger_id!r}"
+    )
+
+
+def _run_started(batch: _Batch, event: RunStarted) -> bool | Conflict:
+    run = batch.runs.get(event.run_id)
+    if run is not None:
+        return _run_conflict(run, event) or False
     run = batch.add_run(
         RunRow(
             run_id=event.run_id,
@@ -147,8 +184,10 @@ def _run_started(batch: _Batch, event: RunStarted) -> bool:
     return True
 
 
-def _run_finished(batch: _Batch, event: RunFinished) -> bool:
+def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     run = batch.runs.get(event.run_id)
+    if run is not None and (conflict := _run_conflict(run, event)) is not None:
+        return conflict
     if run is not None and run.finished_at is not None:
         return False
     if run is None:
@@ -171,11 +210,27 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool:
     return True
 
 
-async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool:
+def _same_heartbeat(row: HeartbeatRow, event: JobHeartbeat) -> bool:
+    return (row.job, row.kind, row.at, row.exit_code, row.message) == (
+        event.job,
+        event.kind.value,
+        event.at,
+        event.exit_code,
+        event.message,
+    )
+
+
+async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
     session = batch.session
     await session.flush()  # earlier heartbeats of this batch must be visible to the queries below
-    if await session.get(HeartbeatRow, event.id) is not None:
-        return False
+    seen = await session.get(HeartbeatRow, event.id)
+    if seen is not None:
+        if _same_heartbeat(seen, event):
+            return False
+        return Conflict(f"heartbeat {event.id!r} is recorded with other content (job {seen.job!r})")
+    own_run = f"hb:{event.id}"
+    if own_run in batch.runs or await session.get(RunRow, own_run) is not None:
+        return Conflict(f"run {own_run!r}, the run of heartbeat {event.id!r}, is already recorded")
     session.add(
         HeartbeatRow(
             id=event.id,

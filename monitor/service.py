@@ -12,11 +12,10 @@ import logging
 from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy.exc import SQLAlchemyError
 
 from common.bus import Publisher, connect, consume_forever, settle
 from common.clock import Clock, utcnow
-from common.envelope import Accepted, Rejected, open_envelope
+from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
 from common.errors import BrokerUnavailable
 from common.messages import EVENT_ADAPTER, Event
 from common.services import ServiceOptions
@@ -24,7 +23,7 @@ from common.settings import Settings
 from common.signing import Keyring
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
-from monitor.recorder import record_batch
+from monitor.recorder import BatchOutcome, record_batch
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -33,7 +32,12 @@ PREFETCH = 2 * BATCH_LIMIT
 
 
 class EventRecorder:
-    """Drains delivered events into the store, one transaction per batch."""
+    """Drains delivered events into the store, one transaction per batch.
+
+    No event can stop it: whatever fails while verifying, parsing or recording one event ends
+    with that event dead-lettered with its reason; only a store outage holds events (unacked)
+    until the store is back.
+    """
 
     def __init__(
         self, store: Store, publisher: Publisher, keyring: Keyring, name: str, clock: Clock = utcnow
@@ -53,55 +57,87 @@ class EventRecorder:
             batch = [await self.inbox.get()]
             while len(batch) < BATCH_LIMIT and not self.inbox.empty():
                 batch.append(self.inbox.get_nowait())
-            await self.write_batch(batch)
+            try:
+                await self.write_batch(batch)
+            except Exception:
+                # write_batch settles every event itself; this is the backstop for a bug in it.
+                # What it left unsettled goes back, and the queue's delivery limit ends a loop.
+                log.exception("unexpected error writing a batch of %d event(s); handed back", len(batch))
+                for message in batch:
+                    if not message.processed:
+                        await settle(message, ack=False, requeue=True)
 
     async def write_batch(self, batch: list[AbstractIncomingMessage]) -> None:
-        """Record a batch and ack it; dead-letter what fails verification.
+        """Record a batch and ack it; dead-letter what fails verification or cannot be recorded.
 
         While the store is unavailable the batch is held (not acked, not requeued) and written
-        again with backoff, so nothing is acked before it is stored and nothing churns.
+        again with backoff, so nothing is acked before it is stored and nothing churns. Any other
+        failure to record the batch is narrowed down by recording its events one by one.
         """
         now = self.clock()
         accepted: list[tuple[AbstractIncomingMessage, Event]] = []
         for message in batch:
-            opened = open_envelope(message.body, message.headers or {}, self.keyring, EVENT_ADAPTER, now)
+            opened = self._open(message, now)
             if isinstance(opened, Accepted):
                 accepted.append((message, opened.message))
             else:
                 await self._refuse(message, opened)
+        if not accepted:
+            return
+        try:
+            outcome = await self._record_held(accepted, now)
+        except Exception as exc:
+            # Not an outage: some event cannot be recorded. Write them one by one so that one
+            # bad event goes to the dead-letter queue instead of blocking every other.
+            log.warning("a batch of %d event(s) failed (%s); recording one by one", len(accepted), exc)
+            for message, event in accepted:
+                await self._record_alone(message, event, now)
+            return
+        await self._settle(accepted, outcome)
+
+    def _open(self, message: AbstractIncomingMessage, now: datetime) -> Accepted[Event] | Rejected:
+        try:
+            return open_envelope(message.body, message.headers or {}, self.keyring, EVENT_ADAPTER, now)
+        except Exception as exc:
+            log.exception("unexpected error opening event %s", message.routing_key)
+            return internal_error(exc)
+
+    async def _record_held(
+        self, accepted: list[tuple[AbstractIncomingMessage, Event]], now: datetime
+    ) -> BatchOutcome:
+        """Record ``accepted`` in one transaction, waiting out store outages with backoff."""
         delay = 0.5
-        while accepted:
+        while True:
             try:
-                await self._record(accepted, now)
+                async with self.store.session() as session, session.begin():
+                    outcome = await record_batch(session, [event for _message, event in accepted], now)
             except STORE_OUTAGES as exc:
                 log.error("the store is unavailable (%s); %d event(s) held, retrying", exc, len(accepted))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            except SQLAlchemyError:
-                # Not an outage: some event cannot be recorded. Write them one by one so that one
-                # bad event goes to the dead-letter queue instead of blocking every other.
-                for message, event in accepted:
-                    await self._record_alone(message, event, now)
-                return
-            for message, _event in accepted:
-                await settle(message)
-            return
-
-    async def _record(self, accepted: list[tuple[AbstractIncomingMessage, Event]], now: datetime) -> None:
-        async with self.store.session() as session, session.begin():
-            self.recorded += await record_batch(session, [event for _message, event in accepted], now)
+            self.recorded += outcome.recorded
+            return outcome
 
     async def _record_alone(self, message: AbstractIncomingMessage, event: Event, now: datetime) -> None:
         try:
-            await self._record([(message, event)], now)
-        except STORE_OUTAGES:
-            await settle(message, ack=False, requeue=True)
-        except SQLAlchemyError as exc:
-            log.error("cannot record event %s (%s); dead-lettered", message.routing_key, exc)
-            await settle(message, ack=False)
-        else:
-            await settle(message)
+            outcome = await self._record_held([(message, event)], now)
+        except Exception as exc:
+            log.exception("cannot record event %s; dead-lettered", message.routing_key)
+            await self._refuse(message, internal_error(exc))
+            return
+        await self._settle([(message, event)], outcome)
+
+    async def _settle(
+        self, recorded: list[tuple[AbstractIncomingMessage, Event]], outcome: BatchOutcome
+    ) -> None:
+        """Ack what was recorded (or repeated); dead-letter what conflicted."""
+        for position, (message, _event) in enumerate(recorded):
+            conflict = outcome.conflicts.get(position)
+            if conflict is None:
+                await settle(message)
+            else:
+                await self._refuse(message, Rejected(RejectionReason.ID_CONFLICT, conflict))
 
     async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
         self.rejected += 1
@@ -111,6 +147,11 @@ class EventRecorder:
         except BrokerUnavailable as exc:
             log.warning("could not dead-letter a refused event (%s); requeued", exc)
             await settle(message, ack=False, requeue=True)
+            return
+        except Exception:
+            # Even the copy failed: let the broker dead-letter it (without our reason headers).
+            log.exception("could not dead-letter event %s; the broker dead-letters it", message.routing_key)
+            await settle(message, ack=False)
             return
         await settle(message)
 
