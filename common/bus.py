@@ -21,6 +21,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
+from pamqp import encode as pamqp_encode
 
 from common.envelope import (
     ORIGINAL_EXCHANGE_HEADER,
@@ -33,7 +34,7 @@ from common.envelope import (
 )
 from common.errors import BrokerUnavailable
 from common.messages import WireMessage
-from common.signing import Keyring
+from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring
 from common.topology import Topology, event_routing_key
 
 log = logging.getLogger("cronfleet.bus")
@@ -143,9 +144,8 @@ class Publisher:
     ) -> None:
         """Keep a refused ``message`` on the dead-letter queue, unchanged, with why in its headers.
 
-        The body is kept byte for byte; so are the headers, except values AMQP cannot carry back
-        (a header string that was not UTF-8 is kept as a byte array)."""
-        headers = {str(name): amqp_value(value) for name, value in (message.headers or {}).items()}
+        The body is kept byte for byte; so are the headers (see ``kept_headers``)."""
+        headers = kept_headers(message.headers or {})
         headers[REJECTION_HEADER] = rejected.reason.value
         headers[REJECTION_DETAIL_HEADER] = one_line(rejected.detail)
         headers[REJECTED_BY_HEADER] = rejected_by
@@ -174,6 +174,30 @@ class Publisher:
 
 
 _INT64 = range(-(2**63), 2**63)
+# Headers travel in one frame (RabbitMQ's frame_max is 128 KiB): a refused message whose headers
+# leave no room for the reason would make the broker close the whole connection.
+MAX_KEPT_HEADER_BYTES = 64 * 1024
+
+
+def kept_headers(headers: Mapping[str, object]) -> dict[str, Any]:
+    """The headers of a refused message, as its dead letter carries them.
+
+    All of them, as AMQP can write them again (``amqp_value``); if together they are over
+    ``MAX_KEPT_HEADER_BYTES`` (or cannot be written), only the two signature headers, and only
+    if they are short strings.
+    """
+    kept = {str(name): amqp_value(value) for name, value in headers.items()}
+    try:
+        size = len(pamqp_encode.field_table(kept))
+    except (TypeError, ValueError, OverflowError):
+        size = MAX_KEPT_HEADER_BYTES + 1
+    if size <= MAX_KEPT_HEADER_BYTES:
+        return kept
+    return {
+        name: value
+        for name, value in kept.items()
+        if name in (KEY_ID_HEADER, SIGNATURE_HEADER) and isinstance(value, str) and len(value) <= 256
+    }
 
 
 def amqp_value(value: object) -> Any:

@@ -16,7 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from common.bounds import MAX_MESSAGE_BYTES
 from common.messages import WIRE_FIELDS
-from common.signing import SIGNATURE_HEADER, Keyring, SignatureCheck
+from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, SignatureCheck
 
 M = TypeVar("M")
 
@@ -84,10 +84,11 @@ def open_envelope(
         return Rejected(
             RejectionReason.TOO_LARGE, f"the body is {len(body)} bytes; at most {MAX_MESSAGE_BYTES}"
         )
-    claimed = headers.get(SIGNATURE_HEADER)
+    signed = _signature_headers(headers)
+    claimed = signed.get(SIGNATURE_HEADER)
     if isinstance(claimed, str | bytes) and len(claimed) > MAX_SIGNATURE_HEADER_LENGTH:
         return Rejected(RejectionReason.BAD_SIGNATURE, "signature check: the signature header is too long")
-    check = keyring.check(body, headers)
+    check = keyring.check(body, signed)
     if check is not SignatureCheck.VALID:
         return Rejected(_SIGNATURE_REJECTIONS[check], f"signature check: {check.value}")
     try:
@@ -103,6 +104,15 @@ def open_envelope(
     if isinstance(expires_at, datetime) and expires_at <= now:
         return Rejected(RejectionReason.EXPIRED, f"expired at {expires_at.isoformat()}")
     return Accepted(message)
+
+
+def _signature_headers(headers: Mapping[str, object]) -> dict[str, object]:
+    """The two signature headers; an AMQP byte array (decoded as a bytearray) read as bytes."""
+    found: dict[str, object] = {}
+    for name in (KEY_ID_HEADER, SIGNATURE_HEADER):
+        value = headers.get(name)
+        found[name] = bytes(value) if isinstance(value, bytearray) else value
+    return found
 
 
 def internal_error(exc: BaseException) -> Rejected:

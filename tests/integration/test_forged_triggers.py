@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import orjson
@@ -16,7 +17,7 @@ from common.clock import utcnow
 from common.envelope import REJECTION_DETAIL_HEADER, REJECTION_HEADER
 from common.messages import Trigger
 from common.settings import Settings
-from common.signing import Keyring
+from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring
 from common.store import Store
 from common.topology import Topology
 from tests.conftest import Start
@@ -39,14 +40,14 @@ def _trigger(marker: Path, job: str, *, expired: bool = False) -> Trigger:
     )
 
 
-Publish = Callable[[bytes, dict[str, str]], Awaitable[None]]
+Publish = Callable[[bytes, dict[str, Any]], Awaitable[None]]
 
 
 async def _publisher(amqp: AbstractRobustConnection, settings: Settings) -> Publish:
     channel = await amqp.channel()
     exchange = await channel.get_exchange(Topology(settings.namespace).triggers_exchange)
 
-    async def publish(body: bytes, headers: dict[str, str]) -> None:
+    async def publish(body: bytes, headers: dict[str, Any]) -> None:
         await exchange.publish(aio_pika.Message(body, headers=headers), routing_key="default")
 
     return publish
@@ -155,3 +156,50 @@ async def test_a_forged_event_never_reaches_the_store(
     dead = await _dead_letters(amqp, settings, 1)
     assert (dead[0].headers or {})[REJECTION_HEADER] == "bad_signature"
     assert await runs_of(store, "victim") == []
+
+
+async def test_signature_headers_of_any_type_are_refused_never_crash_the_worker(
+    settings: Settings, store: Store, fleet: Start, amqp: AbstractRobustConnection, tmp_path: Path
+) -> None:
+    await fleet("monitor", "worker")
+    publish = await _publisher(amqp, settings)
+    good = Keyring.parse(settings.keys)
+    oddities: dict[str, Any] = {
+        "an-int": 42,
+        "a-list": ["k1", "k0"],
+        "void": None,
+        "a-table": {"k": "v"},
+        "a-float": 1.5,
+        "a-bool": True,
+        "a-timestamp": utcnow(),
+        "not-ascii": bytearray(b"\xff\xfe"),
+        "huge": "f" * 100_000,
+    }
+    expected = {}
+    for label, value in oddities.items():
+        body = _trigger(tmp_path / label, label).to_bytes()
+        headers: dict[str, Any] = good.sign(body)
+        headers[SIGNATURE_HEADER] = value
+        await publish(body, headers)
+        expected[label] = "bad_signature" if label == "huge" else "missing_signature"
+        body = _trigger(tmp_path / f"{label}-id", f"{label}-id").to_bytes()
+        headers = {**good.sign(body), KEY_ID_HEADER: value}
+        await publish(body, headers)
+        expected[f"{label}-id"] = "unknown_key" if label == "huge" else "missing_signature"
+    # Headers that nearly fill a frame: a dead letter that kept them all and added its reason
+    # would not fit, and the broker would close the worker's whole connection.
+    body = _trigger(tmp_path / "padded", "padded").to_bytes()
+    await publish(body, {**good.sign(body), "x-padding": "p" * 130_800, SIGNATURE_HEADER: 0})
+    expected["padded"] = "missing_signature"
+
+    dead = await _dead_letters(amqp, settings, len(expected))
+    reasons = {orjson.loads(m.body)["job"]: (m.headers or {}).get(REJECTION_HEADER) for m in dead}
+    assert reasons == expected
+    assert not any((tmp_path / job).exists() for job in expected), "nothing was run"
+
+    # A genuine signature sent as an AMQP byte array of ASCII verifies, as the protocol says.
+    marker = tmp_path / "byte-array"
+    body = _trigger(marker, "byte-array").to_bytes()
+    await publish(body, {name: bytearray(value.encode()) for name, value in good.sign(body).items()})
+    await eventually(lambda: runs_of(store, "byte-array", status="succeeded"))
+    assert marker.exists()

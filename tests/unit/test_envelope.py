@@ -185,6 +185,9 @@ def test_a_genuine_signature_in_bytes_still_verifies_but_oversized_headers_do_no
     signed = keys.sign(body)
     as_bytes = {name: value.encode() for name, value in signed.items()}
     assert isinstance(open_envelope(body, as_bytes, keys, EVENT_ADAPTER, NOW), Accepted)
+    # An AMQP byte array ('x') arrives as a bytearray: ASCII in one still works, as documented.
+    as_array = {name: bytearray(value.encode()) for name, value in signed.items()}
+    assert isinstance(open_envelope(body, as_array, keys, EVENT_ADAPTER, NOW), Accepted)
     padded = {**signed, SIGNATURE_HEADER: signed[SIGNATURE_HEADER] + " " * 100_000}
     opened = open_envelope(body, padded, keys, EVENT_ADAPTER, NOW)
     assert isinstance(opened, Rejected) and opened.reason is RejectionReason.BAD_SIGNATURE
