@@ -33,13 +33,35 @@ POSTGRES_URL = os.environ.get("CRONFLEET_TEST_DATABASE_URL", "")
 STORES = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
 
 
-@pytest.fixture(params=STORES)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that depends on the store runs on every store of STORES: one that uses the ``store``
+    fixture or is marked ``both_stores`` (it starts a monitor or scheduler, or runs a command that
+    reads or writes the store). Every other test that uses ``settings`` runs on SQLite alone, and
+    a test that parametrizes ``settings`` itself keeps its own choice."""
+    if "settings" not in metafunc.fixturenames or _parametrizes(metafunc, "settings"):
+        return
+    if "store" in metafunc.fixturenames or metafunc.definition.get_closest_marker("both_stores"):
+        metafunc.parametrize("settings", STORES, indirect=True)
+
+
+def _parametrizes(metafunc: pytest.Metafunc, name: str) -> bool:
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0] if marker.args else marker.kwargs.get("argnames", ())
+        if isinstance(names, str):
+            names = [part.strip() for part in names.split(",")]
+        if name in names:
+            return True
+    return False
+
+
+@pytest.fixture
 async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Settings]:
-    """Settings of a private fleet: its own namespace on the broker and its own store."""
+    """Settings of a private fleet: its own namespace on the broker and its own store (SQLite,
+    unless pytest_generate_tests chose another)."""
     suffix = uuid.uuid4().hex[:10]
     namespace = f"test-{suffix}"
     schema = None
-    if request.param == "sqlite":
+    if getattr(request, "param", "sqlite") == "sqlite":
         database_url = f"sqlite+aiosqlite:///{tmp_path / 'cronfleet.db'}"
     else:
         database_url = normalise_database_url(POSTGRES_URL)

@@ -180,6 +180,7 @@ def test_a_missing_file_is_refused_with_status_2(settings: Settings, tmp_path: P
     assert result.stderr == f"cronfleet: {tmp_path / 'nope.toml'}: cannot read: No such file or directory\n"
 
 
+@pytest.mark.both_stores
 def test_values_at_every_bound_apply_and_every_reader_still_works(settings: Settings, tmp_path: Path) -> None:
     path = tmp_path / "jobs.toml"
     path.write_text(

@@ -29,6 +29,7 @@ def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.both_stores
 def test_apply_prints_the_diff_and_is_idempotent(settings: Settings, tmp_path: Path) -> None:
     jobs = tmp_path / "jobs.toml"
     jobs.write_text(JOBS)
@@ -153,6 +154,7 @@ async def test_ping_publishes_a_signed_heartbeat(settings: Settings, store: Stor
     no_traceback(bad)
 
 
+@pytest.mark.both_stores
 def test_doctor_says_what_is_wrong_in_plain_words(settings: Settings) -> None:
     healthy = cronfleet(settings, "doctor")
     assert healthy.returncode == 0, healthy.stdout
