@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+import threading
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from common.cli.main import main
 from common.services import ServiceOptions, load_service
-from common.settings import Settings
+from common.settings import SETTINGS_PREFIX, Settings
 
 
 class Fleet:
@@ -59,26 +64,91 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0,
         await asyncio.sleep(every)
 
 
+COMMAND_TIMEOUT = 60.0
+
+
 def cronfleet(
     settings: Settings, *args: str, cwd: Path | None = None, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``cronfleet ARGS`` in a child process with the test fleet's settings."""
-    environment = {
-        **os.environ,
+    """Run ``cronfleet ARGS`` with the test fleet's settings, as ``cronfleet`` would in a child
+    process, but in this one (a child process costs a second of imports): the command line's
+    ``main`` sees the fleet's CRONFLEET_* variables with ``env`` over them and no other
+    CRONFLEET_* variable, and what it prints is captured. The test blocks meanwhile, as it did
+    waiting for a child; raises subprocess.TimeoutExpired when the command has not ended within
+    COMMAND_TIMEOUT seconds."""
+    variables = {
         "CRONFLEET_AMQP_URL": settings.amqp_url,
         "CRONFLEET_DATABASE_URL": settings.database_url,
         "CRONFLEET_KEYS": settings.keys,
         "CRONFLEET_NAMESPACE": settings.namespace,
-        **env,
     }
     if settings.database_schema:
-        environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "cronfleet"), *args],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=cwd,
-        timeout=60,
-        check=False,
-    )
+        variables["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
+    argv = ["cronfleet", *args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    ended: list[int] = []
+    # In a thread of its own: main runs its own event loop (asyncio.run), which cannot start in
+    # a thread whose loop is running, as an async test's is; and off the main thread main
+    # leaves this process's signal handlers alone.
+    command = threading.Thread(target=lambda: ended.append(_exit_status(args)), name=" ".join(argv))
+    command.daemon = True  # a command that hangs must not keep pytest from exiting
+    with (
+        _cronfleet_environment({**variables, **env}),
+        contextlib.chdir(cwd or os.getcwd()),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+        _logging_as_in_a_new_process(),
+    ):
+        command.start()
+        command.join(COMMAND_TIMEOUT)
+    if not ended:
+        raise subprocess.TimeoutExpired(argv, COMMAND_TIMEOUT, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess(argv, ended[0], stdout.getvalue(), stderr.getvalue())
+
+
+def _exit_status(args: tuple[str, ...]) -> int:
+    """What ``cronfleet ARGS`` exits with: main's status, argparse's SystemExit, or 1 (and the
+    traceback) for an exception that escapes main, as Python itself would."""
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+@contextlib.contextmanager
+def _cronfleet_environment(variables: dict[str, str]) -> Iterator[None]:
+    """os.environ with ``variables`` as its only CRONFLEET_* variables, put back as it was after."""
+    saved = dict(os.environ)
+    for name in saved:
+        if name.startswith(SETTINGS_PREFIX) and name not in variables:
+            del os.environ[name]
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _logging_as_in_a_new_process() -> Iterator[None]:
+    """No root handler, so that main's logging.basicConfig writes to the captured stderr as it
+    would in its own process; the root logger and the loggers main quiets are put back after."""
+    root = logging.getLogger()
+    quieted = [logging.getLogger(name) for name in ("aiormq", "aio_pika")]
+    handlers, level, levels = root.handlers[:], root.level, [logger.level for logger in quieted]
+    root.handlers.clear()
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for logger, saved in zip(quieted, levels, strict=True):
+            logger.setLevel(saved)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -139,17 +140,20 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 async def _until_signal(work: Awaitable[int]) -> int:
-    """Run ``work``; SIGTERM or SIGINT cancels it cleanly and the command exits 0."""
+    """Run ``work``; SIGTERM or SIGINT cancels it cleanly and the command exits 0. Only in the main
+    thread, the one signals reach: elsewhere (the tests run ``main`` in a thread) no handler is
+    installed and this process's handlers stay as they are."""
     task = asyncio.ensure_future(work)
     loop = asyncio.get_running_loop()
     stopped = False
+    signals = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
 
     def stop() -> None:
         nonlocal stopped
         stopped = True
         task.cancel()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in signals:
         loop.add_signal_handler(sig, stop)
     try:
         return await task
@@ -158,7 +162,7 @@ async def _until_signal(work: Awaitable[int]) -> int:
             return 0
         raise
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
 
 

@@ -11,9 +11,11 @@ import orjson
 
 
 def emit(
-    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], as_json: bool, out: TextIO = sys.stdout
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], as_json: bool, out: TextIO | None = None
 ) -> None:
-    """Print ``rows`` as a JSON array (every field) or as a table of ``columns``."""
+    """Print ``rows`` as a JSON array (every field) or as a table of ``columns``, to ``out`` or
+    else to sys.stdout as it is at the call (redirected, for one, by the tests)."""
+    out = sys.stdout if out is None else out
     if as_json:
         out.write(orjson.dumps(list(rows), option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
         return

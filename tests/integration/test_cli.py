@@ -1,8 +1,11 @@
-"""The ``cronfleet`` command as a user runs it: real processes, real broker, real store."""
+"""The ``cronfleet`` command as a user runs it: real broker, real store, and its main called in
+this process (tests.fleet.cronfleet) except where the installed command itself is the point."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -193,3 +196,46 @@ def test_keys_new_prints_a_usable_key(settings: Settings) -> None:
     key_id, secret = result.stdout.strip().split(":")
     assert key_id == "2026-11" and len(secret) >= 32
     assert cronfleet(settings, "jobs", CRONFLEET_KEYS=result.stdout.strip()).returncode == 0
+
+
+def test_the_installed_command_runs_in_a_process_of_its_own(settings: Settings, tmp_path: Path) -> None:
+    # Every other test calls the command line's main in this process; this one runs the console
+    # script a user runs, so that its entry point stays covered.
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(JOBS)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CRONFLEET_")}
+    environment |= {
+        "CRONFLEET_AMQP_URL": settings.amqp_url,
+        "CRONFLEET_DATABASE_URL": settings.database_url,
+        "CRONFLEET_KEYS": settings.keys,
+        "CRONFLEET_NAMESPACE": settings.namespace,
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [str(Path(sys.executable).parent / "cronfleet"), *args]
+        return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=60)
+
+    applied = run("apply", str(jobs))
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout.splitlines() == ["added: alpha", "added: beta"]
+    listed = run("jobs", "--json")
+    assert [r["name"] for r in orjson.loads(listed.stdout)] == ["alpha", "beta"]
+
+
+def test_usage_errors_and_help_end_as_the_commands_exit_status(settings: Settings) -> None:
+    usage = cronfleet(settings, "runs", "--limit", "many")
+    assert usage.returncode == 2 and "invalid int value: 'many'" in usage.stderr
+    helped = cronfleet(settings, "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: cronfleet")
+
+
+def test_a_command_sees_the_fleets_settings_and_no_others(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An outer CRONFLEET_* variable the fleet does not set would break the command if it saw it.
+    monkeypatch.setenv("CRONFLEET_HEARTBEAT_SECONDS", "soon")
+    monkeypatch.delenv("CRONFLEET_DRAIN_SECONDS", raising=False)
+    outer = dict(os.environ)
+    assert cronfleet(settings, "jobs").returncode == 0
+    assert cronfleet(settings, "jobs", CRONFLEET_DRAIN_SECONDS="never").returncode == 1
+    assert dict(os.environ) == outer
