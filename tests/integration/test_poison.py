@@ -162,6 +162,7 @@ async def test_a_body_over_the_size_limit_is_dead_lettered_as_too_large(
     _alive(fleet)
 
 
+@pytest.mark.both_stores  # it starts a monitor, which opens the store
 async def test_the_monitor_queue_has_a_delivery_limit(
     settings: Settings, fleet: Start, amqp: AbstractRobustConnection
 ) -> None:
@@ -434,6 +435,7 @@ async def test_a_trigger_reusing_another_triggers_id_is_dead_lettered_as_id_conf
     _alive(fleet)
 
 
+@pytest.mark.both_stores  # it starts a monitor, which opens the store
 async def test_a_monitor_queue_of_an_older_version_stops_the_monitor_with_one_clear_line(
     settings: Settings, fleet: Start, amqp: AbstractRobustConnection
 ) -> None:
