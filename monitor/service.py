@@ -24,6 +24,7 @@ from common.signing import Keyring
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
 from monitor.recorder import BatchOutcome, record_batch
+from monitor.retention import purge_forever
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -170,6 +171,9 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
             log.info("monitor %s consuming %s", name, topology.monitor_queue)
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(recorder.write_forever())
+                retention = settings.retention_age()
+                if retention is not None:
+                    tasks.create_task(purge_forever(store, retention, settings.retention_check_seconds))
                 await consume_forever(
                     connection, topology.declare_monitor, PREFETCH, recorder.inbox.put_nowait, options.ready
                 )

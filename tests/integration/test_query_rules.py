@@ -26,7 +26,7 @@ from common.store.database import MAX_STATEMENT_PARAMETERS, statement_parameters
 from common.store.retention import purge
 from common.topology import Topology
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually
+from tests.fleet import Fleet, cronfleet, eventually
 from tests.integration.helpers import apply_toml, runs_of
 
 # More than PostgreSQL's 32,767 bind parameters once multiplied by any table's columns, and more
@@ -225,3 +225,26 @@ async def test_the_unpublished_fires_index_holds_only_unpublished_fires(store: S
     async with store.engine.connect() as connection:
         sql = await connection.scalar(text(described))
     assert sql is not None and re.search(r"WHERE \(?published_at IS NULL\)?", sql), sql
+
+
+async def test_a_monitor_with_a_retention_purges_old_history_by_itself(
+    settings: Settings, store: Store
+) -> None:
+    old = utcnow() - timedelta(days=3)
+    async with store.session() as session, session.begin():
+        session.add(_run("ancient", started=old, finished=old))
+        session.add(HeartbeatRow(id="ancient", job="j", kind="success", at=old))
+    keeping = settings.model_copy(update={"retention": "2d", "retention_check_seconds": 0.2})
+    monitor = Fleet(keeping)
+    try:
+        await monitor.start("monitor")
+
+        async def gone() -> bool:
+            async with store.session() as session:
+                left = await session.scalar(select(func.count()).select_from(RunRow))
+                beats = await session.scalar(select(func.count()).select_from(HeartbeatRow))
+            return left == 0 and beats == 0
+
+        await eventually(gone)
+    finally:
+        await monitor.stop()
