@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from zoneinfo import ZoneInfo
@@ -203,3 +205,24 @@ def test_any_text_is_a_schedule_or_a_value_error(text: str) -> None:
 def test_odd_time_zone_names_are_a_value_error(name: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_timezone(name)
+
+
+ACCEPTED_EXTENSIONS = ["0 0 L * *", "0 12 * * L5", "0 0 * * 1#2", "0 0 15W * *", "*/7 * ? * MON-FRI"]
+
+
+def test_every_accepted_schedule_gives_the_same_fires_in_another_process() -> None:
+    # What R broke: each scheduler process drew its own value and fired at its own instant.
+    after = datetime(2026, 1, 1, tzinfo=UTC)
+    script = (
+        "import sys; from datetime import datetime, UTC; from zoneinfo import ZoneInfo\n"
+        "from common.cron import next_fire\n"
+        "at = datetime(2026, 1, 1, tzinfo=UTC)\n"
+        "for schedule in sys.argv[1:]:\n"
+        "    print(next_fire(schedule, ZoneInfo('Europe/Berlin'), at).isoformat())\n"
+    )
+    here = [next_fire(s, ZoneInfo("Europe/Berlin"), after).isoformat() for s in ACCEPTED_EXTENSIONS]
+    for _ in range(2):
+        there = subprocess.run(
+            [sys.executable, "-c", script, *ACCEPTED_EXTENSIONS], capture_output=True, text=True, check=True
+        )
+        assert there.stdout.split() == here
