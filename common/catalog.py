@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from pydantic import ValidationError
 from sqlalchemy import delete, select
 
+from common.errors import CronfleetError
 from common.jobs import JobSpec, spec_from_json
 from common.store import JobRow, Store
 from common.store.chunks import IN_LIST_CHUNK, chunks
+
+log = logging.getLogger("cronfleet.catalog")
 
 
 @dataclass(frozen=True)
@@ -23,18 +28,60 @@ class JobsDiff:
     unchanged: list[str] = field(default_factory=list)
 
 
-async def load_jobs(store: Store, names: Collection[str] | None = None) -> list[JobSpec]:
-    """Every job in the store (or those of ``names``), enabled or not, by name."""
-    if names is None:
-        async with store.session() as session:
-            rows = (await session.execute(select(JobRow.spec).order_by(JobRow.name))).scalars()
-            return [spec_from_json(spec) for spec in rows]
-    specs: list[JobSpec] = []
+@dataclass(frozen=True)
+class StoredJobs:
+    """The jobs read from the store, and those whose stored spec this cronfleet refuses (a job
+    applied by an older, laxer cronfleet), by name with the reason."""
+
+    specs: list[JobSpec]
+    unreadable: dict[str, str]
+
+
+async def read_jobs(store: Store, names: Collection[str] | None = None) -> StoredJobs:
+    """Every job in the store (or those of ``names``), enabled or not, by name.
+
+    A stored spec that no longer validates never raises: it is reported in ``unreadable``.
+    """
+    query = select(JobRow.name, JobRow.spec)
+    rows: list[tuple[str, str]] = []
     async with store.session() as session:
-        for some in chunks(sorted(names), IN_LIST_CHUNK):
-            rows = (await session.execute(select(JobRow.spec).where(JobRow.name.in_(some)))).scalars()
-            specs.extend(spec_from_json(spec) for spec in rows)
-    return sorted(specs, key=lambda spec: spec.name)
+        if names is None:
+            rows.extend((name, spec) for name, spec in await session.execute(query))
+        else:
+            for some in chunks(sorted(names), IN_LIST_CHUNK):
+                rows.extend(
+                    (name, spec) for name, spec in await session.execute(query.where(JobRow.name.in_(some)))
+                )
+    specs: list[JobSpec] = []
+    unreadable: dict[str, str] = {}
+    for name, spec in sorted(rows):
+        try:
+            specs.append(spec_from_json(spec))
+        except ValueError as exc:
+            unreadable[name] = _first_line(exc)
+    return StoredJobs(specs, unreadable)
+
+
+async def load_jobs(store: Store, names: Collection[str] | None = None) -> list[JobSpec]:
+    """The readable jobs of ``read_jobs``; each unreadable one is logged as an error (callers
+    that show jobs to people list those too, see ``read_jobs``)."""
+    stored = await read_jobs(store, names)
+    for name, reason in stored.unreadable.items():
+        log.error(
+            "job %s is stored with a spec this cronfleet refuses (%s): it is not run or judged "
+            "until its jobs file is fixed and applied again",
+            name,
+            reason,
+        )
+    return stored.specs
+
+
+def _first_line(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in error["loc"]) or "spec"
+        return f"field {where}: {error['msg']}"[:300]
+    return (str(exc).splitlines() or ["unreadable"])[0][:300]
 
 
 async def load_fingerprints(store: Store) -> dict[str, str]:
@@ -47,9 +94,13 @@ async def load_fingerprints(store: Store) -> dict[str, str]:
 
 async def find_job(store: Store, name: str) -> JobSpec | None:
     """The job called ``name``, or None."""
-    async with store.session() as session:
-        spec = await session.scalar(select(JobRow.spec).where(JobRow.name == name))
-    return None if spec is None else spec_from_json(spec)
+    stored = await read_jobs(store, [name])
+    if name in stored.unreadable:
+        raise CronfleetError(
+            f"job {name!r} is stored with a spec this cronfleet refuses ({stored.unreadable[name]}): "
+            "fix its jobs file and apply it again"
+        )
+    return stored.specs[0] if stored.specs else None
 
 
 async def apply_jobs(

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.cron import next_fire
-from common.jobs import spec_from_json
+from common.jobs import JobSpec, spec_from_json
 from common.messages import (
     Event,
     HeartbeatKind,
@@ -114,12 +114,21 @@ class _Batch:
         rows = await self.session.execute(
             select(JobRow.name, JobRow.spec).where(JobRow.name.in_(list(self.due_after)))
         )
-        specs = {name: spec_from_json(spec) for name, spec in rows.all()}
+        specs = {name: _readable(spec) for name, spec in rows.all()}
         for job, after in self.due_after.items():
             spec = specs.get(job)
             self.states[job].next_expected_at = (
                 None if spec is None else next_fire(spec.schedule, spec.zone(), after)
             )
+
+
+def _readable(spec: str) -> JobSpec | None:
+    """A stored spec, or None when this cronfleet refuses it (applied by an older, laxer one;
+    ``cronfleet status`` and ``doctor`` name it): its runs are still recorded."""
+    try:
+        return spec_from_json(spec)
+    except ValueError:
+        return None
 
 
 async def record_batch(session: AsyncSession, events: Sequence[Event], now: datetime) -> BatchOutcome:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from common import fires
 from common.bus import Publisher, connect
-from common.catalog import apply_jobs, find_job, load_jobs
+from common.catalog import apply_jobs, find_job, read_jobs
 from common.cli.output import emit
 from common.clock import utcnow
 from common.errors import CronfleetError, JobFileError, NotFound
@@ -74,7 +74,8 @@ async def apply(settings: Settings, args: argparse.Namespace) -> int:
 async def jobs(settings: Settings, args: argparse.Namespace) -> int:
     """``cronfleet jobs``."""
     async with open_store(settings) as store:
-        specs = await load_jobs(store)
+        stored = await read_jobs(store)
+    specs = stored.specs
     rows = [
         {
             "name": s.name,
@@ -88,8 +89,9 @@ async def jobs(settings: Settings, args: argparse.Namespace) -> int:
         }
         for s in specs
     ]
+    rows.extend({"name": name, "action": "invalid", "error": why} for name, why in stored.unreadable.items())
     emit(rows, ["name", "schedule", "timezone", "action", "pool", "enabled"], args.json)
-    return 0
+    return 1 if stored.unreadable else 0
 
 
 async def trigger(settings: Settings, args: argparse.Namespace) -> int:
@@ -131,9 +133,9 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
     async with open_store(settings) as store, store.session() as session:
         applied = {row.name: row.updated_at for row in (await session.execute(select(JobRow))).scalars()}
         states = {row.job: row for row in (await session.execute(select(JobStateRow))).scalars()}
-        specs = await load_jobs(store)
+        stored = await read_jobs(store)
     rows = []
-    for spec in specs:
+    for spec in stored.specs:
         row = states.get(spec.name)
         state = JobState(
             last_status=row.last_status if row else None,
@@ -152,8 +154,12 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
                 "due_at": verdict.due_at,
             }
         )
+    for name, why in stored.unreadable.items():
+        reason = f"stored spec refused ({why}): fix the jobs file and apply it again"
+        rows.append({"job": name, "health": "invalid", "reason": reason})
+    rows.sort(key=lambda row: str(row["job"]))
     emit(rows, ["job", "health", "last_status", "last_finished_at", "due_at", "reason"], args.json)
-    return 1 if any(r["health"] in ("late", "failing") for r in rows) else 0
+    return 1 if any(r["health"] in ("late", "failing", "invalid") for r in rows) else 0
 
 
 async def ping(settings: Settings, args: argparse.Namespace) -> int:

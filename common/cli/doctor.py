@@ -9,7 +9,7 @@ import aio_pika
 from sqlalchemy import func, select
 
 from common.bus import CONNECT_ERRORS, connect, redact
-from common.catalog import load_jobs
+from common.catalog import read_jobs
 from common.clock import utcnow
 from common.errors import CronfleetError
 from common.settings import Settings
@@ -34,7 +34,8 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
         opened = await Store.open(settings.database_url, settings.database_schema)
         try:
             revision = (await opened.schema_version()).revision
-            specs = await load_jobs(opened)
+            stored = await read_jobs(opened)
+            specs = stored.specs
             async with opened.session() as session:
                 pending = await session.scalar(
                     select(func.count())
@@ -44,6 +45,12 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await opened.close()
         pools.update(s.pool for s in specs if s.enabled and s.action is not None)
+        if stored.unreadable:
+            name, why = next(iter(stored.unreadable.items()))
+            raise CronfleetError(
+                f"{len(stored.unreadable)} job(s) stored with a spec this cronfleet refuses, "
+                f"first {name!r} ({why}): fix the jobs file and apply it again"
+            )
         enabled = sum(s.enabled for s in specs)
         note = f"; {pending} fire(s) waiting to be published" if pending else ""
         where = opened.engine.url.render_as_string(hide_password=True)

@@ -8,6 +8,7 @@ import logging
 
 from common.catalog import apply_jobs
 from common.clock import utcnow
+from common.errors import JobFileError
 from common.jobs import load_jobs_file
 from common.services import ServiceOptions, load_service
 from common.settings import Settings
@@ -32,6 +33,8 @@ def _worker(args: argparse.Namespace) -> ServiceOptions:
 async def run_all(settings: Settings, args: argparse.Namespace) -> int:
     """``cronfleet run``: apply ``--jobs`` if given, then the three processes in this one."""
     specs = load_jobs_file(args.jobs) if args.jobs is not None else None
+    if specs == []:
+        raise JobFileError(f"{args.jobs}:1: the file defines no jobs; `run --jobs` would remove every job")
     # One host, one command: `run` brings the store to this code's schema by itself.
     store = await Store.open(settings.database_url, settings.database_schema, upgrade=True)
     try:
