@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.cli import admin, database, doctor, fleet
+from common.cli import admin, broker, database, doctor, fleet
 from common.errors import CronfleetError, JobFileError
 from common.settings import Settings
 
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--id", help="the new key's id (default: random)")
     command("schema", admin.schema, "print the JSON Schema of every wire message")
     command("doctor", doctor.doctor, "check the broker, the store and the keys")
+    broker.add_parser(commands)
 
     db = commands.add_parser("db", help="the store's schema and history", description="the store's schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")

@@ -1,0 +1,311 @@
+"""The broker as a second wall: users given a role's rights by ``cronfleet broker permissions
+--apply`` do what the role does, with cronfleet's own code, and RabbitMQ itself refuses them
+(ACCESS_REFUSED) everything else.
+
+Each test runs on a private virtual host of the shared broker, with users of its own; both are
+deleted at the end. Nothing existing on the broker is touched."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.exceptions import ChannelAccessRefused
+
+from common.bus import Publisher, connect
+from common.clock import utcnow
+from common.envelope import Rejected, RejectionReason
+from common.errors import BrokerUnavailable
+from common.messages import (
+    JobHeartbeat,
+    RunFinished,
+    RunStarted,
+    RunStatus,
+    SchedulerHeartbeat,
+    WorkerHeartbeat,
+)
+from common.settings import Settings
+from common.topology import Topology
+from tests.conftest import AMQP_URL, TEST_KEYS, keyring
+from tests.fleet import cronfleet, eventually
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on the shared broker's host"
+)
+
+
+def rabbitmqctl(*args: str, check: bool = True) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=check, capture_output=True, timeout=120)
+
+
+@dataclass
+class PrivateVhost:
+    """A virtual host of the test's own, a namespace in it, and the users made for it."""
+
+    name: str
+    settings: Settings
+    users: list[str] = field(default_factory=list)
+    connections: list[AbstractRobustConnection] = field(default_factory=list)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.settings.namespace)
+
+    def add_user(self, role: str, *options: str) -> Settings:
+        """A new user with ``role``'s rights, as ``cronfleet broker permissions --create-user
+        --apply`` makes it; returns the settings of a process that logs in as that user."""
+        user = f"test-perm-{role}-{uuid.uuid4().hex[:8]}"
+        self.users.append(user)
+        command = ["broker", "permissions", "--role", role, "--user", user, "--create-user", "--apply"]
+        result = cronfleet(self.settings, *command, *options)
+        assert result.returncode == 0, result.stderr
+        found = re.search(r"CRONFLEET_AMQP_URL=(\S+)", result.stdout)
+        assert found is not None, result.stdout
+        return self.settings.model_copy(update={"amqp_url": found.group(1)})
+
+
+@pytest.fixture
+async def vhost() -> AsyncIterator[PrivateVhost]:
+    name = f"test-perm-{uuid.uuid4().hex[:12]}"
+    rabbitmqctl("add_vhost", name)
+    url = urlsplit(AMQP_URL)._replace(path=f"/{name}").geturl()
+    private = PrivateVhost(
+        name, Settings(amqp_url=url, keys=TEST_KEYS, namespace=f"perm-{uuid.uuid4().hex[:8]}")
+    )
+    try:
+        yield private
+    finally:
+        for connection in private.connections:
+            await connection.close()
+        for user in private.users:
+            rabbitmqctl("delete_user", user, check=False)
+        rabbitmqctl("delete_vhost", name)
+
+
+async def opened(vhost: PrivateVhost, settings: Settings, name: str) -> Publisher:
+    """A publisher as the processes open it: ``Publisher.open`` (which declares every exchange
+    and both shared queues) on a connection as ``settings``' user, closed when the test ends."""
+    connection = await connect(settings.amqp_url, name, wait=False)
+    vhost.connections.append(connection)
+    return await Publisher.open(connection, Topology(settings.namespace), keyring())
+
+
+@dataclass(frozen=True)
+class Action:
+    """Something done on a channel, and what the broker names when it refuses it."""
+
+    run: Callable[[AbstractChannel], Awaitable[object]]
+    refusal: str
+
+
+def publish(exchange: str, routing_key: str) -> Action:
+    """Publish to ``exchange``: refused for want of write on it."""
+
+    async def run(channel: AbstractChannel) -> None:
+        target = await channel.get_exchange(exchange, ensure=False)
+        await target.publish(aio_pika.Message(b'{"forged": true}'), routing_key=routing_key)
+
+    return Action(run, f"access to exchange '{exchange or 'amq.default'}'")
+
+
+def publish_topic(exchange: str, routing_key: str) -> Action:
+    """Publish to topic ``exchange`` under ``routing_key``: refused by the topic rights."""
+    return Action(publish(exchange, routing_key).run, f"access to topic '{routing_key}'")
+
+
+def consume(queue: str) -> Action:
+    """Consume ``queue``: refused for want of read on it."""
+
+    async def ignore(_message: AbstractIncomingMessage) -> None:
+        pass
+
+    async def run(channel: AbstractChannel) -> None:
+        await (await channel.get_queue(queue, ensure=False)).consume(ignore)
+
+    return Action(run, f"access to queue '{queue}'")
+
+
+async def refused(settings: Settings, action: Action) -> None:
+    """Do ``action`` on a confirmed channel as ``settings``' user: the broker itself refuses it
+    (ACCESS_REFUSED, naming the exchange, topic or queue)."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        with pytest.raises(ChannelAccessRefused) as caught:
+            await action.run(channel)
+    assert "ACCESS_REFUSED" in str(caught.value)
+    assert action.refusal in str(caught.value), str(caught.value)
+
+
+async def get_one(publisher: Publisher, queue: str) -> AbstractIncomingMessage:
+    found = await publisher.channel.get_queue(queue, ensure=False)
+
+    async def one() -> AbstractIncomingMessage | None:
+        return await found.get(no_ack=False, fail=False)
+
+    message: AbstractIncomingMessage = await eventually(one)
+    return message
+
+
+async def declare_everything(vhost: PrivateVhost, *pools: str) -> tuple[Settings, Publisher]:
+    """As a new scheduler user: declare the topology and the pools' queues (a fresh namespace is
+    created by a scheduler, a monitor or ``cronfleet apply``, never by a ping or a worker)."""
+    scheduler = vhost.add_user("scheduler")
+    publisher = await opened(vhost, scheduler, "test-scheduler")
+    for pool in pools:
+        await vhost.topology.declare_pool(publisher.channel, pool)
+    return scheduler, publisher
+
+
+def run_started(job: str, pool: str) -> RunStarted:
+    now = utcnow()
+    return RunStarted(
+        run_id=uuid.uuid4().hex,
+        trigger_id="t1",
+        job=job,
+        pool=pool,
+        worker="w1",
+        scheduled_at=now,
+        started_at=now,
+    )
+
+
+async def test_a_scheduler_declares_the_topology_and_publishes_triggers_and_only_its_heartbeat(
+    vhost: PrivateVhost,
+) -> None:
+    scheduler, publisher = await declare_everything(vhost, "a", "b")
+    await publisher.trigger_body(b'{"t": 1}', "a", "trigger-1")
+    await publisher.trigger_body(b'{"t": 2}', "b", "trigger-2")
+    await publisher.event(SchedulerHeartbeat(scheduler="s1", at=utcnow(), jobs=0))
+    events = vhost.topology.events_exchange
+    await refused(scheduler, publish_topic(events, "run.finished.backup"))
+    await refused(scheduler, publish_topic(events, "job.heartbeat.backup"))
+
+
+async def test_a_ping_user_publishes_job_heartbeats_and_nothing_else(vhost: PrivateVhost) -> None:
+    await declare_everything(vhost, "a")
+    ping = vhost.add_user("ping")
+    sent = cronfleet(ping, "ping", "backup")
+    assert sent.returncode == 0, sent.stderr
+    topology = vhost.topology
+    await refused(ping, publish(topology.triggers_exchange, "a"))
+    await refused(ping, publish_topic(topology.events_exchange, "run.finished.backup"))
+    await refused(ping, publish_topic(topology.events_exchange, "run.started.backup"))
+    await refused(ping, publish_topic(topology.events_exchange, "worker.heartbeat.a"))
+    await refused(ping, publish_topic(topology.events_exchange, "job.heartbeat.backup.x"))
+    await refused(ping, publish_topic(topology.events_exchange, "job.heartbeat.backup\n"))
+    await refused(ping, publish("", topology.pool_queue("a")))  # the default exchange
+    await refused(ping, consume(topology.monitor_queue))
+    await refused(ping, consume(topology.pool_queue("a")))
+    # cronfleet's own publisher, as that user: a run event is refused.
+    publisher = await opened(vhost, ping, "test-ping")
+    await publisher.event(JobHeartbeat(id="h1", job="backup", at=utcnow()))
+    with pytest.raises(BrokerUnavailable, match="ACCESS_REFUSED"):
+        await publisher.event(_finished(run_started("backup", "a")))
+
+
+async def test_a_ping_user_narrowed_to_jobs_cannot_ping_another(vhost: PrivateVhost) -> None:
+    await declare_everything(vhost)
+    ping = vhost.add_user("ping", "--job", "backup")
+    assert cronfleet(ping, "ping", "backup").returncode == 0
+    other = cronfleet(ping, "ping", "report")
+    assert other.returncode == 1
+    assert "ACCESS_REFUSED" in other.stderr and "job.heartbeat.report" in other.stderr, other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1, other.stderr
+
+
+async def test_a_worker_consumes_its_pool_and_publishes_events_and_dead_letters_never_a_trigger(
+    vhost: PrivateVhost,
+) -> None:
+    _scheduler, scheduling = await declare_everything(vhost, "a", "b")
+    await scheduling.trigger_body(b'{"t": 1}', "a", "trigger-1")
+    worker = vhost.add_user("worker", "--pool", "a")
+    topology = vhost.topology
+    publisher = await opened(vhost, worker, "test-worker")
+    await topology.declare_pool(publisher.channel, "a")  # as the worker's consumer does
+    trigger = await get_one(publisher, topology.pool_queue("a"))
+    assert trigger.body == b'{"t": 1}'
+    started = run_started("backup", "a")
+    await publisher.event(started)
+    await publisher.event(_finished(started))
+    await publisher.event(WorkerHeartbeat(worker="w1", pool="a", at=utcnow(), concurrency=1, running=0))
+    await publisher.dead_letter(trigger, Rejected(RejectionReason.MALFORMED, "test"), "w1")
+    await trigger.ack()
+    await refused(worker, publish(topology.triggers_exchange, "a"))
+    await refused(worker, publish(topology.triggers_exchange, "b"))
+    await refused(worker, consume(topology.pool_queue("b")))
+    await refused(worker, consume(topology.monitor_queue))
+    await refused(worker, publish_topic(topology.events_exchange, "job.heartbeat.backup"))
+    await refused(worker, publish_topic(topology.events_exchange, "worker.heartbeat.b"))
+    await refused(worker, publish_topic(topology.events_exchange, "scheduler.heartbeat"))
+
+
+async def test_a_monitor_consumes_events_and_dead_letters_them_but_publishes_no_trigger(
+    vhost: PrivateVhost,
+) -> None:
+    _scheduler, scheduling = await declare_everything(vhost, "a")
+    await scheduling.event(SchedulerHeartbeat(scheduler="s1", at=utcnow(), jobs=0))
+    monitor = vhost.add_user("monitor")
+    topology = vhost.topology
+    publisher = await opened(vhost, monitor, "test-monitor")
+    await topology.declare_monitor(publisher.channel)  # as the monitor's consumer does
+    event = await get_one(publisher, topology.monitor_queue)
+    assert event.routing_key == "scheduler.heartbeat"
+    await publisher.dead_letter(event, Rejected(RejectionReason.MALFORMED, "test"), "m1")
+    await event.ack()
+    await refused(monitor, publish(topology.triggers_exchange, "a"))
+    await refused(monitor, publish(topology.events_exchange, "scheduler.heartbeat"))
+    await refused(monitor, consume(topology.pool_queue("a")))
+
+
+async def test_an_admin_may_trigger_and_ping(vhost: PrivateVhost) -> None:
+    await declare_everything(vhost)
+    admin = vhost.add_user("admin")
+    publisher = await opened(vhost, admin, "test-admin")
+    await vhost.topology.declare_pool(publisher.channel, "a")
+    await publisher.trigger_body(b'{"t": 1}', "a", "trigger-1")
+    await publisher.event(JobHeartbeat(id="h1", job="backup", at=utcnow()))
+    await refused(admin, publish_topic(vhost.topology.events_exchange, "run.finished.backup"))
+
+
+async def test_apply_fails_in_one_line_without_rabbitmqctl_or_without_the_user(vhost: PrivateVhost) -> None:
+    command = ["broker", "permissions", "--role", "ping", "--apply"]
+    missing = cronfleet(vhost.settings, *command, "--rabbitmqctl", "/nonexistent/rabbitmqctl")
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("cronfleet: cannot run '/nonexistent/rabbitmqctl'"), missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    nobody = f"test-perm-nobody-{uuid.uuid4().hex[:8]}"
+    absent = cronfleet(vhost.settings, *command, "--user", nobody)
+    assert absent.returncode == 1
+    assert f"rabbitmqctl set_permissions for user {nobody!r} failed" in absent.stderr, absent.stderr
+    assert "does not exist" in absent.stderr
+    assert len(absent.stderr.strip().splitlines()) == 1
+
+
+def test_print_shows_the_commands_and_runs_none(vhost: PrivateVhost) -> None:
+    printed = cronfleet(
+        vhost.settings, "broker", "permissions", "--role", "worker", "--pool", "gpu", "--print"
+    )
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    user = f"{vhost.settings.namespace}-worker-gpu"
+    assert lines[1].startswith(f"rabbitmqctl set_permissions -p {vhost.name} {user} '^(?:")
+    assert lines[2].startswith(f"rabbitmqctl set_topic_permissions -p {vhost.name} {user} ")
+    assert "add_user" not in printed.stdout
+
+
+def _finished(started: RunStarted) -> RunFinished:
+    return RunFinished(
+        **started.model_dump(exclude={"type"}),
+        finished_at=started.started_at,
+        duration_seconds=0,
+        status=RunStatus.SUCCEEDED,
+    )

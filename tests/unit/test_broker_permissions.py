@@ -1,0 +1,314 @@
+"""Each role's RabbitMQ rights match exactly the names its processes use, in its own namespace:
+the regexes as the broker will read them (anchored, escaped), and the commands that set them."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from common.broker_permissions import (
+    CREATING_ROLES,
+    DECLARING_ROLES,
+    NOTHING,
+    BrokerPermissions,
+    Role,
+    anchored,
+    permissions,
+)
+from common.cli.broker import UNSAFE_VHOST, default_user, role_url, vhost_of
+from common.topology import Topology
+
+NS = "cronfleet"
+T = Topology(NS)
+ALL_NAMES = [
+    T.triggers_exchange,
+    T.events_exchange,
+    T.dead_exchange,
+    T.dead_queue,
+    T.monitor_queue,
+    T.pool_queue("a"),
+    T.pool_queue("b"),
+]
+# What a ping user and a worker would need once they declare passively (see DECLARING_ROLES).
+PASSIVE = frozenset(DECLARING_ROLES - {Role.PING, Role.WORKER})
+
+
+def matches(regex: str, name: str) -> bool:
+    """Whether RabbitMQ grants ``name`` under ``regex``: it searches with PCRE, which reads these
+    regexes as Python does (anchors, escapes, ``(?:``, ``(?!``, ``{m,n}``)."""
+    return re.search(regex, name) is not None
+
+
+def rights(role: Role, **options: object) -> BrokerPermissions:
+    return permissions(NS, "/", role, **options)  # type: ignore[arg-type]
+
+
+def test_a_ping_user_may_publish_job_heartbeats_to_the_events_exchange_and_nothing_else() -> None:
+    ping = rights(Role.PING)
+    assert matches(ping.write, T.events_exchange)
+    assert not matches(ping.write, T.triggers_exchange)
+    assert ping.topic_exchange == T.events_exchange
+    assert matches(ping.topic_write, "job.heartbeat.backup-db")
+    for key in (
+        "run.finished.backup-db",
+        "run.started.backup-db",
+        "worker.heartbeat.default",
+        "scheduler.heartbeat",
+        "job.heartbeat.",
+        "job.heartbeat.a.b",
+        "job.heartbeat.x\n",
+        "xjob.heartbeat.x",
+        "job.heartbeatxx",
+    ):
+        assert not matches(ping.topic_write, key), key
+    for queue in (T.monitor_queue, T.pool_queue("a")):
+        assert not matches(ping.read, queue), queue
+
+
+def test_a_ping_user_can_be_narrowed_to_some_jobs() -> None:
+    ping = rights(Role.PING, jobs=["backup", "report-1"])
+    assert matches(ping.topic_write, "job.heartbeat.backup")
+    assert matches(ping.topic_write, "job.heartbeat.report-1")
+    assert not matches(ping.topic_write, "job.heartbeat.backup2")
+    assert not matches(ping.topic_write, "job.heartbeat.other")
+
+
+def test_as_publishers_declare_today_a_ping_user_may_redeclare_the_shared_names_but_not_create_them() -> None:
+    """Publisher.open declares every exchange and both shared queues, so a ping user needs
+    configure on them (the trade-off docs/operations.md states); it is not given the read on
+    the monitor queue that creating it would take."""
+    ping = rights(Role.PING)
+    for name in (T.triggers_exchange, T.events_exchange, T.dead_exchange, T.monitor_queue):
+        assert matches(ping.configure, name)
+    assert not matches(ping.configure, T.pool_queue("a"))
+    assert not matches(ping.read, T.monitor_queue)
+    assert ping.topic_read == anchored([re.escape("#")])
+
+
+def test_once_pings_declare_passively_they_need_no_right_but_publishing_heartbeats() -> None:
+    ping = permissions(NS, "/", Role.PING, declaring=PASSIVE)
+    assert ping.configure == NOTHING
+    assert ping.read == NOTHING
+    assert ping.write == anchored([re.escape(T.events_exchange)])
+    assert ping.topic_read == NOTHING
+
+
+def test_a_worker_reads_its_pools_and_writes_events_and_dead_letters_never_triggers() -> None:
+    worker = rights(Role.WORKER, pools=["a"])
+    assert matches(worker.read, T.pool_queue("a"))
+    assert not matches(worker.read, T.pool_queue("b"))
+    assert not matches(worker.read, T.monitor_queue)
+    assert matches(worker.write, T.events_exchange)
+    assert matches(worker.write, T.dead_exchange)
+    assert not matches(worker.write, T.triggers_exchange)
+    assert not matches(worker.configure, T.pool_queue("b"))
+    for key in ("run.started.j", "run.finished.j", "worker.heartbeat.a"):
+        assert matches(worker.topic_write, key), key
+    for key in ("worker.heartbeat.b", "job.heartbeat.j", "scheduler.heartbeat", "run.finished.j.k"):
+        assert not matches(worker.topic_write, key), key
+
+
+def test_a_worker_of_several_pools_reads_each_and_no_other() -> None:
+    worker = rights(Role.WORKER, pools=["a", "b"])
+    assert matches(worker.read, T.pool_queue("a"))
+    assert matches(worker.read, T.pool_queue("b"))
+    assert not matches(worker.read, T.pool_queue("c"))
+    assert not matches(worker.read, T.pool_queue("ab"))
+
+
+def test_once_workers_declare_passively_they_only_consume_and_publish() -> None:
+    worker = permissions(NS, "/", Role.WORKER, ["a"], declaring=PASSIVE)
+    assert worker.configure == NOTHING
+    assert worker.read == anchored([re.escape(T.pool_queue("a"))])
+    assert worker.write == anchored([re.escape(T.events_exchange), re.escape(T.dead_exchange)])
+
+
+def test_a_monitor_reads_its_queue_and_publishes_only_dead_letters() -> None:
+    monitor = rights(Role.MONITOR)
+    assert matches(monitor.read, T.monitor_queue)
+    assert not matches(monitor.read, T.pool_queue("a"))
+    assert matches(monitor.write, T.dead_exchange)
+    assert not matches(monitor.write, T.triggers_exchange)
+    assert not matches(monitor.write, T.events_exchange)
+    assert monitor.topic_write == NOTHING
+
+
+def test_a_scheduler_publishes_triggers_to_any_pool_and_only_its_own_heartbeat() -> None:
+    scheduler = rights(Role.SCHEDULER)
+    assert matches(scheduler.write, T.triggers_exchange)
+    for name in [*ALL_NAMES, T.pool_queue("any-pool_1")]:
+        assert matches(scheduler.configure, name), name
+    assert matches(scheduler.topic_write, "scheduler.heartbeat")
+    for key in ("job.heartbeat.j", "run.finished.j", "worker.heartbeat.a"):
+        assert not matches(scheduler.topic_write, key), key
+
+
+def test_a_scheduler_can_be_narrowed_to_some_pools() -> None:
+    scheduler = rights(Role.SCHEDULER, pools=["a"])
+    assert matches(scheduler.configure, T.pool_queue("a"))
+    assert not matches(scheduler.configure, T.pool_queue("b"))
+
+
+def test_an_admin_is_a_scheduler_that_may_also_ping() -> None:
+    admin, scheduler = rights(Role.ADMIN), rights(Role.SCHEDULER)
+    assert (admin.configure, admin.write, admin.read) == (
+        scheduler.configure,
+        scheduler.write,
+        scheduler.read,
+    )
+    assert matches(admin.topic_write, "job.heartbeat.j")
+    assert matches(admin.topic_write, "scheduler.heartbeat")
+    assert not matches(admin.topic_write, "run.finished.j")
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_every_role_may_declare_what_its_publisher_declares(role: Role) -> None:
+    """Publisher.open (every role, today) declares the exchanges and both shared queues; the
+    roles that may create them also hold what creating the monitor queue takes."""
+    granted = rights(role, pools=["a"]) if role is Role.WORKER else rights(role)
+    for name in (T.triggers_exchange, T.events_exchange, T.dead_exchange, T.dead_queue, T.monitor_queue):
+        assert matches(granted.configure, name), name
+    for queue in (T.dead_queue, T.monitor_queue):
+        assert matches(granted.write, queue), queue  # binding it
+    assert matches(granted.read, T.events_exchange)  # binding the monitor queue to it
+    assert matches(granted.topic_read, "#")
+    assert not matches(granted.topic_read, "job.#")
+    creates = role in CREATING_ROLES
+    assert matches(granted.read, T.monitor_queue) is (creates or role is Role.MONITOR)
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_no_right_reaches_the_default_or_built_in_exchanges(role: Role) -> None:
+    granted = rights(role, pools=["a"]) if role is Role.WORKER else rights(role)
+    for regex in (granted.configure, granted.write, granted.read):
+        for name in ("amq.default", "amq.topic", "amq.direct", "", "cronfleet", "cronfleet."):
+            assert not matches(regex, name), (regex, name)
+
+
+namespaces = st.from_regex(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,20}$", fullmatch=True)
+
+
+def _names_of(namespace: str) -> list[str]:
+    topology = Topology(namespace)
+    return [
+        topology.triggers_exchange,
+        topology.events_exchange,
+        topology.dead_exchange,
+        topology.monitor_queue,
+        topology.pool_queue("a"),
+        topology.pool_queue("zz"),
+    ]
+
+
+@given(ours=namespaces, theirs=namespaces)
+@example(ours="cronfleet", theirs="cronfleet2")
+@example(ours="cronfleet", theirs="cronfleet.x")
+@example(ours="cronfleet.x", theirs="cronfleet")
+@example(ours="a", theirs="a.poolx")
+def test_no_right_reaches_a_name_of_another_namespace(ours: str, theirs: str) -> None:
+    """Except a namespace ``NS.pool`` or ``NS.pool.*``: its names are pool queue names of ``NS``
+    too (see the next test)."""
+    if ours == theirs or f"{theirs}.".startswith(f"{ours}.pool."):
+        return
+    for role in Role:
+        granted = permissions(ours, "/", role, ["a"] if role is Role.WORKER else [])
+        for regex in (granted.configure, granted.write, granted.read):
+            for name in _names_of(theirs):
+                assert not matches(regex, name), (role, regex, name)
+
+
+def test_a_namespace_under_another_ones_pools_shares_its_names() -> None:
+    """The topology's own limit, not the rights': namespace ``a``'s pool ``triggers`` and
+    namespace ``a.pool``'s triggers exchange are both ``a.pool.triggers``. Give each fleet its
+    own virtual host (or namespaces that do not nest)."""
+    assert Topology("a").pool_queue("triggers") == Topology("a.pool").triggers_exchange
+    assert matches(rights(Role.SCHEDULER).configure, Topology(f"{NS}.pool").triggers_exchange)
+
+
+@given(namespace=namespaces, pool=st.from_regex(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", fullmatch=True))
+def test_names_are_escaped_so_every_character_is_itself(namespace: str, pool: str) -> None:
+    worker = permissions(namespace, "/", Role.WORKER, [pool])
+    topology = Topology(namespace)
+    assert matches(worker.read, topology.pool_queue(pool))
+    # A dot in the namespace matches a dot only.
+    assert not matches(worker.read, topology.pool_queue(pool).replace(".", "x", 1))
+
+
+@pytest.mark.parametrize(
+    ("pools", "jobs", "complaint"),
+    [
+        ([], [], "at least one pool"),
+        (["a.b"], [], "pool 'a.b'"),
+        (["a", "#"], [], "pool '#'"),
+        (["a"], ["*"], "job '*'"),
+        (["a"], ["x\n"], "job 'x\\n'"),
+    ],
+)
+def test_a_name_the_wire_refuses_is_refused(pools: list[str], jobs: list[str], complaint: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(complaint)):
+        permissions(NS, "/", Role.WORKER, pools, jobs)
+
+
+def test_anchoring() -> None:
+    assert anchored([]) == NOTHING
+    assert anchored(["b", "a", "a"]) == "^(?:a|b)(?!\\n)$"
+    assert anchored(["a"]) == "^a(?!\\n)$"
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_the_commands_replace_the_triple_and_the_topic_rights(role: Role) -> None:
+    granted = permissions(NS, "my vhost", role, ["a"] if role is Role.WORKER else [])
+    set_permissions, set_topic = granted.commands("u1", "/opt/rabbitmqctl")
+    assert set_permissions == [
+        "/opt/rabbitmqctl",
+        "set_permissions",
+        "-p",
+        "my vhost",
+        "u1",
+        granted.configure,
+        granted.write,
+        granted.read,
+    ]
+    assert set_topic[:6] == [
+        "/opt/rabbitmqctl",
+        "set_topic_permissions",
+        "-p",
+        "my vhost",
+        "u1",
+        T.events_exchange,
+    ]
+    for argument in set_permissions + set_topic:
+        # Debian's rabbitmqctl wrapper re-reads each argument in double quotes with sh -c.
+        assert "$(" not in argument and "`" not in argument and "${" not in argument, argument
+        assert not argument.startswith("-") or argument == "-p"
+        re.compile(argument)
+
+
+def test_the_vhost_comes_from_the_amqp_url() -> None:
+    assert vhost_of("amqp://u:p@h:5672/") == "/"
+    assert vhost_of("amqp://u:p@h:5672") == "/"
+    assert vhost_of("amqp://u:p@h/%2F") == "/"
+    assert vhost_of("amqps://u:p@h:5671/prod?cafile=/ca.pem") == "prod"
+    assert vhost_of("amqp://h/my%20vhost") == "my vhost"
+
+
+def test_a_role_url_keeps_host_port_and_tls_options() -> None:
+    url = role_url("amqps://guest:guest@rabbit.example:5671/old?cafile=/etc/ca.pem", "cf-ping", "s3", "prod")
+    assert url == "amqps://cf-ping:s3@rabbit.example:5671/prod?cafile=/etc/ca.pem"
+    assert role_url("amqp://h", "u", "p", "/") == "amqp://u:p@h/"
+    assert role_url("amqp://h/", "u", "p@:/", "a b") == "amqp://u:p%40%3A%2F@h/a%20b"
+
+
+def test_default_user_names() -> None:
+    assert default_user("cf", Role.PING, []) == "cf-ping"
+    assert default_user("cf", Role.WORKER, ["gpu"]) == "cf-worker-gpu"
+    assert default_user("cf", Role.WORKER, ["a", "b"]) == "cf-worker"
+
+
+def test_a_vhost_the_shell_wrapper_would_expand_is_refused() -> None:
+    for vhost in ("a$(id)", "a`id`", "a\\b", "a\nb"):
+        assert UNSAFE_VHOST.search(vhost), vhost
+    assert not UNSAFE_VHOST.search("prod-1 / eu")
