@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import httpx
 import orjson
 import pytest
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -43,6 +44,8 @@ from tests.conftest import Start
 from tests.fleet import eventually
 from tests.integration.helpers import runs_of
 from worker.actions import ActionResult
+from worker.actions.http import HttpExecutor
+from worker.actions.shell import ShellExecutor
 
 
 class DeadLetters:
@@ -452,3 +455,37 @@ async def test_a_monitor_queue_of_an_older_version_stops_the_monitor_with_one_cl
     fleet.__self__.tasks.clear()  # type: ignore[attr-defined]  # it stopped; nothing to cancel
     line = str(refused.value)
     assert "\n" not in line and topology.monitor_queue in line and "PRECONDITION_FAILED" in line
+
+
+async def test_executors_turn_what_the_kernel_or_http_refuses_into_a_failed_result(tmp_path: Path) -> None:
+    # The jobs file and the wire refuse these now; the executors must not rely on it (a trigger
+    # from an older publisher, a bound missed): each is a failed result, never an exception.
+    def shell(**fields: Any) -> ShellAction:
+        return ShellAction.model_construct(
+            **{"type": "shell", "argv": ["true"], "cwd": None, "env": {}, "success_exit_codes": [0], **fields}
+        )
+
+    shell_actions = [
+        shell(argv=["tou\x00ch", str(tmp_path / "x")]),
+        shell(argv=["touch", str(tmp_path / "x\x00y")]),
+        shell(env={"A=B": "x"}),
+        shell(env={"A": "x\x00y"}),
+        shell(cwd=str(tmp_path / "nowhere")),
+        shell(cwd="a\x00b"),
+        shell(argv=[str(tmp_path / "not-a-program")]),
+    ]
+    for action in shell_actions:
+        result = await ShellExecutor().run(action, 5)
+        assert result.status is RunStatus.FAILED and result.error, action
+    http = HttpAction.model_construct(
+        type="http",
+        url="http://127.0.0.1:1/",
+        method="GET",
+        headers={"X-Name": "é\x00"},  # not a value h11 can send
+        body=None,
+        expect_status=[200],
+    )
+    async with httpx.AsyncClient() as client:
+        result = await HttpExecutor(client).run(http, 5)
+    assert result.status is RunStatus.FAILED and result.error
+    assert not (tmp_path / "x").exists()
