@@ -120,3 +120,31 @@ async def fleet(settings: Settings) -> AsyncIterator[Start]:
     running = Fleet(settings)
     yield running.start
     await running.stop()
+
+
+Counts = Callable[[str], None]
+_COUNTS = pytest.StashKey[dict[str, list[str]]]()
+
+
+@pytest.fixture
+def counts(request: pytest.FixtureRequest) -> Counts:
+    """``counts(line)``: a figure of this run (fuzz, chaos), printed again in the closing summary
+    so that it shows in CI's log whether the test passed or not."""
+    lines = request.config.stash.setdefault(_COUNTS, {}).setdefault(request.node.name, [])
+
+    def say(line: str) -> None:
+        print(line)
+        lines.append(line.rstrip())
+
+    return say
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """Print every figure the tests reported with ``counts``."""
+    tests = config.stash.get(_COUNTS, {})
+    if tests:
+        terminalreporter.section("counts")
+        for test, lines in tests.items():
+            terminalreporter.write_line(test)
+            for line in lines:
+                terminalreporter.write_line(f"  {line}")

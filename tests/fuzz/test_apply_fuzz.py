@@ -47,6 +47,7 @@ from common.jobs import JobSpec, load_jobs_file, spec_from_json
 from common.messages import TRIGGER_ADAPTER, RunStatus
 from common.settings import Settings
 from common.store import JobRow, RunRow, Store
+from tests.conftest import Counts
 from tests.fleet import Fleet, eventually
 from tests.integration.helpers import runs_of
 
@@ -460,7 +461,7 @@ def test_parsing_any_file_gives_jobs_that_survive_or_one_line(data: bytes) -> No
 
 
 async def test_every_jobs_file_is_applied_or_refused_in_one_line_and_none_can_stop_the_fleet(
-    settings: Settings, store: Store, tmp_path: Path
+    settings: Settings, store: Store, tmp_path: Path, counts: Counts
 ) -> None:
     files = corpus()
     assert len(files) >= 500, f"only {len(files)} distinct files were generated"
@@ -490,16 +491,18 @@ async def test_every_jobs_file_is_applied_or_refused_in_one_line_and_none_can_st
             survives(spec)
             accepted.append(spec)
 
-    print(f"\napply fuzz: {len(files)} files, {len(accepted)} jobs accepted")
+    counts(f"apply fuzz: {len(files)} files, {len(accepted)} jobs accepted")
     for outcome, count in sorted(outcomes.items(), key=lambda item: (-item[1], item[0])):
-        print(f"  {count:5d}  {outcome}")
+        counts(f"  {count:5d}  {outcome}")
     assert sum(n for o, n in outcomes.items() if o.startswith("applied")) >= 50, outcomes
     assert sum(n for o, n in outcomes.items() if o.startswith("refused")) >= 50, outcomes
 
-    await a_fleet_runs_them_and_stays_up(settings, store, accepted)
+    await a_fleet_runs_them_and_stays_up(settings, store, accepted, counts)
 
 
-async def a_fleet_runs_them_and_stays_up(settings: Settings, store: Store, accepted: list[JobSpec]) -> None:
+async def a_fleet_runs_them_and_stays_up(
+    settings: Settings, store: Store, accepted: list[JobSpec], counts: Counts
+) -> None:
     """Apply a sample of the accepted jobs (renamed apart) and run a real fleet on them.
 
     Most fuzzed schedules would not fire within the run, so copies of the first jobs with an
@@ -536,7 +539,7 @@ async def a_fleet_runs_them_and_stays_up(settings: Settings, store: Store, accep
         ran = await jobs_that_ran(store, 0)
     finally:
         await running.stop()
-    print(f"fleet: scheduler, worker and monitor stayed up on {len(sample)} fuzzed jobs ({ran} of them ran)")
+    counts(f"fleet: scheduler, worker and monitor stayed up on {len(sample)} fuzzed jobs ({ran} of them ran)")
 
 
 async def jobs_that_ran(store: Store, at_least: int) -> int:

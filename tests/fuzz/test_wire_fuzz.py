@@ -47,7 +47,7 @@ from common.settings import Settings
 from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, signature
 from common.store import HeartbeatRow, RunRow, Store
 from common.topology import Topology
-from tests.conftest import TEST_KEYS, Start
+from tests.conftest import TEST_KEYS, Counts, Start
 from tests.fleet import eventually
 
 TRIGGERS = 2000
@@ -590,7 +590,12 @@ async def _send(channel: AbstractChannel, exchange: str, message: Trigger | JobH
 
 
 async def test_no_message_stops_the_fleet_and_every_refusal_is_dead_lettered_with_its_reason(
-    settings: Settings, store: Store, fleet: Start, amqp: AbstractRobustConnection, tmp_path: Path
+    settings: Settings,
+    store: Store,
+    fleet: Start,
+    amqp: AbstractRobustConnection,
+    tmp_path: Path,
+    counts: Counts,
 ) -> None:
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -677,8 +682,8 @@ async def test_no_message_stops_the_fleet_and_every_refusal_is_dead_lettered_wit
         store, select(func.count()).select_from(RunRow).where(RunRow.run_id.like("fz~e%"))
     )
     found = dead.reasons()
-    print(
-        f"\nwire fuzz: published {dict(Counter(c.exchange for c in cases))}; "
+    counts(
+        f"wire fuzz: published {dict(Counter(c.exchange for c in cases))}; "
         f"outcomes {dict(Counter(c.expected for c in cases))}; dead-lettered by reason {dict(found)}; "
         f"executed {len(executed)} (of {len(accepted_triggers)} accepted triggers); "
         f"recorded {heartbeats} heartbeats and {fuzz_runs} fuzzed runs"
