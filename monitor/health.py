@@ -35,7 +35,6 @@ class State(enum.StrEnum):
 
 # The states someone must be told about; a flip into one of them is an alarm.
 ALARM_STATES = frozenset({State.DOWN, State.FAILING, State.STUCK})
-_FAILED_OUTCOMES = frozenset({RunStatus.FAILED, RunStatus.TIMED_OUT, RunStatus.EXPIRED, RunStatus.LOST})
 
 
 @dataclass(frozen=True)
