@@ -21,6 +21,7 @@ from common.errors import CronfleetError, JobFileError, NotFound
 from common.health import JobState, judge
 from common.jobs import load_jobs_file
 from common.messages import ALL_MESSAGES, HeartbeatKind, JobHeartbeat
+from common.redact import redact
 from common.settings import Settings
 from common.signing import new_key
 from common.store import JobRow, JobStateRow, RunRow, Store
@@ -85,7 +86,8 @@ async def jobs(settings: Settings, args: argparse.Namespace) -> int:
             "pool": s.pool,
             "enabled": s.enabled,
             "timeout_seconds": s.timeout_seconds,
-            "spec": s.model_dump(mode="json") if args.json else None,
+            # Secrets (an Authorization header, a token in a URL) never reach the output.
+            "spec": redact(s.model_dump(mode="json")) if args.json else None,
         }
         for s in specs
     ]
