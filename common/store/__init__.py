@@ -1,13 +1,29 @@
 """The SQL store shared by all processes: the same code on SQLite (one host) and PostgreSQL."""
 
 from common.store.database import STORE_OUTAGES, Store, dialect_insert
-from common.store.models import Base, FireRow, HeartbeatRow, JobRow, JobStateRow, LeaseRow, RunRow
+from common.store.models import (
+    ALARM_STATES,
+    HEALTH_STATES,
+    Base,
+    FireRow,
+    FlipRow,
+    HeartbeatRow,
+    JobHealthRow,
+    JobRow,
+    JobStateRow,
+    LeaseRow,
+    RunRow,
+)
 
 __all__ = [
+    "ALARM_STATES",
+    "HEALTH_STATES",
     "STORE_OUTAGES",
     "Base",
     "FireRow",
+    "FlipRow",
     "HeartbeatRow",
+    "JobHealthRow",
     "JobRow",
     "JobStateRow",
     "LeaseRow",

@@ -1,4 +1,5 @@
-"""Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, leases.
+"""Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, job health and its
+flips, leases.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
 These classes describe the schema at the newest migration (``common/store/migrations``); a change
@@ -11,6 +12,7 @@ import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -162,6 +164,73 @@ class JobStateRow(Base):
     next_expected_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# The states of monitor/health.py's machine (``State``; common cannot import monitor, and a test
+# checks that the two agree), and those among them that are alarms.
+HEALTH_STATES = ("new", "up", "running", "late", "down", "failing", "stuck", "paused")
+ALARM_STATES = ("down", "failing", "stuck")
+
+
+class JobHealthRow(Base):
+    """A job's health as the monitor keeps it: a ``monitor.health.HealthRecord``, plus the
+    fingerprint of the spec it follows (a job whose fingerprint differs changed since)."""
+
+    __tablename__ = "job_health"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", HEALTH_STATES), name="ck_job_health_state"),
+        CheckConstraint(
+            f"open_alarm IS NULL OR {_one_of('open_alarm', ALARM_STATES)}", name="ck_job_health_open_alarm"
+        ),
+    )
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    since: Mapped[datetime] = mapped_column(UTCDateTime)
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    run_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer)
+    open_alarm: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    fingerprint: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# The monitor's timers are rebuilt from it at start, and it finds what falls due next by it.
+Index("ix_job_health_deadline", JobHealthRow.deadline_at)
+
+
+class FlipRow(Base):
+    """One change of a job's health state: when, from what, to what, and why."""
+
+    __tablename__ = "flips"
+    __table_args__ = (
+        CheckConstraint(_one_of("from_state", HEALTH_STATES), name="ck_flips_from_state"),
+        CheckConstraint(_one_of("to_state", HEALTH_STATES), name="ck_flips_to_state"),
+        CheckConstraint(
+            f"recovered_from IS NULL OR {_one_of('recovered_from', ALARM_STATES)}",
+            name="ck_flips_recovered_from",
+        ),
+    )
+
+    # BIGINT on PostgreSQL (flips pile up); SQLite autoincrements only an INTEGER primary key.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    job: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    from_state: Mapped[str] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    recovered_from: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+Index("ix_flips_job_at", FlipRow.job, FlipRow.at)
+Index("ix_flips_at", FlipRow.at)
 
 
 class LeaseRow(Base):

@@ -20,8 +20,18 @@ from common.errors import SchemaMismatch
 from common.messages import HeartbeatKind, RunStatus
 from common.settings import Settings, normalise_database_url
 from common.store import Store
-from common.store.models import Base, HeartbeatRow, RunRow
+from common.store.models import (
+    ALARM_STATES,
+    HEALTH_STATES,
+    Base,
+    FlipRow,
+    HeartbeatRow,
+    JobHealthRow,
+    RunRow,
+)
 from common.store.schema import BASELINE, SchemaState, head_revision
+from monitor.health import ALARM_STATES as MACHINE_ALARM_STATES
+from monitor.health import State
 from tests.conftest import AMQP_URL, POSTGRES_URL, STORES, TEST_KEYS
 from tests.fleet import cronfleet
 
@@ -187,14 +197,53 @@ async def test_every_status_the_code_writes_fits_the_checks_and_nothing_else_doe
             )
         for kind in HeartbeatKind:
             session.add(HeartbeatRow(id=kind.value, job="j", kind=kind.value, at=now))
+        for state in State:
+            alarm = state.value if state in MACHINE_ALARM_STATES else None
+            session.add(_health(state.value, now, open_alarm=alarm))
+            session.add(_flip(state.value, state.value, now, recovered_from=alarm))
     for bad in (
         RunRow(run_id="bad", job="j", source="worker", status="finished", started_at=now),
         RunRow(run_id="bad2", job="j", source="cron", status="failed", started_at=now),
         HeartbeatRow(id="bad", job="j", kind="ok", at=now),
+        _health("ok", now),
+        _health("up", now, job="bad-alarm", open_alarm="late"),
+        _flip("up", "waiting", now),
+        _flip("ok", "up", now),
+        _flip("down", "up", now, recovered_from="up"),
     ):
         with pytest.raises(IntegrityError):
             async with blank.session() as session, session.begin():
                 session.add(bad)
+
+
+def _health(
+    state: str, now: datetime, *, job: str | None = None, open_alarm: str | None = None
+) -> JobHealthRow:
+    return JobHealthRow(
+        job=job or state,
+        state=state,
+        since=now,
+        consecutive_failures=0,
+        open_alarm=open_alarm,
+        updated_at=now,
+    )
+
+
+def _flip(from_state: str, to_state: str, now: datetime, *, recovered_from: str | None = None) -> FlipRow:
+    return FlipRow(
+        job="j",
+        at=now,
+        from_state=from_state,
+        to_state=to_state,
+        reason="r",
+        recovered_from=recovered_from,
+        created_at=now,
+    )
+
+
+def test_the_stores_health_states_are_the_machines() -> None:
+    assert tuple(State) == HEALTH_STATES
+    assert set(ALARM_STATES) == set(MACHINE_ALARM_STATES)
 
 
 async def test_no_process_runs_against_a_schema_it_was_not_written_for(blank: Store) -> None:
