@@ -1,0 +1,240 @@
+"""Delivering alerts in the background: one queue and one task per channel, retries with backoff,
+and every attempt reported.
+
+``Dispatcher.submit`` returns at once: it routes the alert and puts it on the queue of each of its
+channels. Each channel's task delivers its alerts one after another, in the order submitted (so a
+recovery never overtakes the alarm it ends), trying each up to ``RetryPolicy.attempts`` times. A
+channel that fails or hangs delays only its own alerts, never another channel's, never the caller.
+Every attempt, delivered or not, reaches ``on_attempt`` (through one reporting task, in order), so
+the monitor can store it; a failing ``on_attempt`` is logged and delivery goes on.
+
+    async with Dispatcher(channels, config.routes, config.delivery, on_attempt) as dispatcher:
+        dispatcher.submit(alert)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+
+from common.clock import Clock, utcnow
+from monitor.channels.base import Alert, Channel, DeliveryFailed
+from monitor.channels.policy import RetryPolicy, Routes, retry_delay, route
+
+log = logging.getLogger("cronfleet.alerts")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try at delivering ``alert`` to ``channel``, as the monitor stores it.
+
+    ``number``: 1 for the first try, 2 for the first retry...; 0 when the alert was never tried
+    (the channel's queue was full, the channel does not exist, or the dispatcher stopped first).
+    ``at``: when the attempt began. ``error``: why it failed (one line, no secret), None when
+    ``delivered``. ``final``: no more attempts follow for this alert on this channel.
+    ``retry_at``: when the next attempt is due, when one follows.
+    """
+
+    alert: Alert
+    channel: str
+    number: int
+    at: datetime
+    delivered: bool
+    error: str | None
+    final: bool
+    retry_at: datetime | None = None
+
+
+AttemptCallback = Callable[[Attempt], Awaitable[None]]
+
+
+class Dispatcher:
+    """Routes alerts to ``channels`` and delivers them in the background (see the module)."""
+
+    def __init__(
+        self,
+        channels: Mapping[str, Channel],
+        routes: Routes,
+        policy: RetryPolicy,
+        on_attempt: AttemptCallback,
+        *,
+        attempt_timeout: float = 60.0,
+        clock: Clock = utcnow,
+    ) -> None:
+        self._channels = dict(channels)
+        self._routes = routes
+        self._policy = policy
+        self._on_attempt = on_attempt
+        self._attempt_timeout = attempt_timeout
+        self._clock = clock
+        self._queues: dict[str, asyncio.Queue[Alert]] = {name: asyncio.Queue() for name in self._channels}
+        self._current: dict[str, Alert | None] = dict.fromkeys(self._channels)
+        self._reports: asyncio.Queue[Attempt] = asyncio.Queue()
+        self._workers: list[asyncio.Task[None]] = []
+        self._reporter: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def __aenter__(self) -> Dispatcher:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        """Start one delivery task per channel and the reporting task (owned: ``close`` ends them)."""
+        if self._reporter is not None:
+            return
+        self._reporter = asyncio.create_task(self._report_loop(), name="alerts-report")
+        for name, channel in self._channels.items():
+            task = asyncio.create_task(self._deliver_loop(name, channel), name=f"alerts-{name}")
+            self._workers.append(task)
+
+    def submit(self, alert: Alert, channels: Iterable[str] | None = None) -> tuple[str, ...]:
+        """Queue ``alert`` for each channel of its job's route (or of ``channels``) and return
+        their names at once, never waiting. A channel that cannot take it (unknown, queue full,
+        dispatcher closing) gets an attempt numbered 0 reported as not sent instead."""
+        names = route(self._routes, alert.job) if channels is None else tuple(dict.fromkeys(channels))
+        queued = []
+        for name in names:
+            queue = self._queues.get(name)
+            if queue is None:
+                self._refuse(alert, name, f"no channel called {name!r}")
+            elif self._closing:
+                self._refuse(alert, name, "not sent: the monitor is stopping")
+            elif queue.qsize() >= self._policy.queue_limit:
+                self._refuse(alert, name, f"not sent: {queue.qsize()} alerts already wait for this channel")
+            else:
+                queue.put_nowait(alert)
+                queued.append(name)
+        return tuple(queued)
+
+    def backlog(self) -> dict[str, int]:
+        """How many alerts each channel has still to deliver (the one being tried included)."""
+        return {
+            name: queue.qsize() + (self._current[name] is not None) for name, queue in self._queues.items()
+        }
+
+    async def idle(self) -> None:
+        """Wait until every submitted alert is delivered or given up, and every attempt reported."""
+        for queue in self._queues.values():
+            await queue.join()
+        await self._reports.join()
+
+    async def close(self, grace: float = 5.0) -> list[tuple[Alert, str]]:
+        """Stop taking alerts, give the queued ones ``grace`` seconds, then stop every task.
+
+        Returns the (alert, channel) pairs left undelivered, each also reported as an attempt
+        numbered 0 with ``final`` set.
+        """
+        self._closing = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                for queue in self._queues.values():
+                    await queue.join()
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+        left: list[tuple[Alert, str]] = []
+        for name, queue in self._queues.items():
+            current = self._current[name]
+            if current is not None:
+                left.append((current, name))
+                self._current[name] = None
+                queue.task_done()
+            while not queue.empty():
+                left.append((queue.get_nowait(), name))
+                queue.task_done()
+        for alert, name in left:
+            self._refuse(alert, name, "not sent: the monitor stopped before delivering it")
+        if left:
+            log.warning("alerts: %d alert(s) left undelivered at shutdown", len(left))
+        if self._reporter is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._reports.join()
+            self._reporter.cancel()
+            await asyncio.gather(self._reporter, return_exceptions=True)
+            self._reporter = None
+        return left
+
+    def _refuse(self, alert: Alert, name: str, reason: str) -> None:
+        log.warning("alerts: %s for job %s on channel %s", reason, alert.job, name)
+        self._reports.put_nowait(
+            Attempt(alert, name, 0, self._clock(), delivered=False, error=reason, final=True)
+        )
+
+    async def _deliver_loop(self, name: str, channel: Channel) -> None:
+        queue = self._queues[name]
+        while True:
+            alert = await queue.get()
+            self._current[name] = alert
+            # Cancelled mid-delivery, the alert stays current: ``close`` reports it undelivered.
+            await self._deliver(name, channel, alert)
+            self._current[name] = None
+            queue.task_done()
+
+    async def _deliver(self, name: str, channel: Channel, alert: Alert) -> None:
+        """Try ``alert`` on ``channel`` until delivered, refused for good, or out of attempts."""
+        for number in range(1, self._policy.attempts + 1):
+            started = self._clock()
+            retryable, retry_after = True, None
+            try:
+                async with asyncio.timeout(self._attempt_timeout):
+                    await channel.send(alert)
+            except DeliveryFailed as exc:
+                error, retryable, retry_after = exc.reason, exc.retryable, exc.retry_after
+            except TimeoutError:
+                error = f"no answer within {self._attempt_timeout:g}s"
+            except Exception as exc:  # a bug in a channel must not end its task
+                error = f"unexpected {type(exc).__name__} in the {channel.type} channel"
+                log.error("alerts: channel %s: %s", name, error)
+            else:
+                self._reports.put_nowait(
+                    Attempt(alert, name, number, started, delivered=True, error=None, final=True)
+                )
+                return
+            final = not retryable or number == self._policy.attempts
+            delay = None if final else retry_delay(self._policy, number, retry_after)
+            retry_at = None if delay is None else self._clock() + timedelta(seconds=delay)
+            self._reports.put_nowait(
+                Attempt(
+                    alert, name, number, started, delivered=False, error=error, final=final, retry_at=retry_at
+                )
+            )
+            log.warning(
+                "alerts: job %s, channel %s, attempt %d failed: %s%s",
+                alert.job,
+                name,
+                number,
+                error,
+                "" if delay is None else f"; next try in {delay:g}s",
+            )
+            if delay is None:
+                return
+            await asyncio.sleep(delay)
+
+    async def _report_loop(self) -> None:
+        while True:
+            attempt = await self._reports.get()
+            try:
+                await self._on_attempt(attempt)
+            except Exception as exc:  # the store may be down: delivery goes on regardless
+                log.error(
+                    "alerts: could not record attempt %d of job %s on %s (%s: %s)",
+                    attempt.number,
+                    attempt.alert.job,
+                    attempt.channel,
+                    type(exc).__name__,
+                    exc,
+                )
+            finally:
+                self._reports.task_done()

@@ -1,0 +1,128 @@
+"""The email channel: a plain-text message over SMTP, encrypted before anything is said.
+
+``starttls`` (port 587) upgrades the connection with STARTTLS and refuses a server that does not
+offer it; ``tls`` (port 465) speaks TLS from the first byte. The server's certificate is verified
+(against the system's authorities, or ``ca_file``), then AUTH logs in when a username is set.
+smtplib blocks, so every delivery runs in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import ssl
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Literal
+
+from monitor.channels.base import Alert, DeliveryFailed, one_line
+
+Security = Literal["starttls", "tls"]
+
+
+@dataclass(frozen=True)
+class SmtpServer:
+    """Where and how to hand messages over. ``password`` is never shown (``repr`` omits it)."""
+
+    host: str
+    port: int = 587
+    security: Security = "starttls"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    timeout: float = 30.0
+
+
+def email_message(alert: Alert, sender: str, recipients: tuple[str, ...]) -> EmailMessage:
+    """The message for ``alert``: the title as subject, every fact in the plain-text body."""
+    message = EmailMessage(policy=SMTP)
+    message["From"] = sender
+    message["To"] = ", ".join(recipients)
+    message["Subject"] = alert.title()
+    message["Date"] = format_datetime(alert.at)
+    message["Message-ID"] = make_msgid("cronfleet", domain=sender.rpartition("@")[2] or "cronfleet.invalid")
+    message["X-Cronfleet-Flip"] = one_line(alert.flip_id)
+    message["X-Cronfleet-Kind"] = alert.kind
+    message.set_content(alert.text())
+    return message
+
+
+class EmailChannel:
+    """Mails each alert from ``sender`` to ``recipients`` through ``server``."""
+
+    type = "email"
+
+    def __init__(self, name: str, server: SmtpServer, sender: str, recipients: tuple[str, ...]) -> None:
+        self.name = name
+        self._server = server
+        self._sender = sender
+        self._recipients = recipients
+
+    def __repr__(self) -> str:
+        return f"EmailChannel({self.name!r})"
+
+    async def send(self, alert: Alert) -> None:
+        """Mail ``alert`` (in a worker thread). Raises DeliveryFailed."""
+        message = email_message(alert, self._sender, self._recipients)
+        await asyncio.to_thread(deliver, self._server, message)
+
+
+def deliver(server: SmtpServer, message: EmailMessage) -> None:
+    """Hand ``message`` to ``server``, blocking. Raises DeliveryFailed (retryable for a network
+    error or a 4xx reply, not for a refused certificate, login or address)."""
+    where = f"{server.host}:{server.port}"
+    try:
+        context = ssl.create_default_context(cafile=None if server.ca_file is None else str(server.ca_file))
+    except OSError as exc:
+        raise DeliveryFailed(f"cannot read ca_file: {exc.strerror or exc}", retryable=False) from None
+    try:
+        with _connect(server, context) as smtp:
+            if server.username is not None:
+                smtp.login(server.username, server.password or "")
+            smtp.send_message(message)
+    except smtplib.SMTPNotSupportedError:
+        raise DeliveryFailed(
+            f"{where} does not offer STARTTLS: refusing to send credentials or alerts in clear",
+            retryable=False,
+        ) from None
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = sorted({code for code, _ in exc.recipients.values()})
+        raise DeliveryFailed(
+            f"{where} refused every recipient ({', '.join(map(str, codes))})",
+            retryable=all(400 <= code < 500 for code in codes),
+        ) from None
+    except smtplib.SMTPResponseException as exc:
+        text = (
+            exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
+        )
+        what = "login refused" if isinstance(exc, smtplib.SMTPAuthenticationError) else "refused"
+        raise DeliveryFailed(
+            one_line(f"{where} {what}: {exc.smtp_code} {text}"), retryable=400 <= exc.smtp_code < 500
+        ) from None
+    except ssl.SSLCertVerificationError as exc:
+        raise DeliveryFailed(
+            one_line(f"{where}: certificate not trusted ({exc.verify_message})"), retryable=False
+        ) from None
+    except smtplib.SMTPException as exc:  # disconnected, no reply...
+        raise DeliveryFailed(one_line(f"{where}: {type(exc).__name__}: {exc}")) from None
+    except TimeoutError:
+        raise DeliveryFailed(f"{where}: no answer within {server.timeout:g}s") from None
+    except OSError as exc:
+        raise DeliveryFailed(one_line(f"{where}: {exc.strerror or exc}")) from None
+
+
+def _connect(server: SmtpServer, context: ssl.SSLContext) -> smtplib.SMTP:
+    if server.security == "tls":
+        return smtplib.SMTP_SSL(server.host, server.port, timeout=server.timeout, context=context)
+    smtp = smtplib.SMTP(server.host, server.port, timeout=server.timeout)
+    try:
+        smtp.ehlo()
+        smtp.starttls(context=context)  # raises SMTPNotSupportedError when the server lacks it
+        smtp.ehlo()
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
