@@ -1,5 +1,6 @@
 """Talking to RabbitMQ: a connection that waits out outages, and a publisher that signs every
-message and returns only once the broker has confirmed it."""
+message (with its namespace and routing key, under the key of the role that may send it) and
+returns only once the broker has confirmed it."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ from common.envelope import (
     one_line,
 )
 from common.errors import BrokerUnavailable
-from common.messages import WireMessage
-from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring
+from common.messages import JobHeartbeat, WireMessage
+from common.roles import signing_role
+from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
 from common.topology import Topology, event_routing_key
 
 log = logging.getLogger("cronfleet.bus")
@@ -105,10 +107,13 @@ def _message(body: bytes, headers: Mapping[str, Any], message_id: str | None) ->
 
 
 class Publisher:
-    """Signs and publishes messages of one fleet, each confirmed by the broker before returning.
+    """Signs and publishes messages of one fleet (``namespace``), each confirmed by the broker
+    before returning.
 
-    Publishes may run concurrently: their confirms are pipelined on one channel.
-    Raises BrokerUnavailable when a message is refused, unroutable or the broker is gone.
+    Each message is signed over the namespace, its routing key and its body, with the signing
+    key of the role that may send it (``common.roles``). Publishes may run concurrently: their
+    confirms are pipelined on one channel. Raises BrokerUnavailable when a message is refused,
+    unroutable or the broker is gone, and ConfigError when no key may sign it.
     """
 
     def __init__(
@@ -116,8 +121,10 @@ class Publisher:
         channel: AbstractChannel,
         exchanges: Mapping[str, AbstractExchange],
         keyring: Keyring,
+        namespace: str,
     ) -> None:
         self.channel = channel
+        self.namespace = namespace
         self._exchanges = exchanges
         self._keyring = keyring
 
@@ -125,19 +132,24 @@ class Publisher:
     async def open(
         cls, connection: AbstractRobustConnection, topology: Topology, keyring: Keyring
     ) -> Publisher:
-        """A publisher on a new confirmed channel of ``connection``, exchanges declared."""
+        """A publisher of ``topology``'s namespace on a new confirmed channel of ``connection``,
+        exchanges declared."""
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchanges = await topology.declare_exchanges(channel)
-        return cls(channel, exchanges, keyring)
+        return cls(channel, exchanges, keyring, topology.namespace)
 
     async def trigger_body(self, body: bytes, pool: str, message_id: str) -> None:
         """Publish an already serialised trigger ``body`` (as kept in the outbox) to ``pool``."""
-        await self._publish("triggers", body, self._keyring.sign(body), pool, message_id)
+        headers = self._keyring.sign(Role.TRIGGER, self.namespace, pool, body)
+        await self._publish("triggers", body, headers, pool, message_id)
 
     async def event(self, event: WireMessage) -> None:
         """Publish a run event or heartbeat on the events exchange under its topic."""
         body = event.to_bytes()
-        await self._publish("events", body, self._keyring.sign(body), event_routing_key(event), None)
+        routing_key = event_routing_key(event)
+        job = event.job if isinstance(event, JobHeartbeat) else None
+        signer = self._keyring.signer(signing_role(event), job)
+        await self._publish("events", body, signer.sign(self.namespace, routing_key, body), routing_key, None)
 
     async def dead_letter(
         self, message: AbstractIncomingMessage, rejected: Rejected, rejected_by: str

@@ -1,4 +1,5 @@
-"""Opening a signed message: signature first, then parse once, then check expiry.
+"""Opening a signed message: signature first, then parse once, then the signing key's role, the
+pool, and expiry.
 
 An expected refusal is a value (``Rejected`` with a ``RejectionReason``), never an exception, so
 that the consumer can dead-letter it with its reason and go on.
@@ -15,7 +16,8 @@ from typing import Generic, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from common.bounds import MAX_MESSAGE_BYTES
-from common.messages import WIRE_FIELDS
+from common.messages import WIRE_FIELDS, Trigger
+from common.roles import role_refusal
 from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, SignatureCheck
 
 M = TypeVar("M")
@@ -26,7 +28,8 @@ REJECTED_BY_HEADER = "cronfleet-rejected-by"
 ORIGINAL_EXCHANGE_HEADER = "cronfleet-original-exchange"
 ORIGINAL_ROUTING_KEY_HEADER = "cronfleet-original-routing-key"
 DETAIL_LIMIT = 500
-# A signature is 64 hex digits; a header far longer than that is not one, whatever it holds.
+# A signature is 64 hex digits (HMAC-SHA256) or 128 (Ed25519); a header far longer than that is
+# not one, whatever it holds.
 MAX_SIGNATURE_HEADER_LENGTH = 256
 
 
@@ -38,6 +41,8 @@ class RejectionReason(enum.StrEnum):
     BAD_SIGNATURE = "bad_signature"
     MALFORMED = "malformed"
     TOO_LARGE = "too_large"
+    WRONG_ROLE = "wrong_role"
+    WRONG_POOL = "wrong_pool"
     EXPIRED = "expired"
     ID_CONFLICT = "id_conflict"
     INTERNAL_ERROR = "internal_error"
@@ -71,14 +76,21 @@ def open_envelope(
     keyring: Keyring,
     adapter: TypeAdapter[M],
     now: datetime,
+    *,
+    namespace: str,
+    routing_key: str,
 ) -> Accepted[M] | Rejected:
-    """Verify ``body`` against ``headers``, then parse it with ``adapter``.
+    """Verify ``body`` against ``headers``, as delivered in ``namespace`` with ``routing_key``,
+    then parse it with ``adapter``.
 
-    A body over ``MAX_MESSAGE_BYTES`` is refused unread. A message whose ``expires_at`` is not
-    after ``now`` is rejected as expired. The signature is checked on the exact bytes received,
-    before any parsing; parsing is strict JSON (no numbers for strings or booleans for numbers)
-    and needs ``v`` and ``type``. Never raises: whatever the bytes or the header values (of any
-    type), the outcome is a value; an exception from the parser itself is ``internal_error``.
+    A body over ``MAX_MESSAGE_BYTES`` is refused unread. The signature is checked on the exact
+    bytes received, with the namespace and routing key it must cover, before any parsing;
+    parsing is strict JSON (no numbers for strings or booleans for numbers) and needs ``v`` and
+    ``type``. Then the key that signed must be of a role allowed to sign that message
+    (``wrong_role``, see ``common.roles``), a trigger must have arrived with its own pool as
+    routing key (``wrong_pool``), and a message whose ``expires_at`` is not after ``now`` is
+    rejected as expired. Never raises: whatever the bytes or the header values (of any type),
+    the outcome is a value; an exception from the parser itself is ``internal_error``.
     """
     if len(body) > MAX_MESSAGE_BYTES:
         return Rejected(
@@ -88,9 +100,9 @@ def open_envelope(
     claimed = signed.get(SIGNATURE_HEADER)
     if isinstance(claimed, str | bytes) and len(claimed) > MAX_SIGNATURE_HEADER_LENGTH:
         return Rejected(RejectionReason.BAD_SIGNATURE, "signature check: the signature header is too long")
-    check = keyring.check(body, signed)
-    if check is not SignatureCheck.VALID:
-        return Rejected(_SIGNATURE_REJECTIONS[check], f"signature check: {check.value}")
+    checked = keyring.check(namespace, routing_key, body, signed)
+    if checked.key is None:  # a key comes with every VALID outcome, and only with one
+        return Rejected(_SIGNATURE_REJECTIONS[checked.outcome], f"signature check: {checked.outcome.value}")
     try:
         message = adapter.validate_json(body, strict=True)
     except ValidationError as exc:
@@ -100,6 +112,14 @@ def open_envelope(
     missing = WIRE_FIELDS - getattr(message, "model_fields_set", WIRE_FIELDS)
     if missing:
         return Rejected(RejectionReason.MALFORMED, f"a message must carry {' and '.join(sorted(missing))}")
+    refusal = role_refusal(checked.key, message)
+    if refusal is not None:
+        return Rejected(RejectionReason.WRONG_ROLE, refusal)
+    if isinstance(message, Trigger) and message.pool != routing_key:
+        return Rejected(
+            RejectionReason.WRONG_POOL,
+            one_line(f"a trigger for pool {message.pool!r} arrived with routing key {routing_key!r}"),
+        )
     expires_at = getattr(message, "expires_at", None)
     if isinstance(expires_at, datetime) and expires_at <= now:
         return Rejected(RejectionReason.EXPIRED, f"expired at {expires_at.isoformat()}")

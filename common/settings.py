@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.durations import parse_duration
 from common.errors import ConfigError
 from common.signing import Keyring
+
+log = logging.getLogger("cronfleet.keys")
 
 
 def normalise_database_url(url: str) -> str:
@@ -63,10 +67,12 @@ class Settings(BaseSettings):
     def _async_driver(cls, value: str) -> str:
         return normalise_database_url(value)
 
-    def keyring(self) -> Keyring:
+    def keyring(self, *, warn_legacy: bool = True) -> Keyring:
         """The signing keys: from ``CRONFLEET_KEYS``, else from ``CRONFLEET_KEYS_FILE``.
 
-        Raises ConfigError when neither gives at least one well-formed key.
+        Keys without a role (the old ``id:secret`` form) are logged as a warning, once per
+        process, unless ``warn_legacy`` is False. Raises ConfigError when neither setting gives
+        at least one well-formed key.
         """
         text = self.keys
         if not text and self.keys_file is not None:
@@ -78,7 +84,25 @@ class Settings(BaseSettings):
                 ) from exc
         if not text.strip():
             raise ConfigError(
-                "no signing key: set CRONFLEET_KEYS=id:secret "
-                "(make one with `cronfleet keys new`) or CRONFLEET_KEYS_FILE"
+                "no signing key: set CRONFLEET_KEYS=role:id:secret,... "
+                "(make them with `cronfleet keys new --role ROLE`) or CRONFLEET_KEYS_FILE"
             )
-        return Keyring.parse(text)
+        keyring = Keyring.parse(text)
+        if keyring.legacy and warn_legacy:
+            _warn_legacy(tuple(key.id for key in keyring.legacy))
+        return keyring
+
+
+@functools.cache
+def _warn_legacy(key_ids: tuple[str, ...]) -> None:
+    """Say once per process that these keys have no role (each later call is a no-op)."""
+    one = len(key_ids) == 1
+    log.warning(
+        "signing key %s %s no role, so %s every message, triggers included: give %s a role by "
+        "writing `trigger:ID:SECRET`, `event:ID:SECRET` or `ping:ID:SECRET` instead (new keys "
+        "from `cronfleet keys new --role ROLE`; docs/operations.md, 'Keys')",
+        ", ".join(map(repr, key_ids)),
+        "has" if one else "have",
+        "it signs and verifies" if one else "they sign and verify",
+        "it" if one else "each",
+    )

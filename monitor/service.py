@@ -98,7 +98,15 @@ class EventRecorder:
 
     def _open(self, message: AbstractIncomingMessage, now: datetime) -> Accepted[Event] | Rejected:
         try:
-            return open_envelope(message.body, message.headers or {}, self.keyring, EVENT_ADAPTER, now)
+            return open_envelope(
+                message.body,
+                message.headers or {},
+                self.keyring,
+                EVENT_ADAPTER,
+                now,
+                namespace=self.publisher.namespace,
+                routing_key=message.routing_key or "",
+            )
         except Exception as exc:
             log.exception("unexpected error opening event %s", message.routing_key)
             return internal_error(exc)

@@ -18,6 +18,7 @@ from common.jobs import JobSpec
 from common.messages import SchedulerHeartbeat, Trigger
 from common.services import ServiceOptions
 from common.settings import Settings
+from common.signing import Role
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
 from scheduler.planner import Planner
@@ -166,6 +167,8 @@ class Scheduler:
 async def serve(settings: Settings, options: ServiceOptions) -> None:
     """Run a scheduler until cancelled. Waits out an unreachable broker; fails on bad settings."""
     keyring = settings.keyring()
+    # Triggers under the trigger key, its own heartbeats under the event key.
+    keyring.require([Role.TRIGGER, Role.EVENT], who="a scheduler")
     name = options.instance("scheduler")
     store = await Store.open(settings.database_url, settings.database_schema)
     try:

@@ -20,7 +20,17 @@ from common.store import Store
 from common.topology import Topology
 from tests.fleet import Fleet
 
-TEST_KEYS = "k1:test-secret-number-one-0123456789,k0:test-secret-number-zero-0123456789"
+# One key of each role signs (t1, e1, p1); a second of each verifies too, as after a rotation.
+TEST_KEYS = ",".join(
+    [
+        "trigger:t1:test-trigger-secret-one-0123456789",
+        "event:e1:test-event-secret-one-0123456789",
+        "ping:p1:test-ping-secret-one-0123456789",
+        "trigger:t0:test-trigger-secret-zero-0123456789",
+        "event:e0:test-event-secret-zero-0123456789",
+        "ping:p0:test-ping-secret-zero-0123456789",
+    ]
+)
 
 
 def keyring() -> Keyring:

@@ -31,7 +31,7 @@ from common.messages import (
     RunStatus,
     Trigger,
 )
-from common.signing import Keyring
+from common.signing import Keyring, Role
 from worker.actions import ActionResult, Executor
 
 log = logging.getLogger("cronfleet.worker")
@@ -52,6 +52,8 @@ class TriggerHandler:
         worker: str,
         clock: Clock = utcnow,
     ) -> None:
+        # A worker signs its run events and heartbeats: without an event key it cannot report.
+        keyring.require([Role.EVENT], who="a worker")
         self.publisher = publisher
         self.keyring = keyring
         self.executors = executors
@@ -85,8 +87,17 @@ class TriggerHandler:
             await self._give_up(message, internal_error(exc))
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        # Verified against this fleet's namespace and the routing key the trigger came with: a
+        # trigger signed for another pool or fleet does not verify, and one whose body names
+        # another pool than its routing key is refused (wrong_pool).
         opened = open_envelope(
-            message.body, message.headers or {}, self.keyring, TRIGGER_ADAPTER, self.clock()
+            message.body,
+            message.headers or {},
+            self.keyring,
+            TRIGGER_ADAPTER,
+            self.clock(),
+            namespace=self.publisher.namespace,
+            routing_key=message.routing_key or "",
         )
         if isinstance(opened, Rejected):
             await self._refuse(message, opened)

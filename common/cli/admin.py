@@ -17,13 +17,13 @@ from common.bus import Publisher, connect
 from common.catalog import apply_jobs, find_job, read_jobs
 from common.cli.output import emit
 from common.clock import utcnow
-from common.errors import CronfleetError, JobFileError, NotFound
+from common.errors import ConfigError, CronfleetError, JobFileError, NotFound
 from common.health import JobState, judge
 from common.jobs import load_jobs_file
 from common.messages import ALL_MESSAGES, HeartbeatKind, JobHeartbeat
 from common.redact import redact
 from common.settings import Settings
-from common.signing import new_key
+from common.signing import Keyring, Role, new_ed25519_pair, new_key
 from common.store import JobRow, JobStateRow, RunRow, Store
 from common.topology import Topology
 
@@ -104,6 +104,8 @@ async def trigger(settings: Settings, args: argparse.Namespace) -> int:
             raise NotFound(f"no job called {args.name!r} (see `cronfleet jobs`)")
         if spec.action is None:
             raise CronfleetError(f"job {args.name!r} has no action: it only receives heartbeats")
+        # Before the fire is claimed: a claimed fire that cannot be signed would wait in the outbox.
+        settings.keyring().require([Role.TRIGGER], who="`cronfleet trigger`")
         async with open_publisher(settings, "cronfleet-cli") as publisher:
             await Topology(settings.namespace).declare_pool(publisher.channel, spec.pool)
             now = utcnow()
@@ -183,6 +185,7 @@ async def ping(settings: Settings, args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise CronfleetError(f"cannot send that heartbeat: {exc.errors()[0]['msg']}") from exc
+    settings.keyring().signer(Role.PING, beat.job, who="`cronfleet ping`")
     async with open_publisher(settings, "cronfleet-cli") as publisher:
         await publisher.event(beat)
     print(f"sent {kind.value} heartbeat for {args.name}")
@@ -190,8 +193,25 @@ async def ping(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def keys(settings: Settings, args: argparse.Namespace) -> int:
-    """``cronfleet keys new``: print a fresh ``id:secret``."""
-    print(new_key(args.id))
+    """``cronfleet keys new --role ROLE [--id ID] [--ed25519] [--jobs a,b]``: print a fresh key
+    entry for CRONFLEET_KEYS (for ``--ed25519``, the private entry for schedulers and the public
+    one for workers, each under a comment saying where it goes)."""
+    role = Role(args.role)
+    jobs = [name.strip() for name in (args.jobs or "").split(",") if name.strip()]
+    if args.ed25519:
+        if role is not Role.TRIGGER:
+            raise ConfigError("--ed25519 is for trigger keys only (--role trigger)")
+        private, public = new_ed25519_pair(args.id)
+        print("# for schedulers and `cronfleet trigger` only: signs triggers (keep it secret)")
+        print(private)
+        print("# for workers: verifies triggers, cannot sign one")
+        print(public)
+        return 0
+    if jobs and role is not Role.PING:
+        raise ConfigError("--jobs limits ping keys only (--role ping)")
+    entry = new_key(role, args.id, jobs=jobs)
+    Keyring.parse(entry)  # a bad --id or job name fails here, in one line
+    print(entry)
     return 0
 
 

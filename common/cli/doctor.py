@@ -13,6 +13,7 @@ from common.catalog import read_jobs
 from common.clock import utcnow
 from common.errors import CronfleetError
 from common.settings import Settings
+from common.signing import Keyring, Role
 from common.store import FireRow, Store
 from common.topology import Topology
 
@@ -20,15 +21,19 @@ Check = Callable[[], Awaitable[str]]
 
 
 async def doctor(settings: Settings, args: argparse.Namespace) -> int:
-    """Print one line per check; exit 1 when any fails."""
+    """Print one line per check (and a WARN line per thing that works but should not stay so,
+    such as a key without a role); exit 1 when any check fails."""
     pools: set[str] = {"default"}
+    warnings: list[str] = []
 
     async def keys() -> str:
-        keyring = settings.keyring()
-        others = len(keyring.secrets) - 1
-        return f"{len(keyring.secrets)} key(s); signing with {keyring.signing_key_id!r}" + (
-            f", {others} more accepted for verification" if others else ""
-        )
+        keyring = settings.keyring(warn_legacy=False)
+        for key in keyring.legacy:
+            warnings.append(
+                f"keys: {key.id!r} has no role, so it signs and verifies every message, triggers "
+                "included: replace it with role keys (`cronfleet keys new --role ROLE`)"
+            )
+        return f"{len(keyring.keys)} key(s)\n    " + "\n    ".join(_role_line(keyring, role) for role in Role)
 
     async def store() -> str:
         opened = await Store.open(settings.database_url, settings.database_schema)
@@ -85,12 +90,32 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
             await connection.close()
         return f"RabbitMQ at {redact(settings.amqp_url)}\n    " + "\n    ".join(notes)
 
-    failures = 0
+    failures = printed = 0
     for label, check in (("keys", keys), ("store", store), ("broker", broker)):
         try:
             print(f"ok    {label}: {await check()}")
         except (CronfleetError, *CONNECT_ERRORS) as exc:
             failures += 1
             print(f"FAIL  {label}: {exc}")
-    print("all good" if not failures else f"{failures} problem(s) found")
+        for warning in warnings[printed:]:
+            print(f"WARN  {warning}")
+        printed = len(warnings)
+    if failures:
+        print(f"{failures} problem(s) found")
+    else:
+        print("all good" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return 1 if failures else 0
+
+
+def _role_line(keyring: Keyring, role: Role) -> str:
+    """Which key signs ``role``'s messages here, and which keys verify them."""
+    try:
+        signer = keyring.signer(role)
+        signs = f"signed with {signer.describe()}"
+    except CronfleetError:
+        signs = "no key here can sign (fine for a process that does not send them)"
+    verifiers = [key.describe() for key in keyring.keys if key.serves(role)]
+    if role is Role.PING:
+        verifiers += [key.describe() for key in keyring.keys if key.role is Role.EVENT]
+    accepted = "; ".join(verifiers) if verifiers else "none"
+    return f"{role.value}: {signs}; {len(verifiers)} verify: {accepted}"

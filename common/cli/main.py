@@ -71,9 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--fail", action="store_true", help="the job has failed")
     ping.add_argument("--exit-code", type=int, help="the job's exit code (non-zero means failed)")
     ping.add_argument("--message", help="a short note kept with the run")
-    keys = command("keys", admin.keys, "signing keys")
+    keys = command("keys", admin.keys, "signing keys: `keys new --role ROLE` prints a new key entry")
     keys.add_argument("action", choices=["new"])
+    keys.add_argument(
+        "--role",
+        required=True,
+        choices=["trigger", "event", "ping"],
+        help="trigger (schedulers, `cronfleet trigger`), event (workers, monitors) or ping (job heartbeats)",
+    )
     keys.add_argument("--id", help="the new key's id (default: random)")
+    keys.add_argument(
+        "--ed25519",
+        action="store_true",
+        help="a trigger key pair: the private key signs (schedulers), the public one verifies (workers)",
+    )
+    keys.add_argument("--jobs", help="a ping key for these jobs only, comma separated")
     command("schema", admin.schema, "print the JSON Schema of every wire message")
     command("doctor", doctor.doctor, "check the broker, the store and the keys")
     broker.add_parser(commands)

@@ -65,6 +65,7 @@ from common.jobs import JobSpec
 from common.messages import RunStatus, Trigger
 from common.services import ServiceOptions
 from common.settings import Settings
+from common.signing import Role
 from common.store import FireRow, RunRow, Store
 from common.topology import Topology
 from worker.actions import ActionResult, Executor
@@ -453,7 +454,7 @@ async def bare_ceiling(
 ) -> Ceiling:
     """publish (confirmed, pipelined in batches) -> consume -> ack, nothing else."""
     body = sample.to_bytes()
-    headers = Settings(keys=keys).keyring().sign(body)
+    headers = Settings(keys=keys).keyring().sign(Role.TRIGGER, "bench", sample.pool, body)
     producer = await aio_pika.connect_robust(
         amqp_url, client_properties={"connection_name": "bench-bare-pub"}
     )
@@ -557,7 +558,7 @@ def _ms(seconds: float) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     run_id = uuid.uuid4().hex[:8]
-    keys = "bench:" + secrets.token_hex(16)
+    keys = ",".join(f"{role}:bench-{role}:{secrets.token_hex(16)}" for role in ("trigger", "event", "ping"))
     namespaces = [f"bench-{run_id}", f"bench-{run_id}-sched"]
     bare_queues = [f"bench-{run_id}.bare.{kind}" for kind in args.bare_queue_types]
     version = await broker_version(args.amqp_url)

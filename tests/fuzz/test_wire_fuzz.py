@@ -3,10 +3,11 @@
 Hypothesis writes thousands of messages of every type, valid, at the bounds and hostile
 (instants at the ends of the calendar, integers past 64 bits, inf and nan, NUL and lone
 surrogates, non-UTF-8 bytes, bodies over 1 MiB and JSON nested 100,000 deep, missing and unknown
-keys, wrong types, reused ids), under every kind of header (genuine signatures with either key,
-in bytes or upper case; forged, unknown keys, tampered bodies, no signature; header values of
-every AMQP type, huge ones). They are published, confirms pipelined, at a live worker and monitor
-on the real broker. Then:
+keys, wrong types, reused ids), under every kind of header (genuine signatures with either key
+of the right role, in bytes or upper case, or with a key of another role; forged, unknown keys,
+tampered bodies, no signature; header values of every AMQP type, huge ones), with routing keys
+of any text (a trigger's pool may differ from its routing key). They are published, confirms
+pipelined, at a live worker and monitor on the real broker. Then:
 
 * every process is still running;
 * nothing ran that was not a genuine, valid trigger (each trigger's action touches its own marker
@@ -44,7 +45,7 @@ from common.clock import utcnow
 from common.envelope import REJECTION_HEADER, Accepted, open_envelope
 from common.messages import EVENT_ADAPTER, TRIGGER_ADAPTER, JobHeartbeat, RunFinished, RunStarted, Trigger
 from common.settings import Settings
-from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, signature
+from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, SIGNING_CONTEXT, Keyring, Role, signature
 from common.store import HeartbeatRow, RunRow, Store
 from common.topology import Topology
 from tests.conftest import TEST_KEYS, Counts, Start
@@ -60,9 +61,14 @@ GENERATION = settings(
     suppress_health_check=list(HealthCheck),
 )
 
-KEYS = Keyring.parse(TEST_KEYS)  # k1 signs, k0 verifies too
-FORGER = Keyring.parse("k1:not-the-real-secret-at-all-000000")
-STRANGER = Keyring.parse("k9:a-key-nobody-configured-0123456789")
+KEYS = Keyring.parse(TEST_KEYS)  # t1, e1 and p1 sign; t0, e0 and p0 verify too
+FORGED_SECRET = b"not-the-real-secret-at-all-000000"
+STRANGER = "k9"  # a key id nobody configured
+# The key each signing of a message on each exchange uses: of the right role, or another one.
+SIGNING_KEYS = {
+    "triggers": {"genuine": "t1", "genuine-k0": "t0", "genuine-other-role": "e1", "genuine-ping": "p1"},
+    "events": {"genuine": "e1", "genuine-k0": "e0", "genuine-other-role": "t1", "genuine-ping": "p1"},
+}
 
 # -- values: valid, at the bounds, and hostile --------------------------------------------------
 
@@ -193,7 +199,7 @@ def trigger_template(draw: st.DrawFn) -> dict[str, Any]:
         "type": "trigger",
         "id": None,  # unique, given at render
         "job": draw(names),
-        "pool": draw(st.sampled_from(["default", "other", "p-1"])),
+        "pool": draw(st.sampled_from(["default"] * 8 + ["other", "p-1"])),  # published to "default"
         "scheduled_at": draw(instants),
         "published_at": draw(instants),
         # Days from now, given at render: far from now either way, so the verdict cannot drift.
@@ -275,7 +281,7 @@ KINDS = {
     + ["job.heartbeat"] * 4
     + ["worker.heartbeat", "scheduler.heartbeat", "trigger"],
 }
-GENUINE = ("genuine", "genuine-k0", "genuine-bytes", "genuine-upper")
+GENUINE = ("genuine", "genuine-k0", "genuine-bytes", "genuine-upper", "genuine-other-role", "genuine-ping")
 SIGNINGS = [*["genuine"] * 11, *GENUINE[1:], "forged", "unknown-key", "unsigned", "tampered"]
 SIGNINGS += ["odd-signature", "odd-key-id", "signature-only"]
 ACTIONS = ["touch"] * 6 + ["missing-cwd", "http", "nul-in-argv", "equals-in-env"]
@@ -393,6 +399,7 @@ class Oracle:
 
     now: datetime
     workdir: Path
+    namespace: str
     cases: list[Case] = field(default_factory=list)
     accepted: dict[str, list[Case]] = field(default_factory=lambda: {"triggers": [], "events": []})
     trigger_bodies: dict[str, bytes] = field(default_factory=dict)  # trigger id -> SHA-256
@@ -413,9 +420,8 @@ class Oracle:
             else:
                 data, marker = self._fill(spec, index, earlier)
                 body = _write(data, spec)
-            case = Case(
-                spec.exchange, spec.routing_key, body, _sign(spec, body), spec.signing in GENUINE, marker
-            )
+            headers = _sign(spec, body, self.namespace)
+            case = Case(spec.exchange, spec.routing_key, body, headers, spec.signing in GENUINE, marker)
         case.expected = self._judge(case)
         if case.expected == "accepted":
             earlier.append(case)
@@ -449,7 +455,15 @@ class Oracle:
 
     def _judge(self, case: Case) -> str:
         adapter: Any = TRIGGER_ADAPTER if case.exchange == "triggers" else EVENT_ADAPTER
-        opened = open_envelope(case.body, case.headers, KEYS, adapter, self.now)
+        opened = open_envelope(
+            case.body,
+            case.headers,
+            KEYS,
+            adapter,
+            self.now,
+            namespace=self.namespace,
+            routing_key=case.routing_key,
+        )
         if not isinstance(opened, Accepted):
             if opened.reason.value == "expired":
                 self._expired_run(TRIGGER_ADAPTER.validate_json(case.body, strict=True))
@@ -510,26 +524,45 @@ def _write(data: dict[str, Any], spec: Spec) -> bytes:
     return body
 
 
-def _sign(spec: Spec, body: bytes) -> dict[str, Any]:
-    genuine = KEYS.sign(body)
+def _hmac(key_id: str, secret: bytes | None, namespace: str, spec: Spec, body: bytes) -> dict[str, str]:
+    """Headers signing ``body`` as sent to ``spec``'s routing key, computed by hand rather than by
+    ``Key.sign``, which refuses a routing key with a line feed (any text is drawn here: such a
+    delivery must be refused as bad_signature whatever its headers say)."""
+    assert secret is not None
+    data = b"\n".join(
+        (SIGNING_CONTEXT, namespace.encode(), spec.routing_key.encode("utf-8", "surrogatepass"), body)
+    )
+    return {KEY_ID_HEADER: key_id, SIGNATURE_HEADER: signature(secret, data)}
+
+
+def _secret(key_id: str) -> bytes | None:
+    key = KEYS.get(key_id)
+    return None if key is None else key.secret
+
+
+def _sign(spec: Spec, body: bytes, namespace: str) -> dict[str, Any]:
+    keys = SIGNING_KEYS[spec.exchange]
+    right = keys["genuine"]
+    genuine = _hmac(right, _secret(right), namespace, spec, body)
     headers: dict[str, Any]
     match spec.signing:
         case "genuine":
             headers = genuine
-        case "genuine-k0":
-            headers = {KEY_ID_HEADER: "k0", SIGNATURE_HEADER: signature(KEYS.secrets["k0"], body)}
+        case "genuine-k0" | "genuine-other-role" | "genuine-ping":
+            key_id = keys[spec.signing]
+            headers = _hmac(key_id, _secret(key_id), namespace, spec, body)
         case "genuine-bytes":
             headers = {name: bytearray(value.encode()) for name, value in genuine.items()}
         case "genuine-upper":
             headers = {**genuine, SIGNATURE_HEADER: f" {genuine[SIGNATURE_HEADER].upper()} "}
         case "forged":
-            headers = FORGER.sign(body)
+            headers = _hmac(right, FORGED_SECRET, namespace, spec, body)
         case "unknown-key":
-            headers = STRANGER.sign(body)
+            headers = _hmac(STRANGER, FORGED_SECRET, namespace, spec, body)
         case "unsigned":
             headers = {}
         case "tampered":
-            headers = KEYS.sign(body + b" ")
+            headers = _hmac(right, _secret(right), namespace, spec, body + b" ")
         case "odd-signature":
             headers = {**genuine, SIGNATURE_HEADER: spec.odd_header}
         case "odd-key-id":
@@ -583,10 +616,17 @@ async def _count(store: Store, query: Any) -> int:
         return int((await session.execute(query)).scalar_one())
 
 
-async def _send(channel: AbstractChannel, exchange: str, message: Trigger | JobHeartbeat, key: str) -> None:
+async def _send(
+    channel: AbstractChannel, topology: Topology, message: Trigger | JobHeartbeat, key: str
+) -> None:
     body = message.to_bytes()
+    if isinstance(message, Trigger):
+        exchange, headers = topology.triggers_exchange, KEYS.sign(Role.TRIGGER, topology.namespace, key, body)
+    else:
+        exchange = topology.events_exchange
+        headers = KEYS.sign(Role.PING, topology.namespace, key, body, job=message.job)
     target = await channel.get_exchange(exchange)
-    await target.publish(aio_pika.Message(body, headers=KEYS.sign(body)), routing_key=key)
+    await target.publish(aio_pika.Message(body, headers=headers), routing_key=key)
 
 
 async def test_no_message_stops_the_fleet_and_every_refusal_is_dead_lettered_with_its_reason(
@@ -599,7 +639,7 @@ async def test_no_message_stops_the_fleet_and_every_refusal_is_dead_lettered_wit
 ) -> None:
     workdir = tmp_path / "work"
     workdir.mkdir()
-    oracle = Oracle(now=utcnow(), workdir=workdir)
+    oracle = Oracle(now=utcnow(), workdir=workdir, namespace=settings.namespace)
     drawn = draw_specs("triggers", TRIGGERS) + draw_specs("events", EVENTS)
     cases = [oracle.render(spec, index) for index, spec in enumerate(drawn)]
     refused = Counter(c.expected for c in cases if c.expected not in ("accepted", "duplicate"))
@@ -636,7 +676,7 @@ async def test_no_message_stops_the_fleet_and_every_refusal_is_dead_lettered_wit
     now = utcnow()
     await _send(
         channel,
-        topology.triggers_exchange,
+        topology,
         Trigger(
             id="after@now",
             job="after",
@@ -649,7 +689,7 @@ async def test_no_message_stops_the_fleet_and_every_refusal_is_dead_lettered_wit
         ),
         "default",
     )
-    await _send(channel, topology.events_exchange, JobHeartbeat(id="after", job="after-beat", at=now), "x")
+    await _send(channel, topology, JobHeartbeat(id="after", job="after-beat", at=now), "x")
 
     async def both_recorded() -> bool:
         ran = (

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from common.settings import Settings
+from common.signing import Keyring, Role, SignatureCheck
 from common.store import Store
 from tests.conftest import Start
 from tests.fleet import cronfleet, eventually
@@ -161,7 +162,22 @@ async def test_ping_publishes_a_signed_heartbeat(settings: Settings, store: Stor
 def test_doctor_says_what_is_wrong_in_plain_words(settings: Settings) -> None:
     healthy = cronfleet(settings, "doctor")
     assert healthy.returncode == 0, healthy.stdout
-    assert "all good" in healthy.stdout
+    assert "all good" in healthy.stdout and "WARN" not in healthy.stdout
+    assert "ok    keys: 6 key(s)" in healthy.stdout
+    assert "    trigger: signed with trigger key 't1' (hmac-sha256); 2 verify:" in healthy.stdout
+    assert "    ping: signed with ping key 'p1' (hmac-sha256); 4 verify:" in healthy.stdout
+    assert "test-trigger-secret" not in healthy.stdout
+
+    # A key without a role works, and is reported as a warning, not as a failure.
+    legacy = cronfleet(settings, "doctor", CRONFLEET_KEYS="old:old-secret-0123456789abcdef")
+    assert legacy.returncode == 0, legacy.stdout
+    assert "WARN  keys: 'old' has no role" in legacy.stdout
+    assert "all good (1 warning(s))" in legacy.stdout
+    assert "old-secret" not in legacy.stdout + legacy.stderr
+    workers = cronfleet(settings, "doctor", CRONFLEET_KEYS="trigger:t:ed25519-public:" + "A" * 43)
+    assert workers.returncode == 0, workers.stdout
+    assert "trigger: no key here can sign" in workers.stdout
+    assert "trigger key 't' (ed25519, public only)" in workers.stdout
 
     broken = cronfleet(
         settings, "doctor", CRONFLEET_AMQP_URL="amqp://guest:hunter2pw@127.0.0.1:1/", CRONFLEET_KEYS=""
@@ -191,11 +207,40 @@ def test_a_process_without_keys_or_broker_fails_in_one_line(settings: Settings) 
     assert bad_setting.stderr.startswith("cronfleet: bad setting CRONFLEET_HEARTBEAT_SECONDS")
 
 
-def test_keys_new_prints_a_usable_key(settings: Settings) -> None:
-    result = cronfleet(settings, "keys", "new", "--id", "2026-11")
-    key_id, secret = result.stdout.strip().split(":")
-    assert key_id == "2026-11" and len(secret) >= 32
-    assert cronfleet(settings, "jobs", CRONFLEET_KEYS=result.stdout.strip()).returncode == 0
+def test_keys_new_prints_a_key_of_the_role_asked_for(settings: Settings) -> None:
+    for role in ("trigger", "event", "ping"):
+        result = cronfleet(settings, "keys", "new", "--role", role, "--id", "2026-11")
+        got_role, key_id, secret = result.stdout.strip().split(":")
+        assert (got_role, key_id) == (role, "2026-11") and len(secret) >= 32
+        assert Keyring.parse(result.stdout).signer(Role(role)).id == "2026-11"
+    limited = cronfleet(settings, "keys", "new", "--role", "ping", "--jobs", "backup, report")
+    assert limited.stdout.strip().endswith(":jobs=backup+report")
+    assert Keyring.parse(limited.stdout).keys[0].jobs == {"backup", "report"}
+
+    # An Ed25519 pair: the private entry for schedulers, the public one for workers, each said.
+    pair = cronfleet(settings, "keys", "new", "--role", "trigger", "--ed25519", "--id", "t-ed")
+    assert pair.returncode == 0, pair.stderr
+    lines = pair.stdout.splitlines()
+    assert [line.startswith("#") for line in lines] == [True, False, True, False]
+    assert "schedulers" in lines[0] and "workers" in lines[2]
+    private, public = Keyring.parse(lines[1]), Keyring.parse(lines[3])
+    headers = private.sign(Role.TRIGGER, "ns", "default", b"{}")
+    assert public.check("ns", "default", b"{}", headers).outcome is SignatureCheck.VALID
+    assert not public.keys[0].can_sign
+    assert Keyring.parse(pair.stdout.replace(lines[3], "")).keys[0].can_sign  # pasted whole, minus one
+
+    # The role is required, and each option fits its role.
+    no_role = cronfleet(settings, "keys", "new")
+    assert no_role.returncode == 2 and "--role {trigger,event,ping}" in no_role.stderr
+    wrong = cronfleet(settings, "keys", "new", "--role", "event", "--ed25519")
+    assert wrong.returncode == 1 and wrong.stderr.strip() == (
+        "cronfleet: --ed25519 is for trigger keys only (--role trigger)"
+    )
+    wrong = cronfleet(settings, "keys", "new", "--role", "trigger", "--jobs", "a")
+    assert wrong.returncode == 1 and "--jobs limits ping keys only" in wrong.stderr
+    bad_id = cronfleet(settings, "keys", "new", "--role", "event", "--id", "no spaces")
+    assert bad_id.returncode == 1 and "has no id of 1 to 64 letters" in bad_id.stderr
+    no_traceback(bad_id)
 
 
 def test_the_installed_command_runs_in_a_process_of_its_own(settings: Settings, tmp_path: Path) -> None:

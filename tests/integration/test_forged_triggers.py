@@ -17,7 +17,7 @@ from common.clock import utcnow
 from common.envelope import REJECTION_DETAIL_HEADER, REJECTION_HEADER
 from common.messages import Trigger
 from common.settings import Settings
-from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring
+from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
 from common.store import Store
 from common.topology import Topology
 from tests.conftest import Start
@@ -41,6 +41,11 @@ def _trigger(marker: Path, job: str, *, expired: bool = False) -> Trigger:
 
 
 Publish = Callable[[bytes, dict[str, Any]], Awaitable[None]]
+
+
+def _signed(keys: Keyring, settings: Settings, body: bytes) -> dict[str, Any]:
+    """``body`` signed with ``keys``' trigger key, as a trigger of pool ``default`` of this fleet."""
+    return keys.sign(Role.TRIGGER, settings.namespace, "default", body)
 
 
 async def _publisher(amqp: AbstractRobustConnection, settings: Settings) -> Publish:
@@ -79,26 +84,26 @@ async def test_forged_tampered_unknown_expired_and_malformed_triggers_are_dead_l
         name: tmp_path / name for name in ("wrong-key", "tampered", "unknown-key", "expired", "unsigned")
     }
 
-    forger = Keyring.parse("k1:not-the-real-secret-at-all-000000")
+    forger = Keyring.parse("trigger:t1:not-the-real-secret-at-all-000000")
     body = _trigger(markers["wrong-key"], "wrong-key").to_bytes()
-    await publish(body, forger.sign(body))
+    await publish(body, _signed(forger, settings, body))
 
     body = _trigger(markers["tampered"], "tampered").to_bytes()
-    headers = good.sign(body)
+    headers = _signed(good, settings, body)
     await publish(body.replace(b'"touch"', b'"rm"'), headers)
 
-    stranger = Keyring.parse("k9:a-key-nobody-configured-0123456789")
+    stranger = Keyring.parse("trigger:t9:a-key-nobody-configured-0123456789")
     body = _trigger(markers["unknown-key"], "unknown-key").to_bytes()
-    await publish(body, stranger.sign(body))
+    await publish(body, _signed(stranger, settings, body))
 
     body = _trigger(markers["expired"], "expired", expired=True).to_bytes()
-    await publish(body, good.sign(body))
+    await publish(body, _signed(good, settings, body))
 
     body = _trigger(markers["unsigned"], "unsigned").to_bytes()
     await publish(body, {})
 
     malformed = orjson.dumps({"v": 1, "type": "trigger", "job": "no-such-fields"})
-    await publish(malformed, good.sign(malformed))
+    await publish(malformed, _signed(good, settings, malformed))
 
     dead = await _dead_letters(amqp, settings, 6)
     reasons = {}
@@ -122,7 +127,7 @@ async def test_forged_tampered_unknown_expired_and_malformed_triggers_are_dead_l
     # None was executed, and the worker is still consuming: a genuine trigger still runs.
     ok_marker = tmp_path / "genuine"
     body = _trigger(ok_marker, "genuine").to_bytes()
-    await publish(body, good.sign(body))
+    await publish(body, _signed(good, settings, body))
     await eventually(lambda: runs_of(store, "genuine", status="succeeded"))
     assert ok_marker.exists()
     assert not any(marker.exists() for marker in markers.values())
@@ -149,10 +154,10 @@ async def test_a_forged_event_never_reaches_the_store(
             "at": utcnow().isoformat(),
         }
     )
-    forger = Keyring.parse("k1:not-the-real-secret-at-all-000000")
-    await events.publish(
-        aio_pika.Message(beat, headers=forger.sign(beat)), routing_key="job.heartbeat.victim"
-    )
+    forger = Keyring.parse("ping:p1:not-the-real-secret-at-all-000000")
+    routing_key = "job.heartbeat.victim"
+    headers = forger.sign(Role.PING, settings.namespace, routing_key, beat, job="victim")
+    await events.publish(aio_pika.Message(beat, headers=headers), routing_key=routing_key)
     dead = await _dead_letters(amqp, settings, 1)
     assert (dead[0].headers or {})[REJECTION_HEADER] == "bad_signature"
     assert await runs_of(store, "victim") == []
@@ -166,7 +171,7 @@ async def test_signature_headers_of_any_type_are_refused_never_crash_the_worker(
     good = Keyring.parse(settings.keys)
     oddities: dict[str, Any] = {
         "an-int": 42,
-        "a-list": ["k1", "k0"],
+        "a-list": ["t1", "t0"],
         "void": None,
         "a-table": {"k": "v"},
         "a-float": 1.5,
@@ -178,18 +183,18 @@ async def test_signature_headers_of_any_type_are_refused_never_crash_the_worker(
     expected = {}
     for label, value in oddities.items():
         body = _trigger(tmp_path / label, label).to_bytes()
-        headers: dict[str, Any] = good.sign(body)
+        headers = _signed(good, settings, body)
         headers[SIGNATURE_HEADER] = value
         await publish(body, headers)
         expected[label] = "bad_signature" if label == "huge" else "missing_signature"
         body = _trigger(tmp_path / f"{label}-id", f"{label}-id").to_bytes()
-        headers = {**good.sign(body), KEY_ID_HEADER: value}
+        headers = {**_signed(good, settings, body), KEY_ID_HEADER: value}
         await publish(body, headers)
         expected[f"{label}-id"] = "unknown_key" if label == "huge" else "missing_signature"
     # Headers that nearly fill a frame: a dead letter that kept them all and added its reason
     # would not fit, and the broker would close the worker's whole connection.
     body = _trigger(tmp_path / "padded", "padded").to_bytes()
-    await publish(body, {**good.sign(body), "x-padding": "p" * 130_800, SIGNATURE_HEADER: 0})
+    await publish(body, {**_signed(good, settings, body), "x-padding": "p" * 130_800, SIGNATURE_HEADER: 0})
     expected["padded"] = "missing_signature"
 
     dead = await _dead_letters(amqp, settings, len(expected))
@@ -200,6 +205,7 @@ async def test_signature_headers_of_any_type_are_refused_never_crash_the_worker(
     # A genuine signature sent as an AMQP byte array of ASCII verifies, as the protocol says.
     marker = tmp_path / "byte-array"
     body = _trigger(marker, "byte-array").to_bytes()
-    await publish(body, {name: bytearray(value.encode()) for name, value in good.sign(body).items()})
+    signed = _signed(good, settings, body)
+    await publish(body, {name: bytearray(value.encode()) for name, value in signed.items()})
     await eventually(lambda: runs_of(store, "byte-array", status="succeeded"))
     assert marker.exists()

@@ -12,6 +12,7 @@ from common.bus import Publisher
 from common.clock import utcnow
 from common.messages import HeartbeatKind, JobHeartbeat
 from common.settings import Settings
+from common.signing import Role
 from common.store import Store
 from common.topology import Topology
 from monitor.service import EventRecorder
@@ -27,7 +28,9 @@ async def test_events_are_held_while_the_store_is_down_and_recorded_when_it_is_b
     queue = await channel.declare_queue(exclusive=True)
     beat = JobHeartbeat(id="held-1", job="held", kind=HeartbeatKind.SUCCESS, at=utcnow())
     body = beat.to_bytes()
-    await channel.default_exchange.publish(aio_pika.Message(body, headers=keyring.sign(body)), queue.name)
+    # Through the default exchange, so its routing key is the queue's name: signed as such.
+    headers = keyring.sign(Role.PING, settings.namespace, queue.name, body, job=beat.job)
+    await channel.default_exchange.publish(aio_pika.Message(body, headers=headers), queue.name)
     message = await eventually(lambda: queue.get(no_ack=False, fail=False))
 
     publisher = await Publisher.open(amqp, Topology(settings.namespace), keyring)

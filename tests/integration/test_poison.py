@@ -37,7 +37,7 @@ from common.messages import (
     WireMessage,
 )
 from common.settings import Settings
-from common.signing import Keyring
+from common.signing import Keyring, Role
 from common.store import Store
 from common.topology import QueueMismatch, Topology, event_routing_key
 from tests.conftest import Start
@@ -84,7 +84,12 @@ async def _exchange(amqp: AbstractRobustConnection, name: str) -> AbstractExchan
 
 
 async def _publish(exchange: AbstractExchange, body: bytes, routing_key: str, keys: Keyring) -> None:
-    await exchange.publish(aio_pika.Message(body, headers=keys.sign(body)), routing_key=routing_key)
+    """Publish ``body`` signed as the fleet's own processes would: a trigger with the trigger key,
+    an event with the event key, over the namespace (``<ns>.<exchange>``) and ``routing_key``."""
+    namespace, _, kind = exchange.name.rpartition(".")
+    role = Role.TRIGGER if kind == "triggers" else Role.EVENT
+    headers = keys.sign(role, namespace, routing_key, body)
+    await exchange.publish(aio_pika.Message(body, headers=headers), routing_key=routing_key)
 
 
 async def _send_events(

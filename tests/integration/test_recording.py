@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractRobustConnection
 from common.clock import utcnow
 from common.messages import HeartbeatKind, JobHeartbeat, RunFinished, RunStarted, RunStatus, WireMessage
 from common.settings import Settings
-from common.signing import Keyring
+from common.signing import Keyring, Role
 from common.store import Store
 from common.topology import Topology, event_routing_key
 from tests.conftest import Start
@@ -24,8 +24,9 @@ async def _send(amqp: AbstractRobustConnection, settings: Settings, *events: Wir
     exchange = await channel.get_exchange(Topology(settings.namespace).events_exchange)
     keyring = Keyring.parse(settings.keys)
     for event in events:
-        body = event.to_bytes()
-        await exchange.publish(aio_pika.Message(body, headers=keyring.sign(body)), event_routing_key(event))
+        body, routing_key = event.to_bytes(), event_routing_key(event)
+        headers = keyring.sign(Role.EVENT, settings.namespace, routing_key, body)
+        await exchange.publish(aio_pika.Message(body, headers=headers), routing_key)
 
 
 async def test_a_redelivered_run_event_does_not_create_a_second_row(

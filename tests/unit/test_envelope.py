@@ -1,4 +1,5 @@
-"""Opening a message: signature, then parsing, then expiry, each refusal with its own reason."""
+"""Opening a message: signature (over namespace, routing key and body), then parsing, then the
+signing key's role, the pool and expiry, each refusal with its own reason."""
 
 from __future__ import annotations
 
@@ -15,11 +16,41 @@ from common.actions import ShellAction
 from common.bounds import MAX_MESSAGE_BYTES
 from common.bus import amqp_value
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
-from common.messages import EVENT_ADAPTER, TRIGGER_ADAPTER, JobHeartbeat, Trigger
-from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER
+from common.messages import (
+    EVENT_ADAPTER,
+    TRIGGER_ADAPTER,
+    JobHeartbeat,
+    RunFinished,
+    RunStarted,
+    RunStatus,
+    SchedulerHeartbeat,
+    Trigger,
+    WireMessage,
+    WorkerHeartbeat,
+)
+from common.roles import SIGNED_BY
+from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
+from common.topology import event_routing_key
 from tests.conftest import keyring
 
 NOW = datetime(2026, 11, 1, 5, 30, tzinfo=UTC)
+NS = "cronfleet-test"
+EVENT_KEY = "job.heartbeat.j"
+
+
+def _open_trigger(body: bytes, keys: Keyring, headers: Any = None, routing_key: str = "default") -> Any:
+    """``body`` opened as a worker of pool ``default`` would, signed by the trigger key unless
+    ``headers`` are given."""
+    if headers is None:
+        headers = keys.sign(Role.TRIGGER, NS, routing_key, body)
+    return open_envelope(body, headers, keys, TRIGGER_ADAPTER, NOW, namespace=NS, routing_key=routing_key)
+
+
+def _open_event(body: bytes, keys: Keyring, headers: Any = None, routing_key: str = EVENT_KEY) -> Any:
+    """``body`` opened as the monitor would, signed by the event key unless ``headers`` are given."""
+    if headers is None:
+        headers = keys.sign(Role.EVENT, NS, routing_key, body)
+    return open_envelope(body, headers, keys, EVENT_ADAPTER, NOW, namespace=NS, routing_key=routing_key)
 
 
 def _trigger(expires_in: timedelta) -> Trigger:
@@ -38,27 +69,27 @@ def _trigger(expires_in: timedelta) -> Trigger:
 def test_a_valid_trigger_is_accepted_as_the_model() -> None:
     keys = keyring()
     body = _trigger(timedelta(minutes=5)).to_bytes()
-    opened = open_envelope(body, keys.sign(body), keys, TRIGGER_ADAPTER, NOW)
+    opened = _open_trigger(body, keys)
     assert isinstance(opened, Accepted) and opened.message == _trigger(timedelta(minutes=5))
 
 
 def test_an_expired_trigger_is_rejected_as_expired() -> None:
     keys = keyring()
     body = _trigger(timedelta(seconds=-1)).to_bytes()
-    opened = open_envelope(body, keys.sign(body), keys, TRIGGER_ADAPTER, NOW)
+    opened = _open_trigger(body, keys)
     assert isinstance(opened, Rejected) and opened.reason is RejectionReason.EXPIRED
 
 
 def test_the_signature_is_checked_before_the_body_is_read() -> None:
     keys = keyring()
-    opened = open_envelope(b"not json", {}, keys, TRIGGER_ADAPTER, NOW)
+    opened = _open_trigger(b"not json", keys, headers={})
     assert isinstance(opened, Rejected) and opened.reason is RejectionReason.MISSING_SIGNATURE
 
 
 def test_signed_garbage_and_wrong_shapes_are_malformed() -> None:
     keys = keyring()
     for body in (b"not json", b"[]", b'{"v": 2, "type": "trigger"}', orjson.dumps({"v": 1, "type": "nope"})):
-        opened = open_envelope(body, keys.sign(body), keys, EVENT_ADAPTER, NOW)
+        opened = _open_event(body, keys)
         assert isinstance(opened, Rejected) and opened.reason is RejectionReason.MALFORMED, body
         assert opened.detail
 
@@ -67,14 +98,14 @@ def test_unknown_fields_are_refused_not_ignored() -> None:
     keys = keyring()
     data = orjson.loads(JobHeartbeat(id="1", job="j", at=NOW).to_bytes())
     body = orjson.dumps({**data, "extra": True})
-    opened = open_envelope(body, keys.sign(body), keys, EVENT_ADAPTER, NOW)
+    opened = _open_event(body, keys)
     assert isinstance(opened, Rejected) and "extra" in opened.detail
 
 
 @given(st.binary(max_size=512))
 def test_no_signed_bytes_can_crash_the_opener(body: bytes) -> None:
     keys = keyring()
-    opened = open_envelope(body, keys.sign(body), keys, EVENT_ADAPTER, NOW)
+    opened = _open_event(body, keys)
     assert isinstance(opened, (Accepted, Rejected))
 
 
@@ -90,7 +121,7 @@ def test_the_wire_is_strict_and_needs_v_and_type() -> None:
     }
     for label, data in variants.items():
         body = orjson.dumps(data)
-        opened = open_envelope(body, keys.sign(body), keys, TRIGGER_ADAPTER, NOW)
+        opened = _open_trigger(body, keys)
         assert isinstance(opened, Rejected) and opened.reason is RejectionReason.MALFORMED, label
 
 
@@ -98,7 +129,7 @@ def test_instants_with_an_offset_are_kept_in_utc() -> None:
     keys = keyring()
     data = orjson.loads(_trigger(timedelta(minutes=5)).to_bytes())
     body = orjson.dumps({**data, "scheduled_at": "2026-11-01T06:30:00+01:00"})
-    opened = open_envelope(body, keys.sign(body), keys, TRIGGER_ADAPTER, NOW)
+    opened = _open_trigger(body, keys)
     assert isinstance(opened, Accepted)
     assert opened.message.scheduled_at.utcoffset() == timedelta(0)
     assert opened.message.scheduled_at == NOW
@@ -107,9 +138,9 @@ def test_instants_with_an_offset_are_kept_in_utc() -> None:
 # -- hostile input: nothing a body or a header says makes the opener raise -----------------------
 
 
-def _signed_open(body: bytes, adapter: Any = EVENT_ADAPTER) -> Accepted[Any] | Rejected:
-    keys = keyring()
-    return open_envelope(body, keys.sign(body), keys, adapter, NOW)
+def _signed_open(body: bytes) -> Accepted[Any] | Rejected:
+    result: Accepted[Any] | Rejected = _open_event(body, keyring())
+    return result
 
 
 def test_a_signed_heartbeat_at_the_edge_of_time_is_malformed_not_an_overflow() -> None:
@@ -129,7 +160,7 @@ def test_a_body_over_the_size_limit_is_refused_before_it_is_read() -> None:
     opened = _signed_open(huge)
     assert isinstance(opened, Rejected) and opened.reason is RejectionReason.TOO_LARGE
     # Size is checked first: an unsigned huge body is refused for its size, unread and unhashed.
-    opened = open_envelope(huge, {}, keyring(), EVENT_ADAPTER, NOW)
+    opened = _open_event(huge, keyring(), headers={})
     assert isinstance(opened, Rejected) and opened.reason is RejectionReason.TOO_LARGE
 
 
@@ -170,7 +201,7 @@ def test_header_values_of_any_type_are_refused_never_raised(key_id: object, clai
     keys = keyring()
     body = JobHeartbeat(id="1", job="j", at=NOW).to_bytes()
     headers = {KEY_ID_HEADER: key_id, SIGNATURE_HEADER: claimed}
-    opened = open_envelope(body, headers, keys, EVENT_ADAPTER, NOW)
+    opened = _open_event(body, keys, headers)
     assert isinstance(opened, Rejected)
     assert opened.reason in {
         RejectionReason.MISSING_SIGNATURE,
@@ -182,14 +213,14 @@ def test_header_values_of_any_type_are_refused_never_raised(key_id: object, clai
 def test_a_genuine_signature_in_bytes_still_verifies_but_oversized_headers_do_not() -> None:
     keys = keyring()
     body = JobHeartbeat(id="1", job="j", at=NOW).to_bytes()
-    signed = keys.sign(body)
+    signed = keys.sign(Role.EVENT, NS, EVENT_KEY, body)
     as_bytes = {name: value.encode() for name, value in signed.items()}
-    assert isinstance(open_envelope(body, as_bytes, keys, EVENT_ADAPTER, NOW), Accepted)
+    assert isinstance(_open_event(body, keys, as_bytes), Accepted)
     # An AMQP byte array ('x') arrives as a bytearray: ASCII in one still works, as documented.
     as_array = {name: bytearray(value.encode()) for name, value in signed.items()}
-    assert isinstance(open_envelope(body, as_array, keys, EVENT_ADAPTER, NOW), Accepted)
+    assert isinstance(_open_event(body, keys, as_array), Accepted)
     padded = {**signed, SIGNATURE_HEADER: signed[SIGNATURE_HEADER] + " " * 100_000}
-    opened = open_envelope(body, padded, keys, EVENT_ADAPTER, NOW)
+    opened = _open_event(body, keys, padded)
     assert isinstance(opened, Rejected) and opened.reason is RejectionReason.BAD_SIGNATURE
 
 
@@ -214,3 +245,132 @@ def test_dead_letters_can_carry_back_every_header_the_broker_can_deliver() -> No
     encoded = pamqp_encode.field_table(safe)
     _, back = pamqp_decode.field_table(encoded)
     assert back["not-utf8"] == bytearray(b"\xff\xfe") and back["fine"] == "text"
+
+
+# -- roles: who may sign what ---------------------------------------------------------------------
+
+_STARTED = RunStarted(
+    run_id="r1",
+    trigger_id="j@x",
+    job="a",
+    pool="default",
+    worker="w",
+    scheduled_at=NOW,
+    started_at=NOW,
+)
+MESSAGES: dict[str, WireMessage] = {
+    "trigger": _trigger(timedelta(minutes=5)),
+    "run.started": _STARTED,
+    "run.finished": RunFinished(
+        **_STARTED.model_dump(exclude={"type"}),
+        finished_at=NOW,
+        duration_seconds=0,
+        status=RunStatus.SUCCEEDED,
+    ),
+    "job.heartbeat of a": JobHeartbeat(id="h1", job="a", at=NOW),
+    "job.heartbeat of b": JobHeartbeat(id="h2", job="b", at=NOW),
+    "worker.heartbeat": WorkerHeartbeat(worker="w", pool="default", at=NOW, concurrency=1, running=0),
+    "scheduler.heartbeat": SchedulerHeartbeat(scheduler="s", at=NOW, jobs=0),
+}
+ROLE_KEYS = Keyring.parse(
+    f"""
+    trigger:trigger-hmac:{"t" * 32}
+    trigger:trigger-ed25519:ed25519:{"A" * 43}
+    event:event:{"e" * 32}
+    ping:ping:{"p" * 32}
+    ping:ping-for-a:{"q" * 32}:jobs=a
+    legacy:{"l" * 32}
+    """
+)
+# Which key may sign which message: every message type against every kind of key.
+ALLOWED = {
+    "trigger": {"trigger-hmac", "trigger-ed25519", "legacy"},
+    "run.started": {"event", "legacy"},
+    "run.finished": {"event", "legacy"},
+    "job.heartbeat of a": {"event", "ping", "ping-for-a", "legacy"},
+    "job.heartbeat of b": {"event", "ping", "legacy"},
+    "worker.heartbeat": {"event", "legacy"},
+    "scheduler.heartbeat": {"event", "legacy"},
+}
+
+
+def test_every_message_type_is_accepted_only_under_the_roles_that_may_sign_it() -> None:
+    assert {type(message) for message in MESSAGES.values()} == set(SIGNED_BY)
+    for label, message in MESSAGES.items():
+        body = message.to_bytes()
+        adapter: Any = TRIGGER_ADAPTER if isinstance(message, Trigger) else EVENT_ADAPTER
+        routing_key = message.pool if isinstance(message, Trigger) else event_routing_key(message)
+        for key in ROLE_KEYS.keys:
+            headers = key.sign(NS, routing_key, body)
+            opened = open_envelope(
+                body, headers, ROLE_KEYS, adapter, NOW, namespace=NS, routing_key=routing_key
+            )
+            if key.id in ALLOWED[label]:
+                assert isinstance(opened, Accepted), (label, key.id, opened)
+                assert opened.message == message
+            else:
+                assert isinstance(opened, Rejected), (label, key.id)
+                assert opened.reason is RejectionReason.WRONG_ROLE, (label, key.id, opened)
+                assert repr(key.id) in opened.detail and message.type in opened.detail
+                assert "ppppppp" not in opened.detail and "qqqqqqq" not in opened.detail
+
+
+def test_a_wrong_role_refusal_says_which_key_and_what_it_may_do() -> None:
+    beat = MESSAGES["job.heartbeat of b"]
+    body = beat.to_bytes()
+    routing_key = event_routing_key(beat)
+    limited = ROLE_KEYS.get("ping-for-a")
+    assert limited is not None
+    opened = _open_event(body, ROLE_KEYS, limited.sign(NS, routing_key, body), routing_key)
+    assert isinstance(opened, Rejected) and opened.reason is RejectionReason.WRONG_ROLE
+    assert opened.detail == "ping key 'ping-for-a' may sign a job.heartbeat of a only, not of job 'b'"
+    ping = ROLE_KEYS.get("ping")
+    assert ping is not None
+    trigger = _trigger(timedelta(minutes=5)).to_bytes()
+    opened = _open_trigger(trigger, ROLE_KEYS, ping.sign(NS, "default", trigger))
+    assert isinstance(opened, Rejected)
+    assert opened.detail == "key 'ping' is a ping key; a trigger must be signed by a trigger key"
+
+
+def test_a_trigger_of_the_wrong_role_is_refused_for_its_role_even_when_expired() -> None:
+    # An expired trigger is reported as an expired run; one nobody allowed to sign must not be.
+    keys = keyring()
+    body = _trigger(timedelta(seconds=-1)).to_bytes()
+    for role in (Role.EVENT, Role.PING):
+        opened = _open_trigger(body, keys, keys.sign(role, NS, "default", body))
+        assert isinstance(opened, Rejected) and opened.reason is RejectionReason.WRONG_ROLE
+
+
+# -- replay elsewhere: the namespace and the routing key are signed ---------------------------------
+
+
+def test_a_trigger_moved_to_another_pool_or_fleet_does_not_verify() -> None:
+    keys = keyring()
+    body = _trigger(timedelta(minutes=5)).to_bytes()
+    signed = keys.sign(Role.TRIGGER, NS, "default", body)
+    moved = open_envelope(body, signed, keys, TRIGGER_ADAPTER, NOW, namespace=NS, routing_key="gpu")
+    assert isinstance(moved, Rejected) and moved.reason is RejectionReason.BAD_SIGNATURE
+    other_fleet = open_envelope(
+        body, signed, keys, TRIGGER_ADAPTER, NOW, namespace="prod", routing_key="default"
+    )
+    assert isinstance(other_fleet, Rejected) and other_fleet.reason is RejectionReason.BAD_SIGNATURE
+
+
+def test_a_trigger_signed_for_a_routing_key_other_than_its_pool_is_wrong_pool() -> None:
+    keys = keyring()
+    for expires_in in (timedelta(minutes=5), timedelta(seconds=-1)):
+        body = _trigger(expires_in).to_bytes()  # pool "default"
+        opened = _open_trigger(body, keys, routing_key="gpu")
+        assert isinstance(opened, Rejected) and opened.reason is RejectionReason.WRONG_POOL
+        assert opened.detail == "a trigger for pool 'default' arrived with routing key 'gpu'"
+
+
+def test_a_legacy_key_still_signs_and_verifies_every_message() -> None:
+    legacy = Keyring.parse(f"old:{'o' * 32}")
+    for message in MESSAGES.values():
+        body = message.to_bytes()
+        adapter: Any = TRIGGER_ADAPTER if isinstance(message, Trigger) else EVENT_ADAPTER
+        routing_key = message.pool if isinstance(message, Trigger) else event_routing_key(message)
+        headers = legacy.sign(Role.TRIGGER, NS, routing_key, body)
+        opened = open_envelope(body, headers, legacy, adapter, NOW, namespace=NS, routing_key=routing_key)
+        assert isinstance(opened, Accepted)

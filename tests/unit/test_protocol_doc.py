@@ -1,8 +1,9 @@
 """docs/protocol.md is the wire contract for producers written in other languages: keep it true.
 
 Its JSON Schemas must be exactly what ``cronfleet schema`` prints now, its signature test vectors
-must verify, every example body in it must be accepted, and its tables of fields, exchanges,
-queues, routing keys, rejection reasons and dead-letter headers must match the code.
+must verify (and its shell recipes reproduce them), every example body in it must be accepted,
+and its tables of fields, exchanges, queues, routing keys, key roles, rejection reasons and
+dead-letter headers must match the code.
 
 After changing a wire model, regenerate the schemas section with ``cronfleet schema`` (or run
 ``python -m tests.unit.test_protocol_doc``, which rewrites that section from the same output).
@@ -14,10 +15,12 @@ import argparse
 import asyncio
 import contextlib
 import io
+import os
 import re
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,10 +31,19 @@ import pytest
 from common.actions import HttpAction, ShellAction
 from common.bus import Publisher
 from common.cli import admin
-from common.envelope import Rejected, RejectionReason
+from common.envelope import Accepted, Rejected, RejectionReason, open_envelope
 from common.messages import ALL_MESSAGES, EVENT_ADAPTER, TRIGGER_ADAPTER, Trigger, WireMessage
+from common.roles import SIGNED_BY
 from common.settings import Settings
-from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, SignatureCheck, signature
+from common.signing import (
+    KEY_ID_HEADER,
+    SIGNATURE_HEADER,
+    Keyring,
+    Role,
+    SignatureCheck,
+    signature,
+    signed_bytes,
+)
 from common.topology import Topology, event_routing_key
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
@@ -41,6 +53,7 @@ REGENERATE = (
     "`python -m tests.unit.test_protocol_doc`, which rewrites that section from the same output"
 )
 MODELS: dict[str, type[WireMessage]] = {m.model_fields["type"].default: m for m in ALL_MESSAGES}
+MODELS_BY_CLASS = {model: name for name, model in MODELS.items()}
 ACTIONS: dict[str, type[ShellAction | HttpAction]] = {"action.shell": ShellAction, "action.http": HttpAction}
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)\n```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -126,6 +139,11 @@ def _examples(text: str) -> list[tuple[str, str]]:
     return found
 
 
+VECTOR_FIELDS = {"key_id", "role", "namespace", "routing_key", "body", "signature"}
+HMAC_FIELDS = VECTOR_FIELDS | {"secret"}
+ED25519_FIELDS = VECTOR_FIELDS | {"private_key", "public_key"}
+
+
 def _vectors(text: str) -> list[dict[str, str]]:
     """The signature test vectors: fenced blocks of ``name: value`` lines in the vectors section."""
     vectors = []
@@ -135,9 +153,33 @@ def _vectors(text: str) -> list[dict[str, str]]:
             name, sep, value = line.partition(": ")
             assert sep, f"a test vector line must be 'name: value', not {line!r}"
             fields[name] = value
-        assert set(fields) == {"key_id", "secret", "body", "signature"}, f"bad test vector: {fields}"
+        assert set(fields) in (HMAC_FIELDS, ED25519_FIELDS), f"bad test vector: {fields}"
         vectors.append(fields)
     return vectors
+
+
+def _vector_keys(vector: dict[str, str]) -> tuple[Keyring, Keyring]:
+    """The key of ``vector`` as a signer's key list and as a verifier's (the public key alone,
+    for Ed25519)."""
+    prefix = f"{vector['role']}:{vector['key_id']}"
+    if "secret" in vector:
+        keys = Keyring.parse(f"{prefix}:{vector['secret']}")
+        return keys, keys
+    return (
+        Keyring.parse(f"{prefix}:ed25519:{vector['private_key']}"),
+        Keyring.parse(f"{prefix}:ed25519-public:{vector['public_key']}"),
+    )
+
+
+def _signed_by_printf(vector: dict[str, str]) -> bytes:
+    """The signed bytes as the document's shell recipes write them, with ``printf``."""
+    script = 'printf \'cronfleet-v1\\n%s\\n%s\\n%s\' "$1" "$2" "$3"'
+    result = subprocess.run(
+        ["sh", "-c", script, "sh", vector["namespace"], vector["routing_key"], vector["body"]],
+        capture_output=True,
+        check=True,
+    )
+    return result.stdout
 
 
 # -- what the code says -------------------------------------------------------------------------
@@ -236,29 +278,66 @@ def test_the_signature_test_vectors_verify() -> None:
     kinds = {orjson.loads(v["body"])["type"] for v in vectors}
     assert {"job.heartbeat", "trigger"} <= kinds, "vectors must include a heartbeat and a trigger"
     assert any(not v["body"].isascii() for v in vectors), "a vector must have non-ASCII UTF-8 in its body"
+    assert any("private_key" in v and orjson.loads(v["body"])["type"] == "trigger" for v in vectors), (
+        "a vector must be a trigger signed with an Ed25519 key"
+    )
+    assert len({v["namespace"] for v in vectors}) > 1, "a vector must use a namespace of its own"
     for vector in vectors:
         body = vector["body"].encode("utf-8")
-        assert re.fullmatch(r"[0-9a-f]{64}", vector["signature"]), "signatures are 64 lowercase hex digits"
-        assert signature(vector["secret"].encode("utf-8"), body) == vector["signature"], vector
-        keyring = Keyring.parse(f"{vector['key_id']}:{vector['secret']}")
+        namespace, routing_key = vector["namespace"], vector["routing_key"]
+        digits = 64 if "secret" in vector else 128
+        assert re.fullmatch(f"[0-9a-f]{{{digits}}}", vector["signature"]), f"{digits} lowercase hex digits"
+        if "secret" in vector:
+            data = signed_bytes(namespace, routing_key, body)
+            assert signature(vector["secret"].encode("utf-8"), data) == vector["signature"], vector
+        signer, verifier = _vector_keys(vector)
         headers = {KEY_ID_HEADER: vector["key_id"], SIGNATURE_HEADER: vector["signature"]}
-        assert keyring.check(body, headers) is SignatureCheck.VALID
-        assert keyring.sign(body) == headers
-        kind = orjson.loads(body)["type"]
-        MODELS[kind].model_validate_json(body, strict=True)
+        assert verifier.check(namespace, routing_key, body, headers).outcome is SignatureCheck.VALID
+        assert signer.sign(Role(vector["role"]), namespace, routing_key, body) == headers
+        # And a receiver of that fleet accepts it, as sent with that routing key, at the time it says.
+        message = MODELS[orjson.loads(body)["type"]].model_validate_json(body, strict=True)
+        adapter: Any = TRIGGER_ADAPTER if isinstance(message, Trigger) else EVENT_ADAPTER
+        expected_key = message.pool if isinstance(message, Trigger) else event_routing_key(message)
+        assert routing_key == expected_key, "a vector's routing key is the one of section 3"
+        now = datetime(2024, 5, 1, 2, 0, tzinfo=UTC)
+        opened = open_envelope(
+            body, headers, verifier, adapter, now, namespace=namespace, routing_key=routing_key
+        )
+        assert isinstance(opened, Accepted), (vector["key_id"], opened)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
-def test_the_openssl_command_of_the_document_reproduces_the_vectors() -> None:
-    for vector in _vectors(_doc()):
-        # The document's command: printf '%s' BODY | openssl dgst -sha256 -hmac SECRET
-        result = subprocess.run(
-            ["openssl", "dgst", "-sha256", "-hmac", vector["secret"]],
-            input=vector["body"].encode("utf-8"),
-            capture_output=True,
-            check=True,
-        )
-        assert result.stdout.decode().split()[-1] == vector["signature"], vector
+def test_the_openssl_commands_of_the_document_reproduce_the_vectors(tmp_path: Path) -> None:
+    text = _doc()
+    assert "printf 'cronfleet-v1\\n%s\\n%s\\n%s'" in text, "the recipes write the signed bytes with printf"
+    version = subprocess.run(["openssl", "version"], capture_output=True, text=True, check=True).stdout
+    for vector in _vectors(text):
+        signed = _signed_by_printf(vector)
+        assert signed == signed_bytes(vector["namespace"], vector["routing_key"], vector["body"].encode())
+        if "secret" in vector:
+            # printf 'cronfleet-v1\n%s\n%s\n%s' NS ROUTING_KEY BODY | openssl dgst -sha256 -hmac SECRET
+            command = ["openssl", "dgst", "-sha256", "-hmac", vector["secret"]]
+            result = subprocess.run(command, input=signed, capture_output=True, check=True)
+            assert result.stdout.decode().split()[-1] == vector["signature"], vector
+        elif not version.startswith("OpenSSL 1."):  # pkeyutl -rawin needs OpenSSL 3
+            recipe = _section(text, "ed25519-recipe")
+            script = FENCE.search(recipe)
+            assert script is not None, "the Ed25519 recipe is a fenced block"
+            lines = [line for line in script.group(2).splitlines() if not line.startswith("PRIVATE=")]
+            result = subprocess.run(
+                ["sh", "-c", "\n".join(lines)],
+                cwd=tmp_path,
+                env={
+                    "PATH": os.environ["PATH"],
+                    "PRIVATE": vector["private_key"],
+                    "NS": vector["namespace"],
+                    "POOL": vector["routing_key"],
+                    "BODY": vector["body"],
+                },
+                capture_output=True,
+                check=True,
+            )
+            assert result.stdout.decode() == vector["signature"], vector
 
 
 def test_the_topology_table_matches_what_cronfleet_declares() -> None:
@@ -305,14 +384,24 @@ def test_the_routing_key_table_matches_the_publisher() -> None:
             assert expected == event_routing_key(message)
 
 
+def test_the_roles_table_matches_the_code() -> None:
+    documented = {
+        _code(row[0]): {role.strip(" `") for role in row[1].split(",")}
+        for row in _table(_section(_doc(), "roles"))
+    }
+    assert documented == {
+        MODELS_BY_CLASS[model]: {role.value for role in roles} for model, roles in SIGNED_BY.items()
+    }
+
+
 def test_the_rejection_reasons_and_dead_letter_headers_match_the_code() -> None:
     text = _doc()
     reasons = {_code(row[0]) for row in _table(_section(text, "rejection-reasons"))}
     assert reasons == {reason.value for reason in RejectionReason}
 
     dead = _Exchange()
-    keyring = Keyring.parse("k:" + "s" * 16)
-    publisher = Publisher(channel=None, exchanges={"dead": dead}, keyring=keyring)  # type: ignore[arg-type]
+    keyring = Keyring.parse("event:k:" + "s" * 16)
+    publisher = Publisher(channel=None, exchanges={"dead": dead}, keyring=keyring, namespace="ns")  # type: ignore[arg-type]
     original = {KEY_ID_HEADER: "k", SIGNATURE_HEADER: "00"}
     message = SimpleNamespace(
         headers=dict(original), body=b"{}", routing_key="default", exchange="x", message_id="m"
