@@ -106,7 +106,12 @@ def deliver(server: SmtpServer, message: EmailMessage) -> None:
         raise DeliveryFailed(
             one_line(f"{where}: certificate not trusted ({exc.verify_message})"), retryable=False
         ) from None
-    except smtplib.SMTPException as exc:  # disconnected, no reply...
+    except smtplib.SMTPServerDisconnected as exc:
+        # smtplib reports its socket's timeout as a disconnection ("...: timed out").
+        if "timed out" in str(exc):
+            raise DeliveryFailed(f"{where}: no answer within {server.timeout:g}s") from None
+        raise DeliveryFailed(one_line(f"{where}: disconnected: {exc}")) from None
+    except smtplib.SMTPException as exc:  # any other unexpected reply
         raise DeliveryFailed(one_line(f"{where}: {type(exc).__name__}: {exc}")) from None
     except TimeoutError:
         raise DeliveryFailed(f"{where}: no answer within {server.timeout:g}s") from None
