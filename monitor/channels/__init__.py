@@ -12,7 +12,7 @@ The monitor's face of this package::
 
 from monitor.channels.base import Alert, Channel, DeliveryFailed
 from monitor.channels.config import ChannelsConfig, load_channels, parse_channels
-from monitor.channels.dispatch import Attempt, AttemptCallback, Dispatcher
+from monitor.channels.dispatch import Attempt, AttemptCallback, Dispatcher, send_test
 from monitor.channels.policy import RetryPolicy, Routes, needs_alert, retry_delay, retry_schedule, route
 from monitor.channels.registry import build_channels
 
@@ -33,4 +33,5 @@ __all__ = [
     "retry_delay",
     "retry_schedule",
     "route",
+    "send_test",
 ]

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 
 from common.clock import Clock, utcnow
+from common.errors import NotFound
 from monitor.channels.base import Alert, Channel, DeliveryFailed
 from monitor.channels.policy import RetryPolicy, Routes, retry_delay, route
 
@@ -238,3 +239,21 @@ class Dispatcher:
                 )
             finally:
                 self._reports.task_done()
+
+
+async def send_test(
+    channels: Mapping[str, Channel], name: str, *, fleet: str, flip_id: str, clock: Clock = utcnow
+) -> Attempt:
+    """Send one test alert (``Alert.for_test``) to channel ``name`` now, once, without retrying,
+    and return the attempt (delivered, or the error): what ``cronfleet alerts test NAME`` shows and
+    stores. Raises NotFound when there is no such channel."""
+    channel = channels.get(name)
+    if channel is None:
+        raise NotFound(f"no channel called {name!r} (channels: {', '.join(sorted(channels))})")
+    started = clock()
+    alert = Alert.for_test(name, fleet=fleet, at=started, flip_id=flip_id)
+    try:
+        await channel.send(alert)
+    except DeliveryFailed as exc:
+        return Attempt(alert, name, 1, started, delivered=False, error=exc.reason, final=True)
+    return Attempt(alert, name, 1, started, delivered=True, error=None, final=True)

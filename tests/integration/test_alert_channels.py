@@ -37,7 +37,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from monitor.channels import Alert, Attempt, Dispatcher, RetryPolicy, Routes, build_channels, parse_channels
+from common.errors import NotFound
+from monitor.channels import (
+    Alert,
+    Attempt,
+    Dispatcher,
+    RetryPolicy,
+    Routes,
+    build_channels,
+    parse_channels,
+    send_test,
+)
 from monitor.channels.base import Channel
 from tests.fleet import eventually
 
@@ -617,3 +627,22 @@ async def test_a_slow_smtp_server_does_not_block_the_event_loop(tmp_path: Path) 
         assert ticks > 10
     finally:
         listener.close()
+
+
+async def test_a_test_alert_is_sent_once_and_its_outcome_returned(
+    receiver: Receiver, client: httpx.AsyncClient
+) -> None:
+    receiver.plan["/broken"] = [500]
+    channels = channels_for(receiver, client, slack="/slack", broken="/broken")
+    sent = await send_test(channels, "slack", fleet="prod", flip_id="test-1")
+    assert (sent.delivered, sent.number, sent.alert.kind) == (True, 1, "test")
+    [request] = receiver.seen("/slack")
+    assert orjson.loads(request.body)["text"] == "[prod] test alert: if you read this, the channel works"
+
+    failed = await send_test(channels, "broken", fleet="prod", flip_id="test-2")
+    assert (failed.delivered, failed.final) == (False, True)
+    assert failed.error is not None and "HTTP 500" in failed.error
+    assert len(receiver.seen("/broken")) == 1  # no retry: the person asking sees the error now
+
+    with pytest.raises(NotFound, match=r"no channel called 'pager' \(channels: broken, log, slack\)"):
+        await send_test(channels, "pager", fleet="prod", flip_id="test-3")
