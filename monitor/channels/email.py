@@ -81,13 +81,8 @@ def deliver(server: SmtpServer, message: EmailMessage) -> None:
     try:
         with _connect(server, context) as smtp:
             if server.username is not None:
-                smtp.login(server.username, server.password or "")
+                _login(smtp, server, where)
             smtp.send_message(message)
-    except smtplib.SMTPNotSupportedError:
-        raise DeliveryFailed(
-            f"{where} does not offer STARTTLS: refusing to send credentials or alerts in clear",
-            retryable=False,
-        ) from None
     except smtplib.SMTPRecipientsRefused as exc:
         codes = sorted({code for code, _ in exc.recipients.values()})
         raise DeliveryFailed(
@@ -125,9 +120,26 @@ def _connect(server: SmtpServer, context: ssl.SSLContext) -> smtplib.SMTP:
     smtp = smtplib.SMTP(server.host, server.port, timeout=server.timeout)
     try:
         smtp.ehlo()
-        smtp.starttls(context=context)  # raises SMTPNotSupportedError when the server lacks it
+        try:
+            smtp.starttls(context=context)
+        except smtplib.SMTPNotSupportedError:
+            raise DeliveryFailed(
+                f"{server.host}:{server.port} does not offer STARTTLS: "
+                "refusing to send credentials or alerts in clear",
+                retryable=False,
+            ) from None
         smtp.ehlo()
     except BaseException:
         smtp.close()
         raise
     return smtp
+
+
+def _login(smtp: smtplib.SMTP, server: SmtpServer, where: str) -> None:
+    try:
+        smtp.login(server.username or "", server.password or "")
+    except smtplib.SMTPNotSupportedError:
+        raise DeliveryFailed(
+            f"{where} does not offer AUTH: remove username and password, or use another server",
+            retryable=False,
+        ) from None

@@ -501,18 +501,25 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture(params=["starttls", "plain"])
+@pytest.fixture(params=["starttls", "tls", "plain"])
 def mail_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MailServer]:
     """aiosmtpd on 127.0.0.1: with ``starttls``, STARTTLS required before anything and AUTH
-    (LOGIN/PLAIN) only over TLS; with ``plain``, no TLS offered at all."""
+    (LOGIN/PLAIN) only over TLS; with ``tls``, TLS from the first byte; with ``plain``, no TLS
+    offered at all."""
     cert, key = _self_signed(tmp_path)
     server = MailServer(port=_free_port(), cert=cert)
 
     class Handler:
         async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
             content = envelope.original_content or b""
+            assert smtp.transport is not None
             server.received.append(
-                (envelope, message_from_bytes(content), session.ssl is not None, bool(session.authenticated))
+                (
+                    envelope,
+                    message_from_bytes(content),
+                    smtp.transport.get_extra_info("ssl_object") is not None,
+                    bool(session.authenticated),
+                )
             )
             return "250 OK"
 
@@ -525,10 +532,13 @@ def mail_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mail
         return AuthResult(success=ok, handled=False)
 
     kwargs: dict[str, Any] = {"authenticator": authenticator, "auth_require_tls": True}
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
     if request.param == "starttls":
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert, key)
         kwargs |= {"tls_context": context, "require_starttls": True}
+    elif request.param == "tls":
+        # aiosmtpd counts only STARTTLS as TLS for AUTH; this connection is TLS from the start.
+        kwargs |= {"ssl_context": context, "auth_require_tls": False}
     controller = Controller(Handler(), hostname="127.0.0.1", port=server.port, **kwargs)
     controller.start()
     try:
@@ -538,7 +548,7 @@ def mail_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mail
 
 
 def email_channel(
-    server: MailServer, *, password: str = SMTP_PASSWORD, trust: bool = True
+    server: MailServer, *, password: str = SMTP_PASSWORD, trust: bool = True, security: str = "starttls"
 ) -> dict[str, Channel]:
     ca = f'ca_file = "{server.cert}"\n' if trust else ""
     text = (
@@ -546,6 +556,7 @@ def email_channel(
         'type = "email"\n'
         'host = "127.0.0.1"\n'
         f"port = {server.port}\n"
+        f'security = "{security}"\n'
         f'username = "{SMTP_USER}"\n'
         f'password = "{password}"\n'
         'sender = "cronfleet@example.com"\n'
@@ -564,9 +575,12 @@ async def _send_mail(channels: dict[str, Channel]) -> list[Attempt]:
     return recorder.attempts
 
 
-@pytest.mark.parametrize("mail_server", ["starttls"], indirect=True)
-async def test_email_goes_over_starttls_with_auth(mail_server: MailServer) -> None:
-    [attempt] = await _send_mail(email_channel(mail_server))
+@pytest.mark.parametrize("mail_server", ["starttls", "tls"], indirect=True)
+async def test_email_goes_over_starttls_or_tls_with_auth(
+    mail_server: MailServer, request: pytest.FixtureRequest
+) -> None:
+    security = request.node.callspec.params["mail_server"]
+    [attempt] = await _send_mail(email_channel(mail_server, security=security))
     assert attempt.delivered, attempt.error
     [(envelope, message, over_tls, authenticated)] = mail_server.received
     assert over_tls and authenticated
