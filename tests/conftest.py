@@ -133,28 +133,38 @@ async def fleet(settings: Settings) -> AsyncIterator[Start]:
 
 
 Counts = Callable[[str], None]
-_COUNTS = pytest.StashKey[dict[str, list[str]]]()
 
 
 @pytest.fixture
 def counts(request: pytest.FixtureRequest) -> Counts:
     """``counts(line)``: a figure of this run (fuzz, chaos), printed again in the closing summary
-    so that it shows in CI's log whether the test passed or not."""
-    lines = request.config.stash.setdefault(_COUNTS, {}).setdefault(request.node.name, [])
+    so that it shows in CI's log whether the test passed or not (also under pytest-xdist: the
+    lines travel in the test's report)."""
 
     def say(line: str) -> None:
         print(line)
-        lines.append(line.rstrip())
+        request.node.user_properties.append(("counts", line.rstrip()))
 
     return say
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Keep the ``counts`` lines of each finished test for the closing summary."""
+    if report.when != "call":
+        return
+    lines = [str(value) for name, value in report.user_properties if name == "counts"]
+    if lines:
+        _REPORTED.setdefault(report.nodeid.split("::")[-1], []).extend(lines)
+
+
+_REPORTED: dict[str, list[str]] = {}
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     """Print every figure the tests reported with ``counts``."""
-    tests = config.stash.get(_COUNTS, {})
-    if tests:
+    if _REPORTED:
         terminalreporter.section("counts")
-        for test, lines in tests.items():
+        for test, lines in _REPORTED.items():
             terminalreporter.write_line(test)
             for line in lines:
                 terminalreporter.write_line(f"  {line}")
