@@ -40,22 +40,22 @@ class Role(enum.StrEnum):
     """What a broker user is for; each role gets only the rights its processes use."""
 
     SCHEDULER = "scheduler"  # publishes triggers to any pool, declares the pools' queues
-    WORKER = "worker"  # consumes its pools, publishes run events and dead letters
+    WORKER = "worker"  # consumes its pools (declared by a scheduler), publishes run events and dead letters
     MONITOR = "monitor"  # consumes the monitor queue, publishes dead letters
     PING = "ping"  # publishes job heartbeats, nothing else
     ADMIN = "admin"  # the command line (apply, trigger, ping): a scheduler that may also ping
 
 
 # Roles whose processes declare (not passively) the shared topology: the three exchanges, the
-# dead-letter queue and the monitor queue with its binding. Today that is every role, because
-# common/bus.py's Publisher.open declares them all; declaring an existing name needs
-# ``configure`` on it, which also allows deleting it. Once pings and workers declare passively,
-# drop them from here: they then need no configure right at all.
-DECLARING_ROLES = frozenset(Role)
+# dead-letter queue and the monitor queue with its binding (``Publisher.open(declare=True)``).
+# Declaring an existing name needs ``configure`` on it, which also allows deleting it, so
+# ``cronfleet ping`` and workers open their publisher passively and a worker only looks its
+# pool's queue up: they need no configure right at all, and cannot create what they use.
+DECLARING_ROLES = frozenset({Role.SCHEDULER, Role.ADMIN, Role.MONITOR})
 
 # Roles that may create the shared queues on a fresh broker (creating the monitor queue needs
-# read on it and write on the dead-letter exchange). Pings and workers only re-declare them:
-# start a scheduler, a monitor or ``cronfleet apply`` first.
+# read on it and write on the dead-letter exchange): start a scheduler or a monitor before a
+# worker or a ping; a scheduler (or ``cronfleet trigger``) creates the pools' queues.
 CREATING_ROLES = frozenset({Role.SCHEDULER, Role.ADMIN, Role.MONITOR})
 
 # RabbitMQ's idiom for "nothing": no exchange or queue has an empty name (the default exchange is

@@ -51,6 +51,16 @@ CONNECT_ERRORS = (
 )
 
 
+def broker_refusal(what: str, exc: BaseException) -> str:
+    """One line: ``what``, then what the broker said (``ACCESS_REFUSED - access to exchange
+    ...``, ``NOT_FOUND - no queue ...``), with a hint when a name does not exist yet."""
+    said = next((arg for arg in getattr(exc, "args", ()) if isinstance(arg, str)), "") or str(exc)
+    line = one_line(f"{what}: {said or type(exc).__name__}")
+    if "NOT_FOUND" in said:
+        line += " (a scheduler or a monitor declares it: start one first)"
+    return line
+
+
 def redact(url: str) -> str:
     """``url`` with its password replaced by ``***``, safe for logs and error lines."""
     parts = urlsplit(url)
@@ -130,12 +140,32 @@ class Publisher:
 
     @classmethod
     async def open(
-        cls, connection: AbstractRobustConnection, topology: Topology, keyring: Keyring
+        cls,
+        connection: AbstractRobustConnection,
+        topology: Topology,
+        keyring: Keyring,
+        *,
+        declare: bool = True,
     ) -> Publisher:
-        """A publisher of ``topology``'s namespace on a new confirmed channel of ``connection``,
-        exchanges declared."""
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        exchanges = await topology.declare_exchanges(channel)
+        """A publisher of ``topology``'s namespace on a new confirmed channel of ``connection``.
+
+        With ``declare`` the exchanges and both shared queues are declared (created if need be,
+        which takes ``configure`` rights); without, the exchanges are only looked up passively,
+        which takes no right at all (``cronfleet ping``, workers). Raises BrokerUnavailable, in
+        one line naming what the broker refused or did not find, when it cannot be opened.
+        """
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            if declare:
+                exchanges = await topology.declare_exchanges(channel)
+            else:
+                exchanges = await topology.find_exchanges(channel)
+        except BrokerUnavailable:
+            raise
+        except CONNECT_ERRORS as exc:
+            raise BrokerUnavailable(
+                broker_refusal(f"cannot open a publisher in namespace {topology.namespace!r}", exc)
+            ) from exc
         return cls(channel, exchanges, keyring, topology.namespace)
 
     async def trigger_body(self, body: bytes, pool: str, message_id: str) -> None:

@@ -16,9 +16,18 @@ from typing import Generic, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from common.bounds import MAX_MESSAGE_BYTES
-from common.messages import WIRE_FIELDS, Trigger
+from common.messages import (
+    WIRE_FIELDS,
+    JobHeartbeat,
+    RunFinished,
+    RunStarted,
+    SchedulerHeartbeat,
+    Trigger,
+    WorkerHeartbeat,
+)
 from common.roles import role_refusal
 from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, SignatureCheck
+from common.topology import event_routing_key
 
 M = TypeVar("M")
 
@@ -43,10 +52,14 @@ class RejectionReason(enum.StrEnum):
     TOO_LARGE = "too_large"
     WRONG_ROLE = "wrong_role"
     WRONG_POOL = "wrong_pool"
+    WRONG_ROUTING_KEY = "wrong_routing_key"
     EXPIRED = "expired"
     ID_CONFLICT = "id_conflict"
     INTERNAL_ERROR = "internal_error"
 
+
+# The messages published on the events exchange, each under its own topic (event_routing_key).
+EVENT_TYPES = (RunStarted, RunFinished, JobHeartbeat, WorkerHeartbeat, SchedulerHeartbeat)
 
 _SIGNATURE_REJECTIONS = {
     SignatureCheck.MISSING_SIGNATURE: RejectionReason.MISSING_SIGNATURE,
@@ -79,6 +92,7 @@ def open_envelope(
     *,
     namespace: str,
     routing_key: str,
+    consumed_pool: str | None = None,
 ) -> Accepted[M] | Rejected:
     """Verify ``body`` against ``headers``, as delivered in ``namespace`` with ``routing_key``,
     then parse it with ``adapter``.
@@ -88,9 +102,11 @@ def open_envelope(
     parsing is strict JSON (no numbers for strings or booleans for numbers) and needs ``v`` and
     ``type``. Then the key that signed must be of a role allowed to sign that message
     (``wrong_role``, see ``common.roles``), a trigger must have arrived with its own pool as
-    routing key (``wrong_pool``), and a message whose ``expires_at`` is not after ``now`` is
-    rejected as expired. Never raises: whatever the bytes or the header values (of any type),
-    the outcome is a value; an exception from the parser itself is ``internal_error``.
+    routing key and, given ``consumed_pool``, be of that pool (``wrong_pool``), an event must
+    have arrived under its own topic, ``event_routing_key`` (``wrong_routing_key``), and a
+    message whose ``expires_at`` is not after ``now`` is rejected as expired. Never raises:
+    whatever the bytes or the header values (of any type), the outcome is a value; an exception
+    from the parser itself is ``internal_error``.
     """
     if len(body) > MAX_MESSAGE_BYTES:
         return Rejected(
@@ -119,6 +135,16 @@ def open_envelope(
         return Rejected(
             RejectionReason.WRONG_POOL,
             one_line(f"a trigger for pool {message.pool!r} arrived with routing key {routing_key!r}"),
+        )
+    if isinstance(message, Trigger) and consumed_pool is not None and message.pool != consumed_pool:
+        return Rejected(
+            RejectionReason.WRONG_POOL,
+            one_line(f"a trigger for pool {message.pool!r} arrived at a worker of pool {consumed_pool!r}"),
+        )
+    if isinstance(message, EVENT_TYPES) and routing_key != (expected := event_routing_key(message)):
+        return Rejected(
+            RejectionReason.WRONG_ROUTING_KEY,
+            one_line(f"a {message.type} must be published as {expected!r}, not {routing_key!r}"),
         )
     expires_at = getattr(message, "expires_at", None)
     if isinstance(expires_at, datetime) and expires_at <= now:

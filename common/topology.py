@@ -92,6 +92,25 @@ class Topology:
         await self._monitor_queue(channel)
         return {"triggers": triggers, "events": events, "dead": dead}
 
+    async def find_exchanges(self, channel: AbstractChannel) -> dict[str, AbstractExchange]:
+        """The three exchanges by role, declared passively: nothing is created, bound or changed,
+        so no ``configure`` right is needed. Raises the broker's NOT_FOUND (closing ``channel``)
+        when one does not exist yet: a scheduler or a monitor declares them."""
+        return {
+            role: await channel.get_exchange(name, ensure=True)
+            for role, name in (
+                ("triggers", self.triggers_exchange),
+                ("events", self.events_exchange),
+                ("dead", self.dead_exchange),
+            )
+        }
+
+    async def find_pool(self, channel: AbstractChannel, pool: str) -> AbstractQueue:
+        """``pool``'s queue, declared passively (what a worker consumes: it needs only ``read``).
+        Raises the broker's NOT_FOUND (closing ``channel``) until a scheduler or ``cronfleet
+        trigger`` has declared it."""
+        return await channel.get_queue(self.pool_queue(pool), ensure=True)
+
     async def declare_pool(self, channel: AbstractChannel, pool: str) -> AbstractQueue:
         """Declare ``pool``'s quorum queue, bound to the triggers exchange by the pool name."""
         await self.declare_exchanges(channel)

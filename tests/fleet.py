@@ -15,22 +15,32 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+
 from common.cli.main import main
 from common.services import ServiceOptions, load_service
 from common.settings import SETTINGS_PREFIX, Settings
+from common.topology import Topology
 
 
 class Fleet:
     """Real scheduler, worker and monitor processes, run as tasks of the test's event loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, declare_pools: bool = True) -> None:
         self.settings = settings
         self.tasks: list[asyncio.Task[None]] = []
+        self.declare_pools = declare_pools
 
     async def start(self, *names: str, **options: Any) -> None:
-        """Start each named process and wait until it is consuming (20 s at most)."""
+        """Start each named process and wait until it is consuming (20 s at most).
+
+        A worker consumes its pool's queue but does not create it (a scheduler does, for the
+        pools of its jobs): unless ``declare_pools`` is off, it is declared first, as a
+        scheduler would, so that the worker is ready at once."""
         for name in names:
             service_options = ServiceOptions(name=f"{name}-{len(self.tasks)}", **options)
+            if name == "worker" and self.declare_pools:
+                await declare_pool(self.settings, service_options.pool)
             task = asyncio.create_task(load_service(name)(self.settings, service_options))
             self.tasks.append(task)
             ready = asyncio.create_task(service_options.ready.wait())
@@ -50,6 +60,13 @@ class Fleet:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.tasks.clear()
+
+
+async def declare_pool(settings: Settings, pool: str) -> None:
+    """Declare ``pool``'s queue (and the shared topology) as a scheduler does."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        await Topology(settings.namespace).declare_pool(await connection.channel(), pool)
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, every: float = 0.1) -> Any:

@@ -51,6 +51,8 @@ class TriggerHandler:
         executors: Mapping[str, Executor],
         worker: str,
         clock: Clock = utcnow,
+        *,
+        pool: str | None = None,
     ) -> None:
         # A worker signs its run events and heartbeats: without an event key it cannot report.
         keyring.require([Role.EVENT], who="a worker")
@@ -58,6 +60,9 @@ class TriggerHandler:
         self.keyring = keyring
         self.executors = executors
         self.worker = worker
+        # The pool whose queue this worker consumes: a trigger of another pool (its queue bound
+        # by hand under that pool's name too) is refused as wrong_pool, never run.
+        self.pool = pool
         self.clock = clock
         self.running = 0
         # Triggers this worker is running, and the last ones it ran: a redelivery of one of them
@@ -89,7 +94,8 @@ class TriggerHandler:
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         # Verified against this fleet's namespace and the routing key the trigger came with: a
         # trigger signed for another pool or fleet does not verify, and one whose body names
-        # another pool than its routing key is refused (wrong_pool).
+        # another pool than its routing key, or than the pool consumed here, is refused
+        # (wrong_pool).
         opened = open_envelope(
             message.body,
             message.headers or {},
@@ -98,6 +104,7 @@ class TriggerHandler:
             self.clock(),
             namespace=self.publisher.namespace,
             routing_key=message.routing_key or "",
+            consumed_pool=self.pool,
         )
         if isinstance(opened, Rejected):
             await self._refuse(message, opened)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import httpx
+from aio_pika.abc import AbstractRobustConnection
+from aiormq.exceptions import ChannelNotFoundEntity
 
-from common.bus import Publisher, connect, consume_forever
+from common.bus import CONNECT_ERRORS, Publisher, broker_refusal, connect, consume_forever
 from common.clock import utcnow
 from common.errors import BrokerUnavailable, ConfigError
 from common.messages import WorkerHeartbeat
@@ -21,6 +23,7 @@ from worker.actions import executors
 from worker.consumer import TriggerHandler
 
 log = logging.getLogger("cronfleet.worker")
+T = TypeVar("T")
 
 
 async def serve(settings: Settings, options: ServiceOptions) -> None:
@@ -33,8 +36,11 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
     connection = await connect(settings.amqp_url, name, wait=True)
     try:
         async with httpx.AsyncClient(follow_redirects=False) as client:
-            publisher = await Publisher.open(connection, topology, keyring)
-            handler = TriggerHandler(publisher, keyring, executors(client), name)
+            publisher = await _until_ready(
+                lambda: Publisher.open(connection, topology, keyring, declare=False)
+            )
+            await _until_ready(lambda: _find_pool(connection, topology, options.pool))
+            handler = TriggerHandler(publisher, keyring, executors(client), name, pool=options.pool)
             log.info("worker %s consuming pool %s (concurrency %d)", name, options.pool, options.concurrency)
             runs = RunningJobs()
             try:
@@ -42,7 +48,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                     tasks.create_task(_heartbeat_forever(settings, options, publisher, handler, name))
                     await consume_forever(
                         connection,
-                        lambda channel: topology.declare_pool(channel, options.pool),
+                        lambda channel: topology.find_pool(channel, options.pool),
                         options.concurrency,
                         lambda message: runs.start(handler.handle(message)),
                         options.ready,
@@ -53,6 +59,42 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 await runs.drain(settings.drain_seconds)
     finally:
         await connection.close()
+
+
+async def _until_ready(attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()``'s result, retried with backoff while it raises BrokerUnavailable (the broker
+    refused us, or what we use is not declared yet): one log line per new reason, not per try."""
+    delay, said = 0.5, ""
+    while True:
+        try:
+            return await attempt()
+        except BrokerUnavailable as exc:
+            if str(exc) != said:
+                said = str(exc)
+                log.warning("%s; waiting and retrying", said)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+async def _find_pool(connection: AbstractRobustConnection, topology: Topology, pool: str) -> None:
+    """Whether ``pool``'s queue exists, looked up passively on a channel of its own: a worker
+    consumes it but does not create it (it has no ``configure`` right). Raises BrokerUnavailable
+    naming the queue when it is missing or refused."""
+    try:
+        channel = await connection.channel()
+        try:
+            await topology.find_pool(channel, pool)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+    except CONNECT_ERRORS as exc:
+        what = f"cannot consume the queue {topology.pool_queue(pool)!r} of pool {pool!r}"
+        if isinstance(exc, ChannelNotFoundEntity):
+            raise BrokerUnavailable(
+                f"{what}: it does not exist yet (a scheduler declares it for the pools of its jobs, "
+                "`cronfleet trigger` for the pool it triggers)"
+            ) from exc
+        raise BrokerUnavailable(broker_refusal(what, exc)) from exc
 
 
 class RunningJobs:

@@ -185,9 +185,16 @@ async def ping(settings: Settings, args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         raise CronfleetError(f"cannot send that heartbeat: {exc.errors()[0]['msg']}") from exc
-    settings.keyring().signer(Role.PING, beat.job, who="`cronfleet ping`")
-    async with open_publisher(settings, "cronfleet-cli") as publisher:
+    keyring = settings.keyring()
+    keyring.signer(Role.PING, beat.job, who="`cronfleet ping`")
+    # Passively: a ping user may publish heartbeats but not declare (or delete) anything.
+    connection = await connect(settings.amqp_url, "cronfleet-cli", wait=False)
+    try:
+        topology = Topology(settings.namespace)
+        publisher = await Publisher.open(connection, topology, keyring, declare=False)
         await publisher.event(beat)
+    finally:
+        await connection.close()
     print(f"sent {kind.value} heartbeat for {args.name}")
     return 0
 

@@ -7,19 +7,25 @@ deleted at the end. Nothing existing on the broker is touched."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 import aio_pika
+import orjson
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import ChannelAccessRefused
 
+from common.actions import ShellAction
 from common.bus import Publisher, connect
 from common.clock import utcnow
 from common.envelope import Rejected, RejectionReason
@@ -30,12 +36,13 @@ from common.messages import (
     RunStarted,
     RunStatus,
     SchedulerHeartbeat,
+    Trigger,
     WorkerHeartbeat,
 )
 from common.settings import Settings
 from common.topology import Topology
 from tests.conftest import AMQP_URL, TEST_KEYS, keyring
-from tests.fleet import cronfleet, eventually
+from tests.fleet import Fleet, cronfleet, eventually
 
 pytestmark = pytest.mark.skipif(
     shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on the shared broker's host"
@@ -90,12 +97,29 @@ async def vhost() -> AsyncIterator[PrivateVhost]:
         rabbitmqctl("delete_vhost", name)
 
 
-async def opened(vhost: PrivateVhost, settings: Settings, name: str) -> Publisher:
-    """A publisher as the processes open it: ``Publisher.open`` (which declares every exchange
-    and both shared queues) on a connection as ``settings``' user, closed when the test ends."""
+async def opened(vhost: PrivateVhost, settings: Settings, name: str, *, declare: bool = True) -> Publisher:
+    """A publisher as the processes open it: ``Publisher.open`` (with ``declare``, every
+    exchange and both shared queues are declared; without, as pings and workers open it, only
+    looked up) on a connection as ``settings``' user, closed when the test ends."""
     connection = await connect(settings.amqp_url, name, wait=False)
     vhost.connections.append(connection)
-    return await Publisher.open(connection, Topology(settings.namespace), keyring())
+    return await Publisher.open(connection, Topology(settings.namespace), keyring(), declare=declare)
+
+
+def granted(vhost: PrivateVhost, user: str) -> tuple[str, str, str]:
+    """(configure, write, read) as the broker holds them for ``user`` in the test's vhost."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_permissions", "-p", vhost.name],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    for line in listed.splitlines():
+        fields = line.split("\t")
+        if fields[0] == user:
+            return fields[1], fields[2], fields[3]
+    raise AssertionError(f"{user} has no permissions in {vhost.name}: {listed}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +155,24 @@ def consume(queue: str) -> Action:
         await (await channel.get_queue(queue, ensure=False)).consume(ignore)
 
     return Action(run, f"access to queue '{queue}'")
+
+
+def delete_queue(queue: str) -> Action:
+    """Delete ``queue``: refused for want of configure on it."""
+
+    async def run(channel: AbstractChannel) -> None:
+        await channel.queue_delete(queue)
+
+    return Action(run, f"access to queue '{queue}'")
+
+
+def declare_exchange(exchange: str) -> Action:
+    """Declare (not passively) ``exchange``: refused for want of configure on it."""
+
+    async def run(channel: AbstractChannel) -> None:
+        await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+
+    return Action(run, f"access to exchange '{exchange}'")
 
 
 async def refused(settings: Settings, action: Action) -> None:
@@ -193,9 +235,13 @@ async def test_a_scheduler_declares_the_topology_and_publishes_triggers_and_only
 async def test_a_ping_user_publishes_job_heartbeats_and_nothing_else(vhost: PrivateVhost) -> None:
     await declare_everything(vhost, "a")
     ping = vhost.add_user("ping")
+    configure, _write, read = granted(vhost, vhost.users[-1])
+    assert (configure, read) == ("^$", "^$")  # it can neither declare, delete nor read anything
     sent = cronfleet(ping, "ping", "backup")
     assert sent.returncode == 0, sent.stderr
     topology = vhost.topology
+    await refused(ping, delete_queue(topology.monitor_queue))
+    await refused(ping, declare_exchange(topology.events_exchange))
     await refused(ping, publish(topology.triggers_exchange, "a"))
     await refused(ping, publish_topic(topology.events_exchange, "run.finished.backup"))
     await refused(ping, publish_topic(topology.events_exchange, "run.started.backup"))
@@ -205,8 +251,8 @@ async def test_a_ping_user_publishes_job_heartbeats_and_nothing_else(vhost: Priv
     await refused(ping, publish("", topology.pool_queue("a")))  # the default exchange
     await refused(ping, consume(topology.monitor_queue))
     await refused(ping, consume(topology.pool_queue("a")))
-    # cronfleet's own publisher, as that user: a run event is refused.
-    publisher = await opened(vhost, ping, "test-ping")
+    # cronfleet's own publisher, opened passively as `cronfleet ping` does: a run event is refused.
+    publisher = await opened(vhost, ping, "test-ping", declare=False)
     await publisher.event(JobHeartbeat(id="h1", job="backup", at=utcnow()))
     with pytest.raises(BrokerUnavailable, match="ACCESS_REFUSED"):
         await publisher.event(_finished(run_started("backup", "a")))
@@ -228,9 +274,10 @@ async def test_a_worker_consumes_its_pool_and_publishes_events_and_dead_letters_
     _scheduler, scheduling = await declare_everything(vhost, "a", "b")
     await scheduling.trigger_body(b'{"t": 1}', "a", "trigger-1")
     worker = vhost.add_user("worker", "--pool", "a")
+    assert granted(vhost, vhost.users[-1])[0] == "^$"  # no configure right at all
     topology = vhost.topology
-    publisher = await opened(vhost, worker, "test-worker")
-    await topology.declare_pool(publisher.channel, "a")  # as the worker's consumer does
+    publisher = await opened(vhost, worker, "test-worker", declare=False)
+    await topology.find_pool(publisher.channel, "a")  # as the worker's consumer does
     trigger = await get_one(publisher, topology.pool_queue("a"))
     assert trigger.body == b'{"t": 1}'
     started = run_started("backup", "a")
@@ -246,6 +293,41 @@ async def test_a_worker_consumes_its_pool_and_publishes_events_and_dead_letters_
     await refused(worker, publish_topic(topology.events_exchange, "job.heartbeat.backup"))
     await refused(worker, publish_topic(topology.events_exchange, "worker.heartbeat.b"))
     await refused(worker, publish_topic(topology.events_exchange, "scheduler.heartbeat"))
+    await refused(worker, delete_queue(topology.pool_queue("a")))
+    await refused(worker, delete_queue(topology.monitor_queue))
+    await refused(worker, declare_exchange(topology.triggers_exchange))
+
+
+async def test_a_worker_without_configure_rights_runs_triggers_end_to_end(vhost: PrivateVhost) -> None:
+    """A real worker process, as a worker user, waits (one log line) for its pool's queue until
+    a scheduler declares it, then runs a signed trigger; the run is in the monitor's queue."""
+    _scheduler, scheduling = await declare_everything(vhost)
+    worker = vhost.add_user("worker", "--pool", "a")
+    running = Fleet(worker, declare_pools=False)
+    try:
+        starting = asyncio.create_task(running.start("worker", pool="a"))
+        waiting = f"the queue {vhost.topology.pool_queue('a')!r} of pool 'a'"
+        with capture_logs("cronfleet.worker") as logged:
+            await eventually(lambda: _async(any(waiting in line for line in logged)))
+            assert not starting.done()
+            await vhost.topology.declare_pool(scheduling.channel, "a")  # as a scheduler does
+            await starting
+        assert sum(waiting in line for line in logged) == 1, logged
+        trigger = _trigger("backup", "a")
+        await scheduling.trigger_body(trigger.to_bytes(), "a", trigger.id)
+
+        async def finished() -> AbstractIncomingMessage | None:
+            found = await (await scheduling.channel.get_queue(vhost.topology.monitor_queue)).get(
+                no_ack=True, fail=False
+            )
+            if found is not None and found.routing_key == "run.finished.backup":
+                return found
+            return None
+
+        event = await eventually(finished)
+        assert orjson.loads(event.body)["status"] == "succeeded"
+    finally:
+        await running.stop()
 
 
 async def test_a_monitor_consumes_events_and_dead_letters_them_but_publishes_no_trigger(
@@ -297,9 +379,44 @@ def test_print_shows_the_commands_and_runs_none(vhost: PrivateVhost) -> None:
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.splitlines()
     user = f"{vhost.settings.namespace}-worker-gpu"
-    assert lines[1].startswith(f"rabbitmqctl set_permissions -p {vhost.name} {user} '^(?:")
+    assert lines[1].startswith(f"rabbitmqctl set_permissions -p {vhost.name} {user} '^$' '^(?:")
     assert lines[2].startswith(f"rabbitmqctl set_topic_permissions -p {vhost.name} {user} ")
     assert "add_user" not in printed.stdout
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+@contextlib.contextmanager
+def capture_logs(name: str) -> Iterator[list[str]]:
+    """The messages logged by logger ``name`` (at INFO and above) while inside."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler, logger = Keep(logging.INFO), logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
+def _trigger(job: str, pool: str) -> Trigger:
+    now = utcnow()
+    return Trigger(
+        id=f"{job}@{now.isoformat()}",
+        job=job,
+        pool=pool,
+        scheduled_at=now,
+        published_at=now,
+        expires_at=now + timedelta(minutes=5),
+        timeout_seconds=10,
+        action=ShellAction(argv=["true"]),
+    )
 
 
 def _finished(started: RunStarted) -> RunFinished:

@@ -14,7 +14,7 @@ from common.messages import HeartbeatKind, JobHeartbeat
 from common.settings import Settings
 from common.signing import Role
 from common.store import Store
-from common.topology import Topology
+from common.topology import Topology, event_routing_key
 from monitor.service import EventRecorder
 from tests.fleet import eventually
 from tests.integration.helpers import runs_of
@@ -25,12 +25,16 @@ async def test_events_are_held_while_the_store_is_down_and_recorded_when_it_is_b
 ) -> None:
     keyring = settings.keyring()
     channel = await amqp.channel()
+    topology = Topology(settings.namespace)
+    events = (await topology.declare_exchanges(channel))["events"]
     queue = await channel.declare_queue(exclusive=True)
     beat = JobHeartbeat(id="held-1", job="held", kind=HeartbeatKind.SUCCESS, at=utcnow())
     body = beat.to_bytes()
-    # Through the default exchange, so its routing key is the queue's name: signed as such.
-    headers = keyring.sign(Role.PING, settings.namespace, queue.name, body, job=beat.job)
-    await channel.default_exchange.publish(aio_pika.Message(body, headers=headers), queue.name)
+    # Under its own topic: the monitor refuses an event under another one (wrong_routing_key).
+    routing_key = event_routing_key(beat)
+    await queue.bind(events, routing_key)
+    headers = keyring.sign(Role.PING, settings.namespace, routing_key, body, job=beat.job)
+    await events.publish(aio_pika.Message(body, headers=headers), routing_key)
     message = await eventually(lambda: queue.get(no_ack=False, fail=False))
 
     publisher = await Publisher.open(amqp, Topology(settings.namespace), keyring)

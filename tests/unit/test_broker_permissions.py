@@ -32,8 +32,6 @@ ALL_NAMES = [
     T.pool_queue("a"),
     T.pool_queue("b"),
 ]
-# What a ping user and a worker would need once they declare passively (see DECLARING_ROLES).
-PASSIVE = frozenset(DECLARING_ROLES - {Role.PING, Role.WORKER})
 
 
 def matches(regex: str, name: str) -> bool:
@@ -76,24 +74,16 @@ def test_a_ping_user_can_be_narrowed_to_some_jobs() -> None:
     assert not matches(ping.topic_write, "job.heartbeat.other")
 
 
-def test_as_publishers_declare_today_a_ping_user_may_redeclare_the_shared_names_but_not_create_them() -> None:
-    """Publisher.open declares every exchange and both shared queues, so a ping user needs
-    configure on them (the trade-off docs/operations.md states); it is not given the read on
-    the monitor queue that creating it would take."""
+def test_a_ping_user_needs_no_right_but_publishing_heartbeats() -> None:
+    """``cronfleet ping`` opens its publisher passively: it can neither declare nor delete
+    anything, nor read any queue."""
     ping = rights(Role.PING)
-    for name in (T.triggers_exchange, T.events_exchange, T.dead_exchange, T.monitor_queue):
-        assert matches(ping.configure, name)
-    assert not matches(ping.configure, T.pool_queue("a"))
-    assert not matches(ping.read, T.monitor_queue)
-    assert ping.topic_read == anchored([re.escape("#")])
-
-
-def test_once_pings_declare_passively_they_need_no_right_but_publishing_heartbeats() -> None:
-    ping = permissions(NS, "/", Role.PING, declaring=PASSIVE)
     assert ping.configure == NOTHING
     assert ping.read == NOTHING
     assert ping.write == anchored([re.escape(T.events_exchange)])
     assert ping.topic_read == NOTHING
+    for name in ALL_NAMES:
+        assert not matches(ping.configure, name), name
 
 
 def test_a_worker_reads_its_pools_and_writes_events_and_dead_letters_never_triggers() -> None:
@@ -119,11 +109,18 @@ def test_a_worker_of_several_pools_reads_each_and_no_other() -> None:
     assert not matches(worker.read, T.pool_queue("ab"))
 
 
-def test_once_workers_declare_passively_they_only_consume_and_publish() -> None:
-    worker = permissions(NS, "/", Role.WORKER, ["a"], declaring=PASSIVE)
+def test_a_worker_only_consumes_and_publishes() -> None:
+    """A worker opens its publisher passively and looks its pool's queue up without declaring
+    it: no configure right, so it cannot delete the queues it uses."""
+    worker = rights(Role.WORKER, pools=["a"])
     assert worker.configure == NOTHING
     assert worker.read == anchored([re.escape(T.pool_queue("a"))])
     assert worker.write == anchored([re.escape(T.events_exchange), re.escape(T.dead_exchange)])
+    assert worker.topic_read == NOTHING
+
+
+def test_the_declaring_roles_are_the_ones_that_may_create() -> None:
+    assert DECLARING_ROLES == CREATING_ROLES == {Role.SCHEDULER, Role.ADMIN, Role.MONITOR}
 
 
 def test_a_monitor_reads_its_queue_and_publishes_only_dead_letters() -> None:
@@ -164,11 +161,11 @@ def test_an_admin_is_a_scheduler_that_may_also_ping() -> None:
     assert not matches(admin.topic_write, "run.finished.j")
 
 
-@pytest.mark.parametrize("role", list(Role))
-def test_every_role_may_declare_what_its_publisher_declares(role: Role) -> None:
-    """Publisher.open (every role, today) declares the exchanges and both shared queues; the
-    roles that may create them also hold what creating the monitor queue takes."""
-    granted = rights(role, pools=["a"]) if role is Role.WORKER else rights(role)
+@pytest.mark.parametrize("role", sorted(DECLARING_ROLES))
+def test_every_declaring_role_may_declare_what_its_publisher_declares(role: Role) -> None:
+    """Publisher.open(declare=True) declares the exchanges and both shared queues; the roles
+    that may create them also hold what creating the monitor queue takes."""
+    granted = rights(role)
     for name in (T.triggers_exchange, T.events_exchange, T.dead_exchange, T.dead_queue, T.monitor_queue):
         assert matches(granted.configure, name), name
     for queue in (T.dead_queue, T.monitor_queue):
@@ -176,8 +173,7 @@ def test_every_role_may_declare_what_its_publisher_declares(role: Role) -> None:
     assert matches(granted.read, T.events_exchange)  # binding the monitor queue to it
     assert matches(granted.topic_read, "#")
     assert not matches(granted.topic_read, "job.#")
-    creates = role in CREATING_ROLES
-    assert matches(granted.read, T.monitor_queue) is (creates or role is Role.MONITOR)
+    assert matches(granted.read, T.monitor_queue)
 
 
 @pytest.mark.parametrize("role", list(Role))
@@ -185,7 +181,9 @@ def test_no_right_reaches_the_default_or_built_in_exchanges(role: Role) -> None:
     granted = rights(role, pools=["a"]) if role is Role.WORKER else rights(role)
     for regex in (granted.configure, granted.write, granted.read):
         for name in ("amq.default", "amq.topic", "amq.direct", "", "cronfleet", "cronfleet."):
-            assert not matches(regex, name), (regex, name)
+            # NOTHING (``^$``) matches only the empty name, which no resource has: the broker
+            # checks the default exchange as ``amq.default``.
+            assert not matches(regex, name) or (regex, name) == (NOTHING, ""), (regex, name)
 
 
 namespaces = st.from_regex(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,20}$", fullmatch=True)

@@ -374,3 +374,38 @@ def test_a_legacy_key_still_signs_and_verifies_every_message() -> None:
         headers = legacy.sign(Role.TRIGGER, NS, routing_key, body)
         opened = open_envelope(body, headers, legacy, adapter, NOW, namespace=NS, routing_key=routing_key)
         assert isinstance(opened, Accepted)
+
+
+def test_a_trigger_of_another_pool_than_the_one_consumed_is_wrong_pool() -> None:
+    """A queue bound by hand under pool ``gpu`` delivers ``gpu``'s triggers, signed and routed
+    correctly, to a worker of ``default``: it refuses them."""
+    keys = keyring()
+    trigger = _trigger(timedelta(minutes=5)).model_copy(update={"pool": "gpu"})
+    body = trigger.to_bytes()
+    headers = keys.sign(Role.TRIGGER, NS, "gpu", body)
+    opened = open_envelope(
+        body, headers, keys, TRIGGER_ADAPTER, NOW, namespace=NS, routing_key="gpu", consumed_pool="default"
+    )
+    assert isinstance(opened, Rejected) and opened.reason is RejectionReason.WRONG_POOL
+    assert opened.detail == "a trigger for pool 'gpu' arrived at a worker of pool 'default'"
+    own = open_envelope(
+        body, headers, keys, TRIGGER_ADAPTER, NOW, namespace=NS, routing_key="gpu", consumed_pool="gpu"
+    )
+    assert isinstance(own, Accepted)
+
+
+def test_an_event_under_another_routing_key_than_its_own_is_wrong_routing_key() -> None:
+    keys = keyring()
+    for message in MESSAGES.values():
+        if isinstance(message, Trigger):
+            continue
+        body = message.to_bytes()
+        own = event_routing_key(message)
+        assert isinstance(_open_event(body, keys, routing_key=own), Accepted), own
+        for other in ("job.heartbeat.other", "run.finished.x", f"{own}.x", ""):
+            if other == own:
+                continue
+            opened = _open_event(body, keys, routing_key=other)
+            assert isinstance(opened, Rejected), (own, other)
+            assert opened.reason is RejectionReason.WRONG_ROUTING_KEY, (own, other, opened)
+            assert opened.detail == f"a {message.type} must be published as {own!r}, not {other!r}"
