@@ -425,3 +425,15 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_the_runs_json_fields_are_the_recorded_columns() -> None:
+    """``cronfleet runs --json`` prints every column of a run: the doc names each, no other."""
+    from common.messages import RunStatus
+    from common.store.models import RunRow
+
+    rows = _table(_section(_doc(), "runs-json"))
+    assert [_code(row[0]) for row in rows] == [column.key for column in RunRow.__table__.columns]
+    statuses = next(row[1] for row in rows if _code(row[0]) == "status")
+    for status in RunStatus:
+        assert f"`{status.value}`" in statuses, status
