@@ -689,7 +689,9 @@ async def test_no_message_stops_the_fleet_and_every_refusal_is_dead_lettered_wit
         ),
         "default",
     )
-    await _send(channel, topology, JobHeartbeat(id="after", job="after-beat", at=now), "x")
+    await _send(
+        channel, topology, JobHeartbeat(id="after", job="after-beat", at=now), "job.heartbeat.after-beat"
+    )
 
     async def both_recorded() -> bool:
         ran = (
