@@ -536,8 +536,12 @@ def _own_topic(data: dict[str, Any] | None) -> str:
     name = (data or {}).get("pool" if kind == "worker.heartbeat" else "job")
     if kind == "scheduler.heartbeat":
         return kind
-    if kind in ("run.started", "run.finished", "job.heartbeat", "worker.heartbeat") and isinstance(name, str):
-        return f"{kind}.{name}"
+    topic = f"{kind}.{name}"
+    # AMQP routing keys hold 255 bytes: a longer name (a mutated field) cannot be its own topic.
+    topics = ("run.started", "run.finished", "job.heartbeat", "worker.heartbeat")
+    named = isinstance(name, str) and kind in topics
+    if named and len(topic.encode("utf-8", "surrogatepass")) <= 255:
+        return topic
     return "job.heartbeat.x"
 
 
