@@ -55,6 +55,8 @@ class RunStatus(enum.StrEnum):
     EXPIRED = "expired"
     SKIPPED = "skipped"
     LOST = "lost"
+    # A repeat of a trigger the fleet had already run (or was running): not executed again.
+    DUPLICATE = "duplicate"
 
 
 class HeartbeatKind(enum.StrEnum):

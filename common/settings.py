@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     jobs_reload_seconds: float = Field(default=2.0, gt=0)
     drain_seconds: float = Field(default=25.0, ge=0)
+    # How long a worker's claim on a trigger outlives its last renewal (renewed every third of
+    # it while the job runs): the time a trigger left by a dead worker waits before another
+    # worker runs it again. Clocks across hosts must agree to well within it.
+    claim_lease_seconds: float = Field(default=30.0, ge=1, le=3600)
     # When set (e.g. "30d"), the monitor purges finished runs, heartbeats and expired fires
     # older than this, every ``retention_check_seconds``.
     retention: str | None = None

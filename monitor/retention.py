@@ -25,11 +25,5 @@ async def purge_forever(store: Store, older_than: timedelta, every: float, clock
             log.warning("retention: the store is unavailable (%s); trying again in %gs", exc, every)
         else:
             if purged.total:
-                log.info(
-                    "retention: purged %d run(s), %d heartbeat(s), %d fire(s) older than %s",
-                    purged.runs,
-                    purged.heartbeats,
-                    purged.fires,
-                    older_than,
-                )
+                log.info("retention: purged %s older than %s", purged, older_than)
         await asyncio.sleep(every)

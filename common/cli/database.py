@@ -1,14 +1,18 @@
-"""``cronfleet db``: the store's schema version, upgrading it, and purging old history."""
+"""``cronfleet db``: the store's schema version, upgrading it, purging old history, and a
+worker's PostgreSQL rights."""
 
 from __future__ import annotations
 
 import argparse
+
+from sqlalchemy import text
 
 from common.clock import utcnow
 from common.durations import parse_duration
 from common.errors import ConfigError
 from common.settings import Settings
 from common.store import Store
+from common.store.grants import worker_grants
 from common.store.retention import purge
 from common.store.schema import SchemaState, require_current
 
@@ -59,8 +63,27 @@ async def purge_history(settings: Settings, args: argparse.Namespace) -> int:
         purged = await purge(store, older_than, utcnow())
     finally:
         await store.close()
-    print(
-        f"purged {purged.runs} run(s), {purged.heartbeats} heartbeat(s) and {purged.fires} fire(s) "
-        f"older than {args.older_than}"
-    )
+    print(f"purged {purged} older than {args.older_than}")
+    return 0
+
+
+async def grant_worker(settings: Settings, args: argparse.Namespace) -> int:
+    """``cronfleet db grant-worker ROLE [--apply]``: print (or run) the GRANTs that let a
+    PostgreSQL role run workers and nothing more."""
+    if not settings.database_url.startswith("postgresql"):
+        raise ConfigError(
+            "grant-worker is for PostgreSQL: with SQLite every process runs on the host that has the file"
+        )
+    statements = worker_grants(args.role, settings.database_schema)
+    if not args.apply:
+        print("".join(f"{statement};\n" for statement in statements), end="")
+        return 0
+    store = await Store.open(settings.database_url, settings.database_schema)
+    try:
+        async with store.engine.begin() as connection:
+            for statement in statements:
+                await connection.execute(text(statement))
+    finally:
+        await store.close()
+    print(f"granted {args.role} the rights of a worker on {store.where}")
     return 0

@@ -96,11 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("upgrade", database.upgrade, "migrate the store to this cronfleet's schema"),
         ("current", database.current, "show the store's schema revision"),
         ("purge", database.purge_history, "delete old finished runs, heartbeats and fires"),
+        ("grant-worker", database.grant_worker, "PostgreSQL: the rights a worker's role needs"),
     ):
         sub = db_commands.add_parser(name, help=text, description=text)
         sub.set_defaults(handler=handler)
         if name == "purge":
             sub.add_argument("--older-than", required=True, help="an age such as 30d, 12h or 2w")
+        if name == "grant-worker":
+            sub.add_argument("role", help="the PostgreSQL role the workers log in as")
+            sub.add_argument("--apply", action="store_true", help="run the GRANTs instead of printing them")
     return parser
 
 

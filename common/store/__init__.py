@@ -13,6 +13,7 @@ from common.store.models import (
     JobStateRow,
     LeaseRow,
     RunRow,
+    TriggerClaimRow,
 )
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "LeaseRow",
     "RunRow",
     "Store",
+    "TriggerClaimRow",
     "dialect_insert",
 ]

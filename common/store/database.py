@@ -9,7 +9,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from common.errors import CronfleetError, StatementTooLarge, StoreUnavailable
+from common.errors import ConfigError, CronfleetError, StatementTooLarge, StoreUnavailable
 from common.store import schema
 from common.store.schema import SchemaVersion
 
@@ -51,7 +51,13 @@ class Store:
         try:
             async with engine.begin() as connection:
                 if schema_name and engine.dialect.name == "postgresql":
-                    await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema_name}"'))
+                    # Looked up first: a role without CREATE on the database (a worker's) is
+                    # refused even CREATE SCHEMA IF NOT EXISTS of a schema that exists.
+                    exists = await connection.scalar(
+                        text("SELECT 1 FROM pg_namespace WHERE nspname = :name"), {"name": schema_name}
+                    )
+                    if not exists:
+                        await connection.execute(text(f'CREATE SCHEMA "{schema_name}"'))
         except (SQLAlchemyError, OSError) as exc:
             await engine.dispose()
             raise _unavailable(engine, exc) from exc
@@ -104,9 +110,17 @@ class Store:
         return self.sessions()
 
 
-def _unavailable(engine: AsyncEngine, exc: BaseException) -> StoreUnavailable:
+# SQLSTATE classes that no amount of waiting fixes: invalid authorization (a wrong user or
+# password) and access rule violations (no right to connect or to a table).
+_REFUSALS = ("28", "42")
+
+
+def _unavailable(engine: AsyncEngine, exc: BaseException) -> StoreUnavailable | ConfigError:
     reason = getattr(exc, "orig", None) or exc
     where = engine.url.render_as_string(hide_password=True)
+    sqlstate = str(getattr(reason, "sqlstate", "") or "")
+    if sqlstate[:2] in _REFUSALS:
+        return ConfigError(f"the store at {where} refused us: {reason} (check the user and its rights)")
     return StoreUnavailable(f"cannot open the store at {where}: {reason}")
 
 

@@ -1,5 +1,5 @@
 """Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, job health and its
-flips, leases.
+flips, leases, trigger claims.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
 These classes describe the schema at the newest migration (``common/store/migrations``); a change
@@ -242,3 +242,29 @@ class LeaseRow(Base):
     holder: Mapped[str] = mapped_column(String(200))
     epoch: Mapped[int] = mapped_column(Integer)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class TriggerClaimRow(Base):
+    """A trigger id taken by the run that executes it: the fleet runs each trigger once.
+
+    A worker inserts the claim before it runs the job and keeps its lease alive while the job
+    runs; the finished run's ``run.finished`` body is kept here so that a repeat of the trigger
+    can report it again (if the first report was lost) instead of running the job again. A claim
+    whose lease ran out unfinished belonged to a dead worker and is taken over.
+    """
+
+    __tablename__ = "trigger_claims"
+
+    trigger_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str] = mapped_column(String(255))
+    worker: Mapped[str] = mapped_column(String(200))
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_until: Mapped[datetime] = mapped_column(UTCDateTime)
+    trigger_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_event: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+# Retention deletes claims by their trigger's expiry: after it, a repeat is refused as expired.
+Index("ix_trigger_claims_expires", TriggerClaimRow.trigger_expires_at)

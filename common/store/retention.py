@@ -1,4 +1,4 @@
-"""Forgetting old history in small batches: runs, heartbeats and fires past their age.
+"""Forgetting old history in small batches: runs, heartbeats, fires and trigger claims past their age.
 
 Each batch is its own short transaction (``PURGE_BATCH`` rows), so a purge never holds a long
 lock and never builds a statement that grows with the data. What is kept: jobs, each job's
@@ -15,7 +15,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from common.store.chunks import PURGE_BATCH
 from common.store.database import Store
-from common.store.models import Base, FireRow, HeartbeatRow, RunRow
+from common.store.models import Base, FireRow, HeartbeatRow, RunRow, TriggerClaimRow
 
 
 @dataclass(frozen=True)
@@ -25,24 +25,39 @@ class Purged:
     runs: int = 0
     heartbeats: int = 0
     fires: int = 0
+    claims: int = 0
 
     @property
     def total(self) -> int:
         """Rows removed in all."""
-        return self.runs + self.heartbeats + self.fires
+        return self.runs + self.heartbeats + self.fires + self.claims
+
+    def __str__(self) -> str:
+        return (
+            f"{self.runs} run(s), {self.heartbeats} heartbeat(s), {self.fires} fire(s) and "
+            f"{self.claims} trigger claim(s)"
+        )
 
 
 async def purge(store: Store, older_than: timedelta, now: datetime, *, batch: int = PURGE_BATCH) -> Purged:
     """Delete finished runs, heartbeats and fires older than ``older_than`` before ``now``.
 
     A run counts from when it finished (a run still running is never purged), a heartbeat from
-    its instant, a fire from its expiry (an expired fire can never be published again).
+    its instant, a fire and a trigger claim from the trigger's expiry (an expired trigger is
+    never published nor run again).
     """
     cutoff = now - older_than
     return Purged(
         runs=await _purge(store, RunRow, RunRow.run_id, RunRow.finished_at < cutoff, batch),
         heartbeats=await _purge(store, HeartbeatRow, HeartbeatRow.id, HeartbeatRow.at < cutoff, batch),
         fires=await _purge(store, FireRow, FireRow.trigger_id, FireRow.expires_at < cutoff, batch),
+        claims=await _purge(
+            store,
+            TriggerClaimRow,
+            TriggerClaimRow.trigger_id,
+            TriggerClaimRow.trigger_expires_at < cutoff,
+            batch,
+        ),
     )
 
 

@@ -185,7 +185,10 @@ async def test_purge_deletes_old_history_in_batches_and_keeps_what_is_live(store
 def test_db_purge_takes_an_age_and_says_what_it_removed(settings: Settings) -> None:
     result = cronfleet(settings, "db", "purge", "--older-than", "30d")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "purged 0 run(s), 0 heartbeat(s) and 0 fire(s) older than 30d"
+    assert (
+        result.stdout.strip()
+        == "purged 0 run(s), 0 heartbeat(s), 0 fire(s) and 0 trigger claim(s) older than 30d"
+    )
     bad = cronfleet(settings, "db", "purge", "--older-than", "a while")
     assert bad.returncode == 1 and "like 30d, 12h or 90m" in bad.stderr and "Traceback" not in bad.stderr
 

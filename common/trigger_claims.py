@@ -1,0 +1,166 @@
+"""Trigger claims: each trigger id is executed once by the whole fleet while it is valid.
+
+Before a worker runs a trigger it claims the trigger id in the store. The first claim wins; the
+claim carries a lease its worker renews while the job runs, and, once the run is over, the
+run's ``run.finished`` event. Whoever else receives the same trigger (a replay, a duplicate
+publish, a redelivery after a lost channel) learns from the claim what to do:
+
+- ``RUN``: nobody had it: run the job.
+- ``TAKEN_OVER``: its worker died mid-run (the lease ran out unfinished): run it again, as a
+  redelivery.
+- ``HELD``: another run of it is in progress: wait, then ask again.
+- ``DUPLICATE``: it was run already: do not run it; report the repeat (and the finished event
+  again, in case its first report was lost).
+- ``CONFLICT``: the id was claimed with another body: a forgery or a bug, refused.
+
+Leases are compared with each worker's own clock: clocks across hosts must agree to well within
+the lease (``CRONFLEET_CLAIM_LEASE_SECONDS``, 30 s by default).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, update
+
+from common.errors import StoreUnavailable
+from common.store import STORE_OUTAGES, Store, TriggerClaimRow, dialect_insert
+from common.store.chunks import IN_LIST_CHUNK, chunks
+
+
+class ClaimOutcome(enum.Enum):
+    """What a worker may do with a trigger it received (see the module's docstring)."""
+
+    RUN = "run"
+    TAKEN_OVER = "taken_over"
+    HELD = "held"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer to a claim: the outcome, and the run that holds (or held) the trigger."""
+
+    outcome: ClaimOutcome
+    run_id: str
+    worker: str
+    finished_event: str | None = None
+
+
+@dataclass(frozen=True)
+class TriggerClaims:
+    """The claims of one worker: ``worker`` names it, ``lease`` is how long a claim it does not
+    renew stays its own."""
+
+    store: Store
+    worker: str
+    lease: timedelta
+
+    async def claim(
+        self, trigger_id: str, body_sha256: str, run_id: str, expires_at: datetime, now: datetime
+    ) -> Claim:
+        """Claim ``trigger_id`` for ``run_id`` unless another run has it; never both.
+
+        Raises StoreUnavailable when the store cannot answer (the trigger is then neither run nor
+        dropped: the caller hands it back to the broker).
+        """
+        row = {
+            "trigger_id": trigger_id,
+            "body_sha256": body_sha256,
+            "run_id": run_id,
+            "worker": self.worker,
+            "claimed_at": now,
+            "lease_until": now + self.lease,
+            "trigger_expires_at": expires_at,
+        }
+        try:
+            async with self.store.session() as session, session.begin():
+                inserted = await session.execute(
+                    dialect_insert(self.store.dialect, TriggerClaimRow)
+                    .values(row)
+                    .on_conflict_do_nothing(index_elements=["trigger_id"])
+                )
+                if _rowcount(inserted) == 1:
+                    return Claim(ClaimOutcome.RUN, run_id, self.worker)
+                held = await session.get(TriggerClaimRow, trigger_id, populate_existing=True)
+                if held is None:  # deleted by retention between the two statements
+                    return Claim(ClaimOutcome.HELD, "", "")
+                holder = Claim(ClaimOutcome.HELD, held.run_id, held.worker, held.finished_event)
+                if held.body_sha256 != body_sha256:
+                    return Claim(ClaimOutcome.CONFLICT, held.run_id, held.worker)
+                if held.finished_at is not None:
+                    return Claim(ClaimOutcome.DUPLICATE, held.run_id, held.worker, held.finished_event)
+                if held.lease_until > now:
+                    return holder
+                # The holder stopped renewing: take over, unless someone else just did.
+                taken = await session.execute(
+                    update(TriggerClaimRow)
+                    .where(
+                        TriggerClaimRow.trigger_id == trigger_id,
+                        TriggerClaimRow.run_id == held.run_id,
+                        TriggerClaimRow.finished_at.is_(None),
+                    )
+                    .values(run_id=run_id, worker=self.worker, claimed_at=now, lease_until=now + self.lease)
+                )
+                if _rowcount(taken) == 1:
+                    return Claim(ClaimOutcome.TAKEN_OVER, held.run_id, held.worker)
+                return holder
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "claim", trigger_id, exc) from exc
+
+    async def renew(self, trigger_ids: Iterable[str], now: datetime) -> None:
+        """Extend the lease of this worker's unfinished claims among ``trigger_ids``."""
+        try:
+            async with self.store.session() as session, session.begin():
+                for chunk in chunks(list(trigger_ids), IN_LIST_CHUNK):
+                    await session.execute(
+                        update(TriggerClaimRow)
+                        .where(
+                            TriggerClaimRow.trigger_id.in_(chunk),
+                            TriggerClaimRow.worker == self.worker,
+                            TriggerClaimRow.finished_at.is_(None),
+                        )
+                        .values(lease_until=now + self.lease)
+                    )
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "renew the claims of", f"{self.worker}'s runs", exc) from exc
+
+    async def finish(self, trigger_id: str, run_id: str, finished_event: str, now: datetime) -> None:
+        """Mark ``run_id``'s claim on ``trigger_id`` finished, keeping its ``run.finished`` body."""
+        try:
+            async with self.store.session() as session, session.begin():
+                await session.execute(
+                    update(TriggerClaimRow)
+                    .where(TriggerClaimRow.trigger_id == trigger_id, TriggerClaimRow.run_id == run_id)
+                    .values(finished_at=now, finished_event=finished_event)
+                )
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "finish the claim on", trigger_id, exc) from exc
+
+    async def release(self, trigger_id: str, run_id: str) -> None:
+        """Give up ``run_id``'s claim on ``trigger_id`` before its job started, so that the next
+        delivery of the trigger runs it at once."""
+        try:
+            async with self.store.session() as session, session.begin():
+                await session.execute(
+                    delete(TriggerClaimRow).where(
+                        TriggerClaimRow.trigger_id == trigger_id,
+                        TriggerClaimRow.run_id == run_id,
+                        TriggerClaimRow.finished_at.is_(None),
+                    )
+                )
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "release the claim on", trigger_id, exc) from exc
+
+
+def _rowcount(result: object) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _unavailable(store: Store, what: str, which: str, exc: BaseException) -> StoreUnavailable:
+    reason = getattr(exc, "orig", None) or exc
+    return StoreUnavailable(f"cannot {what} {which} in the store at {store.where}: {reason}")
