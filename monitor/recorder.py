@@ -215,7 +215,9 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     run.http_status = event.http_status
     run.output_tail = event.output_tail
     run.error = event.error
-    batch.finish(run, due_after=max(event.scheduled_at, event.finished_at))
+    if event.status is not RunStatus.DUPLICATE:
+        # A repeat that was not run is history, not the job's latest run.
+        batch.finish(run, due_after=max(event.scheduled_at, event.finished_at))
     return True
 
 

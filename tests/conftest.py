@@ -85,6 +85,7 @@ async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         heartbeat_seconds=0.5,
         jobs_reload_seconds=0.3,
         drain_seconds=5,
+        claim_lease_seconds=3,
     )
     # Every process of the fleet refuses a store that is not at the newest schema.
     await (await Store.open(database_url, schema, upgrade=True)).close()

@@ -1,7 +1,10 @@
 """Handling one delivered trigger: verify, report the start, execute, report the end, ack.
 
-The ack comes only after ``run.finished`` is confirmed by the broker, so a worker that dies
-mid-run leaves the trigger to be redelivered (and the new run is marked as a redelivery).
+Before it runs a trigger the worker claims its id in the store, so that the fleet runs it once:
+a repeat (replayed, published twice, redelivered while its run goes on) is reported as a
+``duplicate`` run and not executed. The ack comes only after ``run.finished`` is confirmed by the
+broker, so a worker that dies mid-run leaves the trigger to be redelivered; once the dead
+worker's claim has lapsed another worker runs it, marked as a redelivery.
 Nothing a trigger says can stop the worker or loop it: every delivery ends acked, as one run or
 as one dead letter with its reason; only a broker outage hands a trigger back.
 """
@@ -9,12 +12,11 @@ as one dead letter with its reason; only a broker outage hands a trigger back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
@@ -22,7 +24,7 @@ from pydantic import ValidationError
 from common.bus import Publisher, settle
 from common.clock import Clock, utcnow
 from common.envelope import Rejected, RejectionReason, internal_error, one_line, open_envelope
-from common.errors import BrokerUnavailable
+from common.errors import BrokerUnavailable, StoreUnavailable
 from common.messages import (
     OUTPUT_TAIL_LIMIT,
     TRIGGER_ADAPTER,
@@ -31,25 +33,29 @@ from common.messages import (
     RunStatus,
     Trigger,
 )
+from common.retry import until_done
 from common.signing import Keyring, Role
+from common.trigger_claims import Claim, ClaimOutcome, TriggerClaims
 from worker.actions import ActionResult, Executor
 
 log = logging.getLogger("cronfleet.worker")
 
 REQUEUE_PAUSE_SECONDS = 1.0
-REMEMBERED_TRIGGERS = 10_000
-V = TypeVar("V")
+# How often a worker asks again about a trigger another run holds.
+CLAIM_POLL_SECONDS = 0.5
 
 
 class TriggerHandler:
-    """Turns each delivered trigger into exactly one reported run, or a dead letter."""
+    """Turns each delivered trigger into exactly one reported run, a reported duplicate, or a
+    dead letter. The fleet runs a trigger once: its id is claimed in the store first
+    (``common.trigger_claims``)."""
 
     def __init__(
         self,
         publisher: Publisher,
         keyring: Keyring,
         executors: Mapping[str, Executor],
-        worker: str,
+        claims: TriggerClaims,
         clock: Clock = utcnow,
         *,
         pool: str | None = None,
@@ -59,37 +65,55 @@ class TriggerHandler:
         self.publisher = publisher
         self.keyring = keyring
         self.executors = executors
-        self.worker = worker
+        self.claims = claims
+        self.worker = claims.worker
         # The pool whose queue this worker consumes: a trigger of another pool (its queue bound
         # by hand under that pool's name too) is refused as wrong_pool, never run.
         self.pool = pool
         self.clock = clock
         self.running = 0
-        # Triggers this worker is running, and the last ones it ran: a redelivery of one of them
-        # (its channel was lost before the ack) is settled without running the job again.
-        self._in_flight: dict[str, asyncio.Event] = {}
-        self._done: OrderedDict[str, None] = OrderedDict()
-        # The body (its SHA-256) each recent trigger id came with: the same id with another body
-        # is not a redelivery but a conflict, refused rather than silently dropped.
-        self._bodies: OrderedDict[str, bytes] = OrderedDict()
+        # The claims this worker holds (trigger id -> run id), renewed by ``keep_claims``.
+        self._held: dict[str, str] = {}
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """Process one delivery to its ack; never raises.
 
         Once a job has started it is never handed back: its end is reported (retried until the
-        broker confirms it) and then acked. Before that, a broker failure requeues the trigger
-        after a pause; any other failure dead-letters it as ``internal_error``.
+        store and the broker confirm it) and then acked. Before that, a broker or store outage
+        requeues the trigger after a pause; any other failure dead-letters it as
+        ``internal_error``.
         """
         try:
             await self._handle(message)
-        except BrokerUnavailable as exc:
-            log.warning("could not report %s (%s); it will be delivered again", message.message_id, exc)
+        except (BrokerUnavailable, StoreUnavailable) as exc:
+            log.warning("could not take %s (%s); it will be delivered again", message.message_id, exc)
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
             await settle(message, ack=False, requeue=True)
         except Exception as exc:
             # A bug must neither kill the worker nor loop the trigger through redeliveries.
             log.exception("unexpected error handling %s; dead-lettered", message.message_id)
             await self._give_up(message, internal_error(exc))
+
+    async def keep_claims(self) -> None:
+        """Renew the claims of the runs in progress, every third of the lease, until cancelled.
+
+        While the store cannot be reached the runs go on; should the outage outlast the lease, a
+        repeat of one of their triggers may then run again elsewhere (and is marked redelivered).
+        """
+        every = self.claims.lease.total_seconds() / 3
+        said = ""
+        while True:
+            await asyncio.sleep(every)
+            if not self._held:
+                continue
+            try:
+                await self.claims.renew(list(self._held), self.clock())
+            except StoreUnavailable as exc:
+                if str(exc) != said:
+                    said = str(exc)
+                    log.warning("%s; the runs go on, renewing again in %gs", said, every)
+            else:
+                said = ""
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         # Verified against this fleet's namespace and the routing key the trigger came with: a
@@ -110,46 +134,94 @@ class TriggerHandler:
             await self._refuse(message, opened)
             return
         trigger = opened.message
-        digest = hashlib.sha256(message.body).digest()
-        if self._bodies.setdefault(trigger.id, digest) != digest:
-            await self._refuse(
-                message,
-                Rejected(
-                    RejectionReason.ID_CONFLICT,
-                    one_line(f"trigger id {trigger.id!r} was already used for another body"),
-                ),
-            )
-            return
-        _remember(self._bodies, trigger.id, digest)
-        if await self._already_run(trigger.id):
-            log.warning("trigger %s was delivered again after this worker ran it; not run twice", trigger.id)
-            await settle(message)
-            return
-        await self._run(message, trigger)
+        run_id = uuid.uuid4().hex
+        claim = await self._claim(trigger, hashlib.sha256(message.body).hexdigest(), run_id)
+        match claim.outcome:
+            case ClaimOutcome.CONFLICT:
+                detail = f"trigger id {trigger.id!r} was run with another body (run {claim.run_id})"
+                await self._refuse(message, Rejected(RejectionReason.ID_CONFLICT, one_line(detail)))
+            case ClaimOutcome.DUPLICATE | ClaimOutcome.HELD:
+                await self._report_duplicate(message, trigger, claim)
+            case ClaimOutcome.RUN | ClaimOutcome.TAKEN_OVER:
+                taken_over = claim.outcome is ClaimOutcome.TAKEN_OVER
+                if taken_over:
+                    log.warning(
+                        "trigger %s was held by run %s on %s, which stopped renewing it; running it again",
+                        trigger.id,
+                        claim.run_id,
+                        claim.worker,
+                    )
+                await self._run(message, trigger, run_id, redelivered=bool(message.redelivered) or taken_over)
 
-    async def _run(self, message: AbstractIncomingMessage, trigger: Trigger) -> None:
-        """Announce, execute and report one run of ``trigger``, then ack it."""
-        # In flight from here, before the first await, so that a duplicate delivered meanwhile waits.
-        finished = self._in_flight[trigger.id] = asyncio.Event()
+    async def _claim(self, trigger: Trigger, body_sha256: str, run_id: str) -> Claim:
+        """Claim ``trigger`` for ``run_id``. While another run holds it, wait (about one lease)
+        for that run to end or its worker to be found dead; a run still held after that belongs
+        to a live worker and the answer stays HELD."""
+        waited = 0.0
+        while True:
+            claim = await self.claims.claim(trigger.id, body_sha256, run_id, trigger.expires_at, self.clock())
+            if claim.outcome is not ClaimOutcome.HELD or waited > self.claims.lease.total_seconds():
+                return claim
+            if waited == 0:
+                log.info(
+                    "trigger %s is being run by run %s on %s; waiting for it",
+                    trigger.id,
+                    claim.run_id,
+                    claim.worker,
+                )
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+            waited += CLAIM_POLL_SECONDS
+
+    async def _run(
+        self, message: AbstractIncomingMessage, trigger: Trigger, run_id: str, *, redelivered: bool
+    ) -> None:
+        """Announce, execute and report one run of ``trigger`` under its claim, then ack it."""
+        self._held[trigger.id] = run_id
         try:
-            started = self._start(trigger, uuid.uuid4().hex, bool(message.redelivered))
-            await self.publisher.event(started)
-            log.info(
-                "run %s of %s started%s",
-                started.run_id,
-                trigger.id,
-                " (redelivery)" if started.redelivered else "",
-            )
+            started = self._start(trigger, run_id, redelivered)
+            try:
+                await self.publisher.event(started)
+            except BrokerUnavailable:
+                # Not started: let the next delivery of the trigger claim it at once.
+                with contextlib.suppress(StoreUnavailable):
+                    await self.claims.release(trigger.id, run_id)
+                raise
+            log.info("run %s of %s started%s", run_id, trigger.id, " (redelivery)" if redelivered else "")
             self.running += 1
             try:
                 result = await self._execute(trigger)
-                await self._finish(started, result, retry=True)
-                _remember(self._done, trigger.id, None)
+                finished = self._finished(started, result)
+                # The claim keeps the end before it is reported: a repeat of the trigger reports it
+                # again rather than running the job a second time.
+                await until_done(
+                    lambda: self.claims.finish(
+                        trigger.id, run_id, finished.to_bytes().decode(), self.clock()
+                    ),
+                    (StoreUnavailable,),
+                    log,
+                    f"run {run_id} ended; recording its end in the store",
+                )
+                await self._report(finished)
             finally:
                 self.running -= 1
         finally:
-            del self._in_flight[trigger.id]
-            finished.set()
+            self._held.pop(trigger.id, None)
+        await settle(message)
+
+    async def _report_duplicate(
+        self, message: AbstractIncomingMessage, trigger: Trigger, claim: Claim
+    ) -> None:
+        """Record a repeat of a trigger the fleet ran (or is running) as a ``duplicate`` run, after
+        reporting the original run's end again in case its first report was lost; then ack."""
+        if claim.finished_event is not None:
+            await self.publisher.event(RunFinished.model_validate_json(claim.finished_event))
+        state = "ran" if claim.outcome is ClaimOutcome.DUPLICATE else "is running"
+        why = f"not run again: {claim.worker} {state} this trigger as run {claim.run_id}"
+        log.warning("trigger %s delivered again; %s", trigger.id, why)
+        repeat = self._start(
+            trigger, f"{trigger.id}#duplicate-{uuid.uuid4().hex[:12]}", bool(message.redelivered)
+        )
+        await self.publisher.event(self._finished(repeat, ActionResult(RunStatus.DUPLICATE, error=why)))
         await settle(message)
 
     async def _execute(self, trigger: Trigger) -> ActionResult:
@@ -160,13 +232,6 @@ class TriggerHandler:
             log.exception("the %s executor raised on %s", trigger.action.type, trigger.id)
             return ActionResult(RunStatus.FAILED, error=f"internal_error: {type(exc).__name__}: {exc}")
 
-    async def _already_run(self, trigger_id: str) -> bool:
-        """Whether this worker ran, or is running, ``trigger_id`` (waits for a running one)."""
-        running = self._in_flight.get(trigger_id)
-        if running is not None:
-            await running.wait()
-        return trigger_id in self._done
-
     async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
         """Dead-letter a refused trigger with its reason; an expired one is also reported as a run."""
         log.warning("refused trigger %s: %s (%s)", message.message_id, rejected.reason.value, rejected.detail)
@@ -176,7 +241,9 @@ class TriggerHandler:
             # id per trigger so that a redelivered expired trigger is recorded once.
             trigger = TRIGGER_ADAPTER.validate_json(message.body, strict=True)
             started = self._start(trigger, f"{trigger.id}#expired", bool(message.redelivered))
-            await self._finish(started, ActionResult(RunStatus.EXPIRED, error=rejected.detail))
+            await self.publisher.event(
+                self._finished(started, ActionResult(RunStatus.EXPIRED, error=rejected.detail))
+            )
         await settle(message)
 
     async def _give_up(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
@@ -209,23 +276,15 @@ class TriggerHandler:
             started_at=self.clock(),
         )
 
-    async def _finish(self, started: RunStarted, result: ActionResult, *, retry: bool = False) -> None:
-        """Report the end of a run; with ``retry``, until the broker confirms it."""
-        event = self._finished(started, result)
-        delay = 0.5
-        while True:
-            try:
-                await self.publisher.event(event)
-                break
-            except BrokerUnavailable as exc:
-                if not retry:
-                    raise
-                log.warning(
-                    "run %s ended; its report is not confirmed yet (%s), retrying", started.run_id, exc
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        log.info("run %s of %s %s", started.run_id, started.trigger_id, event.status.value)
+    async def _report(self, event: RunFinished) -> None:
+        """Publish the end of a run, retried until the broker confirms it."""
+        await until_done(
+            lambda: self.publisher.event(event),
+            (BrokerUnavailable,),
+            log,
+            f"run {event.run_id} ended; its report is not confirmed yet",
+        )
+        log.info("run %s of %s %s", event.run_id, event.trigger_id, event.status.value)
 
     def _finished(self, started: RunStarted, result: ActionResult) -> RunFinished:
         """The ``run.finished`` of ``started``: always a valid event, whatever ``result`` holds.
@@ -254,14 +313,6 @@ class TriggerHandler:
             why = one_line(f"internal_error: {type(exc).__name__}: {exc}")
             event = RunFinished(**ended, status=RunStatus.FAILED, error=why)
         return event
-
-
-def _remember(memory: OrderedDict[str, V], key: str, value: V) -> None:
-    """Keep ``key`` as the most recent of at most ``REMEMBERED_TRIGGERS``."""
-    memory[key] = value
-    memory.move_to_end(key)
-    while len(memory) > REMEMBERED_TRIGGERS:
-        memory.popitem(last=False)
 
 
 def _wire_text(text: str | None, *, keep_end: bool = False) -> str | None:

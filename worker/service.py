@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import httpx
@@ -14,11 +15,14 @@ from aiormq.exceptions import ChannelNotFoundEntity
 
 from common.bus import CONNECT_ERRORS, Publisher, broker_refusal, connect, consume_forever
 from common.clock import utcnow
-from common.errors import BrokerUnavailable, ConfigError
+from common.errors import BrokerUnavailable, ConfigError, StoreUnavailable
 from common.messages import WorkerHeartbeat
+from common.retry import until_done
 from common.services import ServiceOptions
 from common.settings import Settings
+from common.store import Store
 from common.topology import Topology
+from common.trigger_claims import TriggerClaims
 from worker.actions import executors
 from worker.consumer import TriggerHandler
 
@@ -33,19 +37,32 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
     keyring = settings.keyring()
     name = options.instance("worker")
     topology = Topology(settings.namespace)
-    connection = await connect(settings.amqp_url, name, wait=True)
+    # The store holds the trigger claims that keep the fleet from running a trigger twice.
+    store = await until_done(
+        lambda: Store.open(settings.database_url, settings.database_schema),
+        (StoreUnavailable,),
+        log,
+        "worker waiting for the store",
+    )
+    claims = TriggerClaims(store, name, timedelta(seconds=settings.claim_lease_seconds))
+    try:
+        connection = await connect(settings.amqp_url, name, wait=True)
+    except BaseException:
+        await store.close()
+        raise
     try:
         async with httpx.AsyncClient(follow_redirects=False) as client:
             publisher = await _until_ready(
                 lambda: Publisher.open(connection, topology, keyring, declare=False)
             )
             await _until_ready(lambda: _find_pool(connection, topology, options.pool))
-            handler = TriggerHandler(publisher, keyring, executors(client), name, pool=options.pool)
+            handler = TriggerHandler(publisher, keyring, executors(client), claims, pool=options.pool)
             log.info("worker %s consuming pool %s (concurrency %d)", name, options.pool, options.concurrency)
             runs = RunningJobs()
             try:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(_heartbeat_forever(settings, options, publisher, handler, name))
+                    tasks.create_task(handler.keep_claims())
                     await consume_forever(
                         connection,
                         lambda channel: topology.find_pool(channel, options.pool),
@@ -59,21 +76,13 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 await runs.drain(settings.drain_seconds)
     finally:
         await connection.close()
+        await store.close()
 
 
 async def _until_ready(attempt: Callable[[], Awaitable[T]]) -> T:
     """``attempt()``'s result, retried with backoff while it raises BrokerUnavailable (the broker
     refused us, or what we use is not declared yet): one log line per new reason, not per try."""
-    delay, said = 0.5, ""
-    while True:
-        try:
-            return await attempt()
-        except BrokerUnavailable as exc:
-            if str(exc) != said:
-                said = str(exc)
-                log.warning("%s; waiting and retrying", said)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    return await until_done(attempt, (BrokerUnavailable,), log, "worker waiting for the broker")
 
 
 async def _find_pool(connection: AbstractRobustConnection, topology: Topology, pool: str) -> None:

@@ -7,10 +7,12 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 
 import orjson
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from common import fires
 from common.bus import Publisher, connect
@@ -20,12 +22,15 @@ from common.clock import utcnow
 from common.errors import ConfigError, CronfleetError, JobFileError, NotFound
 from common.health import JobState, judge
 from common.jobs import load_jobs_file
-from common.messages import ALL_MESSAGES, HeartbeatKind, JobHeartbeat
+from common.messages import ALL_MESSAGES, HeartbeatKind, JobHeartbeat, RunStatus
 from common.redact import redact
 from common.settings import Settings
 from common.signing import Keyring, Role, new_ed25519_pair, new_key
 from common.store import JobRow, JobStateRow, RunRow, Store
 from common.topology import Topology
+
+# ``status`` counts each job's duplicate (repeated, not run) triggers over this window.
+DUPLICATES_WINDOW = timedelta(hours=24)
 
 
 @asynccontextmanager
@@ -138,6 +143,7 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
         applied = {row.name: row.updated_at for row in (await session.execute(select(JobRow))).scalars()}
         states = {row.job: row for row in (await session.execute(select(JobStateRow))).scalars()}
         stored = await read_jobs(store)
+        duplicates = await _recent_duplicates(session, now - DUPLICATES_WINDOW)
     rows = []
     for spec in stored.specs:
         row = states.get(spec.name)
@@ -156,14 +162,26 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
                 "last_status": state.last_status,
                 "last_finished_at": state.last_finished_at,
                 "due_at": verdict.due_at,
+                "duplicates_24h": duplicates.get(spec.name, 0),
             }
         )
     for name, why in stored.unreadable.items():
         reason = f"stored spec refused ({why}): fix the jobs file and apply it again"
         rows.append({"job": name, "health": "invalid", "reason": reason})
     rows.sort(key=lambda row: str(row["job"]))
-    emit(rows, ["job", "health", "last_status", "last_finished_at", "due_at", "reason"], args.json)
+    columns = ["job", "health", "last_status", "last_finished_at", "due_at", "duplicates_24h", "reason"]
+    emit(rows, columns, args.json)
     return 1 if any(r["health"] in ("late", "failing", "invalid") for r in rows) else 0
+
+
+async def _recent_duplicates(session: AsyncSession, since: datetime) -> dict[str, int]:
+    """How many repeats of already-run triggers each job had since ``since`` (not run again)."""
+    counted = await session.execute(
+        select(RunRow.job, func.count())
+        .where(RunRow.started_at >= since, RunRow.status == RunStatus.DUPLICATE.value)
+        .group_by(RunRow.job)
+    )
+    return {job: count for job, count in counted.all()}
 
 
 async def ping(settings: Settings, args: argparse.Namespace) -> int:

@@ -23,7 +23,11 @@ def _worker_process(settings: Settings) -> subprocess.Popen[bytes]:
         "CRONFLEET_AMQP_URL": settings.amqp_url,
         "CRONFLEET_KEYS": settings.keys,
         "CRONFLEET_NAMESPACE": settings.namespace,
+        "CRONFLEET_DATABASE_URL": settings.database_url,
+        "CRONFLEET_CLAIM_LEASE_SECONDS": str(settings.claim_lease_seconds),
     }
+    if settings.database_schema:
+        environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", "1"],
         env=environment,

@@ -754,14 +754,21 @@ async def test_no_message_stops_the_fleet_and_every_refusal_is_dead_lettered_wit
 
     assert "internal_error" not in found, "a message made a consumer raise: a bound is missing"
     assert executed == must_run, "a trigger ran that was not genuine and valid, or a valid one did not"
-    # One run per accepted or expired trigger (and the one sent after): none twice, none still running.
+    # One run per accepted or expired trigger (and the one sent after): none twice, none still
+    # running; and one `duplicate` run (not executed) per repeat of an accepted trigger.
     runs_by_trigger = select(RunRow.trigger_id, func.count()).where(RunRow.worker == "worker-1")
+    not_repeats = RunRow.status != "duplicate"
     async with store.session() as session:
-        grouped = await session.execute(runs_by_trigger.group_by(RunRow.trigger_id))
+        grouped = await session.execute(runs_by_trigger.where(not_repeats).group_by(RunRow.trigger_id))
         counts = {trigger: n for trigger, n in grouped}
+        repeats = await session.execute(runs_by_trigger.where(~not_repeats).group_by(RunRow.trigger_id))
+        repeated = {trigger: n for trigger, n in repeats}
         running = await session.scalar(worker_runs.where(RunRow.finished_at.is_(None)))
     # (An expired trigger reusing an accepted one's id is its run "<id>#expired": a second run of it.)
     assert counts == Counter([*(t.id for t in accepted_triggers), *oracle.expired, "after@now"])
+    assert repeated == Counter(
+        c.message.id for c in cases if c.expected == "duplicate" and isinstance(c.message, Trigger)
+    )
     assert running == 0
     assert after.exists()
     assert found == refused, "the dead letters by reason differ from what the opener says of these bytes"

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -40,6 +41,7 @@ from common.messages import (
     WorkerHeartbeat,
 )
 from common.settings import Settings
+from common.store import Store
 from common.topology import Topology
 from tests.conftest import AMQP_URL, TEST_KEYS, keyring
 from tests.fleet import Fleet, cronfleet, eventually
@@ -80,12 +82,18 @@ class PrivateVhost:
 
 
 @pytest.fixture
-async def vhost() -> AsyncIterator[PrivateVhost]:
+async def vhost(tmp_path: Path) -> AsyncIterator[PrivateVhost]:
     name = f"test-perm-{uuid.uuid4().hex[:12]}"
     rabbitmqctl("add_vhost", name)
     url = urlsplit(AMQP_URL)._replace(path=f"/{name}").geturl()
+    # The fleet's store (a worker keeps its trigger claims there), at the current schema.
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'cronfleet.db'}"
+    await (await Store.open(database_url, upgrade=True)).close()
     private = PrivateVhost(
-        name, Settings(amqp_url=url, keys=TEST_KEYS, namespace=f"perm-{uuid.uuid4().hex[:8]}")
+        name,
+        Settings(
+            amqp_url=url, database_url=database_url, keys=TEST_KEYS, namespace=f"perm-{uuid.uuid4().hex[:8]}"
+        ),
     )
     try:
         yield private
