@@ -23,6 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 
+from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.store import STORE_OUTAGES, Store
 from monitor import health_store
@@ -134,9 +135,13 @@ class Deadlines:
         its deadline passes and look for changed jobs every ``reload_seconds``, forever. An
         unavailable store is logged and retried; it never stops the loop."""
         await started()
+        # ``started`` waits on the broker through aio-pika, which can swallow a cancellation:
+        # a monitor stopped meanwhile must not start its timers (and then never end).
+        stop_if_cancelled()
         await self._rebuild()
         next_look: datetime | None = None
         while True:
+            stop_if_cancelled()
             now = self.clock()
             try:
                 await self._tick_due(now)
@@ -144,6 +149,7 @@ class Deadlines:
                     await self._look(now)
                     next_look = now + self.reload
             except Exception as exc:
+                stop_if_cancelled()  # a cancellation a driver turned into an error
                 if isinstance(exc, STORE_OUTAGES):
                     log.warning("the monitor cannot reach the store to tick deadlines (%s); retrying", exc)
                 else:
@@ -156,6 +162,7 @@ class Deadlines:
     async def _rebuild(self) -> None:
         delay = 0.5
         while True:
+            stop_if_cancelled()
             try:
                 async with self.store.session() as session:
                     stored = await health_store.load_deadlines(session)

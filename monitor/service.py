@@ -18,6 +18,7 @@ from datetime import datetime
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from common.bus import CONNECT_ERRORS, Publisher, connect, consume_forever, settle
+from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
 from common.errors import BrokerUnavailable
@@ -76,6 +77,7 @@ class EventRecorder:
     async def write_forever(self) -> None:
         """Take whatever has arrived, verify it, record it, ack it; forever."""
         while True:
+            stop_if_cancelled()  # acking goes through aio-pika, which can swallow a cancellation
             batch = [await self.inbox.get()]
             self._writing = True
             while len(batch) < BATCH_LIMIT and not self.inbox.empty():
@@ -238,6 +240,9 @@ async def wait_until_drained(
     broker to the inbox at the first look). Waits out an unreachable broker."""
     quiet = 0
     while quiet < 2:
+        # aio-pika's channel close can swallow a cancellation: a monitor stopped here must not
+        # go on to start its timers.
+        stop_if_cancelled()
         await asyncio.sleep(DRAIN_CHECK_SECONDS)
         try:
             channel = await connection.channel()
@@ -251,4 +256,5 @@ async def wait_until_drained(
             quiet = 0
             continue
         quiet = quiet + 1 if waiting == 0 and recorder.idle else 0
+    stop_if_cancelled()
     log.info("queued events recorded; the deadline timers start")
