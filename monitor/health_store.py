@@ -11,7 +11,6 @@ reads, so two monitors' read-advance-write never interleave.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -199,18 +198,37 @@ class HealthBatch:
         return advanced
 
 
-async def whole(transaction: Coroutine[Any, Any, T]) -> T:
+# How long a cancelled ``whole`` lets its transaction finish before cancelling it too.
+WHOLE_GRACE_SECONDS = 5.0
+
+
+async def whole(transaction: Coroutine[Any, Any, T], grace: float = WHOLE_GRACE_SECONDS) -> T:
     """Run ``transaction`` to its end even if the caller is cancelled meanwhile; the cancellation
     is raised once it has ended. A transaction cut off inside the SQLite driver can leave the
     database's write lock held by a connection nobody closes, stalling every other writer (a
-    monitor stopped and started again in the same process, as in the tests)."""
+    monitor stopped and started again in the same process, as in the tests).
+
+    The wait is bounded: a transaction that has not ended ``grace`` seconds after the caller was
+    cancelled (waiting on a row another monitor holds, on a store that stopped answering) is
+    cancelled in turn, and the caller's cancellation is raised at most ``grace`` seconds later
+    whether or not the driver has let go by then, so a stopping monitor always ends."""
     task = asyncio.ensure_future(transaction)
+    task.add_done_callback(_retrieve)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await task
+        await asyncio.wait({task}, timeout=grace)
+        if not task.done():
+            log.warning("a store transaction had not ended %gs after the monitor stopped; cancelled", grace)
+            task.cancel()
+            await asyncio.wait({task}, timeout=grace)
         raise
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark the outcome of ``whole``'s transaction as seen, whoever awaits it or not."""
+    if not task.cancelled():
+        task.exception()
 
 
 def log_flips(advanced: Advanced) -> None:

@@ -7,7 +7,8 @@ monitor's drain check opens and closes a channel every 0.2 s until its timers st
 monitor stopped in that window used to carry on with its timers forever, and ``serve``'s task
 group never ended: the hang of a whole test run after a test that started a monitor. Every loop
 the monitor runs now checks, each turn, whether it was asked to stop
-(``common.cancel.stop_if_cancelled``).
+(``common.cancel.stop_if_cancelled``). And a store transaction the monitor lets finish after it
+was stopped (``monitor.health_store.whole``) gets a bounded time, not forever.
 
 The 30 s bounds below only detect a stop that never ends; nothing here measures time.
 """
@@ -16,8 +17,16 @@ from __future__ import annotations
 
 import asyncio
 
-from common.store import Store
-from monitor.deadlines import Deadlines
+import pytest
+from sqlalchemy import select, text
+
+from common.clock import utcnow
+from common.settings import Settings
+from common.store import JobHealthRow, Store
+from monitor.deadlines import Deadlines, tick
+from monitor.health_store import whole
+from tests.conftest import POSTGRES_URL
+from tests.fleet import eventually
 from tests.integration.helpers import apply_toml
 
 STOP_BOUND = 30.0
@@ -63,3 +72,30 @@ async def test_deadlines_stop_even_when_a_library_swallowed_the_cancellation(sto
     await asyncio.wait_for(entered.wait(), STOP_BOUND)
     await _stopped(task)
     assert deadlines.ticks == 0  # it stopped before the timers started
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="a transaction waiting on a row lock needs PostgreSQL")
+@pytest.mark.parametrize("settings", ["postgresql"], indirect=True)
+async def test_a_stopped_monitor_does_not_wait_forever_for_a_transaction_stuck_on_a_lock(
+    settings: Settings, store: Store
+) -> None:
+    await apply_toml(store, A_JOB)
+    await tick(store, ["every"], utcnow())  # the job's health record exists
+    async with store.session() as holder, holder.begin():
+        # Another monitor holds the job's record, and does not let go while this one stops.
+        locked = select(JobHealthRow).where(JobHealthRow.job == "every").with_for_update()
+        await holder.execute(locked)
+        ticking = asyncio.create_task(whole(tick(store, ["every"], utcnow())))
+        await eventually(lambda: _waiting_on_a_lock(store))
+        await _stopped(ticking)
+
+
+async def _waiting_on_a_lock(store: Store) -> bool:
+    async with store.session() as session:
+        waiting = await session.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query ILIKE '%job_health%'"
+            )
+        )
+    return bool(waiting)
