@@ -5,9 +5,10 @@ the runs and job states it touches are read with one query each, the specs of it
 each job's next expected time is computed once per batch, and everything is flushed once.
 
 In the same transaction, each new run event and job heartbeat is fed to the job's health machine
-(``monitor.health``): its record is advanced and stored, with its flips. A job unknown to the
-store, or stored with a spec this cronfleet refuses, has no health record; its runs are still
-recorded.
+(``monitor.health``): its record is advanced and stored, with its flips. A run finished as
+``duplicate`` (a repeated trigger that was not executed) is recorded but not fed to it. A job
+unknown to the store, or stored with a spec this cronfleet refuses, has no health record; its
+runs are still recorded.
 
 An event that reuses a recorded id for something else (a heartbeat id with another job, kind,
 instant or content; a run id of another job or trigger) changes nothing and is reported as a
@@ -20,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeGuard
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -40,6 +42,10 @@ from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs
 log = logging.getLogger("cronfleet.monitor")
 
 _HEARTBEAT_STATUS = {HeartbeatKind.SUCCESS: RunStatus.SUCCEEDED, HeartbeatKind.FAIL: RunStatus.FAILED}
+# Finished runs that say nothing about a job's health: ``duplicate``, a repeated trigger the
+# worker recognised and did not execute. They are recorded like any run, but not fed to the
+# machine. Compared by value: not every RunStatus here has them.
+_NOT_HEALTH_STATUSES = frozenset({"duplicate"})
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,7 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
             conflicts[position] = changed.detail
         else:
             recorded += changed
-            if changed and isinstance(event, RunStarted | RunFinished | JobHeartbeat):
+            if changed and feeds_health(event):
                 # Only what is new: a repeated event was fed to the machine when first recorded.
                 health_inputs.append((event.job, health_input(event)))
     jobs = set(batch.due_after) | {job for job, _input in health_inputs}
@@ -163,6 +169,14 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
     for job, event_input in health_inputs:
         health.advance(job, event_input)
     return BatchOutcome(recorded, conflicts, await health.save())
+
+
+def feeds_health(event: Event) -> TypeGuard[RunStarted | RunFinished | JobHeartbeat]:
+    """Whether ``event`` is an input of its job's health machine: a run that started or finished
+    (but not one whose status is in ``_NOT_HEALTH_STATUSES``) or a job heartbeat."""
+    if isinstance(event, RunFinished):
+        return str(event.status.value) not in _NOT_HEALTH_STATUSES
+    return isinstance(event, RunStarted | JobHeartbeat)
 
 
 def _run_conflict(run: RunRow, event: RunStarted | RunFinished) -> Conflict | None:
