@@ -24,6 +24,7 @@ from aio_pika.abc import (
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp import encode as pamqp_encode
 
+from common.cancel import stop_if_cancelled
 from common.envelope import (
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
@@ -79,6 +80,7 @@ async def connect(url: str, name: str, *, wait: bool) -> AbstractRobustConnectio
     """
     delay = 0.5
     while True:
+        stop_if_cancelled()
         try:
             connection = await aio_pika.connect_robust(
                 url, client_properties={"connection_name": name}, timeout=10
@@ -296,6 +298,9 @@ async def consume_forever(
     channel and consumed again. ``ready`` is set once consuming.
     """
     while True:
+        # Closing the delivery iterator or the channel can swallow a cancellation (aio-pika):
+        # without this a cancelled consumer would take it for the broker's and consume again.
+        stop_if_cancelled()
         channel: AbstractChannel | None = None
         try:
             channel = await connection.channel()

@@ -1,8 +1,14 @@
 """Recording events in the store, idempotently: a redelivered event changes nothing.
 
 A batch of events is recorded inside the caller's transaction with a handful of statements:
-the runs and job states it touches are read with one query each, each job's next expected
-time is computed once per batch, and everything is flushed once.
+the runs and job states it touches are read with one query each, the specs of its jobs once,
+each job's next expected time is computed once per batch, and everything is flushed once.
+
+In the same transaction, each new run event and job heartbeat is fed to the job's health machine
+(``monitor.health``): its record is advanced and stored, with its flips. A run finished as
+``duplicate`` (a repeated trigger that was not executed) is recorded but not fed to it. A job
+unknown to the store, or stored with a spec this cronfleet refuses, has no health record; its
+runs are still recorded.
 
 An event that reuses a recorded id for something else (a heartbeat id with another job, kind,
 instant or content; a run id of another job or trigger) changes nothing and is reported as a
@@ -15,12 +21,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeGuard
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.cron import next_fire
-from common.jobs import JobSpec, spec_from_json
 from common.messages import (
     Event,
     HeartbeatKind,
@@ -29,11 +35,17 @@ from common.messages import (
     RunStarted,
     RunStatus,
 )
-from common.store import HeartbeatRow, JobRow, JobStateRow, RunRow
+from common.store import HeartbeatRow, JobStateRow, RunRow
+from monitor.health import HealthInput, health_input
+from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs
 
 log = logging.getLogger("cronfleet.monitor")
 
 _HEARTBEAT_STATUS = {HeartbeatKind.SUCCESS: RunStatus.SUCCEEDED, HeartbeatKind.FAIL: RunStatus.FAILED}
+# Finished runs that say nothing about a job's health: ``duplicate``, a repeated trigger the
+# worker recognised and did not execute. They are recorded like any run, but not fed to the
+# machine.
+_NOT_HEALTH_STATUSES = frozenset({RunStatus.DUPLICATE})
 
 
 @dataclass(frozen=True)
@@ -45,11 +57,12 @@ class Conflict:
 
 @dataclass(frozen=True)
 class BatchOutcome:
-    """What recording a batch did: how many events changed something, and which conflicted
-    (by their position in the batch)."""
+    """What recording a batch did: how many events changed something, which conflicted (by
+    their position in the batch), and what it did to the health of the jobs it touched."""
 
     recorded: int
     conflicts: dict[int, str]
+    health: Advanced = field(default_factory=Advanced)
 
 
 @dataclass
@@ -107,28 +120,15 @@ class _Batch:
         state.consecutive_failures = 0 if succeeded else (state.consecutive_failures or 0) + 1
         self.due_after[run.job] = due_after
 
-    async def compute_due_times(self) -> None:
-        """Each finished job's next expected time, once per job, from its current schedule."""
-        if not self.due_after:
-            return
-        rows = await self.session.execute(
-            select(JobRow.name, JobRow.spec).where(JobRow.name.in_(list(self.due_after)))
-        )
-        specs = {name: _readable(spec) for name, spec in rows.all()}
+    def compute_due_times(self, specs: dict[str, StoredSpec]) -> None:
+        """Each finished job's next expected time, once per job, from its current schedule (none
+        for a job unknown to the store or stored with a spec this cronfleet refuses)."""
         for job, after in self.due_after.items():
-            spec = specs.get(job)
+            stored = specs.get(job)
+            spec = None if stored is None else stored.spec
             self.states[job].next_expected_at = (
                 None if spec is None else next_fire(spec.schedule, spec.zone(), after)
             )
-
-
-def _readable(spec: str) -> JobSpec | None:
-    """A stored spec, or None when this cronfleet refuses it (applied by an older, laxer one;
-    ``cronfleet status`` and ``doctor`` name it): its runs are still recorded."""
-    try:
-        return spec_from_json(spec)
-    except ValueError:
-        return None
 
 
 async def record_batch(session: AsyncSession, events: Sequence[Event], now: datetime) -> BatchOutcome:
@@ -141,6 +141,7 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
     await batch.load(events)
     recorded = 0
     conflicts: dict[int, str] = {}
+    health_inputs: list[tuple[str, HealthInput]] = []
     for position, event in enumerate(events):
         changed: bool | Conflict
         match event:
@@ -156,9 +157,26 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
             conflicts[position] = changed.detail
         else:
             recorded += changed
-    await batch.compute_due_times()
+            if changed and feeds_health(event):
+                # Only what is new: a repeated event was fed to the machine when first recorded.
+                health_inputs.append((event.job, health_input(event)))
+    jobs = set(batch.due_after) | {job for job, _input in health_inputs}
+    specs = await read_specs(session, jobs) if jobs else {}
+    batch.compute_due_times(specs)
     await session.flush()
-    return BatchOutcome(recorded, conflicts)
+    health = HealthBatch(session, now)
+    await health.load({job for job, _input in health_inputs}, specs)
+    for job, event_input in health_inputs:
+        health.advance(job, event_input)
+    return BatchOutcome(recorded, conflicts, await health.save())
+
+
+def feeds_health(event: Event) -> TypeGuard[RunStarted | RunFinished | JobHeartbeat]:
+    """Whether ``event`` is an input of its job's health machine: a run that started or finished
+    (but not one whose status is in ``_NOT_HEALTH_STATUSES``) or a job heartbeat."""
+    if isinstance(event, RunFinished):
+        return event.status not in _NOT_HEALTH_STATUSES
+    return isinstance(event, RunStarted | JobHeartbeat)
 
 
 def _run_conflict(run: RunRow, event: RunStarted | RunFinished) -> Conflict | None:
@@ -215,7 +233,7 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     run.http_status = event.http_status
     run.output_tail = event.output_tail
     run.error = event.error
-    if event.status is not RunStatus.DUPLICATE:
+    if event.status not in _NOT_HEALTH_STATUSES:
         # A repeat that was not run is history, not the job's latest run.
         batch.finish(run, due_after=max(event.scheduled_at, event.finished_at))
     return True

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from datetime import timedelta
 
+from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.store import STORE_OUTAGES, Store
 from common.store.retention import purge
@@ -19,6 +20,7 @@ async def purge_forever(store: Store, older_than: timedelta, every: float, clock
     A store outage is logged and the purge tried again at the next turn; nothing else stops it.
     """
     while True:
+        stop_if_cancelled()
         try:
             purged = await purge(store, older_than, clock())
         except STORE_OUTAGES as exc:

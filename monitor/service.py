@@ -1,19 +1,24 @@
-"""The monitor process: consumes every event, verifies it, records it in batches, then acks.
+"""The monitor process: consumes every event, verifies it, records it in batches, then acks;
+and keeps each job's health, from those events and from its deadlines' timers.
 
 A batch is what has arrived while the previous one was being written (up to ``BATCH_LIMIT``),
 so under load one transaction carries many events and when idle each event is written at once.
-Acks follow the commit: an event is never acked before it is in the store.
+Acks follow the commit: an event is never acked before it is in the store. The same transaction
+advances the health of the jobs the batch touched (``monitor.recorder``); the timers
+(``monitor.deadlines``) start once what was queued for the monitor has been recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from common.bus import Publisher, connect, consume_forever, settle
+from common.bus import CONNECT_ERRORS, Publisher, connect, consume_forever, settle
+from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
 from common.errors import BrokerUnavailable
@@ -23,6 +28,8 @@ from common.settings import Settings
 from common.signing import Keyring
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
+from monitor.deadlines import Deadlines
+from monitor.health_store import Advanced, log_flips, whole
 from monitor.recorder import BatchOutcome, record_batch
 from monitor.retention import purge_forever
 
@@ -30,6 +37,8 @@ log = logging.getLogger("cronfleet.monitor")
 
 BATCH_LIMIT = 500
 PREFETCH = 2 * BATCH_LIMIT
+# How often a starting monitor asks whether its queue is drained.
+DRAIN_CHECK_SECONDS = 0.2
 
 
 class EventRecorder:
@@ -41,21 +50,36 @@ class EventRecorder:
     """
 
     def __init__(
-        self, store: Store, publisher: Publisher, keyring: Keyring, name: str, clock: Clock = utcnow
+        self,
+        store: Store,
+        publisher: Publisher,
+        keyring: Keyring,
+        name: str,
+        clock: Clock = utcnow,
+        on_health: Callable[[Advanced], None] | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.keyring = keyring
         self.name = name
         self.clock = clock
+        self.on_health = on_health
         self.inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self.recorded = 0
         self.rejected = 0
+        self._writing = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing delivered is waiting or being written."""
+        return self.inbox.empty() and not self._writing
 
     async def write_forever(self) -> None:
         """Take whatever has arrived, verify it, record it, ack it; forever."""
         while True:
+            stop_if_cancelled()  # acking goes through aio-pika, which can swallow a cancellation
             batch = [await self.inbox.get()]
+            self._writing = True
             while len(batch) < BATCH_LIMIT and not self.inbox.empty():
                 batch.append(self.inbox.get_nowait())
             try:
@@ -67,6 +91,8 @@ class EventRecorder:
                 for message in batch:
                     if not message.processed:
                         await settle(message, ack=False, requeue=True)
+            finally:
+                self._writing = False
 
     async def write_batch(self, batch: list[AbstractIncomingMessage]) -> None:
         """Record a batch and ack it; dead-letter what fails verification or cannot be recorded.
@@ -118,15 +144,23 @@ class EventRecorder:
         delay = 0.5
         while True:
             try:
-                async with self.store.session() as session, session.begin():
-                    outcome = await record_batch(session, [event for _message, event in accepted], now)
+                outcome = await whole(self._record(accepted, now))
             except STORE_OUTAGES as exc:
                 log.error("the store is unavailable (%s); %d event(s) held, retrying", exc, len(accepted))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
             self.recorded += outcome.recorded
+            log_flips(outcome.health)
+            if self.on_health is not None:
+                self.on_health(outcome.health)
             return outcome
+
+    async def _record(
+        self, accepted: list[tuple[AbstractIncomingMessage, Event]], now: datetime
+    ) -> BatchOutcome:
+        async with self.store.session() as session, session.begin():
+            return await record_batch(session, [event for _message, event in accepted], now)
 
     async def _record_alone(self, message: AbstractIncomingMessage, event: Event, now: datetime) -> None:
         try:
@@ -175,10 +209,17 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
         connection = await connect(settings.amqp_url, name, wait=True)
         try:
             publisher = await Publisher.open(connection, topology, keyring)
-            recorder = EventRecorder(store, publisher, keyring, name)
+            deadlines = Deadlines(store, settings.jobs_reload_seconds)
+            recorder = EventRecorder(store, publisher, keyring, name, on_health=deadlines.note)
             log.info("monitor %s consuming %s", name, topology.monitor_queue)
+
+            async def drained() -> None:
+                await options.ready.wait()
+                await wait_until_drained(connection, topology, recorder)
+
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(recorder.write_forever())
+                tasks.create_task(deadlines.run_forever(drained))
                 retention = settings.retention_age()
                 if retention is not None:
                     tasks.create_task(purge_forever(store, retention, settings.retention_check_seconds))
@@ -189,3 +230,31 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
             await connection.close()
     finally:
         await store.close()
+
+
+async def wait_until_drained(
+    connection: AbstractRobustConnection, topology: Topology, recorder: EventRecorder
+) -> None:
+    """Return once the monitor's queue holds no message ready for delivery and the recorder has
+    nothing delivered left to write, seen twice in a row (a delivery may be on its way from the
+    broker to the inbox at the first look). Waits out an unreachable broker."""
+    quiet = 0
+    while quiet < 2:
+        # aio-pika's channel close can swallow a cancellation: a monitor stopped here must not
+        # go on to start its timers.
+        stop_if_cancelled()
+        await asyncio.sleep(DRAIN_CHECK_SECONDS)
+        try:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(topology.monitor_queue, passive=True)
+                waiting = queue.declaration_result.message_count
+            finally:
+                await channel.close()
+        except CONNECT_ERRORS as exc:
+            log.debug("cannot see the monitor queue yet (%s)", exc)
+            quiet = 0
+            continue
+        quiet = quiet + 1 if waiting == 0 and recorder.idle else 0
+    stop_if_cancelled()
+    log.info("queued events recorded; the deadline timers start")

@@ -20,13 +20,12 @@ from common.catalog import apply_jobs, find_job, read_jobs
 from common.cli.output import emit
 from common.clock import utcnow
 from common.errors import ConfigError, CronfleetError, JobFileError, NotFound
-from common.health import JobState, judge
 from common.jobs import load_jobs_file
 from common.messages import ALL_MESSAGES, HeartbeatKind, JobHeartbeat, RunStatus
 from common.redact import redact
 from common.settings import Settings
 from common.signing import Keyring, Role, new_ed25519_pair, new_key
-from common.store import JobRow, JobStateRow, RunRow, Store
+from common.store import ALARM_STATES, FlipRow, JobHealthRow, RunRow, Store
 from common.topology import Topology
 
 # ``status`` counts each job's duplicate (repeated, not run) triggers over this window.
@@ -137,41 +136,59 @@ async def runs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def status(settings: Settings, args: argparse.Namespace) -> int:
-    """``cronfleet status``: every job's health now; exits 1 when any job is late or failing."""
-    now = utcnow()
+    """``cronfleet status``: each job's health as the monitor stored it (state, since when, the
+    next due time, the reason of its last flip); a job no monitor has seen yet is ``new``.
+    Exits 1 when any job is down, failing or stuck, or stored with a spec this cronfleet refuses."""
+    last_reason = (
+        select(FlipRow.reason)
+        .where(FlipRow.job == JobHealthRow.job)
+        .order_by(FlipRow.at.desc(), FlipRow.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
     async with open_store(settings) as store, store.session() as session:
-        applied = {row.name: row.updated_at for row in (await session.execute(select(JobRow))).scalars()}
-        states = {row.job: row for row in (await session.execute(select(JobStateRow))).scalars()}
+        health = {
+            row.job: (row, reason) for row, reason in await session.execute(select(JobHealthRow, last_reason))
+        }
         stored = await read_jobs(store)
-        duplicates = await _recent_duplicates(session, now - DUPLICATES_WINDOW)
-    rows = []
+        duplicates = await _recent_duplicates(session, utcnow() - DUPLICATES_WINDOW)
+    rows: list[dict[str, object]] = []
     for spec in stored.specs:
-        row = states.get(spec.name)
-        state = JobState(
-            last_status=row.last_status if row else None,
-            last_started_at=row.last_started_at if row else None,
-            last_finished_at=row.last_finished_at if row else None,
-            next_expected_at=row.next_expected_at if row else None,
-        )
-        verdict = judge(spec, state, applied[spec.name], now)
+        found = health.get(spec.name)
+        if found is None:
+            state = "new" if spec.enabled else "paused"
+            rows.append(
+                {
+                    "job": spec.name,
+                    "health": state,
+                    "duplicates_24h": duplicates.get(spec.name, 0),
+                    "reason": "no monitor has seen this job yet",
+                }
+            )
+            continue
+        row, reason = found
         rows.append(
             {
                 "job": spec.name,
-                "health": verdict.health.value,
-                "reason": verdict.reason,
-                "last_status": state.last_status,
-                "last_finished_at": state.last_finished_at,
-                "due_at": verdict.due_at,
+                "health": row.state,
+                "since": row.since,
+                "due_at": row.due_at,
+                "last_finished_at": row.last_finished_at,
                 "duplicates_24h": duplicates.get(spec.name, 0),
+                "reason": reason or _UNFLIPPED.get(row.state, ""),
             }
         )
     for name, why in stored.unreadable.items():
         reason = f"stored spec refused ({why}): fix the jobs file and apply it again"
         rows.append({"job": name, "health": "invalid", "reason": reason})
     rows.sort(key=lambda row: str(row["job"]))
-    columns = ["job", "health", "last_status", "last_finished_at", "due_at", "duplicates_24h", "reason"]
+    columns = ["job", "health", "since", "due_at", "last_finished_at", "duplicates_24h", "reason"]
     emit(rows, columns, args.json)
-    return 1 if any(r["health"] in ("late", "failing", "invalid") for r in rows) else 0
+    return 1 if any(r["health"] in (*ALARM_STATES, "invalid") for r in rows) else 0
+
+
+# Why a job is in the state of its first record, before any flip.
+_UNFLIPPED = {"new": "no run yet", "paused": "the job is disabled"}
 
 
 async def _recent_duplicates(session: AsyncSession, since: datetime) -> dict[str, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.cli import admin, broker, database, doctor, fleet
+from common.cli import admin, broker, database, doctor, fleet, flips
 from common.errors import CronfleetError, JobFileError
 from common.settings import Settings
 
@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     runs = _json(command("runs", admin.runs, "list recent runs, newest first"))
     runs.add_argument("name", nargs="?")
     runs.add_argument("--limit", type=int, default=20)
-    _json(command("status", admin.status, "each job's health"))
+    _json(command("status", admin.status, "each job's health, as the monitor stored it"))
+    flip_list = _json(command("flips", flips.flips, "list changes of jobs' health states, newest first"))
+    flip_list.add_argument("name", nargs="?")
+    flip_list.add_argument("--limit", type=int, default=20)
     ping = command("ping", admin.ping, "publish a signed heartbeat for a job")
     ping.add_argument("name")
     kind = ping.add_mutually_exclusive_group()

@@ -199,8 +199,9 @@ class JobHealthRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-# The monitor's timers are rebuilt from it at start, and it finds what falls due next by it.
-Index("ix_job_health_deadline", JobHealthRow.deadline_at)
+# The monitor's timers are rebuilt from it at start, and it finds what falls due next by it;
+# with the job in it, both read the index alone.
+Index("ix_job_health_deadline", JobHealthRow.deadline_at, JobHealthRow.job)
 
 
 class FlipRow(Base):

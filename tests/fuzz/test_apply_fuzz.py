@@ -42,11 +42,11 @@ from common.cli import admin
 from common.clock import utcnow
 from common.cron import next_fire
 from common.errors import JobFileError
-from common.health import JobState, judge
 from common.jobs import JobSpec, load_jobs_file, spec_from_json
 from common.messages import TRIGGER_ADAPTER, RunStatus
 from common.settings import Settings
 from common.store import JobRow, RunRow, Store
+from monitor.health import RunFinishedInput, RunStartedInput, Tick, advance, initial_record
 from tests.conftest import Counts
 from tests.fleet import Fleet, eventually
 from tests.integration.helpers import runs_of
@@ -413,15 +413,17 @@ def survives(spec: JobSpec) -> None:
             body = trigger.to_bytes()
             assert len(body) <= MAX_MESSAGE_BYTES
             assert TRIGGER_ADAPTER.validate_json(body, strict=True) == trigger
-        states = [
-            JobState(),
-            JobState(last_status=RunStatus.RUNNING.value, last_started_at=after),
-            JobState(last_status=RunStatus.SUCCEEDED.value, last_finished_at=after, next_expected_at=fire),
-            JobState(last_status=RunStatus.FAILED.value, next_expected_at=fire),
-        ]
-        for state in states:
-            for now in (after, fire, fire + timedelta(days=400)):
-                judge(spec, state, after, now)
+        # The monitor's health machine follows it: due, late, a run that sticks, fails, then down.
+        record = initial_record(spec, after)
+        later = fire + timedelta(days=400)
+        for event, now in (
+            (Tick(), fire),
+            (RunStartedInput("r1", fire), fire),
+            (Tick(), later),
+            (RunFinishedInput("r1", RunStatus.FAILED, later, fire), later),
+            (Tick(), later + timedelta(days=400)),
+        ):
+            record, _flips = advance(record, event, spec, now)
 
 
 async def apply_file(settings: Settings, path: Path, option: str) -> JobFileError | None:

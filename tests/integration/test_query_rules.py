@@ -105,6 +105,8 @@ FULL_SCANS_ALLOWED = {
     "jobs": "apply compares the file with every job, and the scheduler's reload reads every "
     "fingerprint (issue 16 replaces that with a version counter)",
     "job_state": "`status` shows every job",
+    "job_health": "`status` shows every job's health, and a starting monitor compares every job's "
+    "fingerprint with the one its health record follows (once, to learn what changed while it was down)",
 }
 _FULL_SCAN = re.compile(r"^SCAN (\w+)$")
 
@@ -136,6 +138,8 @@ async def test_every_query_of_the_running_fleet_uses_an_index(
             ["runs"],
             ["runs", "every"],
             ["status"],
+            ["flips"],
+            ["flips", "every"],
             ["jobs"],
             ["db", "purge", "--older-than", "1d"],
         ):

@@ -80,7 +80,7 @@ async def test_a_trigger_published_five_times_to_two_workers_runs_once_and_four_
     assert sorted(run["status"] for run in listed) == ["duplicate"] * 4 + ["succeeded"]
     status = orjson.loads(cronfleet(settings, "status", "--json").stdout)
     [row] = [row for row in status if row["job"] == "replayed"]
-    assert row["duplicates_24h"] == 4 and row["last_status"] == "succeeded"
+    assert row["duplicates_24h"] == 4 and row["health"] == "up"
     assert "DUPLICATES_24H" in cronfleet(settings, "status").stdout
 
 

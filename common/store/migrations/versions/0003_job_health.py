@@ -4,8 +4,8 @@ Revision ID: 0003
 Revises: 0002
 
 - ``job_health``: one row per job, the machine's record (``monitor.health.HealthRecord``) and
-  the fingerprint of the spec it follows. ``deadline_at`` is indexed: a monitor rebuilds its
-  timers from it at start and finds by it what falls due next.
+  the fingerprint of the spec it follows. (``deadline_at``, ``job``) is indexed: a monitor
+  rebuilds its timers from that index alone at start, and finds by it what falls due next.
 - ``flips``: every change of state (time, from, to, reason), newest found through
   (``job``, ``at``) for one job and ``at`` for all.
 - ``job_state`` is kept as it is: other code still reads it.
@@ -49,7 +49,7 @@ def upgrade() -> None:
             f"open_alarm IS NULL OR open_alarm IN ({ALARM_STATES})", name="ck_job_health_open_alarm"
         ),
     )
-    op.create_index("ix_job_health_deadline", "job_health", ["deadline_at"])
+    op.create_index("ix_job_health_deadline", "job_health", ["deadline_at", "job"])
     op.create_table(
         "flips",
         sa.Column(

@@ -1,0 +1,223 @@
+"""Deadlines as timers: the monitor sleeps until the earliest job deadline and ticks the jobs due,
+so a missed run turns ``down`` when its grace period ends, not at the next poll.
+
+The timers are a heap of (deadline, job) in memory, rebuilt from the store at start (through the
+deadline index, nothing else) and kept up to date with every record the monitor writes. A timer
+is a hint: the tick reads the job's stored record (locked) and advances that, so a timer that
+another monitor's write made stale costs one read and changes nothing, and two monitors ticking
+the same job store its flip once. Every ``jobs_reload_seconds`` the monitor also looks for changed
+jobs (``monitor.job_changes``) and arms the deadlines other monitors stored for the next moments,
+so a job whose monitor stopped is still ticked.
+
+After a restart the timers start only once the events queued for the monitor are recorded
+(``serve`` waits for that): an event carries its own instant, so a run that started at 10:00 must
+be recorded before its job is ticked, or it would first be reported ``down``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+
+from common.cancel import stop_if_cancelled
+from common.clock import Clock, utcnow
+from common.store import STORE_OUTAGES, Store
+from monitor import health_store
+from monitor.health import Tick
+from monitor.health_store import Advanced, HealthBatch, log_flips, whole
+from monitor.job_changes import JobWatch
+
+log = logging.getLogger("cronfleet.monitor")
+
+# Jobs ticked per transaction: many jobs falling due at the same instant share a transaction.
+TICK_BATCH = 5000
+
+
+class DeadlineHeap:
+    """The earliest known deadline of each job, in order. Arming keeps the earlier of two
+    deadlines: an early timer that proves stale only costs a tick that changes nothing, a late
+    one would miss a flip."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[datetime, str]] = []
+        self._armed: dict[str, datetime] = {}
+
+    def __len__(self) -> int:
+        return len(self._armed)
+
+    def arm(self, job: str, at: datetime) -> bool:
+        """Wake for ``job`` at ``at`` (or earlier, if it is armed earlier already). Returns whether
+        ``at`` is now the earliest deadline of all."""
+        armed = self._armed.get(job)
+        if armed is not None and armed <= at:
+            return False
+        self._armed[job] = at
+        heapq.heappush(self._heap, (at, job))
+        if len(self._heap) > 2 * len(self._armed) + 1000:
+            self._heap = [(when, name) for name, when in self._armed.items()]
+            heapq.heapify(self._heap)
+        return self.next_at() == at
+
+    def disarm(self, job: str) -> None:
+        """Forget ``job``'s timer."""
+        self._armed.pop(job, None)
+
+    def next_at(self) -> datetime | None:
+        """The earliest armed deadline, or None."""
+        while self._heap:
+            at, job = self._heap[0]
+            if self._armed.get(job) == at:
+                return at
+            heapq.heappop(self._heap)
+        return None
+
+    def pop_due(self, now: datetime, limit: int) -> list[tuple[str, datetime]]:
+        """Disarm and return (job, deadline) for up to ``limit`` jobs due at or before ``now``,
+        earliest first."""
+        due: list[tuple[str, datetime]] = []
+        while len(due) < limit:
+            at = self.next_at()
+            if at is None or at > now:
+                break
+            _at, job = heapq.heappop(self._heap)
+            del self._armed[job]
+            due.append((job, at))
+        return due
+
+
+async def tick(store: Store, jobs: Sequence[str], now: datetime) -> Advanced:
+    """Apply ``Tick`` at ``now`` to ``jobs`` in one transaction: each stored record is read
+    locked, advanced under the job's current spec, and written back with its flips. A job that
+    is no longer stored loses its record."""
+    async with store.session() as session, session.begin():
+        specs = await health_store.read_specs(session, jobs)
+        removed = [job for job in jobs if job not in specs]
+        if removed:
+            await health_store.forget(session, removed)
+        batch = HealthBatch(session, now)
+        await batch.load(jobs, specs)
+        for job in jobs:
+            batch.advance(job, Tick())
+        return await batch.save()
+
+
+class Deadlines:
+    """The monitor's timers and its watch on the jobs: one loop, started by ``run_forever``."""
+
+    def __init__(self, store: Store, reload_seconds: float, clock: Clock = utcnow) -> None:
+        self.store = store
+        self.reload = timedelta(seconds=reload_seconds)
+        self.clock = clock
+        self.heap = DeadlineHeap()
+        self.watch = JobWatch()
+        self.ticks = 0
+        self._wake = asyncio.Event()
+        # Jobs whose record a tick could not move past its deadline (a spec this cronfleet
+        # refuses, a job the machine cannot advance): not ticked again until written anew.
+        self._parked: set[str] = set()
+
+    def note(self, advanced: Advanced) -> None:
+        """Arm the deadlines of records just written (by the recorder, a tick or a job change)."""
+        earliest = False
+        for job, at in advanced.deadlines.items():
+            if at is not None:
+                self._parked.discard(job)
+                earliest |= self.heap.arm(job, at)
+        if earliest:
+            self._wake.set()
+
+    async def run_forever(self, started: Callable[[], Awaitable[None]]) -> None:
+        """Once ``started()`` returns, rebuild the timers from the store, then tick each job as
+        its deadline passes and look for changed jobs every ``reload_seconds``, forever. An
+        unavailable store is logged and retried; it never stops the loop."""
+        await started()
+        # ``started`` waits on the broker through aio-pika, which can swallow a cancellation:
+        # a monitor stopped meanwhile must not start its timers (and then never end).
+        stop_if_cancelled()
+        await self._rebuild()
+        next_look: datetime | None = None
+        while True:
+            stop_if_cancelled()
+            now = self.clock()
+            try:
+                await self._tick_due(now)
+                if next_look is None or now >= next_look:
+                    await self._look(now)
+                    next_look = now + self.reload
+            except Exception as exc:
+                stop_if_cancelled()  # a cancellation a driver turned into an error
+                if isinstance(exc, STORE_OUTAGES):
+                    log.warning("the monitor cannot reach the store to tick deadlines (%s); retrying", exc)
+                else:
+                    log.exception("unexpected error while ticking deadlines; retrying")
+                next_look = now + self.reload
+                await asyncio.sleep(self.reload.total_seconds())
+                continue
+            await self._sleep_until(next_look)
+
+    async def _rebuild(self) -> None:
+        delay = 0.5
+        while True:
+            stop_if_cancelled()
+            try:
+                async with self.store.session() as session:
+                    stored = await health_store.load_deadlines(session)
+            except STORE_OUTAGES as exc:
+                log.warning("the monitor cannot read the deadlines (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            for job, at in stored:
+                self.heap.arm(job, at)
+            log.info("monitor timers rebuilt: %d deadline(s)", len(stored))
+            return
+
+    async def _tick_due(self, now: datetime) -> None:
+        while due := self.heap.pop_due(now, TICK_BATCH):
+            try:
+                advanced = await whole(tick(self.store, [job for job, _at in due], now))
+            except BaseException:
+                for job, at in due:  # ticked again once the store answers
+                    self.heap.arm(job, at)
+                raise
+            self.ticks += len(due)
+            log_flips(advanced)
+            for job, _at in due:
+                deadline = advanced.deadlines.get(job)
+                if deadline is None:
+                    if job not in advanced.deadlines:
+                        self._parked.add(job)
+                elif deadline <= now:
+                    self._parked.add(job)
+                else:
+                    self.heap.arm(job, deadline)
+
+    async def _look(self, now: datetime) -> None:
+        advanced, removed = await whole(self.watch.look(self.store, now))
+        log_flips(advanced)
+        for job in removed:
+            self.heap.disarm(job)
+            self._parked.discard(job)
+        self.note(advanced)
+        # Deadlines another monitor stored (it may have stopped): armed here too, to be safe.
+        async with self.store.session() as session:
+            soon = await health_store.load_deadlines(session, until=now + 2 * self.reload)
+        for job, at in soon:
+            if job not in self._parked:
+                self.heap.arm(job, at)
+
+    async def _sleep_until(self, next_look: datetime) -> None:
+        """Until the earliest deadline or ``next_look``, or until ``note`` arms an earlier one."""
+        deadline = self.heap.next_at()
+        wake_at = next_look if deadline is None else min(deadline, next_look)
+        seconds = (wake_at - self.clock()).total_seconds()
+        self._wake.clear()
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)

@@ -1,0 +1,330 @@
+"""The health machine's records and flips in the store: read them locked, advance them, write
+what changed, in the caller's transaction.
+
+Several monitors may advance the same job at once (one records its events while another's timer
+ticks it). Each reads a job's record locked for its transaction, so a flip is computed once and
+stored once: on PostgreSQL the rows are read ``FOR UPDATE``, in job order (two monitors never wait
+on each other in a cycle); on SQLite the transaction takes the database's write lock before it
+reads, so two monitors' read-advance-write never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection, Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import Table, bindparam, delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from common.jobs import JobSpec, spec_from_json
+from common.store import FlipRow, JobHealthRow, JobRow, dialect_insert
+from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
+from monitor.health import Flip, HealthInput, HealthRecord, State, advance, initial_record
+
+log = logging.getLogger("cronfleet.monitor")
+
+T = TypeVar("T")
+
+_HEALTH = cast(Table, JobHealthRow.__table__)
+_FLIPS = cast(Table, FlipRow.__table__)
+# Every column of a job's record but its key, in the order ``_values`` gives them.
+_RECORD_COLUMNS = (
+    "state",
+    "since",
+    "due_at",
+    "deadline_at",
+    "run_id",
+    "run_started_at",
+    "consecutive_failures",
+    "open_alarm",
+    "last_run_at",
+    "last_finished_at",
+    "fingerprint",
+    "updated_at",
+)
+
+
+@dataclass(frozen=True)
+class StoredSpec:
+    """A job as stored: its spec (None when this cronfleet refuses it) and its fingerprint."""
+
+    spec: JobSpec | None
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class StoredHealth:
+    """A job's health record and the fingerprint of the spec it follows."""
+
+    record: HealthRecord
+    fingerprint: str | None
+
+
+@dataclass(frozen=True)
+class JobFlip:
+    """A flip of one job."""
+
+    job: str
+    flip: Flip
+
+
+@dataclass
+class Advanced:
+    """What a transaction did to health: the deadline of every job it read (None: only an input
+    can change that job now), and the flips it stored, in order."""
+
+    deadlines: dict[str, datetime | None] = field(default_factory=dict)
+    flips: list[JobFlip] = field(default_factory=list)
+
+
+async def read_specs(session: AsyncSession, names: Collection[str]) -> dict[str, StoredSpec]:
+    """The stored jobs among ``names``; a spec this cronfleet refuses (applied by an older, laxer
+    one: ``cronfleet status`` and ``doctor`` name it) is there with ``spec`` None."""
+    found: dict[str, StoredSpec] = {}
+    query = select(JobRow.name, JobRow.spec, JobRow.fingerprint)
+    for some in chunks(sorted(names), IN_LIST_CHUNK):
+        for name, spec, fingerprint in await session.execute(query.where(JobRow.name.in_(some))):
+            found[name] = StoredSpec(_readable(spec), fingerprint)
+    return found
+
+
+def _readable(spec: str) -> JobSpec | None:
+    try:
+        return spec_from_json(spec)
+    except ValueError:
+        return None
+
+
+class HealthBatch:
+    """One transaction's health work: ``load`` the records of some jobs (locked, and created for
+    jobs that have none), ``advance`` them, ``save`` what changed and the flips."""
+
+    def __init__(self, session: AsyncSession, now: datetime) -> None:
+        self.session = session
+        self.now = now
+        self.specs: dict[str, StoredSpec] = {}
+        self.records: dict[str, StoredHealth] = {}
+        self._loaded: dict[str, StoredHealth] = {}
+        self._flips: list[JobFlip] = []
+
+    async def load(self, jobs: Collection[str], specs: Mapping[str, StoredSpec]) -> None:
+        """Read and lock the health of ``jobs``. A job with a readable spec and no record yet gets
+        ``initial_record(spec, now)``, stored at once (no flip). A job that is not in ``specs``
+        (unknown to the store) or whose spec is unreadable has no record here."""
+        wanted = sorted(job for job in jobs if job in specs)
+        self.specs.update({job: specs[job] for job in wanted})
+        found = await self._lock(wanted)
+        missing = {}
+        for job in wanted:
+            spec = specs[job].spec
+            if job not in found and spec is not None:
+                record = _safely(job, "create its health record", partial(initial_record, spec, self.now))
+                if record is not None:
+                    missing[job] = StoredHealth(record, specs[job].fingerprint)
+        if missing:
+            # Another monitor may create the same rows at the same moment: whichever is first
+            # stays, and both then advance the stored one.
+            insert = dialect_insert(_dialect(self.session), _HEALTH).on_conflict_do_nothing()
+            await self.session.execute(insert, [_values(job, h, self.now) for job, h in missing.items()])
+            found.update(await self._lock(sorted(missing)))
+        self._loaded.update(found)
+        self.records.update(found)
+
+    async def _lock(self, jobs: list[str]) -> dict[str, StoredHealth]:
+        if not jobs:
+            return {}
+        postgresql = _dialect(self.session) == "postgresql"
+        if not postgresql:
+            # An UPDATE that matches nothing still takes SQLite's write lock, until commit.
+            await self.session.execute(update(_HEALTH).where(_HEALTH.c.job == "").values(job=_HEALTH.c.job))
+        found: dict[str, StoredHealth] = {}
+        for some in chunks(jobs, IN_LIST_CHUNK):
+            query = select(_HEALTH).where(_HEALTH.c.job.in_(some)).order_by(_HEALTH.c.job)
+            if postgresql:
+                query = query.with_for_update()
+            for row in await self.session.execute(query):
+                found[row.job] = StoredHealth(_record(row), row.fingerprint)
+        return found
+
+    def advance(self, job: str, event: HealthInput, *, follow: bool = False) -> list[Flip]:
+        """Feed ``event`` to ``job``'s record under its current spec; with ``follow``, the record
+        follows that spec from now on (its fingerprint). Returns the flips. A job without a record
+        or a readable spec is left alone; a machine error is logged and leaves the record as it
+        was (its runs are still recorded)."""
+        stored, spec = self.records.get(job), self.specs[job].spec if job in self.specs else None
+        if stored is None or spec is None:
+            return []
+        result = _safely(
+            job,
+            f"advance its health with {type(event).__name__}",
+            lambda: advance(stored.record, event, spec, self.now),
+        )
+        if result is None:
+            return []
+        record, flips = result
+        fingerprint = self.specs[job].fingerprint if follow else stored.fingerprint
+        self.records[job] = StoredHealth(record, fingerprint)
+        self._flips.extend(JobFlip(job, flip) for flip in flips)
+        return flips
+
+    async def save(self) -> Advanced:
+        """Write every record that changed and append the flips; returns every loaded job's
+        deadline and the flips."""
+        changed = [
+            _values(job, stored, self.now)
+            for job, stored in sorted(self.records.items())
+            if stored != self._loaded.get(job)
+        ]
+        if changed:
+            statement = (
+                update(_HEALTH)
+                .where(_HEALTH.c.job == bindparam("b_job"))
+                .values({column: bindparam(f"b_{column}") for column in _RECORD_COLUMNS})
+            )
+            await self.session.execute(statement, [{f"b_{k}": v for k, v in row.items()} for row in changed])
+        rows = [_flip_values(f, self.now) for f in self._flips]
+        for some in chunks(rows, rows_per_insert(len(rows[0]) if rows else 1)):
+            await self.session.execute(_FLIPS.insert().values(list(some)))
+        advanced = Advanced(
+            {job: stored.record.deadline_at for job, stored in self.records.items()}, self._flips
+        )
+        self._loaded.update(self.records)
+        self._flips = []
+        return advanced
+
+
+# How long a cancelled ``whole`` lets its transaction finish before cancelling it too.
+WHOLE_GRACE_SECONDS = 5.0
+
+
+async def whole(transaction: Coroutine[Any, Any, T], grace: float = WHOLE_GRACE_SECONDS) -> T:
+    """Run ``transaction`` to its end even if the caller is cancelled meanwhile; the cancellation
+    is raised once it has ended. A transaction cut off inside the SQLite driver can leave the
+    database's write lock held by a connection nobody closes, stalling every other writer (a
+    monitor stopped and started again in the same process, as in the tests).
+
+    The wait is bounded: a transaction that has not ended ``grace`` seconds after the caller was
+    cancelled (waiting on a row another monitor holds, on a store that stopped answering) is
+    cancelled in turn, and the caller's cancellation is raised at most ``grace`` seconds later
+    whether or not the driver has let go by then, so a stopping monitor always ends."""
+    task = asyncio.ensure_future(transaction)
+    task.add_done_callback(_retrieve)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task}, timeout=grace)
+        if not task.done():
+            log.warning("a store transaction had not ended %gs after the monitor stopped; cancelled", grace)
+            task.cancel()
+            await asyncio.wait({task}, timeout=grace)
+        raise
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark the outcome of ``whole``'s transaction as seen, whoever awaits it or not."""
+    if not task.cancelled():
+        task.exception()
+
+
+def log_flips(advanced: Advanced) -> None:
+    """Log each flip of a committed transaction, alarms as warnings."""
+    for item in advanced.flips:
+        flip = item.flip
+        level = logging.WARNING if flip.alarm else logging.INFO
+        log.log(
+            level,
+            "job %s: %s -> %s at %s (%s)",
+            item.job,
+            flip.from_state,
+            flip.to_state,
+            flip.at.isoformat(),
+            flip.reason,
+        )
+
+
+async def load_deadlines(session: AsyncSession, until: datetime | None = None) -> list[tuple[str, datetime]]:
+    """Every (job, deadline) stored, or those at or before ``until``; read through the deadline
+    index, nothing else."""
+    column = _HEALTH.c.deadline_at
+    query = select(_HEALTH.c.job, column).where(column.is_not(None))
+    if until is not None:
+        query = query.where(column <= until)
+    return [(job, at) for job, at in await session.execute(query)]
+
+
+async def load_fingerprints(session: AsyncSession) -> dict[str, str | None]:
+    """The fingerprint each stored health record follows, by job."""
+    rows = await session.execute(select(_HEALTH.c.job, _HEALTH.c.fingerprint))
+    return {job: fingerprint for job, fingerprint in rows}
+
+
+async def forget(session: AsyncSession, jobs: Collection[str]) -> None:
+    """Delete the health records of ``jobs`` (removed jobs); their flips stay as history."""
+    for some in chunks(sorted(jobs), IN_LIST_CHUNK):
+        await session.execute(delete(_HEALTH).where(_HEALTH.c.job.in_(some)))
+
+
+def _safely(job: str, what: str, compute: Callable[[], T]) -> T | None:
+    """``compute()``, or None when it raises: a bug or an edge the machine cannot handle for one
+    job must never stop the monitor nor lose the events of other jobs."""
+    try:
+        return compute()
+    except Exception:
+        log.exception("cannot %s for job %s; left as it was", what, job)
+        return None
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
+def _record(row: Any) -> HealthRecord:
+    return HealthRecord(
+        state=State(row.state),
+        since=row.since,
+        due_at=row.due_at,
+        deadline_at=row.deadline_at,
+        run_id=row.run_id,
+        run_started_at=row.run_started_at,
+        consecutive_failures=row.consecutive_failures,
+        open_alarm=None if row.open_alarm is None else State(row.open_alarm),
+        last_run_at=row.last_run_at,
+        last_finished_at=row.last_finished_at,
+    )
+
+
+def _values(job: str, stored: StoredHealth, now: datetime) -> dict[str, Any]:
+    record = stored.record
+    return {
+        "job": job,
+        "state": record.state.value,
+        "since": record.since,
+        "due_at": record.due_at,
+        "deadline_at": record.deadline_at,
+        "run_id": record.run_id,
+        "run_started_at": record.run_started_at,
+        "consecutive_failures": record.consecutive_failures,
+        "open_alarm": None if record.open_alarm is None else record.open_alarm.value,
+        "last_run_at": record.last_run_at,
+        "last_finished_at": record.last_finished_at,
+        "fingerprint": stored.fingerprint,
+        "updated_at": now,
+    }
+
+
+def _flip_values(item: JobFlip, now: datetime) -> dict[str, Any]:
+    flip = item.flip
+    return {
+        "job": item.job,
+        "at": flip.at,
+        "from_state": flip.from_state.value,
+        "to_state": flip.to_state.value,
+        "reason": flip.reason,
+        "recovered_from": None if flip.recovered_from is None else flip.recovered_from.value,
+        "created_at": now,
+    }
