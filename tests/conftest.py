@@ -4,7 +4,9 @@ CRONFLEET_TEST_DATABASE_URL names one) and a fleet of real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -64,8 +66,23 @@ def _parametrizes(metafunc: pytest.Metafunc, name: str) -> bool:
     return False
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite store migrated to the newest schema once per session: each test's store is a copy
+    of it (migrations themselves are tested in tests/integration/test_migrations.py)."""
+    path = tmp_path_factory.mktemp("template") / "cronfleet.db"
+
+    async def upgrade() -> None:
+        await (await Store.open(f"sqlite+aiosqlite:///{path}", upgrade=True)).close()
+
+    asyncio.run(upgrade())
+    return path
+
+
 @pytest.fixture
-async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Settings]:
+async def settings(
+    request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path
+) -> AsyncIterator[Settings]:
     """Settings of a private fleet: its own namespace on the broker and its own store (SQLite,
     unless pytest_generate_tests chose another)."""
     suffix = uuid.uuid4().hex[:10]
@@ -88,7 +105,10 @@ async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         claim_lease_seconds=3,
     )
     # Every process of the fleet refuses a store that is not at the newest schema.
-    await (await Store.open(database_url, schema, upgrade=True)).close()
+    if schema is None:
+        shutil.copyfile(sqlite_template, tmp_path / "cronfleet.db")
+    else:
+        await (await Store.open(database_url, schema, upgrade=True)).close()
     yield value
     await _delete_namespace(namespace)
     if schema is not None:
