@@ -7,7 +7,7 @@ the flip back to ``up`` is its recovery, like a job's (``monitor.health``). ``do
 ("Fleet health") lists the rules:
 
 - ``@scheduler``: down when no scheduler heartbeat came for ``heartbeat_timeout`` while some
-  job is enabled; up at the next heartbeat.
+  enabled job has an action (a scheduler is needed); up at the next heartbeat.
 - ``@pool:<name>``: down when triggers have been waiting in its queue with no consumer for
   ``heartbeat_timeout``; up once a consumer is back or nothing waits.
 - ``@worker:<name>``: up from its first heartbeat. When its heartbeats stop for
@@ -94,8 +94,8 @@ class ComponentRecord:
 
 @dataclass(frozen=True)
 class SchedulerSeen:
-    """The newest heartbeat of any scheduler (None: none seen), and whether any job is enabled
-    (without one, no scheduler is needed)."""
+    """The newest heartbeat of any scheduler (None: none seen), and whether a scheduler is needed
+    (some enabled job has an action)."""
 
     last_heartbeat: datetime | None
     needed: bool
@@ -188,8 +188,10 @@ def _scheduler(record: ComponentRecord, seen: SchedulerSeen, policy: FleetPolicy
         return _to(record, State.UP, now, "a scheduler sends heartbeats", seen_at=last, detail="")
     if not seen.needed:
         if record.state is State.DOWN:
-            return _to(record, State.UP, now, "no job is enabled: no scheduler is needed", seen_at=last)
-        return Decision(replace(record, seen_at=last, detail="no job is enabled"))
+            return _to(
+                record, State.UP, now, "no enabled job has an action: no scheduler is needed", seen_at=last
+            )
+        return Decision(replace(record, seen_at=last, detail="no enabled job has an action"))
     # Silent since its last heartbeat, or since the watch began for one never seen.
     silent_since = last or record.since
     if now - silent_since <= policy.heartbeat_timeout:

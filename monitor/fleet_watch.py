@@ -58,6 +58,7 @@ log = logging.getLogger("cronfleet.monitor")
 _FLEET = cast(Table, FleetHealthRow.__table__)
 # Fleet looks of all monitors take turns on this PostgreSQL advisory lock ("flee").
 _FLEET_LOCK = 0x666C6565
+_NO_ACTION = '{"action":null'
 
 
 def fleet_policy(settings: Settings) -> FleetPolicy:
@@ -220,7 +221,10 @@ class FleetWatch:
         return advanced
 
     async def _schedulers(self, session: AsyncSession) -> SchedulerSeen:
-        needed = await session.scalar(select(JobRow.name).where(JobRow.enabled.is_(True)).limit(1))
+        # Only an enabled job with an action needs a scheduler; a stored spec is canonical JSON
+        # with sorted keys, so a job without one starts with its null action.
+        planned = JobRow.enabled.is_(True) & ~JobRow.spec.startswith(_NO_ACTION, autoescape=True)
+        needed = await session.scalar(select(JobRow.name).where(planned).limit(1))
         last = max(self.schedulers.values(), default=None)
         return SchedulerSeen(last_heartbeat=last, needed=needed is not None)
 
