@@ -127,6 +127,9 @@ class RunRow(Base):
 Index("ix_runs_job_started", RunRow.job, RunRow.started_at)
 Index("ix_runs_started", RunRow.started_at)
 Index("ix_runs_finished", RunRow.finished_at)
+# Only the runs still going, by worker: the monitor marks a dead worker's runs lost through it.
+_RUNNING = text("status = 'running'")
+Index("ix_runs_worker_running", RunRow.worker, postgresql_where=_RUNNING, sqlite_where=_RUNNING)
 
 
 class HeartbeatRow(Base):

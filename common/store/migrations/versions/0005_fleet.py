@@ -5,6 +5,8 @@ Revises: 0004
 
 - ``fleet_health``: one row per fleet component, keyed by the name its flips carry in ``flips``
   (``@scheduler``, ``@pool:<name>``, ``@worker:<name>``, ``@dead-letters``: no job can be called so).
+- ``ix_runs_worker_running``: the runs still ``running``, by worker (a dead worker's runs become
+  ``lost`` through it).
 """
 
 from __future__ import annotations
@@ -39,8 +41,13 @@ def upgrade() -> None:
             "kind IN ('scheduler', 'pool', 'worker', 'dead-letters')", name="ck_fleet_health_kind"
         ),
     )
+    running = sa.text("status = 'running'")
+    op.create_index(
+        "ix_runs_worker_running", "runs", ["worker"], postgresql_where=running, sqlite_where=running
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_runs_worker_running", table_name="runs")
     op.execute("DELETE FROM flips WHERE job LIKE '@%'")
     op.drop_table("fleet_health")
