@@ -11,7 +11,8 @@ has its runs still ``running`` marked ``lost`` in the same transaction (an UPDAT
 still running: doing it twice changes nothing), and each lost run is fed to its job's health.
 
 While the monitor cannot see the broker, heartbeats cannot reach it: for a ``heartbeat_timeout``
-after it sees the broker again (and after it starts) no scheduler or worker is judged silent.
+after it sees the broker again (and after it starts) no scheduler or worker is judged silent; nor
+while events wait in the monitors' queue (a heartbeat stuck behind a backlog is no silence).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class BrokerLook:
 
     pools: dict[str, PoolSeen]
     dead_letters: int
+    # Events ready in the monitors' queue that no monitor has taken yet: heartbeats may be among them.
+    backlog: int = 0
 
 
 class FleetWatch:
@@ -146,15 +149,31 @@ class FleetWatch:
             self._seeing_since = None
         elif self._seeing_since is None:
             self._seeing_since = now
+        # Heartbeats are judged only while they can reach this monitor, and while the monitors
+        # keep up with the events (a heartbeat stuck behind a backlog is not a silence).
         judge_heartbeats = (
-            self._seeing_since is not None and now - self._seeing_since > self.policy.heartbeat_timeout
+            broker is not None
+            and broker.backlog == 0
+            and self._seeing_since is not None
+            and now - self._seeing_since > self.policy.heartbeat_timeout
         )
+        if broker is not None and broker.backlog:
+            log.info(
+                "%d event(s) wait for the monitors: no scheduler or worker judged silent now", broker.backlog
+            )
+        self._forget_old_schedulers(now)
         advanced = await whole(self._decide(now, broker, judge_heartbeats))
         self.looks += 1
         log_flips(advanced)
         if self.on_health is not None and (advanced.flips or advanced.deadlines):
             self.on_health(advanced)
         return advanced
+
+    def _forget_old_schedulers(self, now: datetime) -> None:
+        """Drop schedulers not heard for ``forget_after`` (each restart brings a new name)."""
+        for name, at in list(self.schedulers.items()):
+            if now - at > self.policy.forget_after:
+                del self.schedulers[name]
 
     async def _look_at_broker(self, pools: Collection[str]) -> BrokerLook | None:
         """Message and consumer counts by passive declares; None when the broker cannot be seen."""
@@ -171,13 +190,16 @@ class FleetWatch:
                 dead = await _counts(channel, self.topology.dead_queue)
                 if dead is None:
                     channel = await self.connection.channel()
+                backlog = await _counts(channel, self.topology.monitor_queue)
+                if backlog is None:
+                    channel = await self.connection.channel()
             finally:
                 with contextlib.suppress(*CONNECT_ERRORS):
                     await channel.close()
         except CONNECT_ERRORS as exc:
             log.warning("the monitor cannot look at the fleet's queues (%s)", exc)
             return None
-        return BrokerLook(seen, 0 if dead is None else dead[0])
+        return BrokerLook(seen, 0 if dead is None else dead[0], 0 if backlog is None else backlog[0])
 
     async def _decide(self, now: datetime, broker: BrokerLook | None, judge_heartbeats: bool) -> Advanced:
         async with self.store.session() as session, session.begin():

@@ -229,6 +229,9 @@ async def test_two_monitors_store_a_worker_flip_once_and_a_late_finish_is_record
     assert await flips_of(store, "@worker:w1") == [("new", "up"), ("up", "down")]
     [lost] = await runs_of(store, "held")
     assert lost.status == "lost" and lost.finished_at == after
+    async with store.session() as session:
+        health = await session.get(JobHealthRow, "held")
+    assert health is not None and health.state == "failing" and health.run_id is None
 
     # The worker did finish after all (its event was late): that is what the run did.
     finished = RunFinished(
@@ -242,3 +245,7 @@ async def test_two_monitors_store_a_worker_flip_once_and_a_late_finish_is_record
             await record_batch(session, [finished], later)
     [run] = await runs_of(store, "held")
     assert run.status == "succeeded" and run.finished_at == t0 + timedelta(seconds=2)
+    async with store.session() as session:
+        health = await session.get(JobHealthRow, "held")
+    # The job's health already counted the loss; an older finish does not move it back.
+    assert health is not None and health.state == "failing"
