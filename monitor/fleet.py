@@ -185,7 +185,8 @@ def _scheduler(record: ComponentRecord, seen: SchedulerSeen, policy: FleetPolicy
         last = record.seen_at
     if not _silent(last, policy, now):
         assert last is not None
-        return _to(record, State.UP, now, "a scheduler sends heartbeats", seen_at=last, detail="")
+        detail = f"last heartbeat at {_at(last)}"
+        return _to(record, State.UP, now, "a scheduler sends heartbeats", seen_at=last, detail=detail)
     if not seen.needed:
         if record.state is State.DOWN:
             return _to(
@@ -219,7 +220,7 @@ def _worker(record: ComponentRecord | None, seen: WorkerSeen, policy: FleetPolic
     else:
         assert record.seen_at is not None
         last, running = record.seen_at, record.count or 0
-    detail = f"{running} running"
+    detail = f"{running} running at its last heartbeat, {_at(last)}"
     if record is None:
         if _silent(last, policy, now):
             return Decision(None)  # a heartbeat too old to matter: never listed

@@ -260,3 +260,13 @@ def test_any_sequence_of_looks_flips_consistently(case: tuple[Kind, list[tuple[i
         if decision.record is not None and decision.flips:
             assert decision.record.state is decision.flips[-1].to_state and decision.record.since == now
         record = decision.record
+
+
+def test_the_thresholds_come_from_the_settings() -> None:
+    from common.settings import Settings
+    from monitor.fleet_watch import fleet_policy
+
+    policy = fleet_policy(Settings(heartbeat_seconds=5, fleet_missed_heartbeats=3))
+    assert policy == FleetPolicy(timedelta(seconds=15), timedelta(minutes=5), timedelta(hours=1))
+    with pytest.raises(ValueError):
+        Settings(fleet_missed_heartbeats=1)  # a single late heartbeat would declare a worker gone
