@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     # it while the job runs): the time a trigger left by a dead worker waits before another
     # worker runs it again. Clocks across hosts must agree to well within it.
     claim_lease_seconds: float = Field(default=30.0, ge=1, le=3600)
+    # Fleet health (docs/monitoring.md, "Fleet health"): a scheduler or worker silent for this
+    # many heartbeat intervals is gone, and triggers may wait this long in a pool without a
+    # consumer before the pool is down. The monitor looks at the fleet every heartbeat interval.
+    fleet_missed_heartbeats: float = Field(default=3.0, ge=1.5, le=1000)
+    # The dead-letter alarm ends once the queue has not grown for this long (or is emptied).
+    fleet_dead_letters_quiet_seconds: float = Field(default=300.0, gt=0)
+    # A worker that went down holding runs stays listed (and `cronfleet status` fails) this long.
+    fleet_forget_seconds: float = Field(default=3600.0, gt=0)
     # When set (e.g. "30d"), the monitor purges finished runs, heartbeats and expired fires
     # older than this, every ``retention_check_seconds``.
     retention: str | None = None

@@ -6,7 +6,9 @@ each job's next expected time is computed once per batch, and everything is flus
 
 In the same transaction, each new run event and job heartbeat is fed to the job's health machine
 (``monitor.health``): its record is advanced and stored, with its flips. A run finished as
-``duplicate`` (a repeated trigger that was not executed) is recorded but not fed to it. A job
+``duplicate`` (a repeated trigger that was not executed) is recorded but not fed to it. A
+``run.finished`` for a run the monitor marked ``lost`` (``monitor.fleet_watch``) is recorded over
+``lost``: the run did end, and that is what it did. A job
 unknown to the store, or stored with a spec this cronfleet refuses, has no health record; its
 runs are still recorded.
 
@@ -215,8 +217,10 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     run = batch.runs.get(event.run_id)
     if run is not None and (conflict := _run_conflict(run, event)) is not None:
         return conflict
-    if run is not None and run.finished_at is not None:
+    if run is not None and run.finished_at is not None and run.status != RunStatus.LOST.value:
         return False
+    # A run the monitor marked lost (its worker went silent) that did finish after all: its
+    # real end is recorded over ``lost``.
     if run is None:
         run = batch.add_run(RunRow(run_id=event.run_id, source="worker"))
     run.trigger_id = event.trigger_id

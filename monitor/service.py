@@ -5,7 +5,8 @@ A batch is what has arrived while the previous one was being written (up to ``BA
 so under load one transaction carries many events and when idle each event is written at once.
 Acks follow the commit: an event is never acked before it is in the store. The same transaction
 advances the health of the jobs the batch touched (``monitor.recorder``); the timers
-(``monitor.deadlines``) start once what was queued for the monitor has been recorded.
+(``monitor.deadlines``) and the watch on the fleet (``monitor.fleet_watch``) start once what was
+queued for the monitor has been recorded.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from common.signing import Keyring
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
 from monitor.deadlines import Deadlines
+from monitor.fleet_watch import FleetWatch, fleet_policy
 from monitor.health_store import Advanced, log_flips, whole
 from monitor.recorder import BatchOutcome, record_batch
 from monitor.retention import purge_forever
@@ -57,6 +59,7 @@ class EventRecorder:
         name: str,
         clock: Clock = utcnow,
         on_health: Callable[[Advanced], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
@@ -64,6 +67,8 @@ class EventRecorder:
         self.name = name
         self.clock = clock
         self.on_health = on_health
+        # Sees every verified event (the fleet watch keeps the heartbeats of schedulers and workers).
+        self.on_event = on_event
         self.inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self.recorded = 0
         self.rejected = 0
@@ -107,6 +112,8 @@ class EventRecorder:
             opened = self._open(message, now)
             if isinstance(opened, Accepted):
                 accepted.append((message, opened.message))
+                if self.on_event is not None:
+                    self.on_event(opened.message)
             else:
                 await self._refuse(message, opened)
         if not accepted:
@@ -210,7 +217,14 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
         try:
             publisher = await Publisher.open(connection, topology, keyring)
             deadlines = Deadlines(store, settings.jobs_reload_seconds)
-            recorder = EventRecorder(store, publisher, keyring, name, on_health=deadlines.note)
+            # Fleet flips go the way of job flips: whatever takes ``Advanced`` takes both.
+            on_health = deadlines.note
+            fleet_watch = FleetWatch(
+                store, connection, topology, fleet_policy(settings), settings.heartbeat_seconds, on_health
+            )
+            recorder = EventRecorder(
+                store, publisher, keyring, name, on_health=on_health, on_event=fleet_watch.note
+            )
             log.info("monitor %s consuming %s", name, topology.monitor_queue)
 
             async def drained() -> None:
@@ -220,6 +234,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(recorder.write_forever())
                 tasks.create_task(deadlines.run_forever(drained))
+                tasks.create_task(fleet_watch.run_forever(drained))
                 retention = settings.retention_age()
                 if retention is not None:
                     tasks.create_task(purge_forever(store, retention, settings.retention_check_seconds))

@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from common import fires
 from common.bus import Publisher, connect
 from common.catalog import apply_jobs, find_job, read_jobs
+from common.cli.fleet_status import COLUMNS as FLEET_COLUMNS
+from common.cli.fleet_status import fleet_down, read_fleet
 from common.cli.output import emit
 from common.clock import utcnow
 from common.errors import ConfigError, CronfleetError, JobFileError, NotFound
@@ -136,9 +138,11 @@ async def runs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def status(settings: Settings, args: argparse.Namespace) -> int:
-    """``cronfleet status``: each job's health as the monitor stored it (state, since when, the
-    next due time, the reason of its last flip); a job no monitor has seen yet is ``new``.
-    Exits 1 when any job is down, failing or stuck, or stored with a spec this cronfleet refuses."""
+    """``cronfleet status``: the fleet (schedulers, pools, workers, dead letters: state and since
+    when), then each job's health as the monitor stored it (state, since when, the next due time,
+    the reason of its last flip); a job no monitor has seen yet is ``new``. With ``--json``, one
+    object: ``{"fleet": [...], "jobs": [...]}``. Exits 1 when a fleet component is down, or a job
+    is down, failing or stuck, or stored with a spec this cronfleet refuses."""
     last_reason = (
         select(FlipRow.reason)
         .where(FlipRow.job == JobHealthRow.job)
@@ -152,6 +156,7 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
         }
         stored = await read_jobs(store)
         duplicates = await _recent_duplicates(session, utcnow() - DUPLICATES_WINDOW)
+        fleet = await read_fleet(session)
     rows: list[dict[str, object]] = []
     for spec in stored.specs:
         found = health.get(spec.name)
@@ -183,8 +188,20 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
         rows.append({"job": name, "health": "invalid", "reason": reason})
     rows.sort(key=lambda row: str(row["job"]))
     columns = ["job", "health", "since", "due_at", "last_finished_at", "duplicates_24h", "reason"]
-    emit(rows, columns, args.json)
-    return 1 if any(r["health"] in (*ALARM_STATES, "invalid") for r in rows) else 0
+    if args.json:
+        sys.stdout.write(
+            orjson.dumps({"fleet": fleet, "jobs": rows}, option=orjson.OPT_INDENT_2, default=str).decode()
+        )
+        sys.stdout.write("\n")
+    else:
+        if fleet:
+            emit(fleet, FLEET_COLUMNS, False)
+        else:
+            print("(no monitor has looked at the fleet yet)")
+        print()
+        emit(rows, columns, False)
+    jobs_bad = any(r["health"] in (*ALARM_STATES, "invalid") for r in rows)
+    return 1 if jobs_bad or fleet_down(fleet) else 0
 
 
 # Why a job is in the state of its first record, before any flip.

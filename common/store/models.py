@@ -1,5 +1,5 @@
 """Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, job health and its
-flips, leases, trigger claims.
+flips, leases, trigger claims, fleet health.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
 These classes describe the schema at the newest migration (``common/store/migrations``); a change
@@ -127,6 +127,9 @@ class RunRow(Base):
 Index("ix_runs_job_started", RunRow.job, RunRow.started_at)
 Index("ix_runs_started", RunRow.started_at)
 Index("ix_runs_finished", RunRow.finished_at)
+# Only the runs still going, by worker: the monitor marks a dead worker's runs lost through it.
+_RUNNING = text("status = 'running'")
+Index("ix_runs_worker_running", RunRow.worker, postgresql_where=_RUNNING, sqlite_where=_RUNNING)
 
 
 class HeartbeatRow(Base):
@@ -269,3 +272,27 @@ class TriggerClaimRow(Base):
 
 # Retention deletes claims by their trigger's expiry: after it, a repeat is refused as expired.
 Index("ix_trigger_claims_expires", TriggerClaimRow.trigger_expires_at)
+
+
+class FleetHealthRow(Base):
+    """A fleet component's health as the monitor keeps it (``monitor.fleet.ComponentRecord``):
+    the schedulers, a pool, a worker or the dead-letter queue, under the name its flips carry
+    (``@scheduler``, ``@pool:<name>``, ``@worker:<name>``, ``@dead-letters``)."""
+
+    __tablename__ = "fleet_health"
+    __table_args__ = (
+        CheckConstraint(_one_of("state", ("new", "up", "down")), name="ck_fleet_health_state"),
+        CheckConstraint(
+            _one_of("kind", ("scheduler", "pool", "worker", "dead-letters")), name="ck_fleet_health_kind"
+        ),
+    )
+
+    component: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16))
+    since: Mapped[datetime] = mapped_column(UTCDateTime)
+    seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    detail: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -1,5 +1,5 @@
 """A worker killed mid-run does not lose the run: the trigger goes to another worker, whose run
-is marked as a redelivery."""
+is marked as a redelivery, and the killed worker's run is marked lost."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def _worker_process(settings: Settings) -> subprocess.Popen[bytes]:
         "CRONFLEET_NAMESPACE": settings.namespace,
         "CRONFLEET_DATABASE_URL": settings.database_url,
         "CRONFLEET_CLAIM_LEASE_SECONDS": str(settings.claim_lease_seconds),
+        # The monitor judges a worker gone by its own heartbeat interval: they must agree.
+        "CRONFLEET_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
     }
     if settings.database_schema:
         environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
@@ -72,8 +74,9 @@ async def test_a_trigger_held_by_a_killed_worker_runs_again_marked_as_redelivere
     assert redelivered[0].redelivered is True
     first = [r for r in await runs_of(store, "slow") if r.run_id != redelivered[0].run_id]
     assert len(first) == 1 and first[0].trigger_id == redelivered[0].trigger_id
-    # The killed run never finished; the redelivered one ran the action to its end once.
-    assert first[0].status == "running"
+    # The killed run never finished: the monitor marks it lost once its worker's heartbeats
+    # stopped; the redelivered one ran the action to its end once.
+    await eventually(lambda: runs_of(store, "slow", status="lost"), timeout=30)
     assert done.read_text() == "ran\n"
 
 

@@ -198,7 +198,7 @@ def test_values_at_every_bound_apply_and_every_reader_still_works(settings: Sett
     assert [row["name"] for row in jobs_in_store(settings)] == ["edge", "zero"]
     status = cronfleet(settings, "status", "--json")
     assert status.returncode == 0, status.stderr
-    assert {row["job"]: row["health"] for row in orjson.loads(status.stdout)} == {
+    assert {row["job"]: row["health"] for row in orjson.loads(status.stdout)["jobs"]} == {
         "edge": "new",  # no monitor has seen them yet
         "zero": "new",
     }

@@ -137,7 +137,7 @@ async def test_trigger_runs_a_job_now_and_runs_and_status_show_it(
     assert runs[0]["status"] == "failed" and runs[0]["exit_code"] == 7
     status = cronfleet(settings, "status", "--json")
     assert status.returncode == 1  # a failing job makes `status` fail, for scripts and probes
-    assert orjson.loads(status.stdout)[0]["health"] == "failing"
+    assert orjson.loads(status.stdout)["jobs"][0]["health"] == "failing"
 
     unknown = cronfleet(settings, "trigger", "nope")
     assert (

@@ -116,7 +116,7 @@ async def test_a_run_that_does_not_come_turns_its_job_down_and_a_run_brings_it_b
     assert down.since == flips[-1].at and down.deadline_at is None and down.open_alarm == "down"
     status = cronfleet(settings, "status", "--json")
     assert status.returncode == 1  # a job down makes `status` fail
-    [row] = orjson.loads(status.stdout)
+    [row] = orjson.loads(status.stdout)["jobs"]
     assert row["health"] == "down" and row["reason"] == flips[-1].reason
 
     await fleet("worker", "scheduler")
@@ -136,7 +136,7 @@ async def test_a_heartbeat_only_job_follows_the_same_machine(
     await apply_toml(store, '[jobs.outside]\nschedule = "@daily"\n')
     before = cronfleet(settings, "status", "--json")
     assert before.returncode == 0
-    assert orjson.loads(before.stdout)[0]["health"] == "new"  # no monitor has seen it yet
+    assert orjson.loads(before.stdout)["jobs"][0]["health"] == "new"  # no monitor has seen it yet
     await fleet("monitor")
     await eventually(lambda: state_is(store, "outside", "new"))
 
@@ -154,7 +154,7 @@ async def test_a_heartbeat_only_job_follows_the_same_machine(
     assert re.fullmatch(r"last run failed: heartbeat \w+ reported failure", last.reason), last.reason
     status = cronfleet(settings, "status", "--json")
     assert status.returncode == 1
-    assert orjson.loads(status.stdout)[0]["health"] == "failing"
+    assert orjson.loads(status.stdout)["jobs"][0]["health"] == "failing"
 
     # A heartbeat for a job the store does not know is recorded as a run, with no health.
     assert cronfleet(settings, "ping", "stranger").returncode == 0
@@ -243,7 +243,7 @@ async def test_the_monitor_learns_that_a_job_was_paused_resumed_changed_or_remov
     assert paused.due_at is None and paused.deadline_at is None
     assert (await flips_of(store, "outside"))[-1].reason == "paused: the job was disabled"
     status = cronfleet(settings, "status", "--json")
-    assert status.returncode == 0 and orjson.loads(status.stdout)[0]["health"] == "paused"
+    assert status.returncode == 0 and orjson.loads(status.stdout)["jobs"][0]["health"] == "paused"
 
     await apply_toml(store, '[jobs.outside]\nschedule = "@daily"\n')
     await eventually(lambda: state_is(store, "outside", "new"))

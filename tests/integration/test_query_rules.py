@@ -107,6 +107,8 @@ FULL_SCANS_ALLOWED = {
     "job_state": "`status` shows every job",
     "job_health": "`status` shows every job's health, and a starting monitor compares every job's "
     "fingerprint with the one its health record follows (once, to learn what changed while it was down)",
+    "fleet_health": "one row per scheduler kind, pool, worker and the dead letters: the monitor decides "
+    "them all at each look, and `status` shows them all",
 }
 _FULL_SCAN = re.compile(r"^SCAN (\w+)$")
 

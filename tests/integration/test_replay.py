@@ -78,7 +78,7 @@ async def test_a_trigger_published_five_times_to_two_workers_runs_once_and_four_
 
     listed = orjson.loads(cronfleet(settings, "runs", "replayed", "--json").stdout)
     assert sorted(run["status"] for run in listed) == ["duplicate"] * 4 + ["succeeded"]
-    status = orjson.loads(cronfleet(settings, "status", "--json").stdout)
+    status = orjson.loads(cronfleet(settings, "status", "--json").stdout)["jobs"]
     [row] = [row for row in status if row["job"] == "replayed"]
     assert row["duplicates_24h"] == 4 and row["health"] == "up"
     assert "DUPLICATES_24H" in cronfleet(settings, "status").stdout

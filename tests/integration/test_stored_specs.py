@@ -48,7 +48,7 @@ async def test_a_stored_spec_this_cronfleet_refuses_is_named_and_stops_nothing(
 
     status = cronfleet(settings, "status", "--json")
     assert status.returncode == 1 and "Traceback" not in status.stderr
-    rows = {row["job"]: row for row in orjson.loads(status.stdout)}
+    rows = {row["job"]: row for row in orjson.loads(status.stdout)["jobs"]}
     assert rows["rotten"]["health"] == "invalid" and "apply it again" in rows["rotten"]["reason"]
     assert rows["fine"]["health"] in ("up", "running", "late")  # due every second
     listed = cronfleet(settings, "jobs", "--json")
