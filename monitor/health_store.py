@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from common.jobs import JobSpec, spec_from_json
 from common.store import FlipRow, JobHealthRow, JobRow, dialect_insert
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
-from monitor.health import Flip, HealthInput, HealthRecord, State, advance, initial_record
+from monitor.health import Flip, HealthInput, HealthPolicy, HealthRecord, State, advance, initial_record
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -91,6 +91,12 @@ async def read_specs(session: AsyncSession, names: Collection[str]) -> dict[str,
         for name, spec, fingerprint in await session.execute(query.where(JobRow.name.in_(some))):
             found[name] = StoredSpec(_readable(spec), fingerprint)
     return found
+
+
+def policy_of(spec: JobSpec) -> HealthPolicy:
+    """The machine's policy for a job: its ``failure_threshold`` failed runs in a row make it
+    ``failing``."""
+    return HealthPolicy(failures_before_failing=spec.failure_threshold)
 
 
 def _readable(spec: str) -> JobSpec | None:
@@ -162,7 +168,7 @@ class HealthBatch:
         result = _safely(
             job,
             f"advance its health with {type(event).__name__}",
-            lambda: advance(stored.record, event, spec, self.now),
+            lambda: advance(stored.record, event, spec, self.now, policy_of(spec)),
         )
         if result is None:
             return []
