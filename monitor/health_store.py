@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection, Coroutine, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from common.jobs import JobSpec, spec_from_json
 from common.store import FlipRow, JobHealthRow, JobRow, dialect_insert
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
+from monitor.channels.policy import needs_alert
 from monitor.health import Flip, HealthInput, HealthPolicy, HealthRecord, State, advance, initial_record
 
 log = logging.getLogger("cronfleet.monitor")
@@ -67,10 +68,18 @@ class StoredHealth:
 
 @dataclass(frozen=True)
 class JobFlip:
-    """A flip of one job."""
+    """A flip of one job; ``id``: its row once stored. ``alert``: people are told about it
+    (``needs_alert``): it was stored with its alert pending, held by the monitor that stored it
+    for ``ALERT_LEASE``."""
 
     job: str
     flip: Flip
+    id: int | None = None
+
+    @property
+    def alert(self) -> bool:
+        """Whether this flip is alerted (an alarm, or the recovery from one)."""
+        return needs_alert(self.flip)
 
 
 @dataclass
@@ -194,15 +203,20 @@ class HealthBatch:
             )
             await self.session.execute(statement, [{f"b_{k}": v for k, v in row.items()} for row in changed])
         rows = [_flip_values(f, self.now) for f in self._flips]
+        ids: list[int] = []
+        insert = _FLIPS.insert().returning(_FLIPS.c.id, sort_by_parameter_order=True)
         for some in chunks(rows, rows_per_insert(len(rows[0]) if rows else 1)):
-            await self.session.execute(_FLIPS.insert().values(list(some)))
-        advanced = Advanced(
-            {job: stored.record.deadline_at for job, stored in self.records.items()}, self._flips
-        )
+            ids.extend((await self.session.execute(insert, list(some))).scalars())
+        saved = [replace(item, id=flip_id) for item, flip_id in zip(self._flips, ids, strict=True)]
+        advanced = Advanced({job: stored.record.deadline_at for job, stored in self.records.items()}, saved)
         self._loaded.update(self.records)
         self._flips = []
         return advanced
 
+
+# How long the monitor that stores a flip holds its pending alert before it must renew its hold;
+# past it, another monitor may claim the alert (``monitor.alerts``).
+ALERT_LEASE = timedelta(seconds=60)
 
 # How long a cancelled ``whole`` lets its transaction finish before cancelling it too.
 WHOLE_GRACE_SECONDS = 5.0
@@ -325,7 +339,10 @@ def _values(job: str, stored: StoredHealth, now: datetime) -> dict[str, Any]:
 
 def _flip_values(item: JobFlip, now: datetime) -> dict[str, Any]:
     flip = item.flip
+    alert = item.alert
     return {
+        "alert": "pending" if alert else None,
+        "alert_lease_until": now + ALERT_LEASE if alert else None,
         "job": item.job,
         "at": flip.at,
         "from_state": flip.from_state.value,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from datetime import datetime
 
+import httpx
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from common.bus import CONNECT_ERRORS, Publisher, connect, consume_forever, settle
@@ -28,6 +30,8 @@ from common.settings import Settings
 from common.signing import Keyring
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
+from monitor.alerts import Alerting
+from monitor.channels import build_channels, load_channels
 from monitor.deadlines import Deadlines
 from monitor.health_store import Advanced, log_flips, whole
 from monitor.recorder import BatchOutcome, record_batch
@@ -204,14 +208,28 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
     keyring = settings.keyring()
     name = options.instance("monitor")
     topology = Topology(settings.namespace)
+    channels = load_channels(settings.channels_file, os.environ)
     store = await Store.open(settings.database_url, settings.database_schema)
     try:
         connection = await connect(settings.amqp_url, name, wait=True)
+        http = httpx.AsyncClient()
+        alerting = Alerting(store, channels, build_channels(channels, http), settings.namespace)
         try:
             publisher = await Publisher.open(connection, topology, keyring)
-            deadlines = Deadlines(store, settings.jobs_reload_seconds)
-            recorder = EventRecorder(store, publisher, keyring, name, on_health=deadlines.note)
-            log.info("monitor %s consuming %s", name, topology.monitor_queue)
+            deadlines = Deadlines(store, settings.jobs_reload_seconds, on_flips=alerting.note)
+
+            def on_health(advanced: Advanced) -> None:
+                deadlines.note(advanced)
+                alerting.note(advanced)
+
+            recorder = EventRecorder(store, publisher, keyring, name, on_health=on_health)
+            log.info(
+                "monitor %s consuming %s; alert channels: %s",
+                name,
+                topology.monitor_queue,
+                ", ".join(sorted(channels.channels)),
+            )
+            alerting.start()
 
             async def drained() -> None:
                 await options.ready.wait()
@@ -220,6 +238,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(recorder.write_forever())
                 tasks.create_task(deadlines.run_forever(drained))
+                tasks.create_task(alerting.keep_forever())
                 retention = settings.retention_age()
                 if retention is not None:
                     tasks.create_task(purge_forever(store, retention, settings.retention_check_seconds))
@@ -227,7 +246,13 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                     connection, topology.declare_monitor, PREFETCH, recorder.inbox.put_nowait, options.ready
                 )
         finally:
-            await connection.close()
+            try:
+                # Bounded (common/cancel.py: a stopping monitor must end): what it could not
+                # deliver stays pending in the store for the next monitor.
+                await alerting.close()
+            finally:
+                await http.aclose()
+                await connection.close()
     finally:
         await store.close()
 
