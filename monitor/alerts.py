@@ -21,18 +21,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import uuid
 from collections.abc import Collection, Mapping
 from datetime import timedelta
 from typing import Any, cast
 
+import httpx
 from sqlalchemy import Table, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.cancel import stop_if_cancelled
+from common.cli.alerts import attempt_fields
 from common.clock import Clock, utcnow
+from common.settings import Settings
 from common.store import STORE_OUTAGES, AlertAttemptRow, FlipRow, Store
 from common.store.chunks import IN_LIST_CHUNK, chunks
-from monitor.channels import Alert, Attempt, Channel, ChannelsConfig, Dispatcher
+from monitor.channels import (
+    Alert,
+    Attempt,
+    Channel,
+    ChannelsConfig,
+    Dispatcher,
+    build_channels,
+    load_channels,
+    send_test,
+)
 from monitor.channels.policy import route
 from monitor.health import Flip, State
 from monitor.health_store import ALERT_LEASE, Advanced, whole
@@ -245,6 +259,29 @@ class Alerting:
                     await self._settle(session, holding, done=False)
         except Exception as exc:  # the holds then run out by themselves
             log.warning("alerts: could not let go of %d pending alert(s) (%s)", len(holding), exc)
+
+
+async def send_test_alert(settings: Settings, channel: str) -> dict[str, Any]:
+    """``cronfleet alerts test CHANNEL``: send one test alert to ``channel`` of the monitor's
+    channels file (``CRONFLEET_CHANNELS_FILE`` and the environment), once, store the attempt and
+    return it as ``cronfleet alerts`` shows it. Raises ConfigError for a bad channels file and
+    NotFound for an unknown channel, each in one line."""
+    config = load_channels(settings.channels_file, os.environ)
+    async with httpx.AsyncClient() as client:
+        attempt = await send_test(
+            build_channels(config, client),
+            channel,
+            fleet=settings.namespace,
+            flip_id=f"{settings.namespace}/test-{uuid.uuid4().hex[:16]}",
+        )
+    row = attempt_row(attempt)
+    store = await Store.open(settings.database_url, settings.database_schema)
+    try:
+        async with store.session() as session, session.begin():
+            session.add(row)
+    finally:
+        await store.close()
+    return attempt_fields(row)
 
 
 _FLIP_FIELDS = ("id", "job", "at", "from_state", "to_state", "reason", "recovered_from")
