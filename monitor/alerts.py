@@ -28,7 +28,7 @@ from datetime import timedelta
 from typing import Any, cast
 
 import httpx
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.cancel import stop_if_cancelled
@@ -216,8 +216,10 @@ class Alerting:
         """Claim up to ``CLAIM_BATCH`` pending alerts whose hold ran out and submit what is left
         of each; returns how many were claimed."""
         now = self.clock()
-        expired = (_FLIPS.c.alert == "pending") & (_FLIPS.c.alert_lease_until < now)
-        oldest = select(_FLIPS.c.id).where(expired).order_by(_FLIPS.c.id).limit(CLAIM_BATCH)
+        # The literal, not a parameter: only then may SQLite read the partial index of pending
+        # alerts (ix_flips_alert_pending) instead of every flip.
+        expired = (_FLIPS.c.alert == literal_column("'pending'")) & (_FLIPS.c.alert_lease_until < now)
+        oldest = select(_FLIPS.c.id).where(expired).order_by(_FLIPS.c.alert_lease_until).limit(CLAIM_BATCH)
         claim = (
             update(_FLIPS)
             .where(_FLIPS.c.id.in_(oldest.scalar_subquery()), expired)
