@@ -299,3 +299,25 @@ async def test_a_failure_threshold_makes_a_job_failing_after_that_many_failures(
     async with store.session() as session:
         flips = list((await session.execute(select(FlipRow).where(FlipRow.job == "flaky"))).scalars())
     assert [(f.from_state, f.to_state) for f in flips] == [("new", "up"), ("up", "failing")]
+
+
+async def test_two_monitors_send_each_alert_once(
+    settings: Settings, store: Store, receiver: Receiver, tmp_path: Path
+) -> None:
+    text = webhook("hook", receiver, "/hook") + '[routes]\ndefault = ["hook"]\n' + FAST_DELIVERY
+    alerting = with_channels(settings, tmp_path, text)
+    await apply_toml(store, MISSED.replace("nightly", "first") + MISSED.replace("nightly", "second"))
+    monitors = Fleet(alerting)
+    try:
+        await monitors.start("monitor", "monitor")
+
+        async def all_done() -> list[FlipRow]:
+            flips = await alerted_flips(store, "first") + await alerted_flips(store, "second")
+            return flips if len(flips) == 2 and all(f.alert == "done" for f in flips) else []
+
+        flips = await eventually(all_done)
+    finally:
+        await monitors.stop()
+    ids = sorted(r.headers["webhook-id"] for r in receiver.seen("/hook"))
+    assert ids == sorted(f"{settings.namespace}/flip-{f.id}" for f in flips)
+    assert len(await delivered_on(store, "hook")) == 2
