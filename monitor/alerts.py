@@ -123,10 +123,14 @@ class Alerting:
         self.dispatcher.start()
 
     def note(self, advanced: Advanced) -> None:
-        """Hand the alerts of a committed transaction's flips to the dispatcher; never waits."""
+        """Hand the alerts of a committed transaction's flips to the dispatcher; never waits and
+        never raises (an alert it could not hand over stays pending, for a later claim)."""
         for item in advanced.flips:
             if item.alert and item.id is not None:
-                self._submit(item.id, self._alert(item.job, item.id, item.flip), None)
+                try:
+                    self._submit(item.id, self._alert(item.job, item.id, item.flip), None)
+                except Exception:
+                    log.exception("alerts: cannot submit the alert of flip %d (job %s)", item.id, item.job)
 
     def _alert(self, job: str, flip_id: int, flip: Flip) -> Alert:
         return Alert.from_flip(flip, job=job, flip_id=alert_id(self.fleet, flip_id), fleet=self.fleet)
