@@ -5,7 +5,10 @@ A batch is what has arrived while the previous one was being written (up to ``BA
 so under load one transaction carries many events and when idle each event is written at once.
 Acks follow the commit: an event is never acked before it is in the store. The same transaction
 advances the health of the jobs the batch touched (``monitor.recorder``); the timers
-(``monitor.deadlines``) start once what was queued for the monitor has been recorded.
+(``monitor.deadlines``) start once what was queued for the monitor has been recorded. The flips
+both produce that people must be told about go, once committed, to the alert channels of
+``CRONFLEET_CHANNELS_FILE`` in the background (``monitor.alerts``): alerting never delays
+recording.
 """
 
 from __future__ import annotations
