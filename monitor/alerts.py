@@ -185,7 +185,8 @@ class Alerting:
                 claimed = await whole(self._claim())
                 if claimed:
                     log.info("alerts: resumed %d pending alert(s) nobody held", claimed)
-                    continue  # there may be more
+                if claimed >= CLAIM_BATCH:
+                    continue  # there may be more (but one let go of again waits for the next turn)
             except Exception as exc:
                 stop_if_cancelled()
                 if isinstance(exc, STORE_OUTAGES):
