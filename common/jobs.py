@@ -27,11 +27,11 @@ import tomllib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.actions import Action
 from common.bounds import (
@@ -46,6 +46,9 @@ from common.bounds import (
 from common.cron import parse_schedule, parse_timezone
 from common.errors import JobFileError
 from common.messages import JOB_NAME_PATTERN, JobName, PoolName, Trigger, trigger_id
+
+# More failures in a row than this is not a threshold anyone means.
+MAX_FAILURE_THRESHOLD = 1000
 
 
 class JobSpec(BaseModel):
@@ -63,6 +66,8 @@ class JobSpec(BaseModel):
     grace_seconds: GraceSeconds = 60.0
     enabled: bool = True
     description: PlainText = ""
+    # How many failed runs in a row make the job ``failing`` (and alert); 1: the first failure.
+    failure_threshold: Annotated[int, Field(ge=1, le=MAX_FAILURE_THRESHOLD)] = 1
 
     @field_validator("schedule")
     @classmethod
@@ -96,12 +101,22 @@ class JobSpec(BaseModel):
         return parse_timezone(self.timezone)
 
     def canonical_json(self) -> bytes:
-        """The spec as stable JSON bytes: equal specs give equal bytes."""
-        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        """The spec as stable JSON bytes: equal specs give equal bytes. A field added after specs
+        were first stored is left out at its default, so a stored job's fingerprint stays the
+        same when cronfleet learns a new field."""
+        data = self.model_dump(mode="json", exclude=set(_UNLESS_SET & self._at_default()))
+        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+
+    def _at_default(self) -> set[str]:
+        return {name for name in _UNLESS_SET if getattr(self, name) == JobSpec.model_fields[name].default}
 
     def fingerprint(self) -> str:
         """A short hash of ``canonical_json``, to tell a changed job from an unchanged one."""
         return hashlib.sha256(self.canonical_json()).hexdigest()[:16]
+
+
+# Fields left out of ``canonical_json`` (and so of the fingerprint) at their default.
+_UNLESS_SET = frozenset({"failure_threshold"})
 
 
 def load_jobs_file(path: Path) -> list[JobSpec]:

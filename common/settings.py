@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     # older than this, every ``retention_check_seconds``.
     retention: str | None = None
     retention_check_seconds: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
+    # The monitor's alert channels and routes (docs/alerts.md); none: every alert goes to the log.
+    channels_file: Path | None = None
 
     @field_validator("retention")
     @classmethod

@@ -108,8 +108,16 @@ async def tick(store: Store, jobs: Sequence[str], now: datetime) -> Advanced:
 class Deadlines:
     """The monitor's timers and its watch on the jobs: one loop, started by ``run_forever``."""
 
-    def __init__(self, store: Store, reload_seconds: float, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        store: Store,
+        reload_seconds: float,
+        clock: Clock = utcnow,
+        on_flips: Callable[[Advanced], None] | None = None,
+    ) -> None:
         self.store = store
+        # Told what each committed tick or job change did (the monitor's alerts), never waiting.
+        self.on_flips = on_flips
         self.reload = timedelta(seconds=reload_seconds)
         self.clock = clock
         self.heap = DeadlineHeap()
@@ -186,6 +194,7 @@ class Deadlines:
                 raise
             self.ticks += len(due)
             log_flips(advanced)
+            self._tell(advanced)
             for job, _at in due:
                 deadline = advanced.deadlines.get(job)
                 if deadline is None:
@@ -199,6 +208,7 @@ class Deadlines:
     async def _look(self, now: datetime) -> None:
         advanced, removed = await whole(self.watch.look(self.store, now))
         log_flips(advanced)
+        self._tell(advanced)
         for job in removed:
             self.heap.disarm(job)
             self._parked.discard(job)
@@ -209,6 +219,13 @@ class Deadlines:
         for job, at in soon:
             if job not in self._parked:
                 self.heap.arm(job, at)
+
+    def _tell(self, advanced: Advanced) -> None:
+        if self.on_flips is not None and advanced.flips:
+            try:
+                self.on_flips(advanced)
+            except Exception:  # what listens must never stop the timers
+                log.exception("unexpected error handing over %d flip(s)", len(advanced.flips))
 
     async def _sleep_until(self, next_look: datetime) -> None:
         """Until the earliest deadline or ``next_look``, or until ``note`` arms an earlier one."""

@@ -35,7 +35,7 @@ from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.messages import Event, RunStatus, SchedulerHeartbeat, WorkerHeartbeat
 from common.settings import Settings
-from common.store import STORE_OUTAGES, FleetHealthRow, FlipRow, JobRow, RunRow, Store
+from common.store import STORE_OUTAGES, FleetHealthRow, JobRow, RunRow, Store
 from common.topology import Topology
 from monitor.fleet import (
     ComponentRecord,
@@ -52,7 +52,7 @@ from monitor.fleet import (
     needs_held_runs,
 )
 from monitor.health import RunFinishedInput, State
-from monitor.health_store import Advanced, HealthBatch, JobFlip, log_flips, read_specs, whole
+from monitor.health_store import Advanced, HealthBatch, JobFlip, log_flips, read_specs, store_flips, whole
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -224,20 +224,7 @@ class FleetWatch:
                     lost.extend(await _lose_runs(session, name, now))
                 if kind is Kind.WORKER and decision.record is None:
                     self.workers.pop(name, None)
-            for item in flips:
-                session.add(
-                    FlipRow(
-                        job=item.job,
-                        at=item.flip.at,
-                        from_state=item.flip.from_state.value,
-                        to_state=item.flip.to_state.value,
-                        reason=item.flip.reason,
-                        recovered_from=None
-                        if item.flip.recovered_from is None
-                        else item.flip.recovered_from.value,
-                        created_at=now,
-                    )
-                )
+            flips = await store_flips(session, flips, now)
             advanced = await _feed_lost_runs(session, lost, now)
         advanced.flips.extend(flips)
         return advanced

@@ -40,7 +40,7 @@ ALARM_STATES = frozenset({State.DOWN, State.FAILING, State.STUCK})
 @dataclass(frozen=True)
 class HealthPolicy:
     """How demanding the machine is. ``failures_before_failing``: how many failed runs in a row
-    make a job ``failing`` (the job's ``failure_threshold`` once JobSpec has one)."""
+    make a job ``failing`` (the job's ``failure_threshold``, see ``health_store.policy_of``)."""
 
     failures_before_failing: int = 1
 

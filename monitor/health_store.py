@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection, Coroutine, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -24,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from common.jobs import JobSpec, spec_from_json
 from common.store import FlipRow, JobHealthRow, JobRow, dialect_insert
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
-from monitor.health import Flip, HealthInput, HealthRecord, State, advance, initial_record
+from monitor.channels.policy import needs_alert
+from monitor.health import Flip, HealthInput, HealthPolicy, HealthRecord, State, advance, initial_record
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -67,10 +68,18 @@ class StoredHealth:
 
 @dataclass(frozen=True)
 class JobFlip:
-    """A flip of one job."""
+    """A flip of one job; ``id``: its row once stored. ``alert``: people are told about it
+    (``needs_alert``): it was stored with its alert pending, held by the monitor that stored it
+    for ``ALERT_LEASE``."""
 
     job: str
     flip: Flip
+    id: int | None = None
+
+    @property
+    def alert(self) -> bool:
+        """Whether this flip is alerted (an alarm, or the recovery from one)."""
+        return needs_alert(self.flip)
 
 
 @dataclass
@@ -91,6 +100,12 @@ async def read_specs(session: AsyncSession, names: Collection[str]) -> dict[str,
         for name, spec, fingerprint in await session.execute(query.where(JobRow.name.in_(some))):
             found[name] = StoredSpec(_readable(spec), fingerprint)
     return found
+
+
+def policy_of(spec: JobSpec) -> HealthPolicy:
+    """The machine's policy for a job: its ``failure_threshold`` failed runs in a row make it
+    ``failing``."""
+    return HealthPolicy(failures_before_failing=spec.failure_threshold)
 
 
 def _readable(spec: str) -> JobSpec | None:
@@ -162,7 +177,7 @@ class HealthBatch:
         result = _safely(
             job,
             f"advance its health with {type(event).__name__}",
-            lambda: advance(stored.record, event, spec, self.now),
+            lambda: advance(stored.record, event, spec, self.now, policy_of(spec)),
         )
         if result is None:
             return []
@@ -187,16 +202,28 @@ class HealthBatch:
                 .values({column: bindparam(f"b_{column}") for column in _RECORD_COLUMNS})
             )
             await self.session.execute(statement, [{f"b_{k}": v for k, v in row.items()} for row in changed])
-        rows = [_flip_values(f, self.now) for f in self._flips]
-        for some in chunks(rows, rows_per_insert(len(rows[0]) if rows else 1)):
-            await self.session.execute(_FLIPS.insert().values(list(some)))
-        advanced = Advanced(
-            {job: stored.record.deadline_at for job, stored in self.records.items()}, self._flips
-        )
+        saved = await store_flips(self.session, self._flips, self.now)
+        advanced = Advanced({job: stored.record.deadline_at for job, stored in self.records.items()}, saved)
         self._loaded.update(self.records)
         self._flips = []
         return advanced
 
+
+async def store_flips(session: AsyncSession, flips: Sequence[JobFlip], now: datetime) -> list[JobFlip]:
+    """Insert ``flips`` (of jobs or of the fleet) in order, in bounded chunks, each alerted one
+    with its alert pending and held by this monitor (``monitor.alerts``); the flips with their
+    ids."""
+    rows = [_flip_values(f, now) for f in flips]
+    ids: list[int] = []
+    insert = _FLIPS.insert().returning(_FLIPS.c.id, sort_by_parameter_order=True)
+    for some in chunks(rows, rows_per_insert(len(rows[0]) if rows else 1)):
+        ids.extend((await session.execute(insert, list(some))).scalars())
+    return [replace(item, id=flip_id) for item, flip_id in zip(flips, ids, strict=True)]
+
+
+# How long the monitor that stores a flip holds its pending alert before it must renew its hold;
+# past it, another monitor may claim the alert (``monitor.alerts``).
+ALERT_LEASE = timedelta(seconds=60)
 
 # How long a cancelled ``whole`` lets its transaction finish before cancelling it too.
 WHOLE_GRACE_SECONDS = 5.0
@@ -319,7 +346,10 @@ def _values(job: str, stored: StoredHealth, now: datetime) -> dict[str, Any]:
 
 def _flip_values(item: JobFlip, now: datetime) -> dict[str, Any]:
     flip = item.flip
+    alert = item.alert
     return {
+        "alert": "pending" if alert else None,
+        "alert_lease_until": now + ALERT_LEASE if alert else None,
         "job": item.job,
         "at": flip.at,
         "from_state": flip.from_state.value,

@@ -6,16 +6,20 @@ so under load one transaction carries many events and when idle each event is wr
 Acks follow the commit: an event is never acked before it is in the store. The same transaction
 advances the health of the jobs the batch touched (``monitor.recorder``); the timers
 (``monitor.deadlines``) and the watch on the fleet (``monitor.fleet_watch``) start once what was
-queued for the monitor has been recorded.
+queued for the monitor has been recorded. The flips all three produce that people must be told
+about go, once committed, to the alert channels of ``CRONFLEET_CHANNELS_FILE`` in the background
+(``monitor.alerts``): alerting never delays recording.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from datetime import datetime
 
+import httpx
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from common.bus import CONNECT_ERRORS, Publisher, connect, consume_forever, settle
@@ -29,6 +33,8 @@ from common.settings import Settings
 from common.signing import Keyring
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
+from monitor.alerts import Alerting
+from monitor.channels import build_channels, load_channels
 from monitor.deadlines import Deadlines
 from monitor.fleet_watch import FleetWatch, fleet_policy
 from monitor.health_store import Advanced, log_flips, whole
@@ -211,21 +217,35 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
     keyring = settings.keyring()
     name = options.instance("monitor")
     topology = Topology(settings.namespace)
+    channels = load_channels(settings.channels_file, os.environ)
     store = await Store.open(settings.database_url, settings.database_schema)
     try:
         connection = await connect(settings.amqp_url, name, wait=True)
+        http = httpx.AsyncClient()
+        alerting = Alerting(store, channels, build_channels(channels, http), settings.namespace)
         try:
             publisher = await Publisher.open(connection, topology, keyring)
-            deadlines = Deadlines(store, settings.jobs_reload_seconds)
-            # Fleet flips go the way of job flips: whatever takes ``Advanced`` takes both.
-            on_health = deadlines.note
+            deadlines = Deadlines(store, settings.jobs_reload_seconds, on_flips=alerting.note)
+
+            # Job and fleet flips go the same way: the timers learn the deadlines, and the
+            # flips people must hear about go to the alert channels.
+            def on_health(advanced: Advanced) -> None:
+                deadlines.note(advanced)
+                alerting.note(advanced)
+
             fleet_watch = FleetWatch(
                 store, connection, topology, fleet_policy(settings), settings.heartbeat_seconds, on_health
             )
             recorder = EventRecorder(
                 store, publisher, keyring, name, on_health=on_health, on_event=fleet_watch.note
             )
-            log.info("monitor %s consuming %s", name, topology.monitor_queue)
+            log.info(
+                "monitor %s consuming %s; alert channels: %s",
+                name,
+                topology.monitor_queue,
+                ", ".join(sorted(channels.channels)),
+            )
+            alerting.start()
 
             async def drained() -> None:
                 await options.ready.wait()
@@ -235,6 +255,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 tasks.create_task(recorder.write_forever())
                 tasks.create_task(deadlines.run_forever(drained))
                 tasks.create_task(fleet_watch.run_forever(drained))
+                tasks.create_task(alerting.keep_forever())
                 retention = settings.retention_age()
                 if retention is not None:
                     tasks.create_task(purge_forever(store, retention, settings.retention_check_seconds))
@@ -242,7 +263,13 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                     connection, topology.declare_monitor, PREFETCH, recorder.inbox.put_nowait, options.ready
                 )
         finally:
-            await connection.close()
+            try:
+                # Bounded (common/cancel.py: a stopping monitor must end): what it could not
+                # deliver stays pending in the store for the next monitor.
+                await alerting.close()
+            finally:
+                await http.aclose()
+                await connection.close()
     finally:
         await store.close()
 

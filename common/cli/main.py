@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.cli import admin, broker, database, doctor, fleet, flips
+from common.cli import admin, alerts, broker, database, doctor, fleet, flips
 from common.errors import CronfleetError, JobFileError
 from common.settings import Settings
 
@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     flip_list = _json(command("flips", flips.flips, "list changes of jobs' health states, newest first"))
     flip_list.add_argument("name", nargs="?")
     flip_list.add_argument("--limit", type=int, default=20)
+    alert_list = _json(
+        command(
+            "alerts",
+            alerts.alerts,
+            "list alert attempts, newest first; `alerts test CHANNEL` sends a test alert",
+        )
+    )
+    alert_list.add_argument("words", nargs="*", metavar="JOB | test CHANNEL")
+    alert_list.add_argument("--limit", type=int, default=20)
     ping = command("ping", admin.ping, "publish a signed heartbeat for a job")
     ping.add_argument("name")
     kind = ping.add_mutually_exclusive_group()
@@ -98,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (
         ("upgrade", database.upgrade, "migrate the store to this cronfleet's schema"),
         ("current", database.current, "show the store's schema revision"),
-        ("purge", database.purge_history, "delete old finished runs, heartbeats and fires"),
+        ("purge", database.purge_history, "delete old finished runs, heartbeats, fires and alert attempts"),
         ("grant-worker", database.grant_worker, "PostgreSQL: the rights a worker's role needs"),
     ):
         sub = db_commands.add_parser(name, help=text, description=text)

@@ -3,7 +3,10 @@
 from common.store.database import STORE_OUTAGES, Store, dialect_insert
 from common.store.models import (
     ALARM_STATES,
+    ALERT_KINDS,
+    ALERT_STATES,
     HEALTH_STATES,
+    AlertAttemptRow,
     Base,
     FireRow,
     FleetHealthRow,
@@ -19,8 +22,11 @@ from common.store.models import (
 
 __all__ = [
     "ALARM_STATES",
+    "ALERT_KINDS",
+    "ALERT_STATES",
     "HEALTH_STATES",
     "STORE_OUTAGES",
+    "AlertAttemptRow",
     "Base",
     "FireRow",
     "FleetHealthRow",

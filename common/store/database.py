@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import event, text
@@ -146,9 +147,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def statement_parameters(parameters: Any, executemany: bool) -> int:
-    """How many bind parameters one execution of a statement carries (per row for executemany)."""
+    """How many bind parameters one execution of a statement carries (per row for executemany).
+
+    SQLAlchemy's "insertmanyvalues" (an ORM flush of many rows, an INSERT ... RETURNING of many)
+    reports each of its batches as an executemany whose parameters are already one flat row of
+    every value: that row is what one statement carries."""
     if executemany:
-        return len(parameters[0]) if parameters else 0
+        if not parameters:
+            return 0
+        first = parameters[0]
+        return len(first) if isinstance(first, Mapping | list | tuple) else len(parameters)
     return len(parameters) if parameters else 0
 
 

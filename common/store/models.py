@@ -1,5 +1,5 @@
 """Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, job health and its
-flips, leases, trigger claims, fleet health.
+flips (with their alerts' outbox), alert attempts, leases, trigger claims, fleet health.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
 These classes describe the schema at the newest migration (``common/store/migrations``); a change
@@ -171,6 +171,9 @@ class JobStateRow(Base):
 
 # The states of monitor/health.py's machine (``State``; common cannot import monitor, and a test
 # checks that the two agree), and those among them that are alarms.
+# A flip's alert (the outbox, ``FlipRow.alert``) and the kinds of alert an attempt delivers.
+ALERT_STATES = ("pending", "done")
+ALERT_KINDS = ("alarm", "recovery", "test")
 HEALTH_STATES = ("new", "up", "running", "late", "down", "failing", "stuck", "paused")
 ALARM_STATES = ("down", "failing", "stuck")
 
@@ -218,6 +221,7 @@ class FlipRow(Base):
             f"recovered_from IS NULL OR {_one_of('recovered_from', ALARM_STATES)}",
             name="ck_flips_recovered_from",
         ),
+        CheckConstraint(f"alert IS NULL OR {_one_of('alert', ALERT_STATES)}", name="ck_flips_alert"),
     )
 
     # BIGINT on PostgreSQL (flips pile up); SQLite autoincrements only an INTEGER primary key.
@@ -231,10 +235,59 @@ class FlipRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     recovered_from: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The alert outbox: None for a flip nobody is told about, ``pending`` until every channel of
+    # its route has a final attempt, then ``done``. A pending alert is being delivered by the
+    # monitor that holds it until ``alert_lease_until`` (renewed while it tries); past it, any
+    # monitor may claim it and deliver what is left.
+    alert: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    alert_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 Index("ix_flips_job_at", FlipRow.job, FlipRow.at)
 Index("ix_flips_at", FlipRow.at)
+# Only the few alerts still pending: every monitor looks for expired leases among them.
+_PENDING_ALERT = text("alert = 'pending'")
+Index(
+    "ix_flips_alert_pending",
+    FlipRow.alert_lease_until,
+    postgresql_where=_PENDING_ALERT,
+    sqlite_where=_PENDING_ALERT,
+)
+
+
+class AlertAttemptRow(Base):
+    """One try at delivering an alert to one channel (``monitor.channels.Attempt``).
+
+    ``flip_id``: the flip it tells (None for ``cronfleet alerts test``); ``alert_id``: the id the
+    receiver sees (``flip-42``, the same on every attempt and channel). ``attempt``: 1 for the
+    first try; 0 when the alert was not tried (queue full, monitor stopping). ``final``: no
+    further attempt follows on this channel; ``retry_at``: when the next one is due.
+    """
+
+    __tablename__ = "alert_attempts"
+    __table_args__ = (CheckConstraint(_one_of("kind", ALERT_KINDS), name="ck_alert_attempts_kind"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    flip_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), nullable=True, index=True
+    )
+    alert_id: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    job: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered: Mapped[bool] = mapped_column(Boolean)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    final: Mapped[bool] = mapped_column(Boolean)
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+# ``cronfleet alerts`` lists newest first (of one job); retention deletes by age.
+Index("ix_alert_attempts_at", AlertAttemptRow.at)
+Index("ix_alert_attempts_job_at", AlertAttemptRow.job, AlertAttemptRow.at)
 
 
 class LeaseRow(Base):

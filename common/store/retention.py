@@ -1,21 +1,24 @@
-"""Forgetting old history in small batches: runs, heartbeats, fires and trigger claims past their age.
+"""Forgetting old history in small batches: runs, heartbeats, fires, trigger claims and alert
+attempts past their age.
 
 Each batch is its own short transaction (``PURGE_BATCH`` rows), so a purge never holds a long
 lock and never builds a statement that grows with the data. What is kept: jobs, each job's
-state, leases, every run still running, and every fire not yet published that has not expired.
+state, its health and its flips, leases, every run still running, and every fire not yet
+published that has not expired.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, delete, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from common.store.chunks import PURGE_BATCH
 from common.store.database import Store
-from common.store.models import Base, FireRow, HeartbeatRow, RunRow, TriggerClaimRow
+from common.store.models import AlertAttemptRow, Base, FireRow, HeartbeatRow, RunRow, TriggerClaimRow
 
 
 @dataclass(frozen=True)
@@ -26,25 +29,28 @@ class Purged:
     heartbeats: int = 0
     fires: int = 0
     claims: int = 0
+    attempts: int = 0
 
     @property
     def total(self) -> int:
         """Rows removed in all."""
-        return self.runs + self.heartbeats + self.fires + self.claims
+        return self.runs + self.heartbeats + self.fires + self.claims + self.attempts
 
     def __str__(self) -> str:
         return (
-            f"{self.runs} run(s), {self.heartbeats} heartbeat(s), {self.fires} fire(s) and "
-            f"{self.claims} trigger claim(s)"
+            f"{self.runs} run(s), {self.heartbeats} heartbeat(s), {self.fires} fire(s), "
+            f"{self.claims} trigger claim(s) and {self.attempts} alert attempt(s)"
         )
 
 
 async def purge(store: Store, older_than: timedelta, now: datetime, *, batch: int = PURGE_BATCH) -> Purged:
-    """Delete finished runs, heartbeats and fires older than ``older_than`` before ``now``.
+    """Delete finished runs, heartbeats, fires, trigger claims and alert attempts older than
+    ``older_than`` before ``now``.
 
     A run counts from when it finished (a run still running is never purged), a heartbeat from
     its instant, a fire and a trigger claim from the trigger's expiry (an expired trigger is
-    never published nor run again).
+    never published nor run again), an alert attempt from when it was made. Flips and health
+    are kept.
     """
     cutoff = now - older_than
     return Purged(
@@ -58,11 +64,12 @@ async def purge(store: Store, older_than: timedelta, now: datetime, *, batch: in
             TriggerClaimRow.trigger_expires_at < cutoff,
             batch,
         ),
+        attempts=await _purge(store, AlertAttemptRow, AlertAttemptRow.id, AlertAttemptRow.at < cutoff, batch),
     )
 
 
 async def _purge(
-    store: Store, table: type[Base], key: InstrumentedAttribute[str], old: ColumnElement[bool], batch: int
+    store: Store, table: type[Base], key: InstrumentedAttribute[Any], old: ColumnElement[bool], batch: int
 ) -> int:
     """Delete the rows matching ``old``, ``batch`` keys per transaction, until none is left."""
     removed = 0

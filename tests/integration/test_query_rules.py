@@ -20,7 +20,7 @@ from common.errors import StatementTooLarge
 from common.jobs import JobSpec
 from common.messages import RunStatus
 from common.settings import Settings
-from common.store import FireRow, HeartbeatRow, JobRow, RunRow, Store
+from common.store import AlertAttemptRow, FireRow, FlipRow, HeartbeatRow, JobRow, RunRow, Store
 from common.store.chunks import IN_LIST_CHUNK, INSERT_PARAMETERS_CHUNK
 from common.store.database import MAX_STATEMENT_PARAMETERS, statement_parameters
 from common.store.retention import purge
@@ -172,6 +172,9 @@ async def test_purge_deletes_old_history_in_batches_and_keeps_what_is_live(store
             session.add(_run(f"old-{i}", started=old, finished=old))
             session.add(HeartbeatRow(id=f"old-{i}", job="j", kind="success", at=old))
             session.add(_fire(f"j@old-{i}", expires=old))
+            session.add(_attempt(f"flip-{i}", at=old))
+        session.add(_attempt("flip-recent", at=recent))
+        session.add(_flip(at=old))
         session.add(_run("still-running", started=old, finished=None))
         session.add(_run("recent", started=recent, finished=recent))
         session.add(HeartbeatRow(id="recent", job="j", kind="success", at=recent))
@@ -179,7 +182,11 @@ async def test_purge_deletes_old_history_in_batches_and_keeps_what_is_live(store
 
     purged = await purge(store, timedelta(days=30), now, batch=10)
 
-    assert (purged.runs, purged.heartbeats, purged.fires) == (25, 25, 25)
+    assert (purged.runs, purged.heartbeats, purged.fires, purged.attempts) == (25, 25, 25, 25)
+    async with store.session() as session:
+        attempts = set((await session.execute(select(AlertAttemptRow.alert_id))).scalars())
+        flips = (await session.execute(select(func.count()).select_from(FlipRow))).scalar_one()
+    assert attempts == {"flip-recent"} and flips == 1, "alert attempts age out; flips are kept"
     async with store.session() as session:
         runs = set((await session.execute(select(RunRow.run_id))).scalars())
         beats = set((await session.execute(select(HeartbeatRow.id))).scalars())
@@ -193,10 +200,31 @@ def test_db_purge_takes_an_age_and_says_what_it_removed(settings: Settings) -> N
     assert result.returncode == 0, result.stderr
     assert (
         result.stdout.strip()
-        == "purged 0 run(s), 0 heartbeat(s), 0 fire(s) and 0 trigger claim(s) older than 30d"
+        == "purged 0 run(s), 0 heartbeat(s), 0 fire(s), 0 trigger claim(s) and 0 alert attempt(s) "
+        "older than 30d"
     )
     bad = cronfleet(settings, "db", "purge", "--older-than", "a while")
     assert bad.returncode == 1 and "like 30d, 12h or 90m" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _attempt(alert_id: str, *, at: Any) -> AlertAttemptRow:
+    return AlertAttemptRow(
+        flip_id=None,
+        alert_id=alert_id,
+        kind="alarm",
+        job="j",
+        channel="log",
+        attempt=1,
+        at=at,
+        delivered=True,
+        error=None,
+        final=True,
+        retry_at=None,
+    )
+
+
+def _flip(*, at: Any) -> FlipRow:
+    return FlipRow(job="j", at=at, from_state="up", to_state="down", reason="r", created_at=at, alert="done")
 
 
 def _run(run_id: str, *, started: Any, finished: Any) -> RunRow:

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.errors import ConfigError
+from monitor.alerts import alert_id, flip_of
 from monitor.channels import (
     Alert,
     RetryPolicy,
@@ -529,3 +530,13 @@ async def test_the_log_channel_logs_alarms_as_warnings(caplog: pytest.LogCapture
 def test_an_alert_needs_an_aware_instant() -> None:
     with pytest.raises(ValueError, match="time zone"):
         alert(at=datetime(2026, 1, 1))
+
+
+@given(
+    st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", fullmatch=True),
+    st.integers(min_value=1, max_value=2**63 - 1),
+)
+def test_an_alert_id_names_its_fleet_and_gives_its_flip_back(fleet: str, flip_id: int) -> None:
+    made = alert_id(fleet, flip_id)
+    assert made == f"{fleet}/flip-{flip_id}" and flip_of(made) == flip_id
+    assert flip_of(f"{fleet}/test-0123abcd") is None

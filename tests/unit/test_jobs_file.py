@@ -404,3 +404,22 @@ def test_every_accepted_spec_round_trips_through_canonical_json(data: dict[str, 
     assert spec_from_json(stored) == spec
     assert spec_from_json(stored).canonical_json() == stored
     assert spec_from_json(stored).fingerprint() == spec.fingerprint()
+
+
+def test_failure_threshold_is_strict_bounded_and_kept_out_of_old_fingerprints() -> None:
+    job = parse_jobs('[jobs.a]\nschedule = "@daily"\nfailure_threshold = 3\n')[0]
+    assert job.failure_threshold == 3
+    assert spec_from_json(job.canonical_json()) == job
+    default = parse_jobs('[jobs.a]\nschedule = "@daily"\n')[0]
+    assert default.failure_threshold == 1
+    # A spec stored before the field existed reads back the same, with the same fingerprint.
+    assert b"failure_threshold" not in default.canonical_json()
+    assert job.fingerprint() != default.fingerprint()
+    for value, reason in (
+        ("0", "greater than or equal to 1"),
+        ("1001", "less than or equal to 1000"),
+        ('"2"', "valid integer"),
+        ("1.5", "valid integer"),
+    ):
+        with pytest.raises(JobFileError, match=rf"<jobs>:3: job 'a', field failure_threshold: .*{reason}"):
+            parse_jobs(f'[jobs.a]\nschedule = "@daily"\nfailure_threshold = {value}\n')
