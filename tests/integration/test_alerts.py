@@ -321,3 +321,32 @@ async def test_two_monitors_send_each_alert_once(
     ids = sorted(r.headers["webhook-id"] for r in receiver.seen("/hook"))
     assert ids == sorted(f"{settings.namespace}/flip-{f.id}" for f in flips)
     assert len(await delivered_on(store, "hook")) == 2
+
+
+async def test_a_fleet_alarm_and_its_recovery_are_alerted_like_a_jobs(
+    settings: Settings, store: Store, receiver: Receiver, tmp_path: Path
+) -> None:
+    # A job with an action needs a scheduler: with none running, `@scheduler` turns down.
+    await apply_toml(
+        store, '[jobs.nightly]\nschedule = "0 3 * * *"\naction = { type = "shell", argv = ["true"] }\n'
+    )
+    alerting = with_channels(
+        settings, tmp_path, webhook("ops", receiver, "/ops") + '[routes]\ndefault = ["ops"]\n'
+    )
+    fleet = Fleet(alerting)
+    try:
+        await fleet.start("monitor")
+        [alarm] = await eventually(lambda: _value(bodies(receiver, "/ops")))
+        assert (alarm["job"], alarm["to_state"], alarm["kind"]) == ("@scheduler", "down", "alarm")
+        request = receiver.seen("/ops")[0]
+        assert spec_verify(SECRET, request.headers, request.body, time.time())
+
+        await fleet.start("scheduler")
+        sent = await eventually(
+            lambda: _value(len(bodies(receiver, "/ops")) == 2 and bodies(receiver, "/ops"))
+        )
+        assert (sent[1]["job"], sent[1]["to_state"], sent[1]["kind"]) == ("@scheduler", "up", "recovery")
+    finally:
+        await fleet.stop()
+    listed = orjson.loads(run(alerting, "alerts", "@scheduler", "--json").stdout)
+    assert [row["delivered"] for row in listed] == [True, True]
