@@ -35,6 +35,9 @@ class ServiceOptions:
     pool: str = "default"
     concurrency: int = 4
     name: str | None = None
+    # A monitor serves its HTTP interface (pings, API, dashboard, metrics) here when set:
+    # (host, port); port 0 picks a free one.
+    http: tuple[str, int] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
 
     def instance(self, role: str) -> str:
@@ -52,3 +55,12 @@ def load_service(name: str) -> Service:
             service: Service = entry.load()
             return service
     raise NotFound(f"no cronfleet service called {name!r} is installed (reinstall cronfleet)")
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) as (host, port). Raises ValueError in one line."""
+    host, colon, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not colon or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:8080)")
+    return host, int(port)

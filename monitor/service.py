@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Callable
 from datetime import datetime
 
@@ -26,7 +27,7 @@ from common.bus import CONNECT_ERRORS, Publisher, connect, consume_forever, sett
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
-from common.errors import BrokerUnavailable
+from common.errors import BrokerUnavailable, ConfigError
 from common.messages import EVENT_ADAPTER, Event
 from common.services import ServiceOptions
 from common.settings import Settings
@@ -38,6 +39,8 @@ from monitor.channels import build_channels, load_channels
 from monitor.deadlines import Deadlines
 from monitor.fleet_watch import FleetWatch, fleet_policy
 from monitor.health_store import Advanced, log_flips, whole
+from monitor.http.app import listen, serve_http
+from monitor.http.context import HttpContext
 from monitor.recorder import BatchOutcome, record_batch
 from monitor.retention import purge_forever
 
@@ -246,6 +249,8 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 ", ".join(sorted(channels.channels)),
             )
             alerting.start()
+            # Bound before consuming starts: once the monitor is ready, its HTTP port answers.
+            http_socket = None if options.http is None else _listen(*options.http)
 
             async def drained() -> None:
                 await options.ready.wait()
@@ -256,6 +261,9 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 tasks.create_task(deadlines.run_forever(drained))
                 tasks.create_task(fleet_watch.run_forever(drained))
                 tasks.create_task(alerting.keep_forever())
+                if http_socket is not None:
+                    context = HttpContext(settings, store, publisher, keyring)
+                    tasks.create_task(serve_http(context, http_socket))
                 retention = settings.retention_age()
                 if retention is not None:
                     tasks.create_task(purge_forever(store, retention, settings.retention_check_seconds))
@@ -272,6 +280,14 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 await connection.close()
     finally:
         await store.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The monitor's HTTP socket; ConfigError in one line when the address cannot be bound."""
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        raise ConfigError(f"--http {host}:{port}: cannot listen there ({exc.strerror or exc})") from exc
 
 
 async def wait_until_drained(

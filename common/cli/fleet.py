@@ -8,9 +8,9 @@ import logging
 
 from common.catalog import apply_jobs
 from common.clock import utcnow
-from common.errors import JobFileError
+from common.errors import ConfigError, JobFileError
 from common.jobs import load_jobs_file
-from common.services import ServiceOptions, load_service
+from common.services import ServiceOptions, load_service, parse_listen_address
 from common.settings import Settings
 from common.store import Store
 
@@ -28,6 +28,15 @@ async def run_services(settings: Settings, services: list[tuple[str, ServiceOpti
 
 def _worker(args: argparse.Namespace) -> ServiceOptions:
     return ServiceOptions(pool=args.pool, concurrency=args.concurrency)
+
+
+def _monitor(args: argparse.Namespace) -> ServiceOptions:
+    if args.http is None:
+        return ServiceOptions()
+    try:
+        return ServiceOptions(http=parse_listen_address(args.http))
+    except ValueError as exc:
+        raise ConfigError(f"--http: {exc}") from exc
 
 
 async def run_all(settings: Settings, args: argparse.Namespace) -> int:
@@ -53,7 +62,7 @@ async def run_all(settings: Settings, args: argparse.Namespace) -> int:
     log.info("runs and health: `cronfleet runs` and `cronfleet status` in another shell")
     return await run_services(
         settings,
-        [("monitor", ServiceOptions()), ("worker", _worker(args)), ("scheduler", ServiceOptions())],
+        [("monitor", _monitor(args)), ("worker", _worker(args)), ("scheduler", ServiceOptions())],
     )
 
 
@@ -68,5 +77,5 @@ async def run_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run_monitor(settings: Settings, args: argparse.Namespace) -> int:
-    """``cronfleet monitor``."""
-    return await run_services(settings, [("monitor", ServiceOptions())])
+    """``cronfleet monitor [--http HOST:PORT]``."""
+    return await run_services(settings, [("monitor", _monitor(args))])

@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", fleet.run_all, "scheduler, worker and monitor in one process (one host)")
     run.add_argument("--jobs", type=Path, help="apply this jobs file first")
     _worker_options(run)
+    _http_option(run)
     command("scheduler", fleet.run_scheduler, "run a scheduler")
     _worker_options(command("worker", fleet.run_worker, "run a worker"))
-    command("monitor", fleet.run_monitor, "run a monitor")
+    _http_option(command("monitor", fleet.run_monitor, "run a monitor"))
 
     apply = command("apply", admin.apply, "validate a TOML jobs file and make the store match it")
     apply.add_argument("file", type=Path)
@@ -118,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("role", help="the PostgreSQL role the workers log in as")
             sub.add_argument("--apply", action="store_true", help="run the GRANTs instead of printing them")
     return parser
+
+
+def _http_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the monitor's HTTP interface (ping URLs, API, dashboard, /metrics) here",
+    )
 
 
 def _worker_options(parser: argparse.ArgumentParser) -> None:

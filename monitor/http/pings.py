@@ -1,0 +1,7 @@
+"""The monitor's HTTP pings routes (to be built: issue 15)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

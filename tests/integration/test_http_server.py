@@ -1,0 +1,46 @@
+"""The monitor serves HTTP when asked (``--http HOST:PORT``): the OpenAPI document at
+``/openapi.json``, JSON errors, and the port is let go when the monitor stops."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+
+from common.services import ServiceOptions, parse_listen_address
+from common.settings import Settings
+from tests.fleet import Fleet, cronfleet
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_a_monitor_serves_its_openapi_document_and_lets_the_port_go_when_it_stops(
+    settings: Settings,
+) -> None:
+    port = free_port()
+    fleet = Fleet(settings)
+    try:
+        await fleet.start("monitor", http=("127.0.0.1", port))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+            document = await client.get("/openapi.json")
+            assert document.status_code == 200 and document.json()["info"]["title"] == "cronfleet monitor"
+            missing = await client.get("/no/such/page")
+            assert missing.status_code == 404 and "Traceback" not in missing.text
+    finally:
+        await fleet.stop()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # free again
+
+
+def test_a_bad_http_address_is_refused_in_one_line(settings: Settings) -> None:
+    for bad in ("8080", "host:", "host:99999", ":80"):
+        result = cronfleet(settings, "monitor", "--http", bad)
+        assert result.returncode == 1 and "--http" in result.stderr and "Traceback" not in result.stderr, bad
+    assert parse_listen_address("[::1]:8080") == ("::1", 8080)
+    assert ServiceOptions(http=("127.0.0.1", 0)).http == ("127.0.0.1", 0)
