@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.cli import admin, alerts, broker, database, doctor, fleet, flips
+from common.cli import admin, alerts, api_keys, broker, database, doctor, fleet, flips
 from common.errors import CronfleetError, JobFileError
 from common.settings import Settings
 
@@ -84,21 +84,32 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--fail", action="store_true", help="the job has failed")
     ping.add_argument("--exit-code", type=int, help="the job's exit code (non-zero means failed)")
     ping.add_argument("--message", help="a short note kept with the run")
-    keys = command("keys", admin.keys, "signing keys: `keys new --role ROLE` prints a new key entry")
-    keys.add_argument("action", choices=["new"])
-    keys.add_argument(
+    keys = commands.add_parser(
+        "keys",
+        help="signing keys, API keys",
+        description="signing keys (`keys new`) and API keys (`keys api`)",
+    )
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="KIND")
+    signing = keys_commands.add_parser(
+        "new",
+        help="print a new signing key entry",
+        description="print a new signing key entry for CRONFLEET_KEYS",
+    )
+    signing.set_defaults(handler=admin.keys)
+    signing.add_argument(
         "--role",
         required=True,
         choices=["trigger", "event", "ping"],
         help="trigger (schedulers, `cronfleet trigger`), event (workers, monitors) or ping (job heartbeats)",
     )
-    keys.add_argument("--id", help="the new key's id (default: random)")
-    keys.add_argument(
+    signing.add_argument("--id", help="the new key's id (default: random)")
+    signing.add_argument(
         "--ed25519",
         action="store_true",
         help="a trigger key pair: the private key signs (schedulers), the public one verifies (workers)",
     )
-    keys.add_argument("--jobs", help="a ping key for these jobs only, comma separated")
+    signing.add_argument("--jobs", help="a ping key for these jobs only, comma separated")
+    api_keys.add_parser(keys_commands)
     command("schema", admin.schema, "print the JSON Schema of every wire message")
     command("doctor", doctor.doctor, "check the broker, the store and the keys")
     broker.add_parser(commands)

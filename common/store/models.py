@@ -1,5 +1,5 @@
 """Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, job health and its
-flips (with their alerts' outbox), alert attempts, leases, trigger claims, fleet health.
+flips (with their alerts' outbox), alert attempts, leases, trigger claims, fleet health, API keys.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
 These classes describe the schema at the newest migration (``common/store/migrations``); a change
@@ -349,3 +349,19 @@ class FleetHealthRow(Base):
     count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     detail: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ApiKeyRow(Base):
+    """A key of the monitor's HTTP API, kept as the SHA-256 of its secret (shown once, at birth).
+
+    ``id`` is public (it is part of the key, to find the row); a revoked key stays listed."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    read_only: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from monitor.http import api, dashboard, metrics, pings
 from monitor.http.context import HttpContext
@@ -34,6 +35,12 @@ def create_app(context: HttpContext) -> FastAPI:
     app.state.context = context
     for module in (pings, api, metrics, dashboard):
         app.include_router(module.router)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Every error is {"error": CODE}: an ApiError's code, else the status's own phrase.
+        code = exc.detail if isinstance(exc.detail, str) else "error"
+        return JSONResponse({"error": code}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

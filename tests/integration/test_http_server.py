@@ -6,9 +6,11 @@ from __future__ import annotations
 import socket
 
 import httpx
+import orjson
 
 from common.services import ServiceOptions, parse_listen_address
 from common.settings import Settings
+from common.store import Store
 from tests.fleet import Fleet, cronfleet
 
 
@@ -44,3 +46,34 @@ def test_a_bad_http_address_is_refused_in_one_line(settings: Settings) -> None:
         assert result.returncode == 1 and "--http" in result.stderr and "Traceback" not in result.stderr, bad
     assert parse_listen_address("[::1]:8080") == ("::1", 8080)
     assert ServiceOptions(http=("127.0.0.1", 0)).http == ("127.0.0.1", 0)
+
+
+async def test_api_keys_are_made_listed_and_revoked_and_the_api_refuses_anything_else(
+    settings: Settings, store: Store
+) -> None:
+    made = cronfleet(settings, "keys", "api", "new", "grafana", "--read-only")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.splitlines()[-1]
+    assert key.startswith("cfk_") and "shown only now" in made.stdout
+    assert cronfleet(settings, "keys", "api", "new", "grafana").returncode == 1  # the name is taken
+    listed = orjson.loads(cronfleet(settings, "keys", "api", "list", "--json").stdout)
+    assert [(k["name"], k["access"], k["revoked_at"]) for k in listed] == [("grafana", "read-only", None)]
+    assert key.split("_")[-1] not in cronfleet(settings, "keys", "api", "list").stdout
+
+    port = free_port()
+    fleet = Fleet(settings)
+    try:
+        await fleet.start("monitor", http=("127.0.0.1", port))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+            ok = await client.get("/api/key", headers={"X-API-Key": key})
+            assert ok.status_code == 200 and ok.json() == {"name": "grafana", "read_only": True}
+            for wrong in (None, "", "cfk_nope", key[:-1] + ("A" if key[-1] != "A" else "B")):
+                headers = {} if wrong is None else {"X-API-Key": wrong}
+                refused = await client.get("/api/key", headers=headers)
+                assert (refused.status_code, refused.json()) == (401, {"error": "unauthorized"}), wrong
+            assert cronfleet(settings, "keys", "api", "revoke", "grafana").returncode == 0
+            revoked = await client.get("/api/key", headers={"X-API-Key": key})
+            assert (revoked.status_code, revoked.json()) == (401, {"error": "unauthorized"})
+    finally:
+        await fleet.stop()
+    assert cronfleet(settings, "keys", "api", "revoke", "nobody").returncode == 1
