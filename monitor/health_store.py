@@ -93,11 +93,27 @@ async def read_specs(session: AsyncSession, names: Collection[str]) -> dict[str,
     return found
 
 
+# Parsed specs by their stored JSON text: a job's spec is parsed once, not in every batch that
+# touches the job. A changed spec is another text, hence parsed anew; the bound keeps a fleet
+# that changes its jobs all the time from growing it without end.
+_PARSED_LIMIT = 65536
+_parsed: dict[str, JobSpec | None] = {}
+
+
 def _readable(spec: str) -> JobSpec | None:
+    """``spec`` parsed (None when this cronfleet refuses it), from the cache when seen before."""
     try:
-        return spec_from_json(spec)
+        return _parsed[spec]
+    except KeyError:
+        pass
+    try:
+        parsed: JobSpec | None = spec_from_json(spec)
     except ValueError:
-        return None
+        parsed = None
+    if len(_parsed) >= _PARSED_LIMIT:
+        _parsed.clear()
+    _parsed[spec] = parsed
+    return parsed
 
 
 class HealthBatch:

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.cron import next_fire
+from common.jobs import JobSpec
 from common.messages import (
     Event,
     HeartbeatKind,
@@ -36,6 +37,7 @@ from common.messages import (
     RunStatus,
 )
 from common.store import HeartbeatRow, JobStateRow, RunRow
+from common.store.chunks import IN_LIST_CHUNK, chunks
 from monitor.health import HealthInput, health_input
 from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs
 
@@ -74,16 +76,54 @@ class _Batch:
     runs: dict[str, RunRow] = field(default_factory=dict)
     states: dict[str, JobStateRow] = field(default_factory=dict)
     due_after: dict[str, datetime] = field(default_factory=dict)
+    heartbeats: dict[str, HeartbeatRow] = field(default_factory=dict)
+    open_heartbeat_runs: dict[str, list[RunRow]] = field(default_factory=dict)
 
     async def load(self, events: Sequence[Event]) -> None:
+        """Read, in bounded statements, everything the batch's events can touch: their runs
+        (a heartbeat's own run included), their heartbeats, their jobs' states and the heartbeat
+        runs still open that a heartbeat of the batch may finish."""
+        session = self.session
         run_ids = {e.run_id for e in events if isinstance(e, RunStarted | RunFinished)}
-        if run_ids:
-            rows = await self.session.execute(select(RunRow).where(RunRow.run_id.in_(run_ids)))
-            self.runs = {row.run_id: row for row in rows.scalars()}
+        heartbeats = [e for e in events if isinstance(e, JobHeartbeat)]
+        run_ids.update(f"hb:{e.id}" for e in heartbeats)
+        for some in chunks(sorted(run_ids), IN_LIST_CHUNK):
+            rows = await session.execute(select(RunRow).where(RunRow.run_id.in_(some)))
+            self.runs.update((row.run_id, row) for row in rows.scalars())
+        for some in chunks(sorted({e.id for e in heartbeats}), IN_LIST_CHUNK):
+            found = await session.execute(select(HeartbeatRow).where(HeartbeatRow.id.in_(some)))
+            self.heartbeats.update((row.id, row) for row in found.scalars())
         jobs = {e.job for e in events if isinstance(e, RunStarted | RunFinished | JobHeartbeat)}
-        if jobs:
-            states = await self.session.execute(select(JobStateRow).where(JobStateRow.job.in_(jobs)))
-            self.states = {state.job: state for state in states.scalars()}
+        for some in chunks(sorted(jobs), IN_LIST_CHUNK):
+            states = await session.execute(select(JobStateRow).where(JobStateRow.job.in_(some)))
+            self.states.update((state.job, state) for state in states.scalars())
+        # The heartbeat runs a success or fail of this batch may end: those still running that
+        # started no later than the latest such heartbeat of their job (ix_runs_job_started).
+        ending: dict[str, datetime] = {}
+        for e in heartbeats:
+            if e.kind is not HeartbeatKind.START:
+                ending[e.job] = max(e.at, ending.get(e.job, e.at))
+        latest = max(ending.values(), default=None)
+        for some in chunks(sorted(ending), IN_LIST_CHUNK):
+            query = select(RunRow).where(
+                RunRow.job.in_(some),
+                RunRow.source == "heartbeat",
+                RunRow.status == RunStatus.RUNNING.value,
+                RunRow.started_at <= latest,
+            )
+            for run in (await session.execute(query)).scalars():
+                self.runs.setdefault(run.run_id, run)
+                self.open_heartbeat_runs.setdefault(run.job, []).append(run)
+
+    def open_heartbeat_run(self, job: str, at: datetime) -> RunRow | None:
+        """The latest heartbeat run of ``job`` still running that started at or before ``at``."""
+        best: RunRow | None = None
+        for run in self.open_heartbeat_runs.get(job, ()):
+            if run.status != RunStatus.RUNNING.value or run.started_at > at:
+                continue
+            if best is None or run.started_at > best.started_at:
+                best = run
+        return best
 
     def add_run(self, run: RunRow) -> RunRow:
         self.session.add(run)
@@ -126,9 +166,34 @@ class _Batch:
         for job, after in self.due_after.items():
             stored = specs.get(job)
             spec = None if stored is None else stored.spec
-            self.states[job].next_expected_at = (
-                None if spec is None else next_fire(spec.schedule, spec.zone(), after)
-            )
+            self.states[job].next_expected_at = None if spec is None else _next_fires.after(spec, after)
+
+
+class NextFires:
+    """``next_fire`` for many jobs sharing schedules, remembering for each (schedule, zone) the
+    last interval it computed: the first fire strictly after ``a`` is ``f``, so for every ``t``
+    with ``a <= t < f`` it is ``f`` too (no fire lies in between). Jobs finishing one after the
+    other mostly ask inside the interval of the previous one and need no croniter at all."""
+
+    LIMIT = 65536
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], tuple[datetime, datetime]] = {}
+
+    def after(self, spec: JobSpec, after: datetime) -> datetime:
+        """The first fire of ``spec`` strictly after ``after`` (``common.cron.next_fire``)."""
+        key = (spec.schedule, spec.timezone)
+        known = self._last.get(key)
+        if known is not None and known[0] <= after < known[1]:
+            return known[1]
+        fire = next_fire(spec.schedule, spec.zone(), after)
+        if len(self._last) >= self.LIMIT:
+            self._last.clear()
+        self._last[key] = (after, fire)
+        return fire
+
+
+_next_fires = NextFires()
 
 
 async def record_batch(session: AsyncSession, events: Sequence[Event], now: datetime) -> BatchOutcome:
@@ -150,7 +215,7 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
             case RunFinished():
                 changed = _run_finished(batch, event)
             case JobHeartbeat():
-                changed = await _job_heartbeat(batch, event)
+                changed = _job_heartbeat(batch, event)
             case _:
                 changed = False
         if isinstance(changed, Conflict):
@@ -249,54 +314,41 @@ def _same_heartbeat(row: HeartbeatRow, event: JobHeartbeat) -> bool:
     )
 
 
-async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
-    session = batch.session
-    await session.flush()  # earlier heartbeats of this batch must be visible to the queries below
-    seen = await session.get(HeartbeatRow, event.id)
+def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
+    seen = batch.heartbeats.get(event.id)
     if seen is not None:
         if _same_heartbeat(seen, event):
             return False
         return Conflict(f"heartbeat {event.id!r} is recorded with other content (job {seen.job!r})")
     own_run = f"hb:{event.id}"
-    if own_run in batch.runs or await session.get(RunRow, own_run) is not None:
+    if own_run in batch.runs:
         return Conflict(f"run {own_run!r}, the run of heartbeat {event.id!r}, is already recorded")
-    session.add(
-        HeartbeatRow(
-            id=event.id,
-            job=event.job,
-            kind=event.kind.value,
-            exit_code=event.exit_code,
-            at=event.at,
-            message=event.message,
-        )
+    heartbeat = HeartbeatRow(
+        id=event.id,
+        job=event.job,
+        kind=event.kind.value,
+        exit_code=event.exit_code,
+        at=event.at,
+        message=event.message,
     )
+    batch.session.add(heartbeat)
+    batch.heartbeats[event.id] = heartbeat
     if event.kind is HeartbeatKind.START:
         started = batch.add_run(
             RunRow(
-                run_id=f"hb:{event.id}",
+                run_id=own_run,
                 job=event.job,
                 source="heartbeat",
                 status=RunStatus.RUNNING.value,
                 started_at=event.at,
             )
         )
+        batch.open_heartbeat_runs.setdefault(event.job, []).append(started)
         batch.start(started)
         return True
-    run = await session.scalar(
-        select(RunRow)
-        .where(
-            RunRow.job == event.job,
-            RunRow.source == "heartbeat",
-            RunRow.status == RunStatus.RUNNING.value,
-            RunRow.started_at <= event.at,
-        )
-        .order_by(RunRow.started_at.desc())
-        .limit(1)
-    )
+    run = batch.open_heartbeat_run(event.job, event.at)
     if run is None:
-        run = batch.add_run(
-            RunRow(run_id=f"hb:{event.id}", job=event.job, source="heartbeat", started_at=event.at)
-        )
+        run = batch.add_run(RunRow(run_id=own_run, job=event.job, source="heartbeat", started_at=event.at))
     run.status = _HEARTBEAT_STATUS[event.kind].value
     run.finished_at = event.at
     run.duration_seconds = max(0.0, (event.at - run.started_at).total_seconds())
