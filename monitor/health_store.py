@@ -205,7 +205,9 @@ class HealthBatch:
             await self.session.execute(statement, [{f"b_{k}": v for k, v in row.items()} for row in changed])
         rows = [_flip_values(f, self.now) for f in self._flips]
         for some in chunks(rows, rows_per_insert(len(rows[0]) if rows else 1)):
-            await self.session.execute(_FLIPS.insert().values(list(some)))
+            # executemany of one compiled INSERT: a multi-row VALUES is compiled anew for
+            # every number of rows, which costs more than writing them.
+            await self.session.execute(_FLIPS.insert(), list(some))
         advanced = Advanced(
             {job: stored.record.deadline_at for job, stored in self.records.items()}, self._flips
         )
