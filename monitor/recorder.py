@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeGuard, cast
 
-from sqlalchemy import Table, and_, bindparam, select, update
+from sqlalchemy import Table, and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.cron import next_fire
@@ -39,7 +39,7 @@ from common.messages import (
 from common.store import HeartbeatRow, JobStateRow, RunRow
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 from monitor.health import HealthInput, health_input
-from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs
+from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs, update_rows
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -219,7 +219,7 @@ class _Batch:
                     if values != before:
                         changed.append(values)
             if changed:
-                await _update(self.session, table, key, changed)
+                await update_rows(self.session, table, key, changed)
 
     def open_heartbeat_run(self, job: str, at: datetime) -> _Run | None:
         """The latest heartbeat run of ``job`` still running that started at or before ``at``."""
@@ -307,17 +307,6 @@ async def _insert(session: AsyncSession, table: Table, rows: list[dict[str, Any]
     would be compiled anew for every batch size), in chunks of bounded size."""
     for some in chunks(rows, rows_per_insert(len(table.columns))):
         await session.execute(table.insert(), list(some))
-
-
-async def _update(session: AsyncSession, table: Table, key: str, rows: list[dict[str, Any]]) -> None:
-    """Write every column of ``rows`` (whole rows of ``table``) by ``key``: one executemany."""
-    statement = (
-        update(table)
-        .where(table.c[key] == bindparam(f"b_{key}"))
-        .values({c.key: bindparam(f"b_{c.key}") for c in table.columns if c.key != key})
-    )
-    for some in chunks(rows, IN_LIST_CHUNK):
-        await session.execute(statement, [{f"b_{k}": v for k, v in row.items()} for row in some])
 
 
 async def record_batch(session: AsyncSession, events: Sequence[Event], now: datetime) -> BatchOutcome:

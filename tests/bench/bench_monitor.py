@@ -274,8 +274,12 @@ async def bare_loop(settings: Settings, queue_name: str, events: Sequence[Event]
     """Pre-publish the same bodies and signed headers to a quorum queue with the monitor queue's
     arguments; return the seconds a bare consume -> ack loop (monitor's prefetch) takes."""
     keyring = settings.keyring()
-    producer = await aio_pika.connect_robust(settings.amqp_url, client_properties={"connection_name": "bare-p"})
-    consumer = await aio_pika.connect_robust(settings.amqp_url, client_properties={"connection_name": "bare-c"})
+    producer = await aio_pika.connect_robust(
+        settings.amqp_url, client_properties={"connection_name": "bare-p"}
+    )
+    consumer = await aio_pika.connect_robust(
+        settings.amqp_url, client_properties={"connection_name": "bare-c"}
+    )
     try:
         arguments = Topology(settings.namespace)._consumed()
         publish_channel = await producer.channel(publisher_confirms=True)
@@ -369,7 +373,9 @@ def herd_jobs(count: int, due: datetime, grace: float) -> list[JobSpec]:
     ]
 
 
-async def deadlines(settings: Settings, place: StorePlace, count: int, grace: float, lead: float) -> DeadlineLag:
+async def deadlines(
+    settings: Settings, place: StorePlace, count: int, grace: float, lead: float
+) -> DeadlineLag:
     """Apply ``count`` jobs due ``lead`` seconds from now, start the monitor, and time each job's
     ``down`` flip from its grace end."""
     store = await Store.open(place.url, place.schema)
@@ -387,7 +393,7 @@ async def deadlines(settings: Settings, place: StorePlace, count: int, grace: fl
         try:
             grace_end = due + timedelta(seconds=grace)
             limit = time.monotonic() + lead + grace + 120
-            while len(catcher.down) < count and time.monotonic() < limit:
+            while len(catcher.down) < count and time.monotonic() < limit:  # noqa: ASYNC110 (a poll)
                 await asyncio.sleep(0.2)
         finally:
             await stop_task(task)
@@ -451,7 +457,9 @@ async def run(args: argparse.Namespace) -> int:
                     )
                     await place.create()
                     try:
-                        print(f"[1] {place.label}: {args.events} events over {args.jobs} jobs ...", flush=True)
+                        print(
+                            f"[1] {place.label}: {args.events} events over {args.jobs} jobs ...", flush=True
+                        )
                         result = await ingestion(settings, place, args.events, args.jobs, args.stall)
                     finally:
                         await place.drop()
@@ -483,7 +491,8 @@ async def run(args: argparse.Namespace) -> int:
                     await place.create()
                     try:
                         print(
-                            f"[3] {place.label}: {args.deadline_jobs} jobs due at once, grace {args.grace:g} s ...",
+                            f"[3] {place.label}: {args.deadline_jobs} jobs due at once, "
+                            f"grace {args.grace:g} s ...",
                             flush=True,
                         )
                         lag = await deadlines(settings, place, args.deadline_jobs, args.grace, args.lead)
@@ -493,7 +502,8 @@ async def run(args: argparse.Namespace) -> int:
                     print(
                         f"    {len(lag.lags)}/{lag.jobs} down flips logged ({lag.flips_stored} stored); "
                         f"lag p50 {percentile(lag.lags, 50) * 1000:.0f} ms, "
-                        f"p99 {percentile(lag.lags, 99) * 1000:.0f} ms, max {max(lag.lags, default=math.nan) * 1000:.0f} ms "
+                        f"p99 {percentile(lag.lags, 99) * 1000:.0f} ms, "
+                        f"max {max(lag.lags, default=math.nan) * 1000:.0f} ms "
                         f"(setup {lag.setup_seconds:.1f} s)",
                         flush=True,
                     )
@@ -509,9 +519,11 @@ async def run(args: argparse.Namespace) -> int:
     for lag in lags:
         label = f"deadline lag, {lag.store}, {lag.jobs} jobs due at once"
         print(f"{label + ': p50':<62} {percentile(lag.lags, 50) * 1000:>9.0f} ms")
-        print(f"{'  p99 (grace end -> down flip logged after commit)':<62} {percentile(lag.lags, 99) * 1000:>9.0f} ms")
+        label = "  p99 (grace end -> down flip logged after commit)"
+        print(f"{label:<62} {percentile(lag.lags, 99) * 1000:>9.0f} ms")
         print(f"{'  max':<62} {max(lag.lags, default=math.nan) * 1000:>9.0f} ms")
-        print(f"{'  down flips logged / stored / jobs':<62} {f'{len(lag.lags)}/{lag.flips_stored}/{lag.jobs}':>12}")
+        counts = f"{len(lag.lags)}/{lag.flips_stored}/{lag.jobs}"
+        print(f"{'  down flips logged / stored / jobs':<62} {counts:>12}")
     return 0
 
 
@@ -525,7 +537,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lead", type=float, default=40.0, help="seconds from start to their due time")
     parser.add_argument("--reload", type=float, default=2.0, help="the monitor's jobs_reload_seconds")
     parser.add_argument("--stall", type=float, default=60.0, help="give up when nothing moves this long")
-    parser.add_argument("--stores", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"])
+    parser.add_argument(
+        "--stores", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"]
+    )
     parser.add_argument(
         "--amqp-url", default=os.environ.get("CRONFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     )
