@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 _HEALTH = cast(Table, JobHealthRow.__table__)
 _FLIPS = cast(Table, FlipRow.__table__)
+# Written with every change of a record, whatever else changed.
+_ALWAYS_WRITTEN = frozenset({"job", "updated_at"})
 
 
 @dataclass(frozen=True)
@@ -177,13 +179,21 @@ class HealthBatch:
     async def save(self) -> Advanced:
         """Write every record that changed and append the flips; returns every loaded job's
         deadline and the flips."""
-        changed = [
-            _values(job, stored, self.now)
-            for job, stored in sorted(self.records.items())
-            if stored != self._loaded.get(job)
-        ]
-        if changed:
-            await update_rows(self.session, _HEALTH, "job", changed)
+        # Each changed record writes only the columns that changed (and its key and
+        # ``updated_at``); records that changed the same columns (a herd of jobs turning
+        # ``down`` at once) share one statement.
+        by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for job, stored in sorted(self.records.items()):
+            loaded = self._loaded.get(job)
+            if stored == loaded:
+                continue
+            values = _values(job, stored, self.now)
+            if loaded is not None:
+                before = _values(job, loaded, self.now)
+                values = {k: v for k, v in values.items() if k in _ALWAYS_WRITTEN or v != before[k]}
+            by_columns.setdefault(tuple(values), []).append(values)
+        for rows in by_columns.values():
+            await update_rows(self.session, _HEALTH, "job", rows)
         rows = [_flip_values(f, self.now) for f in self._flips]
         for some in chunks(rows, rows_per_insert(len(rows[0]) if rows else 1)):
             # executemany of one compiled INSERT: a multi-row VALUES is compiled anew for
@@ -198,7 +208,7 @@ class HealthBatch:
 
 
 async def update_rows(session: AsyncSession, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``rows`` (each every column of ``table``, by the primary key ``key``), in chunks of
+    """Write ``rows`` (each the key ``key`` and the same other columns of ``table``), in chunks of
     at most ``IN_LIST_CHUNK`` rows. On PostgreSQL each chunk is one ``UPDATE ... FROM unnest(...)``
     carrying one array per column (as many parameters as columns, whatever the rows): the server
     joins once instead of running one UPDATE per row. On SQLite, an executemany of one UPDATE
