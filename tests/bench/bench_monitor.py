@@ -17,7 +17,8 @@ schema of the PostgreSQL at ``--postgres-url`` (dropped at the end):
    queue with the monitor queue's arguments, drained by a bare aio-pika loop (same prefetch, one
    ack per message, as the monitor acks). The ratio monitor / bare is reported per store.
 3. **Deadlines.** ``--deadline-jobs`` jobs all due at the same instant (the worst case: one herd),
-   with ``--grace`` seconds of grace, no run ever. The real monitor learns them (first health
+   or with ``--spread S`` due over S seconds (as many each second), with ``--grace`` seconds of
+   grace, no run ever. The real monitor learns them (first health
    record), ticks them ``late`` at the due instant and ``down`` at the end of the grace period.
    The lag of each job is measured from its grace end to the *log line* of its ``late -> down``
    flip, which ``monitor.service`` writes once the flip's transaction has committed (the alert
@@ -353,31 +354,35 @@ class DeadlineLag:
     store: str
     jobs: int
     grace: float
+    spread: int
     lags: list[float]
     flips_stored: int
     setup_seconds: float
 
 
-def herd_jobs(count: int, due: datetime, grace: float) -> list[JobSpec]:
-    """``count`` jobs all due once an hour at ``due``'s minute and second."""
-    schedule = f"{due.second} {due.minute} * * * *"
-    return [
-        JobSpec(
-            name=f"dl-{i:05d}",
-            schedule=schedule,
-            grace_seconds=grace,
-            action=ShellAction(argv=["true"]),
-            pool=POOL,
+def herd_jobs(count: int, due: datetime, grace: float, spread: int = 0) -> list[JobSpec]:
+    """``count`` jobs due once an hour: all at ``due``'s minute and second, or with ``spread``,
+    job i at ``due + i % spread`` seconds (as many jobs due each second of ``spread`` seconds)."""
+    jobs = []
+    for i in range(count):
+        at = due + timedelta(seconds=i % spread) if spread else due
+        jobs.append(
+            JobSpec(
+                name=f"dl-{i:05d}",
+                schedule=f"{at.second} {at.minute} * * * *",
+                grace_seconds=grace,
+                action=ShellAction(argv=["true"]),
+                pool=POOL,
+            )
         )
-        for i in range(count)
-    ]
+    return jobs
 
 
 async def deadlines(
-    settings: Settings, place: StorePlace, count: int, grace: float, lead: float
+    settings: Settings, place: StorePlace, count: int, grace: float, lead: float, spread: int
 ) -> DeadlineLag:
-    """Apply ``count`` jobs due ``lead`` seconds from now, start the monitor, and time each job's
-    ``down`` flip from its grace end."""
+    """Apply ``count`` jobs due ``lead`` seconds from now (or spread over the ``spread`` seconds
+    from then), start the monitor, and time each job's ``down`` flip from its grace end."""
     store = await Store.open(place.url, place.schema)
     logger = logging.getLogger("cronfleet.monitor")
     root = logging.getLogger().handlers
@@ -385,14 +390,14 @@ async def deadlines(
     try:
         began = time.perf_counter()
         due = (utcnow() + timedelta(seconds=lead)).replace(microsecond=0)
-        await apply_jobs(store, herd_jobs(count, due, grace), utcnow())
+        specs = herd_jobs(count, due, grace, spread)
+        await apply_jobs(store, specs, utcnow())
         logger.addHandler(catcher)
         logger.propagate = False
         task, _started = await start_monitor(settings)
         setup = time.perf_counter() - began
         try:
-            grace_end = due + timedelta(seconds=grace)
-            limit = time.monotonic() + lead + grace + 120
+            limit = time.monotonic() + lead + spread + grace + 120
             while len(catcher.down) < count and time.monotonic() < limit:  # noqa: ASYNC110 (a poll)
                 await asyncio.sleep(0.2)
         finally:
@@ -401,10 +406,14 @@ async def deadlines(
             stored = await session.scalar(
                 select(func.count()).select_from(FlipRow).where(FlipRow.to_state == "down")
             )
-        lags = [written - at.timestamp() for at, written in catcher.down.values()]
-        if any(at != grace_end for at, _written in catcher.down.values()):
-            print("!! a down flip at another instant than the grace end", file=sys.stderr)
-        return DeadlineLag(place.label, count, grace, lags, int(stored or 0), setup)
+        grace_ends = {
+            spec.name: due + timedelta(seconds=(i % spread if spread else 0) + grace)
+            for i, spec in enumerate(specs)
+        }
+        lags = [written - grace_ends[job].timestamp() for job, (_at, written) in catcher.down.items()]
+        if any(at != grace_ends[job] for job, (at, _written) in catcher.down.items()):
+            print("!! a down flip at another instant than its grace end", file=sys.stderr)
+        return DeadlineLag(place.label, count, grace, spread, lags, int(stored or 0), setup)
     finally:
         logger.removeHandler(catcher)
         logger.propagate = True
@@ -491,11 +500,14 @@ async def run(args: argparse.Namespace) -> int:
                     await place.create()
                     try:
                         print(
-                            f"[3] {place.label}: {args.deadline_jobs} jobs due at once, "
+                            f"[3] {place.label}: {args.deadline_jobs} jobs due "
+                            f"{f'over {args.spread} s' if args.spread else 'at once'}, "
                             f"grace {args.grace:g} s ...",
                             flush=True,
                         )
-                        lag = await deadlines(settings, place, args.deadline_jobs, args.grace, args.lead)
+                        lag = await deadlines(
+                            settings, place, args.deadline_jobs, args.grace, args.lead, args.spread
+                        )
                     finally:
                         await place.drop()
                     lags.append(lag)
@@ -517,7 +529,8 @@ async def run(args: argparse.Namespace) -> int:
         print(f"{'  bare aio-pika consume+ack msgs/s, same run':<62} {bare_rate:>12.0f}")
         print(f"{'  ratio monitor / bare':<62} {result.per_second / bare_rate:>11.1%}")
     for lag in lags:
-        label = f"deadline lag, {lag.store}, {lag.jobs} jobs due at once"
+        when = f"over {lag.spread} s" if lag.spread else "at once"
+        label = f"deadline lag, {lag.store}, {lag.jobs} jobs due {when}"
         print(f"{label + ': p50':<62} {percentile(lag.lags, 50) * 1000:>9.0f} ms")
         label = "  p99 (grace end -> down flip logged after commit)"
         print(f"{label:<62} {percentile(lag.lags, 99) * 1000:>9.0f} ms")
@@ -535,6 +548,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--deadline-jobs", type=int, default=10000, help="jobs due at once (0: none)")
     parser.add_argument("--grace", type=float, default=2.0, help="their grace, seconds")
     parser.add_argument("--lead", type=float, default=40.0, help="seconds from start to their due time")
+    parser.add_argument(
+        "--spread", type=int, default=0, help="spread their due times over this many seconds (< 60)"
+    )
     parser.add_argument("--reload", type=float, default=2.0, help="the monitor's jobs_reload_seconds")
     parser.add_argument("--stall", type=float, default=60.0, help="give up when nothing moves this long")
     parser.add_argument(
