@@ -1,8 +1,13 @@
 """Recording events in the store, idempotently: a redelivered event changes nothing.
 
-A batch of events is recorded inside the caller's transaction with a handful of statements:
-the runs and job states it touches are read with one query each, the specs of its jobs once,
-each job's next expected time is computed once per batch, and everything is flushed once.
+A batch of events is recorded inside the caller's transaction with a handful of statements,
+whatever its size (each within ``common.store.chunks``' bounds): what it touches (runs, the
+heartbeats it repeats, job states, the heartbeat runs it may finish) is read up front, one query
+per kind; no event queries alone. Rows are plain values written back with Core statements (new
+rows by executemany INSERTs, changed ones by ``health_store.update_rows``), not through the ORM's
+unit of work. The specs of its jobs are read once per batch and parsed once per spec text
+(``health_store``), and each job's next expected time comes from ``NextFires``, which needs no
+croniter while the answer is the one it gave last for that schedule.
 
 In the same transaction, each new run event and job heartbeat is fed to the job's health machine
 (``monitor.health``): its record is advanced and stored, with its flips. A run finished as
