@@ -123,7 +123,7 @@ class _Heartbeat:
 _RUNS = cast(Table, RunRow.__table__)
 _HEARTBEATS = cast(Table, HeartbeatRow.__table__)
 _STATES = cast(Table, JobStateRow.__table__)
-# Values a row written through Core must carry that the ORM would have defaulted.
+# Each table's columns, which the row classes above must match (checked at import).
 _COLUMNS: dict[Table, tuple[str, ...]] = {
     table: tuple(column.key for column in table.columns) for table in (_RUNS, _HEARTBEATS, _STATES)
 }
@@ -158,7 +158,7 @@ class _Batch:
     heartbeats: dict[str, _Heartbeat] = field(default_factory=dict)
     open_heartbeat_runs: dict[str, list[_Run]] = field(default_factory=dict)
     # What was read, as read (to write back only what changed), and what is new.
-    _read: dict[tuple[Table, str], dict[str, Any]] = field(default_factory=dict)
+    _as_read: dict[tuple[Table, str], dict[str, Any]] = field(default_factory=dict)
     _new: dict[Table, list[Any]] = field(default_factory=dict)
 
     async def load(self, events: Sequence[Event]) -> None:
@@ -202,15 +202,16 @@ class _Batch:
                 self.open_heartbeat_runs.setdefault(run.job, []).append(self.runs[run.run_id])
 
     def _keep(self, table: Table, key: str, row: Any) -> None:
-        self._read[(table, key)] = _row_values(table, row)
+        self._as_read[(table, key)] = _row_values(table, row)
 
     def add(self, table: Table, row: Any) -> None:
-        """Insert ``row`` (a transient ORM object of ``table``) when the batch is saved."""
+        """Insert ``row`` (a ``_Run``, ``_Heartbeat`` or ``_State`` of ``table``) when the batch
+        is saved."""
         self._new.setdefault(table, []).append(row)
 
     async def save(self) -> None:
-        """Insert what is new and update what changed: multi-row inserts and executemany
-        updates, each statement within ``common.store.chunks``' bounds."""
+        """Insert what is new (executemany INSERTs) and write back what changed
+        (``update_rows``), each statement within ``common.store.chunks``' bounds."""
         for table in (_RUNS, _HEARTBEATS, _STATES):
             inserted = [_row_values(table, row) for row in self._new.get(table, [])]
             if inserted:
@@ -218,7 +219,7 @@ class _Batch:
         for table, rows, key in ((_RUNS, self.runs, "run_id"), (_STATES, self.states, "job")):
             changed = []
             for name, row in rows.items():
-                before = self._read.get((table, name))
+                before = self._as_read.get((table, name))
                 if before is not None:
                     values = _row_values(table, row)
                     if values != before:
