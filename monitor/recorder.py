@@ -1,8 +1,13 @@
 """Recording events in the store, idempotently: a redelivered event changes nothing.
 
-A batch of events is recorded inside the caller's transaction with a handful of statements:
-the runs and job states it touches are read with one query each, the specs of its jobs once,
-each job's next expected time is computed once per batch, and everything is flushed once.
+A batch of events is recorded inside the caller's transaction with a handful of statements,
+whatever its size (each within ``common.store.chunks``' bounds): what it touches (runs, the
+heartbeats it repeats, job states, the heartbeat runs it may finish) is read up front, one query
+per kind; no event queries alone. Rows are plain values written back with Core statements (new
+rows by executemany INSERTs, changed ones by ``health_store.update_rows``), not through the ORM's
+unit of work. The specs of its jobs are read once per batch and parsed once per spec text
+(``health_store``), and each job's next expected time comes from ``NextFires``, which needs no
+croniter while the answer is the one it gave last for that schedule.
 
 In the same transaction, each new run event and job heartbeat is fed to the job's health machine
 (``monitor.health``): its record is advanced and stored, with its flips. A run finished as
@@ -23,12 +28,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeGuard
+from typing import Any, TypeGuard, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.cron import next_fire
+from common.jobs import JobSpec
 from common.messages import (
     Event,
     HeartbeatKind,
@@ -38,8 +44,9 @@ from common.messages import (
     RunStatus,
 )
 from common.store import HeartbeatRow, JobStateRow, RunRow
+from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 from monitor.health import HealthInput, health_input
-from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs
+from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs, update_rows
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -67,41 +74,186 @@ class BatchOutcome:
     health: Advanced = field(default_factory=Advanced)
 
 
+@dataclass(slots=True)
+class _Run:
+    """A row of ``runs`` as the batch reads and changes it (plain values, no ORM)."""
+
+    run_id: str
+    job: str
+    source: str
+    status: str
+    started_at: datetime
+    trigger_id: str | None = None
+    pool: str | None = None
+    worker: str | None = None
+    redelivered: bool = False
+    scheduled_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_seconds: float | None = None
+    exit_code: int | None = None
+    http_status: int | None = None
+    output_tail: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _State:
+    """A row of ``job_state`` as the batch reads and changes it."""
+
+    job: str
+    updated_at: datetime
+    consecutive_failures: int = 0
+    last_run_id: str | None = None
+    last_status: str | None = None
+    last_started_at: datetime | None = None
+    last_finished_at: datetime | None = None
+    next_expected_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class _Heartbeat:
+    """A row of ``heartbeats``."""
+
+    id: str
+    job: str
+    kind: str
+    at: datetime
+    exit_code: int | None = None
+    message: str | None = None
+
+
+_RUNS = cast(Table, RunRow.__table__)
+_HEARTBEATS = cast(Table, HeartbeatRow.__table__)
+_STATES = cast(Table, JobStateRow.__table__)
+# Each table's columns, which the row classes above must match (checked at import).
+_COLUMNS: dict[Table, tuple[str, ...]] = {
+    table: tuple(column.key for column in table.columns) for table in (_RUNS, _HEARTBEATS, _STATES)
+}
+for _table, _model in ((_RUNS, _Run), (_HEARTBEATS, _Heartbeat), (_STATES, _State)):
+    if set(_COLUMNS[_table]) != set(_model.__dataclass_fields__):
+        raise RuntimeError(f"monitor.recorder's {_model.__name__} does not match the table {_table.name}")
+
+
+def _row_values(table: Table, row: Any) -> dict[str, Any]:
+    """Every column of ``table`` from ``row`` (a ``_Run``, ``_State`` or ``_Heartbeat``)."""
+    return {key: getattr(row, key) for key in _COLUMNS[table]}
+
+
+async def _read(session: AsyncSession, table: Table, model: Any, where: Any) -> list[Any]:
+    """The rows of ``table`` matching ``where``, as ``model`` objects: plain values the batch
+    changes freely, written back with Core statements (no ORM unit of work)."""
+    rows = await session.execute(select(*table.columns).where(where))
+    return [model(**row._asdict()) for row in rows]
+
+
 @dataclass
 class _Batch:
-    """What one batch reads and writes: runs and job states by key, and due times to compute."""
+    """What one batch reads and writes: runs, heartbeats and job states by key (plain values,
+    nothing in the session), and due times to compute. ``save`` writes what is new
+    or changed with a few statements of bounded size."""
 
     session: AsyncSession
     now: datetime
-    runs: dict[str, RunRow] = field(default_factory=dict)
-    states: dict[str, JobStateRow] = field(default_factory=dict)
+    runs: dict[str, _Run] = field(default_factory=dict)
+    states: dict[str, _State] = field(default_factory=dict)
     due_after: dict[str, datetime] = field(default_factory=dict)
+    heartbeats: dict[str, _Heartbeat] = field(default_factory=dict)
+    open_heartbeat_runs: dict[str, list[_Run]] = field(default_factory=dict)
+    # What was read, as read (to write back only what changed), and what is new.
+    _as_read: dict[tuple[Table, str], dict[str, Any]] = field(default_factory=dict)
+    _new: dict[Table, list[Any]] = field(default_factory=dict)
 
     async def load(self, events: Sequence[Event]) -> None:
+        """Read, in bounded statements, everything the batch's events can touch: their runs
+        (a heartbeat's own run included), their heartbeats, their jobs' states and the heartbeat
+        runs still open that a heartbeat of the batch may finish."""
+        session = self.session
         run_ids = {e.run_id for e in events if isinstance(e, RunStarted | RunFinished)}
-        if run_ids:
-            rows = await self.session.execute(select(RunRow).where(RunRow.run_id.in_(run_ids)))
-            self.runs = {row.run_id: row for row in rows.scalars()}
+        heartbeats = [e for e in events if isinstance(e, JobHeartbeat)]
+        run_ids.update(f"hb:{e.id}" for e in heartbeats)
+        for some in chunks(sorted(run_ids), IN_LIST_CHUNK):
+            for run in await _read(session, _RUNS, _Run, _RUNS.c.run_id.in_(some)):
+                self._keep(_RUNS, run.run_id, run)
+                self.runs[run.run_id] = run
+        for some in chunks(sorted({e.id for e in heartbeats}), IN_LIST_CHUNK):
+            for heartbeat in await _read(session, _HEARTBEATS, _Heartbeat, _HEARTBEATS.c.id.in_(some)):
+                self.heartbeats[heartbeat.id] = heartbeat
         jobs = {e.job for e in events if isinstance(e, RunStarted | RunFinished | JobHeartbeat)}
-        if jobs:
-            states = await self.session.execute(select(JobStateRow).where(JobStateRow.job.in_(jobs)))
-            self.states = {state.job: state for state in states.scalars()}
+        for some in chunks(sorted(jobs), IN_LIST_CHUNK):
+            for state in await _read(session, _STATES, _State, _STATES.c.job.in_(some)):
+                self._keep(_STATES, state.job, state)
+                self.states[state.job] = state
+        # The heartbeat runs a success or fail of this batch may end: those still running that
+        # started no later than the latest such heartbeat of their job (ix_runs_job_started).
+        ending: dict[str, datetime] = {}
+        for e in heartbeats:
+            if e.kind is not HeartbeatKind.START:
+                ending[e.job] = max(e.at, ending.get(e.job, e.at))
+        latest = max(ending.values(), default=None)
+        for some in chunks(sorted(ending), IN_LIST_CHUNK):
+            where = and_(
+                _RUNS.c.job.in_(some),
+                _RUNS.c.source == "heartbeat",
+                _RUNS.c.status == RunStatus.RUNNING.value,
+                _RUNS.c.started_at <= latest,
+            )
+            for run in await _read(session, _RUNS, _Run, where):
+                if run.run_id not in self.runs:
+                    self._keep(_RUNS, run.run_id, run)
+                    self.runs[run.run_id] = run
+                self.open_heartbeat_runs.setdefault(run.job, []).append(self.runs[run.run_id])
 
-    def add_run(self, run: RunRow) -> RunRow:
-        self.session.add(run)
+    def _keep(self, table: Table, key: str, row: Any) -> None:
+        self._as_read[(table, key)] = _row_values(table, row)
+
+    def add(self, table: Table, row: Any) -> None:
+        """Insert ``row`` (a ``_Run``, ``_Heartbeat`` or ``_State`` of ``table``) when the batch
+        is saved."""
+        self._new.setdefault(table, []).append(row)
+
+    async def save(self) -> None:
+        """Insert what is new (executemany INSERTs) and write back what changed
+        (``update_rows``), each statement within ``common.store.chunks``' bounds."""
+        for table in (_RUNS, _HEARTBEATS, _STATES):
+            inserted = [_row_values(table, row) for row in self._new.get(table, [])]
+            if inserted:
+                await _insert(self.session, table, inserted)
+        for table, rows, key in ((_RUNS, self.runs, "run_id"), (_STATES, self.states, "job")):
+            changed = []
+            for name, row in rows.items():
+                before = self._as_read.get((table, name))
+                if before is not None:
+                    values = _row_values(table, row)
+                    if values != before:
+                        changed.append(values)
+            if changed:
+                await update_rows(self.session, table, key, changed)
+
+    def open_heartbeat_run(self, job: str, at: datetime) -> _Run | None:
+        """The latest heartbeat run of ``job`` still running that started at or before ``at``."""
+        best: _Run | None = None
+        for run in self.open_heartbeat_runs.get(job, ()):
+            if run.status != RunStatus.RUNNING.value or run.started_at > at:
+                continue
+            if best is None or run.started_at > best.started_at:
+                best = run
+        return best
+
+    def add_run(self, run: _Run) -> _Run:
+        self.add(_RUNS, run)
         self.runs[run.run_id] = run
         return run
 
-    def state(self, job: str) -> JobStateRow:
+    def state(self, job: str) -> _State:
         """``job``'s state row, created if the monitor has never seen the job."""
         state = self.states.get(job)
         if state is None:
-            state = JobStateRow(job=job, consecutive_failures=0, updated_at=self.now)
-            self.session.add(state)
+            state = _State(job=job, updated_at=self.now)
+            self.add(_STATES, state)
             self.states[job] = state
         return state
 
-    def start(self, run: RunRow) -> bool:
+    def start(self, run: _Run) -> bool:
         """Make ``run`` its job's current run, unless a later one has already begun."""
         state = self.state(run.job)
         if state.last_started_at is not None and run.started_at < state.last_started_at:
@@ -112,7 +264,7 @@ class _Batch:
         state.updated_at = self.now
         return True
 
-    def finish(self, run: RunRow, due_after: datetime) -> None:
+    def finish(self, run: _Run, due_after: datetime) -> None:
         """Make ``run`` its job's last run, unless a later one has already begun."""
         if not self.start(run):
             return
@@ -128,9 +280,41 @@ class _Batch:
         for job, after in self.due_after.items():
             stored = specs.get(job)
             spec = None if stored is None else stored.spec
-            self.states[job].next_expected_at = (
-                None if spec is None else next_fire(spec.schedule, spec.zone(), after)
-            )
+            self.states[job].next_expected_at = None if spec is None else _next_fires.after(spec, after)
+
+
+class NextFires:
+    """``next_fire`` for many jobs sharing schedules, remembering for each (schedule, zone) the
+    last interval it computed: the first fire strictly after ``a`` is ``f``, so for every ``t``
+    with ``a <= t < f`` it is ``f`` too (no fire lies in between). Jobs finishing one after the
+    other mostly ask inside the interval of the previous one and need no croniter at all."""
+
+    LIMIT = 65536
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], tuple[datetime, datetime]] = {}
+
+    def after(self, spec: JobSpec, after: datetime) -> datetime:
+        """The first fire of ``spec`` strictly after ``after`` (``common.cron.next_fire``)."""
+        key = (spec.schedule, spec.timezone)
+        known = self._last.get(key)
+        if known is not None and known[0] <= after < known[1]:
+            return known[1]
+        fire = next_fire(spec.schedule, spec.zone(), after)
+        if len(self._last) >= self.LIMIT:
+            self._last.clear()
+        self._last[key] = (after, fire)
+        return fire
+
+
+_next_fires = NextFires()
+
+
+async def _insert(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` into ``table``: executemany of one compiled INSERT (a multi-row VALUES
+    would be compiled anew for every batch size), in chunks of bounded size."""
+    for some in chunks(rows, rows_per_insert(len(table.columns))):
+        await session.execute(table.insert(), list(some))
 
 
 async def record_batch(session: AsyncSession, events: Sequence[Event], now: datetime) -> BatchOutcome:
@@ -152,7 +336,7 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
             case RunFinished():
                 changed = _run_finished(batch, event)
             case JobHeartbeat():
-                changed = await _job_heartbeat(batch, event)
+                changed = _job_heartbeat(batch, event)
             case _:
                 changed = False
         if isinstance(changed, Conflict):
@@ -165,7 +349,7 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
     jobs = set(batch.due_after) | {job for job, _input in health_inputs}
     specs = await read_specs(session, jobs) if jobs else {}
     batch.compute_due_times(specs)
-    await session.flush()
+    await batch.save()
     health = HealthBatch(session, now)
     await health.load({job for job, _input in health_inputs}, specs)
     for job, event_input in health_inputs:
@@ -181,7 +365,7 @@ def feeds_health(event: Event) -> TypeGuard[RunStarted | RunFinished | JobHeartb
     return isinstance(event, RunStarted | JobHeartbeat)
 
 
-def _run_conflict(run: RunRow, event: RunStarted | RunFinished) -> Conflict | None:
+def _run_conflict(run: _Run, event: RunStarted | RunFinished) -> Conflict | None:
     """Whether ``event`` claims ``run``'s id for another job or trigger."""
     if run.job == event.job and run.trigger_id == event.trigger_id:
         return None
@@ -196,7 +380,7 @@ def _run_started(batch: _Batch, event: RunStarted) -> bool | Conflict:
     if run is not None:
         return _run_conflict(run, event) or False
     run = batch.add_run(
-        RunRow(
+        _Run(
             run_id=event.run_id,
             trigger_id=event.trigger_id,
             job=event.job,
@@ -222,7 +406,15 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     # A run the monitor marked lost (its worker went silent) that did finish after all: its
     # real end is recorded over ``lost``.
     if run is None:
-        run = batch.add_run(RunRow(run_id=event.run_id, source="worker"))
+        run = batch.add_run(
+            _Run(
+                run_id=event.run_id,
+                job=event.job,
+                source="worker",
+                status=event.status.value,
+                started_at=event.started_at,
+            )
+        )
     run.trigger_id = event.trigger_id
     run.job = event.job
     run.pool = event.pool
@@ -243,7 +435,7 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     return True
 
 
-def _same_heartbeat(row: HeartbeatRow, event: JobHeartbeat) -> bool:
+def _same_heartbeat(row: _Heartbeat, event: JobHeartbeat) -> bool:
     return (row.job, row.kind, row.at, row.exit_code, row.message) == (
         event.job,
         event.kind.value,
@@ -253,53 +445,48 @@ def _same_heartbeat(row: HeartbeatRow, event: JobHeartbeat) -> bool:
     )
 
 
-async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
-    session = batch.session
-    await session.flush()  # earlier heartbeats of this batch must be visible to the queries below
-    seen = await session.get(HeartbeatRow, event.id)
+def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
+    seen = batch.heartbeats.get(event.id)
     if seen is not None:
         if _same_heartbeat(seen, event):
             return False
         return Conflict(f"heartbeat {event.id!r} is recorded with other content (job {seen.job!r})")
     own_run = f"hb:{event.id}"
-    if own_run in batch.runs or await session.get(RunRow, own_run) is not None:
+    if own_run in batch.runs:
         return Conflict(f"run {own_run!r}, the run of heartbeat {event.id!r}, is already recorded")
-    session.add(
-        HeartbeatRow(
-            id=event.id,
-            job=event.job,
-            kind=event.kind.value,
-            exit_code=event.exit_code,
-            at=event.at,
-            message=event.message,
-        )
+    heartbeat = _Heartbeat(
+        id=event.id,
+        job=event.job,
+        kind=event.kind.value,
+        exit_code=event.exit_code,
+        at=event.at,
+        message=event.message,
     )
+    batch.add(_HEARTBEATS, heartbeat)
+    batch.heartbeats[event.id] = heartbeat
     if event.kind is HeartbeatKind.START:
         started = batch.add_run(
-            RunRow(
-                run_id=f"hb:{event.id}",
+            _Run(
+                run_id=own_run,
                 job=event.job,
                 source="heartbeat",
                 status=RunStatus.RUNNING.value,
                 started_at=event.at,
             )
         )
+        batch.open_heartbeat_runs.setdefault(event.job, []).append(started)
         batch.start(started)
         return True
-    run = await session.scalar(
-        select(RunRow)
-        .where(
-            RunRow.job == event.job,
-            RunRow.source == "heartbeat",
-            RunRow.status == RunStatus.RUNNING.value,
-            RunRow.started_at <= event.at,
-        )
-        .order_by(RunRow.started_at.desc())
-        .limit(1)
-    )
+    run = batch.open_heartbeat_run(event.job, event.at)
     if run is None:
         run = batch.add_run(
-            RunRow(run_id=f"hb:{event.id}", job=event.job, source="heartbeat", started_at=event.at)
+            _Run(
+                run_id=own_run,
+                job=event.job,
+                source="heartbeat",
+                status=_HEARTBEAT_STATUS[event.kind].value,
+                started_at=event.at,
+            )
         )
     run.status = _HEARTBEAT_STATUS[event.kind].value
     run.finished_at = event.at

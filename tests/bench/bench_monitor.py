@@ -1,0 +1,588 @@
+"""Monitor benchmark: event ingestion against a bare aio-pika consume+ack loop, and deadline lag.
+
+Not a test (pytest does not collect ``bench_*.py``). Run it from the repository root::
+
+    .venv/bin/python tests/bench/bench_monitor.py --events 20000 --jobs 1000 --deadline-jobs 10000
+
+It measures, against the RabbitMQ at ``--amqp-url``, on a throwaway SQLite store and on a private
+schema of the PostgreSQL at ``--postgres-url`` (dropped at the end):
+
+1. **Ingestion.** ``--jobs`` jobs are applied; N signed events over them (``run.started`` /
+   ``run.finished`` pairs, and one ``start`` / ``success`` job-heartbeat pair in every five) are
+   published to a private namespace *before* the monitor starts. Then the real monitor
+   (``monitor.service.serve``: verify, record in batches, advance each job's health, ack after
+   commit) drains them; the clock runs from the moment it consumes (``options.ready``) until the
+   store holds every run and heartbeat (polled).
+2. **The bare loop, same run.** The same N bodies and signed headers, pre-published to a quorum
+   queue with the monitor queue's arguments, drained by a bare aio-pika loop (same prefetch, one
+   ack per message, as the monitor acks). The ratio monitor / bare is reported per store.
+3. **Deadlines.** ``--deadline-jobs`` jobs all due at the same instant (the worst case: one herd),
+   or with ``--spread S`` due over S seconds (as many each second), with ``--grace`` seconds of
+   grace, no run ever. The real monitor learns them (first health
+   record), ticks them ``late`` at the due instant and ``down`` at the end of the grace period.
+   The lag of each job is measured from its grace end to the *log line* of its ``late -> down``
+   flip, which ``monitor.service`` writes once the flip's transaction has committed (the alert
+   channels are not wired yet: delivery is not measured here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import platform
+import secrets
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from sqlalchemy import func, select, text
+
+import monitor.service
+from common.actions import ShellAction
+from common.bus import Publisher, connect
+from common.catalog import apply_jobs
+from common.clock import utcnow
+from common.jobs import JobSpec
+from common.messages import (
+    Event,
+    HeartbeatKind,
+    JobHeartbeat,
+    RunFinished,
+    RunStarted,
+    RunStatus,
+    trigger_id,
+)
+from common.roles import signing_role
+from common.services import ServiceOptions
+from common.settings import Settings, normalise_database_url
+from common.store import FlipRow, HeartbeatRow, RunRow, Store
+from common.topology import Topology, event_routing_key
+
+POOL = "default"
+PUBLISH_BATCH = 500
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of ``values`` (``p`` in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(p / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+# --- stores -----------------------------------------------------------------------------------
+
+
+@dataclass
+class StorePlace:
+    """Where one run's store lives: a URL and, on PostgreSQL, a private schema."""
+
+    label: str
+    url: str
+    schema: str | None
+
+    async def create(self) -> None:
+        await (await Store.open(self.url, self.schema, upgrade=True)).close()
+
+    async def drop(self) -> None:
+        if self.schema is None:
+            return
+        store = await Store.connect(self.url)
+        try:
+            async with store.engine.begin() as connection:
+                await connection.execute(text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
+        finally:
+            await store.close()
+
+
+def places(args: argparse.Namespace, tmp: Path, tag: str) -> list[StorePlace]:
+    found = []
+    if "sqlite" in args.stores:
+        found.append(StorePlace("sqlite", f"sqlite+aiosqlite:///{tmp / f'{tag}.db'}", None))
+    if "postgresql" in args.stores:
+        found.append(StorePlace("postgresql", normalise_database_url(args.postgres_url), f"bench_{tag}"))
+    return found
+
+
+# --- the events -------------------------------------------------------------------------------
+
+
+def bench_jobs(count: int) -> list[JobSpec]:
+    """``count`` jobs every five minutes, with an hour of grace: the ingestion run flips nothing
+    by deadline, only by its events."""
+    return [
+        JobSpec(
+            name=f"ing-{i:05d}",
+            schedule="*/5 * * * *",
+            grace_seconds=3600,
+            action=ShellAction(argv=["true"]),
+            pool=POOL,
+        )
+        for i in range(count)
+    ]
+
+
+@dataclass
+class EventSet:
+    events: list[Event]
+    runs: int
+    heartbeats: int
+
+
+def make_events(jobs: Sequence[JobSpec], n: int, base: datetime) -> EventSet:
+    """About ``n`` events over ``jobs``, in the order a fleet would send them: each unit is a run
+    (started, finished) or, one in five, a heartbeat pair (start, success), of the next job."""
+    events: list[Event] = []
+    runs = heartbeats = 0
+    unit = 0
+    while len(events) < n:
+        job = jobs[unit % len(jobs)].name
+        at = base + timedelta(milliseconds=unit)
+        if unit % 5 == 4:
+            events.append(JobHeartbeat(id=f"hb-{unit}-s", job=job, kind=HeartbeatKind.START, at=at))
+            events.append(
+                JobHeartbeat(
+                    id=f"hb-{unit}-e", job=job, kind=HeartbeatKind.SUCCESS, at=at + timedelta(seconds=1)
+                )
+            )
+            heartbeats += 2
+        else:
+            scheduled = at.replace(microsecond=0)
+            fields: dict[str, Any] = {
+                "run_id": f"run-{unit}",
+                "trigger_id": f"{trigger_id(job, scheduled)}#{unit}",
+                "job": job,
+                "pool": POOL,
+                "worker": "bench-worker",
+                "scheduled_at": scheduled,
+                "started_at": at,
+            }
+            events.append(RunStarted(**fields))
+            events.append(
+                RunFinished(
+                    **fields,
+                    finished_at=at + timedelta(seconds=1),
+                    duration_seconds=1.0,
+                    status=RunStatus.SUCCEEDED,
+                    exit_code=0,
+                )
+            )
+        runs += 1
+        unit += 1
+    return EventSet(events, runs, heartbeats)
+
+
+async def publish_events(publisher: Publisher, events: Sequence[Event]) -> None:
+    """Publish ``events`` as a worker does (signed, confirmed), pipelined in batches, in order
+    within each batch as far as the channel goes."""
+    for first in range(0, len(events), PUBLISH_BATCH):
+        await asyncio.gather(*(publisher.event(e) for e in events[first : first + PUBLISH_BATCH]))
+
+
+# --- 1. ingestion through the real monitor ----------------------------------------------------
+
+
+async def stored_counts(store: Store) -> tuple[int, int]:
+    async with store.session() as session:
+        runs = await session.scalar(select(func.count()).select_from(RunRow))
+        heartbeats = await session.scalar(select(func.count()).select_from(HeartbeatRow))
+    return int(runs or 0), int(heartbeats or 0)
+
+
+async def start_monitor(settings: Settings) -> tuple[asyncio.Task[None], float]:
+    """The real monitor as a task; returns it and the instant (perf_counter) it began consuming."""
+    options = ServiceOptions(name="bench-monitor")
+    task = asyncio.create_task(monitor.service.serve(settings, options), name="monitor")
+    ready = asyncio.create_task(options.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    if ready not in done:
+        ready.cancel()
+        if task in done:
+            task.result()
+        task.cancel()
+        raise RuntimeError("the monitor did not start consuming in 60 s")
+    return task, time.perf_counter()
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return
+    except Exception as exc:
+        print(f"!! {task.get_name()} died: {exc!r}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Ingestion:
+    store: str
+    events: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.events / self.seconds
+
+
+async def ingestion(settings: Settings, place: StorePlace, n: int, jobs: int, stall: float) -> Ingestion:
+    """Pre-publish about ``n`` events, then time the real monitor draining them into the store."""
+    store = await Store.open(place.url, place.schema)
+    connection = await connect(settings.amqp_url, "bench-publisher", wait=False)
+    try:
+        specs = bench_jobs(jobs)
+        await apply_jobs(store, specs, utcnow())
+        made = make_events(specs, n, utcnow() - timedelta(hours=1))
+        publisher = await Publisher.open(connection, Topology(settings.namespace), settings.keyring())
+        await publish_events(publisher, made.events)
+        task, started = await start_monitor(settings)
+        try:
+            last, moved = (-1, -1), time.perf_counter()
+            while True:
+                counts = await stored_counts(store)
+                now = time.perf_counter()
+                if counts >= (made.runs, made.heartbeats):
+                    finished = now
+                    break
+                if counts != last:
+                    last, moved = counts, now
+                elif now - moved > stall:
+                    raise RuntimeError(f"stalled at {counts} of {(made.runs, made.heartbeats)} (runs, hb)")
+                await asyncio.sleep(0.02)
+        finally:
+            await stop_task(task)
+        return Ingestion(place.label, len(made.events), finished - started)
+    finally:
+        await connection.close()
+        await store.close()
+
+
+# --- 2. the bare loop -------------------------------------------------------------------------
+
+
+async def bare_loop(settings: Settings, queue_name: str, events: Sequence[Event]) -> float:
+    """Pre-publish the same bodies and signed headers to a quorum queue with the monitor queue's
+    arguments; return the seconds a bare consume -> ack loop (monitor's prefetch) takes."""
+    keyring = settings.keyring()
+    producer = await aio_pika.connect_robust(
+        settings.amqp_url, client_properties={"connection_name": "bare-p"}
+    )
+    consumer = await aio_pika.connect_robust(
+        settings.amqp_url, client_properties={"connection_name": "bare-c"}
+    )
+    try:
+        arguments = Topology(settings.namespace)._consumed()
+        publish_channel = await producer.channel(publisher_confirms=True)
+        await publish_channel.declare_queue(queue_name, durable=True, arguments=arguments)
+        exchange = publish_channel.default_exchange
+
+        def message(event: Event) -> aio_pika.Message:
+            body = event.to_bytes()
+            job = event.job if isinstance(event, JobHeartbeat) else None
+            headers = keyring.signer(signing_role(event), job).sign(
+                settings.namespace, event_routing_key(event), body
+            )
+            return aio_pika.Message(
+                body,
+                headers=dict(headers),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                timestamp=datetime.now(UTC),
+            )
+
+        for first in range(0, len(events), PUBLISH_BATCH):
+            await asyncio.gather(
+                *(
+                    exchange.publish(message(e), routing_key=queue_name)
+                    for e in events[first : first + PUBLISH_BATCH]
+                )
+            )
+        channel = await consumer.channel()
+        await channel.set_qos(prefetch_count=monitor.service.PREFETCH)
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
+        received = 0
+        started = time.perf_counter()
+        async with queue.iterator() as deliveries:
+            async for delivery in deliveries:
+                await delivery.ack()
+                received += 1
+                if received >= len(events):
+                    break
+        finished = time.perf_counter()
+        await channel.queue_delete(queue_name)
+        return finished - started
+    finally:
+        await producer.close()
+        await consumer.close()
+
+
+# --- 3. deadlines -----------------------------------------------------------------------------
+
+
+class FlipTimes(logging.Handler):
+    """Keeps, for each ``late -> down`` flip the monitor logs, the job, the flip's instant and
+    when the line was written (after its transaction committed); passes every other record on."""
+
+    def __init__(self, forward: logging.Handler | None) -> None:
+        super().__init__()
+        self.down: dict[str, tuple[datetime, float]] = {}
+        self.forward = forward
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "job %s: %s -> %s at %s (%s)" and isinstance(record.args, tuple):
+            job, _from, to, at, _reason = record.args
+            if str(to) == "down":
+                self.down.setdefault(str(job), (datetime.fromisoformat(str(at)), record.created))
+            return
+        if self.forward is not None and record.levelno >= logging.WARNING:
+            self.forward.handle(record)
+
+
+@dataclass
+class DeadlineLag:
+    store: str
+    jobs: int
+    grace: float
+    spread: int
+    lags: list[float]
+    flips_stored: int
+    setup_seconds: float
+
+
+def herd_jobs(count: int, due: datetime, grace: float, spread: int = 0) -> list[JobSpec]:
+    """``count`` jobs due once an hour: all at ``due``'s minute and second, or with ``spread``,
+    job i at ``due + i % spread`` seconds (as many jobs due each second of ``spread`` seconds)."""
+    jobs = []
+    for i in range(count):
+        at = due + timedelta(seconds=i % spread) if spread else due
+        jobs.append(
+            JobSpec(
+                name=f"dl-{i:05d}",
+                schedule=f"{at.second} {at.minute} * * * *",
+                grace_seconds=grace,
+                action=ShellAction(argv=["true"]),
+                pool=POOL,
+            )
+        )
+    return jobs
+
+
+async def deadlines(
+    settings: Settings, place: StorePlace, count: int, grace: float, lead: float, spread: int
+) -> DeadlineLag:
+    """Apply ``count`` jobs due ``lead`` seconds from now (or spread over the ``spread`` seconds
+    from then), start the monitor, and time each job's ``down`` flip from its grace end."""
+    store = await Store.open(place.url, place.schema)
+    logger = logging.getLogger("cronfleet.monitor")
+    root = logging.getLogger().handlers
+    catcher = FlipTimes(root[0] if root else None)
+    try:
+        began = time.perf_counter()
+        due = (utcnow() + timedelta(seconds=lead)).replace(microsecond=0)
+        specs = herd_jobs(count, due, grace, spread)
+        await apply_jobs(store, specs, utcnow())
+        logger.addHandler(catcher)
+        logger.propagate = False
+        task, _started = await start_monitor(settings)
+        setup = time.perf_counter() - began
+        try:
+            limit = time.monotonic() + lead + spread + grace + 120
+            while len(catcher.down) < count and time.monotonic() < limit:  # noqa: ASYNC110 (a poll)
+                await asyncio.sleep(0.2)
+        finally:
+            await stop_task(task)
+        async with store.session() as session:
+            stored = await session.scalar(
+                select(func.count()).select_from(FlipRow).where(FlipRow.to_state == "down")
+            )
+        grace_ends = {
+            spec.name: due + timedelta(seconds=(i % spread if spread else 0) + grace)
+            for i, spec in enumerate(specs)
+        }
+        lags = [written - grace_ends[job].timestamp() for job, (_at, written) in catcher.down.items()]
+        if any(at != grace_ends[job] for job, (at, _written) in catcher.down.items()):
+            print("!! a down flip at another instant than its grace end", file=sys.stderr)
+        return DeadlineLag(place.label, count, grace, spread, lags, int(stored or 0), setup)
+    finally:
+        logger.removeHandler(catcher)
+        logger.propagate = True
+        await store.close()
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+async def cleanup(amqp_url: str, namespaces: Sequence[str], queues: Sequence[str]) -> None:
+    connection = await aio_pika.connect_robust(amqp_url, client_properties={"connection_name": "bench-clean"})
+    try:
+        for namespace in namespaces:
+            channel = await connection.channel()
+            await Topology(namespace).delete(channel, [POOL])
+            await channel.close()
+        for queue in queues:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+            await channel.close()
+    finally:
+        await connection.close()
+
+
+async def run(args: argparse.Namespace) -> int:
+    run_id = uuid.uuid4().hex[:8]
+    keys = ",".join(f"{role}:bench-{role}:{secrets.token_hex(16)}" for role in ("trigger", "event", "ping"))
+    print(
+        f"cronfleet monitor bench: {os.cpu_count()} cpu(s) ({platform.machine()}), "
+        f"Python {platform.python_version()}, batch limit {monitor.service.BATCH_LIMIT}, "
+        f"prefetch {monitor.service.PREFETCH}",
+        flush=True,
+    )
+    namespaces: list[str] = []
+    bare_queues: list[str] = []
+    ingested: list[tuple[Ingestion, float]] = []
+    lags: list[DeadlineLag] = []
+    with tempfile.TemporaryDirectory(prefix="cronfleet-bench-") as tmp:
+        try:
+            for repeat in range(args.repeat if args.events else 0):
+                for place in places(args, Path(tmp), f"{run_id}_i{repeat}"):
+                    namespace = f"bench-{run_id}-{place.label}-{repeat}"
+                    namespaces.append(namespace)
+                    settings = Settings(
+                        amqp_url=args.amqp_url,
+                        database_url=place.url,
+                        database_schema=place.schema,
+                        keys=keys,
+                        namespace=namespace,
+                    )
+                    await place.create()
+                    try:
+                        print(
+                            f"[1] {place.label}: {args.events} events over {args.jobs} jobs ...", flush=True
+                        )
+                        result = await ingestion(settings, place, args.events, args.jobs, args.stall)
+                    finally:
+                        await place.drop()
+                    queue = f"{namespace}.bare"
+                    bare_queues.append(queue)
+                    specs = bench_jobs(args.jobs)
+                    events = make_events(specs, args.events, utcnow() - timedelta(hours=1)).events
+                    print(f"[2] bare aio-pika loop, {len(events)} messages ...", flush=True)
+                    bare = await bare_loop(settings, queue, events)
+                    bare_rate = len(events) / bare
+                    ingested.append((result, bare_rate))
+                    print(
+                        f"    monitor {result.per_second:.0f} events/s ({result.seconds:.2f} s); "
+                        f"bare {bare_rate:.0f} msgs/s; ratio {result.per_second / bare_rate:.1%}",
+                        flush=True,
+                    )
+            if args.deadline_jobs:
+                for place in places(args, Path(tmp), f"{run_id}_d"):
+                    namespace = f"bench-{run_id}-{place.label}-d"
+                    namespaces.append(namespace)
+                    settings = Settings(
+                        amqp_url=args.amqp_url,
+                        database_url=place.url,
+                        database_schema=place.schema,
+                        keys=keys,
+                        namespace=namespace,
+                        jobs_reload_seconds=args.reload,
+                    )
+                    await place.create()
+                    try:
+                        print(
+                            f"[3] {place.label}: {args.deadline_jobs} jobs due "
+                            f"{f'over {args.spread} s' if args.spread else 'at once'}, "
+                            f"grace {args.grace:g} s ...",
+                            flush=True,
+                        )
+                        lag = await deadlines(
+                            settings, place, args.deadline_jobs, args.grace, args.lead, args.spread
+                        )
+                    finally:
+                        await place.drop()
+                    lags.append(lag)
+                    print(
+                        f"    {len(lag.lags)}/{lag.jobs} down flips logged ({lag.flips_stored} stored); "
+                        f"lag p50 {percentile(lag.lags, 50) * 1000:.0f} ms, "
+                        f"p99 {percentile(lag.lags, 99) * 1000:.0f} ms, "
+                        f"max {max(lag.lags, default=math.nan) * 1000:.0f} ms "
+                        f"(setup {lag.setup_seconds:.1f} s)",
+                        flush=True,
+                    )
+        finally:
+            await cleanup(args.amqp_url, namespaces, bare_queues)
+    print()
+    print(f"{'measure':<62} {'value':>12}")
+    print("-" * 75)
+    for result, bare_rate in ingested:
+        print(f"{f'monitor events/s, {result.store} (N={result.events})':<62} {result.per_second:>12.0f}")
+        print(f"{'  bare aio-pika consume+ack msgs/s, same run':<62} {bare_rate:>12.0f}")
+        print(f"{'  ratio monitor / bare':<62} {result.per_second / bare_rate:>11.1%}")
+    for lag in lags:
+        when = f"over {lag.spread} s" if lag.spread else "at once"
+        label = f"deadline lag, {lag.store}, {lag.jobs} jobs due {when}"
+        print(f"{label + ': p50':<62} {percentile(lag.lags, 50) * 1000:>9.0f} ms")
+        label = "  p99 (grace end -> down flip logged after commit)"
+        print(f"{label:<62} {percentile(lag.lags, 99) * 1000:>9.0f} ms")
+        print(f"{'  max':<62} {max(lag.lags, default=math.nan) * 1000:>9.0f} ms")
+        counts = f"{len(lag.lags)}/{lag.flips_stored}/{lag.jobs}"
+        print(f"{'  down flips logged / stored / jobs':<62} {counts:>12}")
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--events", type=int, default=20000, help="events per ingestion run (0: none)")
+    parser.add_argument("--jobs", type=int, default=1000, help="jobs the events are spread over")
+    parser.add_argument("--repeat", type=int, default=1, help="ingestion runs per store")
+    parser.add_argument("--deadline-jobs", type=int, default=10000, help="jobs due at once (0: none)")
+    parser.add_argument("--grace", type=float, default=2.0, help="their grace, seconds")
+    parser.add_argument("--lead", type=float, default=40.0, help="seconds from start to their due time")
+    parser.add_argument(
+        "--spread", type=int, default=0, help="spread their due times over this many seconds (< 60)"
+    )
+    parser.add_argument("--reload", type=float, default=2.0, help="the monitor's jobs_reload_seconds")
+    parser.add_argument("--stall", type=float, default=60.0, help="give up when nothing moves this long")
+    parser.add_argument(
+        "--stores", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"]
+    )
+    parser.add_argument(
+        "--amqp-url", default=os.environ.get("CRONFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("CRONFLEET_TEST_DATABASE_URL", "postgresql://127.0.0.1:5432/test"),
+    )
+    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--profile", help="write a cProfile of the whole run to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            return asyncio.run(run(args))
+        finally:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
