@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -14,6 +15,15 @@ from common.store import Store
 
 
 @dataclass(frozen=True)
+class EventCounts:
+    """What this monitor's recorder did since it started: events recorded (that changed
+    something in the store) and events refused (dead-lettered with a reason)."""
+
+    recorded: int = 0
+    refused: int = 0
+
+
+@dataclass(frozen=True)
 class HttpContext:
     """The monitor's parts the HTTP layer translates requests into: it validates and calls
     these, and holds no state of its own beyond them."""
@@ -23,6 +33,8 @@ class HttpContext:
     publisher: Publisher
     keyring: Keyring
     clock: Clock = field(default=utcnow)
+    # This monitor's own event counters, read at each scrape of /metrics.
+    events: Callable[[], EventCounts] = field(default=EventCounts)
 
 
 def context_of(request: Request) -> HttpContext:
