@@ -268,6 +268,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                         publisher,
                         keyring,
                         events=lambda: EventCounts(recorder.recorded, recorder.rejected),
+                        connection=connection,
                     )
                     tasks.create_task(serve_http(context, http_socket))
                 retention = settings.retention_age()

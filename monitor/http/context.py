@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aio_pika.abc import AbstractRobustConnection
 from fastapi import Request
 
 from common.bus import Publisher
@@ -35,6 +36,9 @@ class HttpContext:
     clock: Clock = field(default=utcnow)
     # This monitor's own event counters, read at each scrape of /metrics.
     events: Callable[[], EventCounts] = field(default=EventCounts)
+    # The monitor's broker connection, for declares on channels of their own (a refused declare
+    # closes its channel: never the publisher's).
+    connection: AbstractRobustConnection | None = None
 
 
 def context_of(request: Request) -> HttpContext:

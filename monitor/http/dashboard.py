@@ -10,6 +10,7 @@ page never holds a secret: of a job's action only its type is sent.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from importlib import resources
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ from sqlalchemy import select
 
 from common import fires
 from common.api_keys import ApiKey
+from common.bus import CONNECT_ERRORS
 from common.catalog import find_job, read_jobs
 from common.cli.fleet_status import read_fleet
 from common.cron import next_fire
@@ -33,7 +35,7 @@ from common.topology import Topology
 from monitor.http.auth import ApiError, reader, writer
 from monitor.http.context import HttpContext, context_of
 
-router = APIRouter()
+router = APIRouter(tags=["dashboard"])
 
 # How many jobs the overview lists (by name), and how many runs a job's sparkline draws.
 MAX_JOBS = 500
@@ -290,10 +292,25 @@ async def trigger(
     except ConfigError as exc:
         raise ApiError(503, "cannot_sign_triggers") from exc
     try:
-        await Topology(context.settings.namespace).declare_pool(context.publisher.channel, spec.pool)
+        await _declare_pool(context, spec.pool)
         now = context.clock()
         message = spec.trigger_at(now, now, manual=True)
         await fires.publish_claimed(context.store, context.publisher, [message], "http", now)
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, *CONNECT_ERRORS) as exc:
         raise ApiError(503, "broker_unavailable") from exc
     return Triggered(trigger_id=message.id)
+
+
+async def _declare_pool(context: HttpContext, pool: str) -> None:
+    """Make sure ``pool``'s queue exists (as ``cronfleet trigger`` does), on a channel of its own
+    so that a refused declare cannot close the monitor's publishing channel."""
+    topology = Topology(context.settings.namespace)
+    if context.connection is None:
+        await topology.declare_pool(context.publisher.channel, pool)
+        return
+    channel = await context.connection.channel()
+    try:
+        await topology.declare_pool(channel, pool)
+    finally:
+        with contextlib.suppress(*CONNECT_ERRORS):
+            await channel.close()

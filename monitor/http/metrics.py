@@ -44,7 +44,7 @@ from common.store import (
 from monitor.http.auth import API_KEY_HEADER, ApiError
 from monitor.http.context import HttpContext, context_of
 
-router = APIRouter()
+router = APIRouter(tags=["metrics"])
 
 # The sliding window of the run, duration, lag and alert figures.
 WINDOW = timedelta(hours=1)

@@ -154,8 +154,14 @@ async def test_in_a_browser_a_job_goes_down_and_run_now_shows_its_run(
 
                 screenshot = os.environ.get("CRONFLEET_DASHBOARD_SCREENSHOT")
                 if screenshot:
+                    # A few more runs, so that the duration history shows something.
+                    for _ in range(5):
+                        assert cronfleet(settings, "trigger", "hello").returncode == 0
                     await hello.click()
-                    await expect(done).to_be_visible()
+                    await expect(page.locator('#runs .run[data-status="succeeded"]')).to_have_count(
+                        6, timeout=20_000
+                    )
+                    await expect(hello.locator("svg.spark rect")).to_have_count(6)
                     await page.screenshot(path=Path(screenshot), full_page=True)
             finally:
                 await browser.close()
