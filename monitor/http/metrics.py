@@ -28,7 +28,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, Float, and_, case, cast, func, select
+from sqlalchemy import ColumnElement, Float, and_, case, cast, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.api_keys import ApiKey, verify_api_key
@@ -247,7 +247,9 @@ async def _alerts(session: AsyncSession, since: datetime) -> Iterator[Metric]:
     pending = GaugeMetricFamily(
         "cronfleet_alerts_pending", "Alerts not yet delivered to every channel of their route."
     )
-    pending.add_metric([], await session.scalar(select(func.count()).where(FlipRow.alert == "pending")) or 0)
+    # The literal, not a parameter: only then may SQLite read the partial index of pending alerts.
+    waiting = select(func.count()).where(FlipRow.alert == literal_column("'pending'"))
+    pending.add_metric([], await session.scalar(waiting) or 0)
     return iter([attempts, pending])
 
 

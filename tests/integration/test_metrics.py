@@ -10,12 +10,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from sqlalchemy import Engine, event
 
 from common.settings import Settings
 from common.store import Store
 from tests.fleet import Fleet, cronfleet, eventually
 from tests.integration.helpers import apply_toml, runs_of
 from tests.integration.test_http_server import free_port
+from tests.integration.test_query_rules import _FULL_SCAN, FULL_SCANS_ALLOWED
 
 pytestmark = pytest.mark.both_stores
 
@@ -125,3 +127,44 @@ def _at_least(store: Store, job: str, count: int) -> Any:
         return len(await runs_of(store, job, status="succeeded")) >= count
 
     return check
+
+
+@pytest.mark.parametrize("settings", ["sqlite"], indirect=True)
+async def test_a_scrape_and_the_dashboard_read_the_store_by_its_indexes(
+    settings: Settings, store: Store
+) -> None:
+    await apply_toml(store, JOBS)
+    key = cronfleet(settings, "keys", "api", "new", "prometheus", "--read-only").stdout.splitlines()[-1]
+    port = free_port()
+    fleet = Fleet(settings)
+    captured: dict[str, Any] = {}
+
+    def capture(*args: Any) -> None:
+        _conn, _cursor, statement, parameters, _context, executemany = args
+        if not executemany and statement.lstrip().upper().startswith("SELECT"):
+            captured.setdefault(statement, parameters)
+
+    try:
+        await fleet.start("monitor", http=("127.0.0.1", port))
+        await fleet.start("scheduler", "worker")
+        await eventually(_at_least(store, "tick", 2))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+            event.listen(Engine, "before_cursor_execute", capture)
+            try:
+                for path in ("/metrics", "/dashboard/overview", "/dashboard/jobs/tick/runs"):
+                    answer = await client.get(path, headers={"X-API-Key": key})
+                    assert answer.status_code == 200, path
+            finally:
+                event.remove(Engine, "before_cursor_execute", capture)
+    finally:
+        await fleet.stop()
+    scans: dict[str, list[str]] = {}
+    async with store.engine.connect() as connection:
+        for statement, parameters in captured.items():
+            plan = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            for row in plan:
+                found = _FULL_SCAN.match(row[-1])
+                if found and found.group(1) not in FULL_SCANS_ALLOWED:
+                    scans.setdefault(found.group(1), []).append(" ".join(statement.split())[:160])
+    assert len(captured) > 5
+    assert scans == {}, f"full table scans: {scans}"
