@@ -197,7 +197,8 @@ async def overview(
     return Overview(now=now, fleet=fleet, jobs=jobs, truncated=truncated)
 
 
-_UNFINISHED = (RunStatus.RUNNING.value,)
+# Not drawn in the duration history: a run still going, and a repeat that did not run.
+_UNFINISHED = (RunStatus.RUNNING.value, RunStatus.DUPLICATE.value)
 
 
 def _next_run(schedule: str, zone: Any, now: datetime) -> datetime | None:
