@@ -30,7 +30,7 @@ from common.cron_words import describe_schedule
 from common.errors import BrokerUnavailable, ConfigError, CronfleetError
 from common.messages import RunStatus
 from common.signing import Role
-from common.store import JobHealthRow, JobStateRow, RunRow
+from common.store import FlipRow, JobHealthRow, JobStateRow, RunRow
 from common.topology import Topology
 from monitor.http.auth import ApiError, reader, writer
 from monitor.http.context import HttpContext, context_of
@@ -122,6 +122,8 @@ class JobView(BaseModel):
     description: str
     state: str
     since: datetime | None
+    # Why it is in that state: the reason of its last flip (None before the first).
+    reason: str | None = None
     last_status: str | None
     last_started_at: datetime | None
     last_finished_at: datetime | None
@@ -150,7 +152,17 @@ async def overview(
     specs = stored.specs[:MAX_JOBS]
     async with context.store.session() as session:
         fleet = [FleetComponent.model_validate(row) for row in await read_fleet(session)]
-        health = {row.job: row for row in (await session.execute(select(JobHealthRow))).scalars()}
+        # Each health record with the reason of its job's last flip (ix_flips_job_at), as `status`.
+        last_reason = (
+            select(FlipRow.reason)
+            .where(FlipRow.job == JobHealthRow.job)
+            .order_by(FlipRow.at.desc(), FlipRow.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        health = {
+            row.job: (row, reason) for row, reason in await session.execute(select(JobHealthRow, last_reason))
+        }
         states = {row.job: row for row in (await session.execute(select(JobStateRow))).scalars()}
         history: dict[str, list[SparkRun]] = {}
         for spec in specs:
@@ -167,7 +179,7 @@ async def overview(
             ]
     jobs: list[JobView] = []
     for spec in specs:
-        row = health.get(spec.name)
+        row, reason = health.get(spec.name, (None, None))
         last = states.get(spec.name)
         state = row.state if row is not None else ("new" if spec.enabled else "paused")
         jobs.append(
@@ -182,6 +194,7 @@ async def overview(
                 description=spec.description,
                 state=state,
                 since=None if row is None else row.since,
+                reason=reason,
                 last_status=None if last is None else last.last_status,
                 last_started_at=None if last is None else last.last_started_at,
                 last_finished_at=None if last is None else last.last_finished_at,

@@ -134,6 +134,7 @@ async def test_in_a_browser_a_job_goes_down_and_run_now_shows_its_run(
                 nightly = page.locator('tr[data-job="nightly"]')
                 await expect(nightly).to_have_attribute("data-state", "down", timeout=20_000)
                 await expect(nightly.locator(".state")).to_have_class("state state-down")
+                await expect(nightly.locator(".reason")).not_to_be_empty()
 
                 # Run now: the run appears in the job's runs, with its output.
                 await hello.locator("button.run-now").click()

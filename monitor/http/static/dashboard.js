@@ -103,7 +103,9 @@ function drawJobs(jobs, now) {
     const schedule = el("span", { title: `${job.schedule} (${job.timezone})` }, job.schedule_words || job.schedule);
     const row = el("tr", { "data-job": job.name, "data-state": job.state, class: job.name === selected ? "selected" : null },
       el("td", {}, el("strong", {}, job.name), job.error ? el("div", { class: "error" }, job.error) : ""),
-      el("td", {}, el("span", { class: `state state-${job.state}` }, job.state)),
+      el("td", {},
+        el("span", { class: `state state-${job.state}`, title: job.since ? `since ${job.since}` : null }, job.state),
+        job.reason && job.state !== "up" ? el("div", { class: "reason muted" }, job.reason) : ""),
       el("td", {}, schedule),
       el("td", {}, ...last),
       el("td", {}, job.enabled ? when(job.next_run_at, now) : "paused"),
@@ -162,6 +164,11 @@ async function drawRuns(now) {
 
 async function refresh() {
   clearTimeout(timer);
+  if (document.hidden) {
+    // A tab nobody looks at asks nothing; it refreshes as soon as it is shown again.
+    timer = setTimeout(refresh, POLL_MS);
+    return;
+  }
   try {
     const data = await call("/dashboard/overview");
     const now = new Date(data.now);
@@ -211,5 +218,8 @@ document.addEventListener("DOMContentLoaded", () => {
     start();
   });
   $("forget").addEventListener("click", () => logout());
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && !$("board").hidden) refresh();
+  });
   if (sessionStorage.getItem(KEY)) start(); else logout();
 });
