@@ -25,7 +25,7 @@ from tests.integration.test_http_server import free_port
 MISSED = '[jobs.nightly]\nschedule = "* * * * * *"\ngrace_seconds = 1\n'
 HELLO = (
     '[jobs.hello]\nschedule = "30 9 * * 1-5"\ndescription = "says hello"\n'
-    'action = { type = "shell", argv = ["/bin/echo", "hello from cronfleet"] }\n'
+    'action = { type = "shell", argv = ["/bin/echo", "hello from cronfleet <b>as text</b>"] }\n'
 )
 SECRET = "Bearer dashboard-secret-0123456789"
 CALLS_OUT = (
@@ -141,6 +141,9 @@ async def test_in_a_browser_a_job_goes_down_and_run_now_shows_its_run(
                 await expect(page.locator("#runs-title")).to_have_text("Runs of hello")
                 done = page.locator('#runs .run[data-status="succeeded"]')
                 await expect(done).to_contain_text("hello from cronfleet", timeout=20_000)
+                # Output is shown as text, never as markup.
+                await expect(done.locator("pre").first).to_have_text("hello from cronfleet <b>as text</b>\n")
+                await expect(page.locator("#runs b")).to_have_count(0)
                 await expect(hello).to_have_attribute("data-state", "up", timeout=20_000)
                 await expect(hello.locator("svg.spark rect")).to_have_count(1)
 
