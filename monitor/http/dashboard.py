@@ -30,7 +30,7 @@ from common.cron_words import describe_schedule
 from common.errors import BrokerUnavailable, ConfigError, CronfleetError
 from common.messages import RunStatus
 from common.signing import Role
-from common.store import FlipRow, JobHealthRow, JobStateRow, RunRow
+from common.store import FlipRow, JobHealthRow, JobRow, JobStateRow, RunRow
 from common.topology import Topology
 from monitor.http.auth import ApiError, reader, writer
 from monitor.http.context import HttpContext, context_of
@@ -146,10 +146,17 @@ class Overview(BaseModel):
 async def overview(
     _key: Annotated[ApiKey, Depends(reader)], context: Annotated[HttpContext, Depends(context_of)]
 ) -> Overview:
-    """The fleet and every job (the first ``MAX_JOBS`` by name) with its health and history."""
+    """The fleet and every job (the first ``MAX_JOBS`` by name) with its health and history.
+    Every read is bounded by ``MAX_JOBS`` (an IN list of at most 500 names, by primary keys)."""
     now = context.clock()
-    stored = await read_jobs(context.store)
-    specs = stored.specs[:MAX_JOBS]
+    async with context.store.session() as session:
+        # The first MAX_JOBS names by the primary key: a page never reads (or parses) more jobs.
+        first = select(JobRow.name).order_by(JobRow.name).limit(MAX_JOBS + 1)
+        names = list((await session.execute(first)).scalars())
+    truncated = len(names) > MAX_JOBS
+    names = names[:MAX_JOBS]
+    stored = await read_jobs(context.store, names)
+    specs = stored.specs
     async with context.store.session() as session:
         fleet = [FleetComponent.model_validate(row) for row in await read_fleet(session)]
         # Each health record with the reason of its job's last flip (ix_flips_job_at), as `status`.
@@ -160,10 +167,10 @@ async def overview(
             .limit(1)
             .scalar_subquery()
         )
-        health = {
-            row.job: (row, reason) for row, reason in await session.execute(select(JobHealthRow, last_reason))
-        }
-        states = {row.job: row for row in (await session.execute(select(JobStateRow))).scalars()}
+        of_health = select(JobHealthRow, last_reason).where(JobHealthRow.job.in_(names))
+        health = {row.job: (row, reason) for row, reason in await session.execute(of_health)}
+        of_state = select(JobStateRow).where(JobStateRow.job.in_(names))
+        states = {row.job: row for row in (await session.execute(of_state)).scalars()}
         history: dict[str, list[SparkRun]] = {}
         for spec in specs:
             # Each through ix_runs_job_started: SPARK_RUNS rows, whatever the table holds.
@@ -203,10 +210,8 @@ async def overview(
                 history=history.get(spec.name, []),
             )
         )
-    for name, why in list(stored.unreadable.items())[: max(0, MAX_JOBS - len(jobs))]:
-        jobs.append(_unreadable(name, why))
+    jobs.extend(_unreadable(name, why) for name, why in stored.unreadable.items())
     jobs.sort(key=lambda job: job.name)
-    truncated = len(stored.specs) + len(stored.unreadable) > len(jobs)
     return Overview(now=now, fleet=fleet, jobs=jobs, truncated=truncated)
 
 
@@ -215,10 +220,13 @@ _UNFINISHED = (RunStatus.RUNNING.value, RunStatus.DUPLICATE.value)
 
 
 def _next_run(schedule: str, zone: Any, now: datetime) -> datetime | None:
+    # Not through next_fire's cache: keyed by a new instant at every poll, it would never hit
+    # and would push out the scheduler's entries (``cronfleet run`` shares the process).
     try:
-        return next_fire(schedule, zone, now)
+        found: datetime = next_fire.__wrapped__(schedule, zone, now)
     except ValueError:
         return None
+    return found
 
 
 def _unreadable(name: str, why: str) -> JobView:
