@@ -57,6 +57,26 @@ _PAGE_HEADERS = {
 }
 
 
+class ErrorBody(BaseModel):
+    """Every error of the monitor's HTTP interface: ``{"error": CODE}``."""
+
+    error: str
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of these error statuses, each ``{"error": CODE}``."""
+    return {status: {"model": ErrorBody, "description": _ERROR_TEXT[status]} for status in statuses}
+
+
+_ERROR_TEXT = {
+    401: "no live API key (`unauthorized`)",
+    403: "a read-only key (`read_only`)",
+    404: "no such job (`not_found`)",
+    409: "the job cannot run now (`no_action`, `invalid_job`)",
+    503: "no trigger key, or the broker refused (`cannot_sign_triggers`, `broker_unavailable`)",
+}
+
+
 def _asset(name: str) -> bytes:
     return resources.files("monitor.http").joinpath("static", name).read_bytes()
 
@@ -83,7 +103,7 @@ class DashboardKey(BaseModel):
     read_only: bool
 
 
-@router.get("/dashboard/key", response_model=DashboardKey)
+@router.get("/dashboard/key", response_model=DashboardKey, responses=errors(401))
 async def key(api_key: Annotated[ApiKey, Depends(reader)]) -> DashboardKey:
     """Which key the page holds (401 for none that is live)."""
     return DashboardKey(name=api_key.name, read_only=api_key.read_only)
@@ -142,7 +162,7 @@ class Overview(BaseModel):
     truncated: bool
 
 
-@router.get("/dashboard/overview", response_model=Overview)
+@router.get("/dashboard/overview", response_model=Overview, responses=errors(401))
 async def overview(
     _key: Annotated[ApiKey, Depends(reader)], context: Annotated[HttpContext, Depends(context_of)]
 ) -> Overview:
@@ -270,7 +290,7 @@ class RunView(BaseModel):
     error: str | None
 
 
-@router.get("/dashboard/jobs/{name}/runs", response_model=list[RunView])
+@router.get("/dashboard/jobs/{name}/runs", response_model=list[RunView], responses=errors(401))
 async def job_runs(
     name: str,
     _key: Annotated[ApiKey, Depends(reader)],
@@ -291,7 +311,12 @@ class Triggered(BaseModel):
     trigger_id: str
 
 
-@router.post("/dashboard/jobs/{name}/trigger", response_model=Triggered, status_code=202)
+@router.post(
+    "/dashboard/jobs/{name}/trigger",
+    response_model=Triggered,
+    status_code=202,
+    responses=errors(401, 403, 404, 409, 503),
+)
 async def trigger(
     name: str,
     _key: Annotated[ApiKey, Depends(writer)],

@@ -43,6 +43,7 @@ from common.store import (
 )
 from monitor.http.auth import API_KEY_HEADER, ApiError
 from monitor.http.context import HttpContext, context_of
+from monitor.http.dashboard import errors
 
 router = APIRouter(tags=["metrics"])
 
@@ -74,7 +75,10 @@ async def scraper(
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format 0.0.4"},
+        **errors(401),
+    },
 )
 async def metrics(
     _key: Annotated[ApiKey, Depends(scraper)], context: Annotated[HttpContext, Depends(context_of)]
