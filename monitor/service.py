@@ -40,7 +40,7 @@ from monitor.deadlines import Deadlines
 from monitor.fleet_watch import FleetWatch, fleet_policy
 from monitor.health_store import Advanced, log_flips, whole
 from monitor.http.app import listen, serve_http
-from monitor.http.context import HttpContext
+from monitor.http.context import EventCounts, HttpContext
 from monitor.recorder import BatchOutcome, record_batch
 from monitor.retention import purge_forever
 
@@ -262,7 +262,14 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 tasks.create_task(fleet_watch.run_forever(drained))
                 tasks.create_task(alerting.keep_forever())
                 if http_socket is not None:
-                    context = HttpContext(settings, store, publisher, keyring)
+                    context = HttpContext(
+                        settings,
+                        store,
+                        publisher,
+                        keyring,
+                        events=lambda: EventCounts(recorder.recorded, recorder.rejected),
+                        connection=connection,
+                    )
                     tasks.create_task(serve_http(context, http_socket))
                 retention = settings.retention_age()
                 if retention is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aio_pika.abc import AbstractRobustConnection
 from fastapi import Request
 
 from common.bus import Publisher
@@ -11,6 +13,15 @@ from common.clock import Clock, utcnow
 from common.settings import Settings
 from common.signing import Keyring
 from common.store import Store
+
+
+@dataclass(frozen=True)
+class EventCounts:
+    """What this monitor's recorder did since it started: events recorded (that changed
+    something in the store) and events refused (dead-lettered with a reason)."""
+
+    recorded: int = 0
+    refused: int = 0
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,11 @@ class HttpContext:
     publisher: Publisher
     keyring: Keyring
     clock: Clock = field(default=utcnow)
+    # This monitor's own event counters, read at each scrape of /metrics.
+    events: Callable[[], EventCounts] = field(default=EventCounts)
+    # The monitor's broker connection, for declares on channels of their own (a refused declare
+    # closes its channel: never the publisher's).
+    connection: AbstractRobustConnection | None = None
 
 
 def context_of(request: Request) -> HttpContext:
