@@ -10,7 +10,8 @@ In the same transaction, each new run event and job heartbeat is fed to the job'
 ``run.finished`` for a run the monitor marked ``lost`` (``monitor.fleet_watch``) is recorded over
 ``lost``: the run did end, and that is what it did. A job
 unknown to the store, or stored with a spec this cronfleet refuses, has no health record; its
-runs are still recorded.
+runs are still recorded. The batch's finished runs are added to the hourly and daily rollup
+(``common.run_metrics``) with one call, in the same transaction.
 
 An event that reuses a recorded id for something else (a heartbeat id with another job, kind,
 instant or content; a run id of another job or trigger) changes nothing and is reported as a
@@ -37,6 +38,7 @@ from common.messages import (
     RunStarted,
     RunStatus,
 )
+from common.run_metrics import add_finished
 from common.store import HeartbeatRow, JobStateRow, RunRow
 from monitor.health import HealthInput, health_input
 from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs
@@ -76,6 +78,8 @@ class _Batch:
     runs: dict[str, RunRow] = field(default_factory=dict)
     states: dict[str, JobStateRow] = field(default_factory=dict)
     due_after: dict[str, datetime] = field(default_factory=dict)
+    # Runs this batch recorded as finished, for the metrics rollup (``common.run_metrics``).
+    finished: list[RunRow] = field(default_factory=list)
 
     async def load(self, events: Sequence[Event]) -> None:
         run_ids = {e.run_id for e in events if isinstance(e, RunStarted | RunFinished)}
@@ -165,6 +169,7 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
     jobs = set(batch.due_after) | {job for job, _input in health_inputs}
     specs = await read_specs(session, jobs) if jobs else {}
     batch.compute_due_times(specs)
+    await add_finished(session, batch.finished)
     await session.flush()
     health = HealthBatch(session, now)
     await health.load({job for job, _input in health_inputs}, specs)
@@ -237,6 +242,7 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     run.http_status = event.http_status
     run.output_tail = event.output_tail
     run.error = event.error
+    batch.finished.append(run)
     if event.status not in _NOT_HEALTH_STATUSES:
         # A repeat that was not run is history, not the job's latest run.
         batch.finish(run, due_after=max(event.scheduled_at, event.finished_at))
@@ -306,5 +312,6 @@ async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
     run.duration_seconds = max(0.0, (event.at - run.started_at).total_seconds())
     run.exit_code = event.exit_code
     run.output_tail = event.message
+    batch.finished.append(run)
     batch.finish(run, due_after=event.at)
     return True
