@@ -41,7 +41,14 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such thing"}}
 
-JobNameParam = Annotated[str, Path(pattern=JOB_NAME_PATTERN, description="The job's name")]
+JobNameParam = Annotated[
+    str,
+    Path(
+        pattern=JOB_NAME_PATTERN,
+        description="The job's name",
+        openapi_examples={"backup": {"value": "backup"}},
+    ),
+]
 JobFilter = Annotated[str | None, Query(pattern=JOB_NAME_PATTERN, description="Only this job's")]
 Limit = Annotated[int, Query(ge=1, le=1000, description="At most this many")]
 

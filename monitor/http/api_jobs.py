@@ -92,23 +92,36 @@ def _inline(schema: Any, defs: dict[str, Any]) -> Any:
     return schema
 
 
-def _body(schema: dict[str, Any], description: str) -> dict[str, Any]:
+def _body(schema: dict[str, Any], description: str, example: dict[str, Any]) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
             "description": description,
-            "content": {"application/json": {"schema": schema}},
+            "content": {"application/json": {"schema": schema, "example": example}},
         }
     }
+
+
+EXAMPLE_JOB: dict[str, Any] = {
+    "name": "backup",
+    "schedule": "0 3 * * *",
+    "timezone": "Europe/Berlin",
+    "grace_seconds": 600,
+    "action": {"type": "shell", "argv": ["/usr/local/bin/backup", "--quiet"]},
+}
 
 
 _SPEC_SCHEMA: dict[str, Any] = _inline(
     JobSpec.model_json_schema(), JobSpec.model_json_schema().get("$defs", {})
 )
 _PATCH_SCHEMA: dict[str, Any] = {**_SPEC_SCHEMA, "required": []}
-_CREATE = _body(_SPEC_SCHEMA, "The job: the jobs-file fields plus its name")
-_PUT = _body(_SPEC_SCHEMA, "The whole job (name: the path's, or absent)")
-_PATCH = _body(_PATCH_SCHEMA, "The fields to change; the others keep their stored values")
+_CREATE = _body(
+    _SPEC_SCHEMA, "The job: the jobs-file fields plus its name", {**EXAMPLE_JOB, "name": "report"}
+)
+_PUT = _body(_SPEC_SCHEMA, "The whole job (name: the path's, or absent)", EXAMPLE_JOB)
+_PATCH = _body(
+    _PATCH_SCHEMA, "The fields to change; the others keep their stored values", {"timeout_seconds": 900}
+)
 
 
 def _validated(data: Any) -> JobSpec:
