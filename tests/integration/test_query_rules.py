@@ -111,14 +111,15 @@ async def _use_the_api(store: Store, port: int) -> None:
         base_url=f"http://127.0.0.1:{port}/api", headers=headers, trust_env=False
     ) as client:
         page = (await client.get("/runs", params={"limit": 1})).json()
-        for params in (
+        filters: list[dict[str, Any]] = [
             {"cursor": page["next_cursor"], "limit": 1},
             {"job": "every", "limit": 2},
             {"job": "every", "status": "succeeded", "from": "2000-01-01", "to": "2999-01-01"},
             {"status": "failed"},
             {"text": "nothing like it"},
             {"job": "every", "text": "x"},
-        ):
+        ]
+        for params in filters:
             assert (await client.get("/runs", params=params)).status_code == 200, params
         calls = [
             ("GET", f"/runs/{page['runs'][0]['run_id']}", None),
