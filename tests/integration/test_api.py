@@ -5,6 +5,8 @@ and paged; metrics count the runs; alerts, flips and fleet health read what the 
 
 from __future__ import annotations
 
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -260,3 +262,42 @@ async def test_runs_are_filtered_and_paged_and_metrics_count_them(store: Store, 
         await eventually(failing_flip)
         alerts = await client.get("/api/alerts", params={"limit": 5}, headers=reader)
         assert alerts.status_code == 200 and isinstance(alerts.json()["attempts"], list)
+
+
+async def test_an_http_jobs_run_reaches_its_endpoint_with_its_request_id(store: Store, fleet: Start) -> None:
+    seen: list[str] = []
+
+    class Endpoint(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("X-Request-Id", ""))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"logged")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = free_port()
+    writer, reader = await _keys(store)
+    try:
+        await fleet("monitor", http=("127.0.0.1", port))
+        await fleet("worker")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+            url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+            job = {"name": "hook", "schedule": "0 0 1 1 *", "action": {"type": "http", "url": url}}
+            assert (await client.post("/api/jobs", headers=writer, json=job)).status_code == 201
+            fired = (await client.post("/api/jobs/hook/trigger", headers=writer)).json()
+
+            async def the_run() -> dict[str, Any] | None:
+                page = (await client.get("/api/runs", params={"job": "hook"}, headers=reader)).json()
+                done = [r for r in page["runs"] if r["status"] == "succeeded"]
+                return done[0] if done else None
+
+            run = await eventually(the_run)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run["trigger_id"] == fired["trigger_id"] and run["http_status"] == 200
+    assert seen == [run["request_id"]]
