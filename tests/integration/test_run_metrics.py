@@ -4,16 +4,38 @@ counted, two batches add up, and a year of a job's days is read by the primary k
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import select, text
 
 from common.messages import RunFinished, RunStatus
 from common.run_metrics import MAX_BUCKETS, add_finished, read_metrics
+from common.settings import normalise_database_url
 from common.store import RunMetricRow, RunRow, Store
 from monitor.recorder import record_batch
+from tests.conftest import POSTGRES_URL, STORES
 
 T0 = datetime(2026, 3, 1, 10, 15, tzinfo=UTC)
+
+
+@pytest.fixture(params=STORES)
+async def blank(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A connected store with nothing in it, at no schema version."""
+    if request.param == "sqlite":
+        store = await Store.connect(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
+        yield store
+        await store.close()
+        return
+    schema = f"m_{uuid.uuid4().hex[:10]}"
+    store = await Store.connect(normalise_database_url(POSTGRES_URL), schema)
+    yield store
+    async with store.engine.begin() as connection:
+        await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    await store.close()
 
 
 def finished(
@@ -98,3 +120,52 @@ async def test_a_year_of_history_is_one_bounded_range_of_the_primary_key(store: 
         assert "USING INDEX sqlite_autoindex_run_metrics_1" in details and "TEMP B-TREE" not in details, (
             details
         )
+
+
+async def test_the_migration_fills_the_rollup_from_the_runs_already_recorded(blank: Store) -> None:
+    await blank.upgrade("0007")
+    naive = T0.replace(tzinfo=None)
+    rows = [
+        ("a", "succeeded", naive, 2.0),
+        ("b", "failed", naive + timedelta(minutes=30), 4.0),
+        ("c", "succeeded", naive + timedelta(hours=1), None),
+        ("d", "duplicate", naive, 0.0),
+        ("e", "running", naive, None),
+    ]
+    async with blank.engine.begin() as connection:
+        for run_id, status, started, duration in rows:
+            await connection.execute(
+                text(
+                    "INSERT INTO runs (run_id, job, source, redelivered, status, started_at, finished_at, "
+                    "duration_seconds) VALUES (:run_id, 'nightly', 'worker', false, :status, :started, "
+                    ":finished, :duration)"
+                ),
+                {
+                    "run_id": run_id,
+                    "status": status,
+                    "started": started,
+                    "finished": None if status == "running" else started + timedelta(seconds=5),
+                    "duration": duration,
+                },
+            )
+    await blank.upgrade()
+    end = T0 + timedelta(days=1)
+    hours = await read_metrics(blank, "nightly", "hour", T0 - timedelta(hours=1), end)
+    assert [
+        (b.start, b.runs, b.failures, b.average_duration_seconds, b.max_duration_seconds) for b in hours
+    ] == [
+        (datetime(2026, 3, 1, 10, tzinfo=UTC), 2, 1, 3.0, 4.0),
+        (datetime(2026, 3, 1, 11, tzinfo=UTC), 1, 0, None, None),
+    ]
+    [day] = await read_metrics(blank, "nightly", "day", T0 - timedelta(days=1), end)
+    assert (day.start, day.runs, day.failures, day.max_duration_seconds) == (
+        datetime(2026, 3, 1, tzinfo=UTC),
+        3,
+        1,
+        4.0,
+    )
+    # And the monitor adds to what the migration counted.
+    async with blank.session() as session, session.begin():
+        await record_batch(session, [finished("f", T0, 8.0)], T0)
+    [day] = await read_metrics(blank, "nightly", "day", T0 - timedelta(days=1), end)
+    assert (day.runs, day.max_duration_seconds) == (4, 8.0)
