@@ -10,7 +10,7 @@ from datetime import datetime
 from pydantic import ValidationError
 from sqlalchemy import delete, select
 
-from common.errors import CronfleetError
+from common.errors import AlreadyExists, CronfleetError, NotFound
 from common.jobs import JobSpec, spec_from_json
 from common.store import JobRow, Store
 from common.store.chunks import IN_LIST_CHUNK, chunks
@@ -135,6 +135,36 @@ async def apply_jobs(
                 for some in chunks(diff.removed, IN_LIST_CHUNK):
                     await session.execute(delete(JobRow).where(JobRow.name.in_(some)))
     return diff
+
+
+async def save_job(store: Store, spec: JobSpec, now: datetime, *, exists: bool | None = None) -> str:
+    """Store one job as ``apply`` would (its row by primary key, nothing else read): ``added``,
+    ``changed`` or ``unchanged``. With ``exists`` True the job must be stored already (else
+    NotFound), with False it must not be (else AlreadyExists)."""
+    async with store.session() as session, session.begin():
+        row = await session.get(JobRow, spec.name)
+        if exists is True and row is None:
+            raise NotFound(f"no job called {spec.name!r}")
+        if exists is False and row is not None:
+            raise AlreadyExists(f"a job called {spec.name!r} exists already")
+        if row is None:
+            row = JobRow(name=spec.name, created_at=now)
+            session.add(row)
+            outcome = "added"
+        elif row.fingerprint != spec.fingerprint():
+            outcome = "changed"
+        else:
+            return "unchanged"
+        _fill(row, spec, now)
+    return outcome
+
+
+async def remove_job(store: Store, name: str) -> bool:
+    """Remove the job called ``name`` as ``apply`` removes a job no longer in the file; whether
+    it was there."""
+    async with store.session() as session, session.begin():
+        removed = await session.execute(delete(JobRow).where(JobRow.name == name).returning(JobRow.name))
+        return removed.first() is not None
 
 
 def _fill(row: JobRow, spec: JobSpec, now: datetime) -> None:

@@ -32,3 +32,11 @@ class StatementTooLarge(CronfleetError):
 
 class NotFound(CronfleetError):
     """A named thing (a job, a service) does not exist."""
+
+
+class AlreadyExists(CronfleetError):
+    """Something to be created exists already."""
+
+
+class NoAction(CronfleetError):
+    """A job that only receives heartbeats was asked to run."""

@@ -275,7 +275,41 @@ def _one_line(message: str) -> str:
 _MAX_MESSAGE = 1000
 
 
-def _describe(exc: ValidationError, text: str, source: str, job: str) -> str:
+class InvalidJob(ValueError):
+    """A job given as a mapping (``validate_job``) that is refused: the field at fault (dotted,
+    ``None`` for the whole) and why, in one line."""
+
+    def __init__(self, field: str | None, detail: str) -> None:
+        super().__init__(f"field {field or '?'}: {detail}")
+        self.field = field
+        self.detail = _one_line(detail)
+
+
+def validate_job(data: Any) -> JobSpec:
+    """A job from a JSON-like mapping of the jobs-file fields plus ``name``, validated exactly as
+    ``apply`` validates a job of the file (strict values, the same bounds). Raises InvalidJob."""
+    if not isinstance(data, dict):
+        raise InvalidJob(None, "a job is an object of its fields")
+    name = data.get("name")
+    if not isinstance(name, str) or not re.fullmatch(JOB_NAME_PATTERN, name):
+        raise InvalidJob(
+            "name", "use letters, digits, '-' and '_' (at most 64, starting with a letter or digit)"
+        )
+    huge = _integer_beyond_64_bits(data)
+    if huge is not None:
+        raise InvalidJob(".".join(huge), "integer out of range (64-bit integers only)")
+    try:
+        return JobSpec.model_validate(data, strict=True)
+    except ValidationError as exc:
+        path, message = _first_problem(exc)
+        raise InvalidJob(".".join(path) or None, message) from exc
+    except RecursionError as exc:
+        raise InvalidJob(None, "values nested too deeply") from exc
+
+
+def _first_problem(exc: ValidationError) -> tuple[list[str], str]:
+    """The field path and the reason of the error to report first (an unknown field before the
+    "missing" one it usually causes), with how many more problems there are."""
     errors = exc.errors(include_url=False)
     # An unknown field is usually the cause of a "missing" one (a typo): report it first.
     errors.sort(key=lambda e: e["type"] != "extra_forbidden")
@@ -288,10 +322,15 @@ def _describe(exc: ValidationError, text: str, source: str, job: str) -> str:
         message = "unknown field" + (f" (did you mean {guess[0]!r}?)" if guess else "")
     elif error["type"] == "missing":
         message = "required field is missing"
-    line = _line_of(text, ["jobs", job, *path])
     more = len(errors) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{source}:{line}: job {job!r}, field {'.'.join(path) or '?'}: {message}{suffix}"
+    return path, message + suffix
+
+
+def _describe(exc: ValidationError, text: str, source: str, job: str) -> str:
+    path, message = _first_problem(exc)
+    line = _line_of(text, ["jobs", job, *path])
+    return f"{source}:{line}: job {job!r}, field {'.'.join(path) or '?'}: {message}"
 
 
 def _field_path(loc: tuple[int | str, ...]) -> list[str]:

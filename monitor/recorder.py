@@ -43,6 +43,7 @@ from common.messages import (
     RunStarted,
     RunStatus,
 )
+from common.run_metrics import add_finished
 from common.store import HeartbeatRow, JobStateRow, RunRow
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 from monitor.health import HealthInput, health_input
@@ -157,6 +158,8 @@ class _Batch:
     runs: dict[str, _Run] = field(default_factory=dict)
     states: dict[str, _State] = field(default_factory=dict)
     due_after: dict[str, datetime] = field(default_factory=dict)
+    # Runs this batch recorded as finished, for the metrics rollup (``common.run_metrics``).
+    finished: list[_Run] = field(default_factory=list)
     heartbeats: dict[str, _Heartbeat] = field(default_factory=dict)
     open_heartbeat_runs: dict[str, list[_Run]] = field(default_factory=dict)
     # What was read, as read (to write back only what changed), and what is new.
@@ -350,6 +353,7 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
     specs = await read_specs(session, jobs) if jobs else {}
     batch.compute_due_times(specs)
     await batch.save()
+    await add_finished(session, batch.finished)
     health = HealthBatch(session, now)
     await health.load({job for job, _input in health_inputs}, specs)
     for job, event_input in health_inputs:
@@ -429,6 +433,7 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     run.http_status = event.http_status
     run.output_tail = event.output_tail
     run.error = event.error
+    batch.finished.append(run)
     if event.status not in _NOT_HEALTH_STATUSES:
         # A repeat that was not run is history, not the job's latest run.
         batch.finish(run, due_after=max(event.scheduled_at, event.finished_at))
@@ -493,5 +498,6 @@ def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
     run.duration_seconds = max(0.0, (event.at - run.started_at).total_seconds())
     run.exit_code = event.exit_code
     run.output_tail = event.message
+    batch.finished.append(run)
     batch.finish(run, due_after=event.at)
     return True

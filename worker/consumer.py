@@ -189,7 +189,7 @@ class TriggerHandler:
             log.info("run %s of %s started%s", run_id, trigger.id, " (redelivery)" if redelivered else "")
             self.running += 1
             try:
-                result = await self._execute(trigger)
+                result = await self._execute(trigger, run_id)
                 finished = self._finished(started, result)
                 # The claim keeps the end before it is reported: a repeat of the trigger reports it
                 # again rather than running the job a second time.
@@ -224,10 +224,11 @@ class TriggerHandler:
         await self.publisher.event(self._finished(repeat, ActionResult(RunStatus.DUPLICATE, error=why)))
         await settle(message)
 
-    async def _execute(self, trigger: Trigger) -> ActionResult:
+    async def _execute(self, trigger: Trigger, run_id: str) -> ActionResult:
         """The action's result; an executor that raises (a bug) makes a failed run, not a crash."""
         try:
-            return await self.executors[trigger.action.type].run(trigger.action, trigger.timeout_seconds)
+            executor = self.executors[trigger.action.type]
+            return await executor.run(trigger.action, trigger.timeout_seconds, run_id=run_id)
         except Exception as exc:
             log.exception("the %s executor raised on %s", trigger.action.type, trigger.id)
             return ActionResult(RunStatus.FAILED, error=f"internal_error: {type(exc).__name__}: {exc}")

@@ -21,8 +21,8 @@ from common.cli.fleet_status import COLUMNS as FLEET_COLUMNS
 from common.cli.fleet_status import fleet_down, read_fleet
 from common.cli.output import emit
 from common.clock import utcnow
-from common.errors import ConfigError, CronfleetError, JobFileError, NotFound
-from common.jobs import load_jobs_file
+from common.errors import ConfigError, CronfleetError, JobFileError, NoAction, NotFound
+from common.jobs import JobSpec, load_jobs_file
 from common.messages import ALL_MESSAGES, HeartbeatKind, JobHeartbeat, RunStatus
 from common.redact import redact
 from common.settings import Settings
@@ -105,20 +105,36 @@ async def jobs(settings: Settings, args: argparse.Namespace) -> int:
 async def trigger(settings: Settings, args: argparse.Namespace) -> int:
     """``cronfleet trigger NAME``: claim a manual fire now and publish it."""
     async with open_store(settings) as store:
-        spec = await find_job(store, args.name)
-        if spec is None:
-            raise NotFound(f"no job called {args.name!r} (see `cronfleet jobs`)")
-        if spec.action is None:
-            raise CronfleetError(f"job {args.name!r} has no action: it only receives heartbeats")
-        # Before the fire is claimed: a claimed fire that cannot be signed would wait in the outbox.
-        settings.keyring().require([Role.TRIGGER], who="`cronfleet trigger`")
+        spec = await triggerable_job(store, settings.keyring(), args.name, "`cronfleet trigger`")
         async with open_publisher(settings, "cronfleet-cli") as publisher:
-            await Topology(settings.namespace).declare_pool(publisher.channel, spec.pool)
-            now = utcnow()
-            message = spec.trigger_at(now, now, manual=True)
-            await fires.publish_claimed(store, publisher, [message], "cli", now)
-    print(f"triggered {message.id}")
+            fired = await trigger_now(store, publisher, spec, "cli", utcnow())
+    print(f"triggered {fired}")
     return 0
+
+
+async def triggerable_job(store: Store, keyring: Keyring, name: str, who: str) -> JobSpec:
+    """The job ``name`` when it may be triggered by hand with ``keyring``: raises NotFound (no
+    such job), NoAction (a heartbeat-only job) or ConfigError (no key signs triggers)."""
+    spec = await find_job(store, name)
+    if spec is None:
+        raise NotFound(f"no job called {name!r} (see `cronfleet jobs`)")
+    if spec.action is None:
+        raise NoAction(f"job {name!r} has no action: it only receives heartbeats")
+    # Before the fire is claimed: a claimed fire that cannot be signed would wait in the outbox.
+    keyring.require([Role.TRIGGER], who=who)
+    return spec
+
+
+async def trigger_now(
+    store: Store, publisher: Publisher, spec: JobSpec, claimed_by: str, now: datetime
+) -> str:
+    """Claim a manual fire of ``spec`` at ``now`` and publish it (its pool's queue declared
+    first); its trigger id. A fire the broker did not confirm stays in the outbox, published
+    again by a scheduler."""
+    await Topology(publisher.namespace).declare_pool(publisher.channel, spec.pool)
+    message = spec.trigger_at(now, now, manual=True)
+    await fires.publish_claimed(store, publisher, [message], claimed_by, now)
+    return message.id
 
 
 async def runs(settings: Settings, args: argparse.Namespace) -> int:
@@ -143,6 +159,28 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
     the reason of its last flip); a job no monitor has seen yet is ``new``. With ``--json``, one
     object: ``{"fleet": [...], "jobs": [...]}``. Exits 1 when a fleet component is down, or a job
     is down, failing or stuck, or stored with a spec this cronfleet refuses."""
+    async with open_store(settings) as store:
+        fleet, rows = await read_status(store, utcnow())
+    columns = ["job", "health", "since", "due_at", "last_finished_at", "duplicates_24h", "reason"]
+    if args.json:
+        sys.stdout.write(
+            orjson.dumps({"fleet": fleet, "jobs": rows}, option=orjson.OPT_INDENT_2, default=str).decode()
+        )
+        sys.stdout.write("\n")
+    else:
+        if fleet:
+            emit(fleet, FLEET_COLUMNS, False)
+        else:
+            print("(no monitor has looked at the fleet yet)")
+        print()
+        emit(rows, columns, False)
+    jobs_bad = any(r["health"] in (*ALARM_STATES, "invalid") for r in rows)
+    return 1 if jobs_bad or fleet_down(fleet) else 0
+
+
+async def read_status(store: Store, now: datetime) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """The fleet's components and every job's health as ``cronfleet status`` shows them (see
+    ``status``), jobs by name; duplicates are counted over the ``DUPLICATES_WINDOW`` to ``now``."""
     last_reason = (
         select(FlipRow.reason)
         .where(FlipRow.job == JobHealthRow.job)
@@ -150,12 +188,12 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
         .limit(1)
         .scalar_subquery()
     )
-    async with open_store(settings) as store, store.session() as session:
+    async with store.session() as session:
         health = {
             row.job: (row, reason) for row, reason in await session.execute(select(JobHealthRow, last_reason))
         }
         stored = await read_jobs(store)
-        duplicates = await _recent_duplicates(session, utcnow() - DUPLICATES_WINDOW)
+        duplicates = await _recent_duplicates(session, now - DUPLICATES_WINDOW)
         fleet = await read_fleet(session)
     rows: list[dict[str, object]] = []
     for spec in stored.specs:
@@ -187,21 +225,7 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
         reason = f"stored spec refused ({why}): fix the jobs file and apply it again"
         rows.append({"job": name, "health": "invalid", "reason": reason})
     rows.sort(key=lambda row: str(row["job"]))
-    columns = ["job", "health", "since", "due_at", "last_finished_at", "duplicates_24h", "reason"]
-    if args.json:
-        sys.stdout.write(
-            orjson.dumps({"fleet": fleet, "jobs": rows}, option=orjson.OPT_INDENT_2, default=str).decode()
-        )
-        sys.stdout.write("\n")
-    else:
-        if fleet:
-            emit(fleet, FLEET_COLUMNS, False)
-        else:
-            print("(no monitor has looked at the fleet yet)")
-        print()
-        emit(rows, columns, False)
-    jobs_bad = any(r["health"] in (*ALARM_STATES, "invalid") for r in rows)
-    return 1 if jobs_bad or fleet_down(fleet) else 0
+    return fleet, rows
 
 
 # Why a job is in the state of its first record, before any flip.

@@ -20,7 +20,7 @@ from common.cli.admin import open_store
 from common.cli.output import emit
 from common.errors import ConfigError, NotFound
 from common.settings import Settings
-from common.store import AlertAttemptRow
+from common.store import AlertAttemptRow, Store
 
 # What ``alerts test`` runs: sends a test alert to the named channel, stores the attempt, and
 # returns it as a row of ``cronfleet alerts`` (``delivered`` says whether it arrived).
@@ -47,17 +47,25 @@ async def alerts(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError(
             "usage: cronfleet alerts [JOB] [--limit N] [--json] | cronfleet alerts test CHANNEL"
         )
+    async with open_store(settings) as store:
+        rows = await read_attempts(store, words[0] if words else None, args.limit)
+    emit(rows, COLUMNS, args.json)
+    return 0
+
+
+async def read_attempts(store: Store, job: str | None, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` alert attempts (of ``job``), newest first, as ``cronfleet alerts``
+    shows them (``attempt_fields``)."""
     query = (
         select(AlertAttemptRow)
         .order_by(AlertAttemptRow.at.desc(), AlertAttemptRow.id.desc())
-        .limit(max(1, args.limit))
+        .limit(max(1, limit))
     )
-    if words:
-        query = query.where(AlertAttemptRow.job == words[0])
-    async with open_store(settings) as store, store.session() as session:
+    if job:
+        query = query.where(AlertAttemptRow.job == job)
+    async with store.session() as session:
         found = (await session.execute(query)).scalars().all()
-    emit([attempt_fields(row) for row in found], COLUMNS, args.json)
-    return 0
+    return [attempt_fields(row) for row in found]
 
 
 def attempt_fields(row: AlertAttemptRow) -> dict[str, Any]:

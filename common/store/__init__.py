@@ -17,6 +17,7 @@ from common.store.models import (
     JobRow,
     JobStateRow,
     LeaseRow,
+    RunMetricRow,
     RunRow,
     TriggerClaimRow,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "JobRow",
     "JobStateRow",
     "LeaseRow",
+    "RunMetricRow",
     "RunRow",
     "Store",
     "TriggerClaimRow",

@@ -1,5 +1,6 @@
 """Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, job health and its
-flips (with their alerts' outbox), alert attempts, leases, trigger claims, fleet health, API keys.
+flips (with their alerts' outbox), alert attempts, run metrics, leases, trigger claims, fleet
+health, API keys.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
 These classes describe the schema at the newest migration (``common/store/migrations``); a change
@@ -288,6 +289,29 @@ class AlertAttemptRow(Base):
 # ``cronfleet alerts`` lists newest first (of one job); retention deletes by age.
 Index("ix_alert_attempts_at", AlertAttemptRow.at)
 Index("ix_alert_attempts_job_at", AlertAttemptRow.job, AlertAttemptRow.at)
+
+
+RUN_METRIC_RESOLUTIONS = ("hour", "day")
+
+
+class RunMetricRow(Base):
+    """Finished runs of a job rolled up per hour and per day (UTC, by the run's start): how many,
+    how many did not succeed, and their durations' sum, count (runs with one) and maximum. Kept
+    by the monitor as it records runs (``common.run_metrics``), read by the HTTP API."""
+
+    __tablename__ = "run_metrics"
+    __table_args__ = (
+        CheckConstraint(_one_of("resolution", RUN_METRIC_RESOLUTIONS), name="ck_run_metrics_resolution"),
+    )
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    resolution: Mapped[str] = mapped_column(String(8), primary_key=True)
+    bucket: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    runs: Mapped[int] = mapped_column(BigInteger)
+    failures: Mapped[int] = mapped_column(BigInteger)
+    duration_count: Mapped[int] = mapped_column(BigInteger)
+    duration_sum: Mapped[float] = mapped_column(Float)
+    duration_max: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class LeaseRow(Base):

@@ -4,7 +4,8 @@ The HTTP layer only validates and translates: a ping becomes the same signed hea
 on the bus that ``cronfleet ping`` sends, an API write goes through the same validation as
 ``apply``. Every route module contributes one ``router``; the OpenAPI document is served at
 ``/openapi.json``. No request ever gets a stack trace: an unexpected error is logged and
-answered ``500 {"error": "internal_error"}``.
+answered ``500 {"error": "internal_error"}``; a bad parameter or body ``422 {"error": "invalid",
+"field": ..., "detail": ...}``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -42,12 +44,32 @@ def create_app(context: HttpContext) -> FastAPI:
         code = exc.detail if isinstance(exc.detail, str) else "error"
         return JSONResponse({"error": code}, status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A bad parameter or body: {"error": "invalid", "field": "a.b", "detail": "why"}.
+        return JSONResponse(invalid_body(exc), status_code=422)
+
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("HTTP %s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         return JSONResponse({"error": "internal_error"}, status_code=500)
 
     return app
+
+
+def invalid_body(exc: RequestValidationError) -> dict[str, str | None]:
+    """The 422 body of ``exc``: its first error's field (dotted, without ``body``/``query``/
+    ``path``; None for the whole request) and reason, in one line."""
+    errors = exc.errors()
+    if not errors:
+        return {"error": "invalid", "field": None, "detail": "invalid request"}
+    first = errors[0]
+    field = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+    detail = " ".join(str(first.get("msg", "invalid")).split())[:500]
+    more = len(errors) - 1
+    if more:
+        detail += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return {"error": "invalid", "field": field, "detail": detail}
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -85,7 +85,9 @@ SERVICES: dict[str, Callable[[Settings, ServiceOptions], Awaitable[None]]] = {
 class NoopExecutor:
     """Succeeds at once: the benchmark measures cronfleet's path, not ``fork``/``exec``."""
 
-    async def run(self, action: ShellAction | HttpAction, timeout: float) -> ActionResult:
+    async def run(
+        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
+    ) -> ActionResult:
         return ActionResult(RunStatus.SUCCEEDED)
 
 

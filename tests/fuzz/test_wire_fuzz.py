@@ -73,6 +73,8 @@ SIGNING_KEYS = {
 # -- values: valid, at the bounds, and hostile --------------------------------------------------
 
 clean_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=30)
+# What AMQP can carry in a header or a routing key: UTF-8, so no lone surrogate.
+wire_chars = st.characters(exclude_categories=["Cs"])
 some_text = clean_text.filter(bool)
 ALPHANUMERIC = string.ascii_letters + string.digits
 # Job and pool names (what from_regex would give, three times faster).
@@ -164,7 +166,7 @@ header_values = st.one_of(
     st.text(max_size=20),
     st.binary(max_size=20).map(bytearray),
     st.lists(st.integers(0, 9), max_size=3),
-    st.dictionaries(st.text(min_size=1, max_size=5), st.integers(0, 9), max_size=2),
+    st.dictionaries(st.text(wire_chars, min_size=1, max_size=5), st.integers(0, 9), max_size=2),
     st.datetimes(datetime(1970, 1, 2), datetime(2199, 1, 1), timezones=st.just(UTC)),
     st.integers(1, 40_000).map(lambda n: "z" * n),  # three of them still fit in one frame
 )
@@ -326,10 +328,12 @@ MUTATION_LISTS = st.lists(mutations, min_size=1, max_size=2)
 SIGNING = st.sampled_from(SIGNINGS)
 ACTION = st.sampled_from(ACTIONS)
 REUSE = st.sampled_from([""] * 30 + ["duplicate", "conflict"])
-EXTRA_HEADERS = st.dictionaries(st.text(min_size=1, max_size=10), header_values, max_size=2)
+EXTRA_HEADERS = st.dictionaries(st.text(wire_chars, min_size=1, max_size=10), header_values, max_size=2)
 # Mostly the event's own topic, so that most events reach the monitor's recording; else any text
-# (refused as wrong_routing_key or bad_signature).
-ROUTING_KEYS = st.one_of(st.none(), st.none(), st.none(), st.text(max_size=40))
+# (refused as wrong_routing_key or bad_signature). A routing key is UTF-8 on the wire: no lone surrogates.
+ROUTING_KEYS = st.one_of(
+    st.none(), st.none(), st.none(), st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
+)
 
 
 @st.composite
@@ -539,10 +543,19 @@ def _own_topic(data: dict[str, Any] | None) -> str:
     topic = f"{kind}.{name}"
     # AMQP routing keys hold 255 bytes: a longer name (a mutated field) cannot be its own topic.
     topics = ("run.started", "run.finished", "job.heartbeat", "worker.heartbeat")
+    # Nor can a name with a lone surrogate (a mutated field): routing keys are UTF-8.
     named = isinstance(name, str) and kind in topics
-    if named and len(topic.encode("utf-8", "surrogatepass")) <= 255:
+    if named and len(topic.encode("utf-8", "surrogatepass")) <= 255 and _utf8(topic):
         return topic
     return "job.heartbeat.x"
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _hmac(key_id: str, secret: bytes | None, namespace: str, spec: Spec, body: bytes) -> dict[str, str]:

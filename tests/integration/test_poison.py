@@ -367,7 +367,9 @@ async def test_output_with_nul_bytes_and_invalid_utf8_still_ends_in_a_valid_run_
 class _Exploding:
     """An executor with a bug: it raises instead of returning a result."""
 
-    async def run(self, action: ShellAction | HttpAction, timeout: float) -> ActionResult:
+    async def run(
+        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
+    ) -> ActionResult:
         raise ZeroDivisionError("a bug in the executor")
 
 

@@ -8,11 +8,13 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import Engine, event, func, select, text
 
 from common import fires
+from common.api_keys import create_api_key
 from common.bus import Publisher
 from common.catalog import apply_jobs, load_jobs
 from common.clock import utcnow
@@ -28,6 +30,7 @@ from common.topology import Topology
 from tests.conftest import Start
 from tests.fleet import Fleet, cronfleet, eventually
 from tests.integration.helpers import apply_toml, runs_of
+from tests.integration.test_http_server import free_port
 
 # More than PostgreSQL's 32,767 bind parameters once multiplied by any table's columns, and more
 # than the store's own per-statement limit as a plain IN list.
@@ -100,6 +103,44 @@ async def test_applying_and_removing_more_jobs_than_a_statement_can_carry(
     assert 0 < largest_statement[0] <= MAX_STATEMENT_PARAMETERS
 
 
+async def _use_the_api(store: Store, port: int) -> None:
+    """Call every route of the HTTP API once or more, filters and pages included."""
+    _key, secret = await create_api_key(store, "rules", read_only=False, now=utcnow())
+    headers = {"X-API-Key": secret}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}/api", headers=headers, trust_env=False
+    ) as client:
+        page = (await client.get("/runs", params={"limit": 1})).json()
+        filters: list[dict[str, Any]] = [
+            {"cursor": page["next_cursor"], "limit": 1},
+            {"job": "every", "limit": 2},
+            {"job": "every", "status": "succeeded", "from": "2000-01-01", "to": "2999-01-01"},
+            {"status": "failed"},
+            {"text": "nothing like it"},
+            {"job": "every", "text": "x"},
+        ]
+        for params in filters:
+            assert (await client.get("/runs", params=params)).status_code == 200, params
+        calls = [
+            ("GET", f"/runs/{page['runs'][0]['run_id']}", None),
+            ("GET", "/jobs", None),
+            ("GET", "/jobs/every", None),
+            ("GET", "/jobs/every/metrics", None),
+            ("GET", "/jobs/every/metrics?resolution=days", None),
+            ("GET", "/alerts", None),
+            ("GET", "/alerts?job=every", None),
+            ("GET", "/flips?job=every", None),
+            ("GET", "/health", None),
+            ("PATCH", "/jobs/outside", {"description": "pinged"}),
+            ("POST", "/jobs/every/trigger", None),
+            ("POST", "/jobs", {"name": "added", "schedule": "@daily"}),
+            ("DELETE", "/jobs/added", None),
+        ]
+        for method, path, body in calls:
+            answer = await client.request(method, path, json=body)
+            assert answer.status_code < 300, (method, path, answer.text)
+
+
 # Statements that read a whole table on purpose, and why. Anything else scanning a table fails.
 FULL_SCANS_ALLOWED = {
     "jobs": "apply compares the file with every job, and the scheduler's reload reads every "
@@ -131,7 +172,9 @@ async def test_every_query_of_the_running_fleet_uses_an_index(
             '[jobs.every]\nschedule = "* * * * * *"\naction = { type = "shell", argv = ["true"] }\n'
             '[jobs.outside]\nschedule = "@daily"\n',
         )
-        await fleet("monitor", "worker", "scheduler")
+        port = free_port()
+        await fleet("monitor", http=("127.0.0.1", port))
+        await fleet("worker", "scheduler")
         await eventually(lambda: runs_of(store, "every", status=RunStatus.SUCCEEDED.value))
         assert cronfleet(settings, "ping", "outside", "--start").returncode == 0
         assert cronfleet(settings, "ping", "outside").returncode == 0
@@ -146,6 +189,7 @@ async def test_every_query_of_the_running_fleet_uses_an_index(
             ["db", "purge", "--older-than", "1d"],
         ):
             assert cronfleet(settings, *command).returncode in (0, 1), command
+        await _use_the_api(store, port)
     finally:
         event.remove(Engine, "before_cursor_execute", capture)
 

@@ -23,10 +23,13 @@ class ActionResult:
 class Executor(Protocol):
     """Runs one kind of action to its end within ``timeout`` seconds, without blocking the loop.
 
-    Never raises for an action that fails: failure is a result.
+    Never raises for an action that fails: failure is a result. ``run_id`` is the run's id, which
+    an executor may hand to what it runs so that its logs can name the run (HTTP: ``X-Request-Id``).
     """
 
-    async def run(self, action: ShellAction | HttpAction, timeout: float) -> ActionResult: ...
+    async def run(
+        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
+    ) -> ActionResult: ...
 
 
 class OutputTail:

@@ -10,6 +10,9 @@ from common.actions import HttpAction, ShellAction
 from common.messages import RunStatus
 from worker.actions.base import ActionResult, OutputTail
 
+# The header that carries the run's id to the endpoint.
+REQUEST_ID_HEADER = "X-Request-Id"
+
 
 class HttpExecutor:
     """Runs ``http`` actions on a shared client (connection pooling across runs)."""
@@ -17,17 +20,24 @@ class HttpExecutor:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self._client = client
 
-    async def run(self, action: ShellAction | HttpAction, timeout: float) -> ActionResult:
-        """Send the request; time out after ``timeout`` seconds in all (connect, send, read)."""
+    async def run(
+        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
+    ) -> ActionResult:
+        """Send the request; time out after ``timeout`` seconds in all (connect, send, read). The
+        run's id goes along as ``X-Request-Id`` (unless the job sets that header itself), so the
+        endpoint's own logs can be matched with the run (the API's ``request_id``)."""
         assert isinstance(action, HttpAction)
         tail = OutputTail()
+        headers = dict(action.headers)
+        if run_id is not None and not any(name.lower() == REQUEST_ID_HEADER.lower() for name in headers):
+            headers[REQUEST_ID_HEADER] = run_id
         try:
             async with (
                 asyncio.timeout(timeout),
                 self._client.stream(
                     action.method,
                     str(action.url),
-                    headers=action.headers,
+                    headers=headers,
                     content=action.body.encode() if action.body is not None else None,
                     timeout=timeout,
                 ) as response,

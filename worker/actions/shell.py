@@ -37,7 +37,9 @@ def job_environment(worker: Mapping[str, str], extra: Mapping[str, str]) -> dict
 class ShellExecutor:
     """Runs ``shell`` actions as child processes in their own process group."""
 
-    async def run(self, action: ShellAction | HttpAction, timeout: float) -> ActionResult:
+    async def run(
+        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
+    ) -> ActionResult:
         """Run ``action.argv``; succeeded when the exit code is one of ``success_exit_codes``."""
         assert isinstance(action, ShellAction)
         try:
