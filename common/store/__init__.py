@@ -16,6 +16,7 @@ from common.store.models import (
     JobRow,
     JobStateRow,
     LeaseRow,
+    PingKeyRow,
     RunRow,
     TriggerClaimRow,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "JobRow",
     "JobStateRow",
     "LeaseRow",
+    "PingKeyRow",
     "RunRow",
     "Store",
     "TriggerClaimRow",

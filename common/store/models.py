@@ -1,5 +1,5 @@
 """Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, job health and its
-flips (with their alerts' outbox), alert attempts, leases, trigger claims, fleet health.
+flips (with their alerts' outbox), alert attempts, leases, trigger claims, fleet health, ping keys.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
 These classes describe the schema at the newest migration (``common/store/migrations``); a change
@@ -349,3 +349,20 @@ class FleetHealthRow(Base):
     count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     detail: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PingKeyRow(Base):
+    """A ping key (``cronfleet keys ping-url``): the SHA-256 of a random token that may send the
+    heartbeats of ``jobs`` (a JSON list of job names) through the monitor's ping URLs, and nothing
+    else. The token itself is never stored; a revoked key stays listed, with ``revoked_at``."""
+
+    __tablename__ = "ping_keys"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    jobs: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

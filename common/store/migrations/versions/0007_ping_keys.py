@@ -1,0 +1,41 @@
+"""Ping keys: who may send heartbeats through the monitor's ping URLs.
+
+Revision ID: 0007
+Revises: 0006
+
+- ``ping_keys``: one row per ping key (``cronfleet keys ping-url new``): its unique name, the
+  SHA-256 of the random token (never the token), the jobs it may ping (a JSON list), when it was
+  made and, once revoked, when. Looked up by the token's hash (unique index) on every ping.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+Instant = sa.DateTime(timezone=False)
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def upgrade() -> None:
+    op.create_table(
+        "ping_keys",
+        sa.Column("id", Id, autoincrement=True, nullable=False),
+        sa.Column("name", sa.String(length=64), nullable=False),
+        sa.Column("key_sha256", sa.String(length=64), nullable=False),
+        sa.Column("jobs", sa.Text(), nullable=False),
+        sa.Column("created_at", Instant, nullable=False),
+        sa.Column("revoked_at", Instant, nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("name"),
+        sa.UniqueConstraint("key_sha256"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("ping_keys")
