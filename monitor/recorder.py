@@ -244,13 +244,29 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
 
 
 def _same_heartbeat(row: HeartbeatRow, event: JobHeartbeat) -> bool:
-    return (row.job, row.kind, row.at, row.exit_code, row.message) == (
+    return (row.job, row.kind, row.at, row.exit_code, row.message, row.rid) == (
         event.job,
         event.kind.value,
         event.at,
         event.exit_code,
         event.message,
+        event.rid,
     )
+
+
+def rid_run_id(job: str, rid: str) -> str:
+    """The run id of ``job``'s heartbeat run linked by ``rid`` (its start and finish share it)."""
+    return f"rid:{job}:{rid}"
+
+
+async def _rid_run(batch: _Batch, job: str, rid: str) -> RunRow | None:
+    run_id = rid_run_id(job, rid)
+    found = batch.runs.get(run_id)
+    if found is None:
+        found = await batch.session.get(RunRow, run_id)
+        if found is not None:
+            batch.runs[run_id] = found
+    return found
 
 
 async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
@@ -272,8 +288,11 @@ async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
             exit_code=event.exit_code,
             at=event.at,
             message=event.message,
+            rid=event.rid,
         )
     )
+    if event.rid is not None:
+        return await _rid_heartbeat(batch, event, event.rid)
     if event.kind is HeartbeatKind.START:
         started = batch.add_run(
             RunRow(
@@ -292,6 +311,8 @@ async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
             RunRow.job == event.job,
             RunRow.source == "heartbeat",
             RunRow.status == RunStatus.RUNNING.value,
+            # A run opened with a rid is closed by its own rid only.
+            RunRow.run_id.startswith("hb:"),
             RunRow.started_at <= event.at,
         )
         .order_by(RunRow.started_at.desc())
@@ -301,10 +322,51 @@ async def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
         run = batch.add_run(
             RunRow(run_id=f"hb:{event.id}", job=event.job, source="heartbeat", started_at=event.at)
         )
+    _finish_heartbeat_run(batch, run, event)
+    return True
+
+
+def _finish_heartbeat_run(batch: _Batch, run: RunRow, event: JobHeartbeat) -> None:
     run.status = _HEARTBEAT_STATUS[event.kind].value
     run.finished_at = event.at
     run.duration_seconds = max(0.0, (event.at - run.started_at).total_seconds())
     run.exit_code = event.exit_code
     run.output_tail = event.message
     batch.finish(run, due_after=event.at)
+
+
+async def _rid_heartbeat(batch: _Batch, event: JobHeartbeat, rid: str) -> bool:
+    """A heartbeat with a ``rid``: its start and its finish are the same run (``rid_run_id``),
+    whatever order they arrive in and whatever else the job reports meanwhile.
+
+    A start opens the run (a repeated start changes nothing more); a start that arrives after
+    its finish moves the run's start back to it (an earlier instant) and so gives it its
+    duration. A finish closes the run, or records it as finished at once if its start has not
+    arrived; a second finish for a finished run is a run of its own (``hb:<id>``)."""
+    run = await _rid_run(batch, event.job, rid)
+    if event.kind is HeartbeatKind.START:
+        if run is None:
+            started = batch.add_run(
+                RunRow(
+                    run_id=rid_run_id(event.job, rid),
+                    job=event.job,
+                    source="heartbeat",
+                    status=RunStatus.RUNNING.value,
+                    started_at=event.at,
+                )
+            )
+            batch.start(started)
+        elif run.finished_at is not None and event.at < run.started_at:
+            run.started_at = event.at
+            run.duration_seconds = max(0.0, (run.finished_at - event.at).total_seconds())
+        return True
+    if run is None:
+        run = batch.add_run(
+            RunRow(run_id=rid_run_id(event.job, rid), job=event.job, source="heartbeat", started_at=event.at)
+        )
+    elif run.status != RunStatus.RUNNING.value:
+        run = batch.add_run(
+            RunRow(run_id=f"hb:{event.id}", job=event.job, source="heartbeat", started_at=event.at)
+        )
+    _finish_heartbeat_run(batch, run, event)
     return True

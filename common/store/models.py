@@ -144,6 +144,7 @@ class HeartbeatRow(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rid: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 Index("ix_heartbeats_at", HeartbeatRow.at)

@@ -1,4 +1,4 @@
-"""Ping keys: who may send heartbeats through the monitor's ping URLs.
+"""Ping keys: who may send heartbeats through the monitor's ping URLs; heartbeats' ``rid``.
 
 Revision ID: 0007
 Revises: 0006
@@ -6,6 +6,8 @@ Revises: 0006
 - ``ping_keys``: one row per ping key (``cronfleet keys ping-url new``): its unique name, the
   SHA-256 of the random token (never the token), the jobs it may ping (a JSON list), when it was
   made and, once revoked, when. Looked up by the token's hash (unique index) on every ping.
+- ``heartbeats.rid``: the heartbeat's ``rid`` (``?rid=`` of a ping URL), which links a start to
+  its finish; None for heartbeats stored before this revision.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ def upgrade() -> None:
         sa.UniqueConstraint("name"),
         sa.UniqueConstraint("key_sha256"),
     )
+    with op.batch_alter_table("heartbeats") as heartbeats:
+        heartbeats.add_column(sa.Column("rid", sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("heartbeats") as heartbeats:
+        heartbeats.drop_column("rid")
     op.drop_table("ping_keys")
