@@ -101,6 +101,14 @@ for _path, _handler, _summary in (
             response_class=PlainTextResponse,
             responses={404: {"description": "unknown or revoked key, or a job it may not ping"}},
         )
+        # With a trailing slash too: a redirect would leave `curl -f` content and the job unpinged.
+        router.add_api_route(
+            _path + "/",
+            _handler,
+            methods=[_method],
+            include_in_schema=False,
+            response_class=PlainTextResponse,
+        )
 
 
 async def _ping(context: HttpContext, request: Request, token: str, words: list[str]) -> PlainTextResponse:
