@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--fail", action="store_true", help="the job has failed")
     ping.add_argument("--exit-code", type=int, help="the job's exit code (non-zero means failed)")
     ping.add_argument("--message", help="a short note kept with the run")
+    ping.add_argument("--rid", help="links a --start to its finish: send the same value with both")
     keys = commands.add_parser(
         "keys",
         help="keys: `keys new --role ROLE` (signing keys), `keys ping-url new|list|revoke` (ping URLs)",

@@ -8,19 +8,26 @@ import shutil
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 from urllib.parse import quote
 
+import aio_pika
 import httpx
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
 from common.clock import utcnow
+from common.messages import HeartbeatKind, JobHeartbeat
 from common.ping_keys import create_ping_key, revoke_ping_key
 from common.settings import Settings
+from common.signing import Keyring, Role
 from common.store import HeartbeatRow, RunRow, Store
+from common.topology import Topology, event_routing_key
 from monitor.http.pings import MESSAGE_CHARACTERS
 from tests.conftest import Start
 from tests.fleet import cronfleet, eventually
@@ -298,3 +305,57 @@ async def test_fuzzed_pings_never_get_a_server_error(
     # Hypothesis drives a blocking client: in a thread, while this loop serves the monitor.
     await asyncio.to_thread(ping)
     assert {200, 404} <= statuses
+
+
+async def test_rid_heartbeats_pair_in_any_order_and_cronfleet_ping_sends_rid(
+    settings: Settings, store: Store, fleet: Start, amqp: AbstractRobustConnection
+) -> None:
+    await fleet("monitor")
+    t0 = utcnow().replace(microsecond=0)
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(Topology(settings.namespace).events_exchange)
+    keyring = Keyring.parse(settings.keys)
+    # The finish arrives first; the late start gives the run its start and its duration.
+    for beat in (
+        JobHeartbeat(
+            id="late-1",
+            job="late",
+            kind=HeartbeatKind.FAIL,
+            exit_code=2,
+            at=t0 + timedelta(seconds=5),
+            rid="x",
+        ),
+        JobHeartbeat(id="late-0", job="late", kind=HeartbeatKind.START, at=t0, rid="x"),
+        JobHeartbeat(
+            id="late-2", job="late", kind=HeartbeatKind.SUCCESS, at=t0 + timedelta(seconds=6), rid="x"
+        ),
+    ):
+        body, routing_key = beat.to_bytes(), event_routing_key(beat)
+        headers: dict[str, Any] = dict(keyring.sign(Role.PING, settings.namespace, routing_key, body))
+        await exchange.publish(aio_pika.Message(body, headers=headers), routing_key)
+
+    async def three_beats() -> bool:
+        async with store.session() as session:
+            found = (await session.execute(select(HeartbeatRow).where(HeartbeatRow.job == "late"))).all()
+        return len(found) == 3
+
+    await eventually(three_beats)
+    runs = {run.run_id: run for run in await runs_of(store, "late")}
+    paired = runs.pop("rid:late:x")
+    assert (paired.status, paired.exit_code, paired.started_at, paired.duration_seconds) == (
+        "failed",
+        2,
+        t0,
+        5.0,
+    )
+    # A second finish of a finished rid is a run of its own.
+    [extra] = runs.values()
+    assert (extra.run_id, extra.status) == ("hb:late-2", "succeeded")
+
+    for args in (("--start", "--rid", "r1"), ("--rid", "r1", "--message", "done")):
+        sent = cronfleet(settings, "ping", "viacli", *args)
+        assert sent.returncode == 0, sent.stderr
+    [run] = await _finished(store, "viacli", 1)
+    assert (run.run_id, run.status, run.output_tail) == ("rid:viacli:r1", "succeeded", "done")
+    bad = cronfleet(settings, "ping", "viacli", "--rid", "not ok")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
