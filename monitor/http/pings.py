@@ -14,7 +14,8 @@ same signed ``job.heartbeat`` event on the bus that ``cronfleet ping`` sends.
 
 Answers (plain text): ``200 OK``; ``404`` for an unknown or revoked key, or a job the key may not
 ping (the same answer: a caller learns nothing about which keys exist); ``400`` for a bad exit
-code or rid; ``503`` when the broker does not confirm the heartbeat (try again).
+code or rid; ``503`` when the broker does not confirm the heartbeat (try again), or when this
+monitor's keys cannot sign it (logged as an error).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.requests import ClientDisconnect
 
 from common.bounds import MAX_TEXT_LENGTH
-from common.errors import CronfleetError
+from common.errors import ConfigError, CronfleetError
 from common.messages import RID_PATTERN, HeartbeatKind, JobHeartbeat
 from common.ping_keys import PingKey, find_ping_key
 from monitor.http.context import HttpContext, context_of
@@ -136,6 +137,9 @@ async def _ping(context: HttpContext, request: Request, token: str, words: list[
     )
     try:
         await context.publisher.event(beat)
+    except ConfigError as exc:  # this monitor's keys cannot sign it: an operator must add one
+        log.error("ping of job %s not sent: %s", job, exc)
+        return _answer(503, "not sent: this monitor has no key that may sign this job's heartbeats\n")
     except CronfleetError as exc:  # the broker is away or refused it: the caller may retry
         log.warning("ping of job %s not sent: %s", job, exc)
         return _answer(503, "not sent: the message bus is unavailable, try again\n")

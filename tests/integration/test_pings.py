@@ -120,6 +120,19 @@ async def test_a_start_then_its_finish_make_one_run_with_a_duration_and_the_body
     assert run.output_tail == "backed up 12 files\nall good\n"
 
 
+async def test_concurrent_pings_are_each_recorded_once(
+    settings: Settings, store: Store, monitor: Monitor
+) -> None:
+    key = await _key(store, "busy")
+    answers = await asyncio.gather(
+        *(monitor.client.post(f"/ping/{key}/{n % 2}", content=f"run {n}") for n in range(40))
+    )
+    assert [answer.status_code for answer in answers] == [200] * 40
+    runs = await _finished(store, "busy", 40)
+    assert sorted(run.output_tail or "" for run in runs) == sorted(f"run {n}" for n in range(40))
+    assert sum(run.status == "failed" for run in runs) == 20
+
+
 async def test_rid_pairs_each_start_with_its_own_finish(
     settings: Settings, store: Store, monitor: Monitor
 ) -> None:
