@@ -23,9 +23,9 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
 from starlette.requests import ClientDisconnect
 
@@ -69,22 +69,49 @@ def _answer(status: int, text: str) -> PlainTextResponse:
 
 Context = Annotated[HttpContext, Depends(context_of)]
 
+_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the heartbeat is on the bus: `OK`", "content": _TEXT},
+    400: {"description": "an exit code out of 0 to 255, or a bad rid", "content": _TEXT},
+    404: {"description": "unknown or revoked key, or a job it may not ping", "content": _TEXT},
+    503: {"description": "not sent (the broker, or this monitor's keys): try again", "content": _TEXT},
+}
 
-async def ping(key: str, request: Request, context: Context) -> PlainTextResponse:
+
+# Read and checked by _ping itself (a bad one is a 400, not a 422): declared for the document.
+Rid = Annotated[
+    str | None,
+    Query(description="links a start to its finish: the same value on both (1 to 64 of A-Z a-z 0-9 . _ ~ -)"),
+]
+
+
+async def ping(key: str, request: Request, context: Context, rid: Rid = None) -> PlainTextResponse:
     """The job of a key of one job succeeded."""
     return await _ping(context, request, key, [])
 
 
-async def ping_word(key: str, word: str, request: Request, context: Context) -> PlainTextResponse:
+async def ping_word(
+    key: str, word: str, request: Request, context: Context, rid: Rid = None
+) -> PlainTextResponse:
     """``start``, ``fail`` or an exit code (the key's one job), or a job's success."""
     return await _ping(context, request, key, [word])
 
 
 async def ping_job_word(
-    key: str, job: str, word: str, request: Request, context: Context
+    key: str, job: str, word: str, request: Request, context: Context, rid: Rid = None
 ) -> PlainTextResponse:
     """``start``, ``fail`` or an exit code of a named job of the key."""
     return await _ping(context, request, key, [job, word])
+
+
+# A POST's body, any bytes: the run's log.
+_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+        "description": "the run's log; its last 4096 characters are kept",
+    }
+}
 
 
 for _path, _handler, _summary in (
@@ -100,7 +127,8 @@ for _path, _handler, _summary in (
             summary=_summary,
             operation_id=f"{_handler.__name__}_{_method.lower()}",
             response_class=PlainTextResponse,
-            responses={404: {"description": "unknown or revoked key, or a job it may not ping"}},
+            responses=_RESPONSES,
+            openapi_extra=_BODY if _method == "POST" else None,
         )
         # With a trailing slash too: a redirect would leave `curl -f` content and the job unpinged.
         router.add_api_route(
