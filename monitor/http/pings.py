@@ -49,6 +49,7 @@ _RID = re.compile(RID_PATTERN)
 _NUMBER = re.compile(r"^[+-]?[0-9]+$")
 _KINDS = {"start": HeartbeatKind.START, "fail": HeartbeatKind.FAIL}
 _METHODS = ["GET", "POST", "HEAD"]
+_OTHER_METHODS = ["PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 
 
 class _Refused(Exception):
@@ -114,6 +115,12 @@ _BODY = {
 }
 
 
+async def _not_allowed() -> PlainTextResponse:
+    return PlainTextResponse(
+        "method not allowed: GET, POST or HEAD\n", status_code=405, headers={"Allow": ", ".join(_METHODS)}
+    )
+
+
 for _path, _handler, _summary in (
     ("/ping/{key}", ping, "ping: success"),
     ("/ping/{key}/{word}", ping_word, "ping: start, fail, an exit code, or a named job's success"),
@@ -130,6 +137,10 @@ for _path, _handler, _summary in (
             responses=_RESPONSES,
             openapi_extra=_BODY if _method == "POST" else None,
         )
+    # Any other method: 405 naming all three (one route per method would name only the first).
+    for _route in (_path, f"{_path}/"):
+        router.add_api_route(_route, _not_allowed, methods=_OTHER_METHODS, include_in_schema=False)
+    for _method in _METHODS:
         # With a trailing slash too: a redirect would leave `curl -f` content and the job unpinged.
         router.add_api_route(
             _path + "/",

@@ -202,6 +202,9 @@ async def test_unknown_revoked_and_bad_pings_are_refused_in_plain_words(
             answer = await client.request(method, path)
             assert answer.status_code == status, (method, path, answer.status_code, answer.text)
             assert "Traceback" not in answer.text
+    for method in ("PUT", "DELETE", "OPTIONS"):
+        answer = await client.request(method, f"/ping/{key}/start")
+        assert answer.status_code == 405 and answer.headers["allow"] == "GET, POST, HEAD", method
     assert (await client.get(f"/ping/{key}")).status_code == 200
     await _finished(store, "guarded", 1)
     await revoke_ping_key(store, "guarded", utcnow())
