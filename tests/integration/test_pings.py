@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,6 +59,12 @@ async def monitor(fleet: Start) -> AsyncIterator[Monitor]:
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as client:
         yield Monitor(base, client)
+
+
+async def _cronfleet(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``cronfleet ARGS``, in a thread: this loop runs the monitor meanwhile (blocked, a monitor
+    in the middle of a SQLite write would hold the lock the command waits for)."""
+    return await asyncio.to_thread(cronfleet, settings, *args)
 
 
 async def _key(store: Store, *jobs: str) -> str:
@@ -237,7 +244,7 @@ async def test_a_large_or_binary_body_is_cut_to_its_end_never_refused(
 async def test_cronfleet_keys_ping_url_new_list_revoke_and_its_url_works(
     settings: Settings, store: Store, monitor: Monitor
 ) -> None:
-    made = cronfleet(settings, "keys", "ping-url", "new", "--jobs", "nightly", "--url", monitor.base)
+    made = await _cronfleet(settings, "keys", "ping-url", "new", "--jobs", "nightly", "--url", monitor.base)
     assert made.returncode == 0, made.stderr
     lines = made.stdout.splitlines()
     token, url = lines[1], lines[2]
@@ -246,20 +253,21 @@ async def test_cronfleet_keys_ping_url_new_list_revoke_and_its_url_works(
     assert (await monitor.client.get(url)).status_code == 200
     await _finished(store, "nightly", 1)
 
-    listed = cronfleet(settings, "keys", "ping-url", "list", "--json")
+    listed = await _cronfleet(settings, "keys", "ping-url", "list", "--json")
     assert listed.returncode == 0 and token not in listed.stdout
     assert '"name": "nightly"' in listed.stdout and '"state": "active"' in listed.stdout
-    twice = cronfleet(settings, "keys", "ping-url", "new", "--jobs", "nightly")
+    twice = await _cronfleet(settings, "keys", "ping-url", "new", "--jobs", "nightly")
     assert twice.returncode == 1 and "exists already" in twice.stderr
 
-    revoked = cronfleet(settings, "keys", "ping-url", "revoke", "nightly")
+    revoked = await _cronfleet(settings, "keys", "ping-url", "revoke", "nightly")
     assert revoked.returncode == 0 and "revoked" in revoked.stdout
     assert (await monitor.client.get(url)).status_code == 404
-    assert '"state": "revoked"' in cronfleet(settings, "keys", "ping-url", "list", "--json").stdout
-    missing = cronfleet(settings, "keys", "ping-url", "revoke", "nope")
+    relisted = await _cronfleet(settings, "keys", "ping-url", "list", "--json")
+    assert '"state": "revoked"' in relisted.stdout
+    missing = await _cronfleet(settings, "keys", "ping-url", "revoke", "nope")
     assert missing.returncode == 1 and "no ping key" in missing.stderr
     # Signing keys are made as before.
-    signing = cronfleet(settings, "keys", "new", "--role", "ping", "--jobs", "nightly")
+    signing = await _cronfleet(settings, "keys", "new", "--role", "ping", "--jobs", "nightly")
     assert signing.returncode == 0 and signing.stdout.startswith("ping:")
 
 
@@ -369,9 +377,9 @@ async def test_rid_heartbeats_pair_in_any_order_and_cronfleet_ping_sends_rid(
     assert (extra.run_id, extra.status) == ("hb:late-2", "succeeded")
 
     for args in (("--start", "--rid", "r1"), ("--rid", "r1", "--message", "done")):
-        sent = cronfleet(settings, "ping", "viacli", *args)
+        sent = await _cronfleet(settings, "ping", "viacli", *args)
         assert sent.returncode == 0, sent.stderr
     [run] = await _finished(store, "viacli", 1)
     assert (run.run_id, run.status, run.output_tail) == ("rid:viacli:r1", "succeeded", "done")
-    bad = cronfleet(settings, "ping", "viacli", "--rid", "not ok")
+    bad = await _cronfleet(settings, "ping", "viacli", "--rid", "not ok")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
