@@ -14,8 +14,9 @@ same signed ``job.heartbeat`` event on the bus that ``cronfleet ping`` sends.
 
 Answers (plain text): ``200 OK``; ``404`` for an unknown or revoked key, or a job the key may not
 ping (the same answer: a caller learns nothing about which keys exist); ``400`` for a bad exit
-code or rid; ``503`` when the broker does not confirm the heartbeat (try again), or when this
-monitor's keys cannot sign it (logged as an error).
+code or rid; ``503`` when the store (to look the key up) or the broker (to take the heartbeat)
+is unavailable (try again), or when this monitor's keys cannot sign it (logged as an error).
+Nothing logged here holds the key.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from common.bounds import MAX_TEXT_LENGTH
 from common.errors import ConfigError, CronfleetError
 from common.messages import RID_PATTERN, HeartbeatKind, JobHeartbeat
 from common.ping_keys import PingKey, find_ping_key
+from common.store import STORE_OUTAGES
 from monitor.http.context import HttpContext, context_of
 
 log = logging.getLogger("cronfleet.http.pings")
@@ -153,6 +155,14 @@ for _path, _handler, _summary in (
 
 async def _ping(context: HttpContext, request: Request, token: str, words: list[str]) -> PlainTextResponse:
     try:
+        return await _take(context, request, token, words)
+    except Exception as exc:  # the app would log the path, and the path holds the key
+        log.error("ping failed: %s: %s", type(exc).__name__, exc)
+        return _answer(500, "internal error\n")
+
+
+async def _take(context: HttpContext, request: Request, token: str, words: list[str]) -> PlainTextResponse:
+    try:
         found = await find_ping_key(context.store, token)
         if found is None:
             raise _NOT_FOUND
@@ -165,6 +175,9 @@ async def _ping(context: HttpContext, request: Request, token: str, words: list[
         return _answer(refused.status, refused.text)
     except ClientDisconnect:
         return _answer(400, "the request body did not arrive\n")
+    except STORE_OUTAGES as exc:  # logged without the path: it holds the key
+        log.warning("ping not taken: the store is unavailable: %s", type(exc).__name__)
+        return _answer(503, "not taken: the store is unavailable, try again\n")
     beat = JobHeartbeat(
         id=uuid.uuid4().hex,
         job=job,
