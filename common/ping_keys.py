@@ -66,7 +66,7 @@ def parse_jobs(text: str) -> tuple[str, ...]:
     if len(jobs) > MAX_JOBS:
         raise ConfigError(f"a ping key may ping at most {MAX_JOBS} jobs")
     for name in jobs:
-        if not _JOB.match(name):
+        if not _JOB.fullmatch(name):
             raise ConfigError(f"{name!r} is not a job name ({JOB_NAME_PATTERN})")
     return jobs
 
@@ -86,7 +86,7 @@ async def create_ping_key(
         name = "+".join(jobs)[:64]
         if not name[0].isalpha():
             name = f"k{name}"[:64]
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ConfigError(f"{name!r} is not a ping key name ({NAME_PATTERN})")
     token = secrets.token_urlsafe(TOKEN_BYTES)
     row = PingKeyRow(

@@ -63,7 +63,8 @@ class _Refused(Exception):
         self.text = text
 
 
-_NOT_FOUND = _Refused(404, "not found: no such ping key, or a job it may not ping\n")
+def _not_found() -> _Refused:
+    return _Refused(404, "not found: no such ping key, or a job it may not ping\n")
 
 
 def _answer(status: int, text: str) -> PlainTextResponse:
@@ -165,10 +166,10 @@ async def _take(context: HttpContext, request: Request, token: str, words: list[
     try:
         found = await find_ping_key(context.store, token)
         if found is None:
-            raise _NOT_FOUND
+            raise _not_found()
         job, kind, exit_code = _target(found, words)
         rid = request.query_params.get("rid")
-        if rid is not None and not _RID.match(rid):
+        if rid is not None and not _RID.fullmatch(rid):  # fullmatch: no trailing new line
             raise _Refused(400, f"bad rid: 1 to 64 of A-Z a-z 0-9 . _ ~ - ({RID_PATTERN})\n")
         message = await read_message(request)
     except _Refused as refused:
@@ -203,7 +204,7 @@ def _target(key: PingKey, words: list[str]) -> tuple[str, HeartbeatKind, int | N
     if len(words) == 2:
         job, word = words
         if job not in key.jobs:
-            raise _NOT_FOUND
+            raise _not_found()
         kind, exit_code = _kind(word)
         if kind is None:
             raise _Refused(404, "not found: after the job comes start, fail or an exit code\n")
@@ -216,7 +217,7 @@ def _target(key: PingKey, words: list[str]) -> tuple[str, HeartbeatKind, int | N
         if kind is None:
             if word in key.jobs:
                 return word, HeartbeatKind.SUCCESS, None
-            raise _NOT_FOUND
+            raise _not_found()
     else:
         kind, exit_code = HeartbeatKind.SUCCESS, None
     if len(key.jobs) != 1:
@@ -229,7 +230,7 @@ def _kind(word: str) -> tuple[HeartbeatKind | None, int | None]:
     (None: none of them). Raises _Refused (400) for a number that is not an exit code."""
     if word in _KINDS:
         return _KINDS[word], None
-    if _NUMBER.match(word):
+    if _NUMBER.fullmatch(word):
         code = int(word) if len(word) <= 10 else -1
         if not 0 <= code <= MAX_EXIT_CODE:
             raise _Refused(400, f"bad exit code {word[:20]!r}: 0 to {MAX_EXIT_CODE}\n")

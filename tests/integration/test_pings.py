@@ -203,6 +203,8 @@ async def test_unknown_revoked_and_bad_pings_are_refused_in_plain_words(
         (f"/ping/{key}/guarded/1000", 400),
         (f"/ping/{key}?rid=not%20a%20rid", 400),
         (f"/ping/{key}/start?rid={'r' * 65}", 400),
+        (f"/ping/{key}/start?rid=abc%0A", 400),
+        (f"/ping/{key}/3%0A", 404),
         (f"/ping/{key}/a/b/c", 404),
     ):
         for method in ("GET", "POST", "HEAD"):
