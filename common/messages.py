@@ -30,6 +30,8 @@ JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 OUTPUT_TAIL_LIMIT = MAX_TEXT_LENGTH
 IDENTIFIER_LENGTH = 200
+# A job heartbeat's ``rid``: what a ping URL's ``?rid=`` may hold (a UUID fits).
+RID_PATTERN = r"^[A-Za-z0-9._~-]{1,64}$"
 # No run lasts longer than the span of instants the wire can carry.
 MAX_DURATION_SECONDS = (LATEST_INSTANT - EARLIEST_INSTANT).total_seconds()
 
@@ -173,6 +175,8 @@ class JobHeartbeat(WireMessage):
     exit_code: Int32 | None = None
     at: Instant
     message: BoundedText | None = None
+    # Links a ``start`` to its ``success``/``fail``: the same rid, the same run.
+    rid: Annotated[str, Field(pattern=RID_PATTERN)] | None = None
 
 
 class WorkerHeartbeat(WireMessage):

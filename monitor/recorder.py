@@ -121,6 +121,7 @@ class _Heartbeat:
     at: datetime
     exit_code: int | None = None
     message: str | None = None
+    rid: str | None = None
 
 
 _RUNS = cast(Table, RunRow.__table__)
@@ -174,6 +175,7 @@ class _Batch:
         run_ids = {e.run_id for e in events if isinstance(e, RunStarted | RunFinished)}
         heartbeats = [e for e in events if isinstance(e, JobHeartbeat)]
         run_ids.update(f"hb:{e.id}" for e in heartbeats)
+        run_ids.update(rid_run_id(e.job, e.rid) for e in heartbeats if e.rid is not None)
         for some in chunks(sorted(run_ids), IN_LIST_CHUNK):
             for run in await _read(session, _RUNS, _Run, _RUNS.c.run_id.in_(some)):
                 self._keep(_RUNS, run.run_id, run)
@@ -190,7 +192,7 @@ class _Batch:
         # started no later than the latest such heartbeat of their job (ix_runs_job_started).
         ending: dict[str, datetime] = {}
         for e in heartbeats:
-            if e.kind is not HeartbeatKind.START:
+            if e.kind is not HeartbeatKind.START and e.rid is None:
                 ending[e.job] = max(e.at, ending.get(e.job, e.at))
         latest = max(ending.values(), default=None)
         for some in chunks(sorted(ending), IN_LIST_CHUNK):
@@ -199,6 +201,8 @@ class _Batch:
                 _RUNS.c.source == "heartbeat",
                 _RUNS.c.status == RunStatus.RUNNING.value,
                 _RUNS.c.started_at <= latest,
+                # A run opened with a rid is closed by its own rid only.
+                _RUNS.c.run_id.startswith("hb:"),
             )
             for run in await _read(session, _RUNS, _Run, where):
                 if run.run_id not in self.runs:
@@ -441,13 +445,19 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
 
 
 def _same_heartbeat(row: _Heartbeat, event: JobHeartbeat) -> bool:
-    return (row.job, row.kind, row.at, row.exit_code, row.message) == (
+    return (row.job, row.kind, row.at, row.exit_code, row.message, row.rid) == (
         event.job,
         event.kind.value,
         event.at,
         event.exit_code,
         event.message,
+        event.rid,
     )
+
+
+def rid_run_id(job: str, rid: str) -> str:
+    """The run id of ``job``'s heartbeat run linked by ``rid`` (its start and finish share it)."""
+    return f"rid:{job}:{rid}"
 
 
 def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
@@ -466,9 +476,12 @@ def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
         exit_code=event.exit_code,
         at=event.at,
         message=event.message,
+        rid=event.rid,
     )
     batch.add(_HEARTBEATS, heartbeat)
     batch.heartbeats[event.id] = heartbeat
+    if event.rid is not None:
+        return _rid_heartbeat(batch, event, event.rid)
     if event.kind is HeartbeatKind.START:
         started = batch.add_run(
             _Run(
@@ -493,6 +506,11 @@ def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
                 started_at=event.at,
             )
         )
+    _finish_heartbeat_run(batch, run, event)
+    return True
+
+
+def _finish_heartbeat_run(batch: _Batch, run: _Run, event: JobHeartbeat) -> None:
     run.status = _HEARTBEAT_STATUS[event.kind].value
     run.finished_at = event.at
     run.duration_seconds = max(0.0, (event.at - run.started_at).total_seconds())
@@ -500,4 +518,44 @@ def _job_heartbeat(batch: _Batch, event: JobHeartbeat) -> bool | Conflict:
     run.output_tail = event.message
     batch.finished.append(run)
     batch.finish(run, due_after=event.at)
+
+
+def _rid_heartbeat(batch: _Batch, event: JobHeartbeat, rid: str) -> bool:
+    """A heartbeat with a ``rid``: its start and its finish are the same run (``rid_run_id``),
+    whatever order they arrive in and whatever else the job reports meanwhile.
+
+    A start opens the run (a repeated start changes nothing more); a start that arrives after
+    its finish moves the run's start back to it (an earlier instant) and so gives it its
+    duration. A finish closes the run, or records it as finished at once if its start has not
+    arrived; a second finish for a finished run is a run of its own (``hb:<id>``)."""
+    run_id = rid_run_id(event.job, rid)
+    run = batch.runs.get(run_id)
+    if event.kind is HeartbeatKind.START:
+        if run is None:
+            started = batch.add_run(
+                _Run(
+                    run_id=run_id,
+                    job=event.job,
+                    source="heartbeat",
+                    status=RunStatus.RUNNING.value,
+                    started_at=event.at,
+                )
+            )
+            batch.start(started)
+        elif run.finished_at is not None and event.at < run.started_at:
+            run.started_at = event.at
+            run.duration_seconds = max(0.0, (run.finished_at - event.at).total_seconds())
+        return True
+    status = _HEARTBEAT_STATUS[event.kind].value
+    if run is None:
+        run = batch.add_run(
+            _Run(run_id=run_id, job=event.job, source="heartbeat", status=status, started_at=event.at)
+        )
+    elif run.status != RunStatus.RUNNING.value:
+        run = batch.add_run(
+            _Run(
+                run_id=f"hb:{event.id}", job=event.job, source="heartbeat", status=status, started_at=event.at
+            )
+        )
+    _finish_heartbeat_run(batch, run, event)
     return True

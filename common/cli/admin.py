@@ -258,6 +258,7 @@ async def ping(settings: Settings, args: argparse.Namespace) -> int:
             exit_code=args.exit_code,
             at=utcnow(),
             message=args.message,
+            rid=args.rid,
         )
     except ValidationError as exc:
         raise CronfleetError(f"cannot send that heartbeat: {exc.errors()[0]['msg']}") from exc

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from common.cli import admin, alerts, api_keys, broker, database, doctor, fleet, flips
+from common.cli import admin, alerts, api_keys, broker, database, doctor, fleet, flips, ping_keys
 from common.errors import CronfleetError, JobFileError
 from common.settings import Settings
 
@@ -84,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--fail", action="store_true", help="the job has failed")
     ping.add_argument("--exit-code", type=int, help="the job's exit code (non-zero means failed)")
     ping.add_argument("--message", help="a short note kept with the run")
+    ping.add_argument("--rid", help="links a --start to its finish: send the same value with both")
     keys = commands.add_parser(
         "keys",
-        help="signing keys, API keys",
-        description="signing keys (`keys new`) and API keys (`keys api`)",
+        help="signing keys (`keys new`), API keys (`keys api`), ping URL keys (`keys ping-url`)",
+        description="signing keys for CRONFLEET_KEYS, keys of the monitor's API and of its ping URLs",
     )
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="KIND")
     signing = keys_commands.add_parser(
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     signing.add_argument("--jobs", help="a ping key for these jobs only, comma separated")
     api_keys.add_parser(keys_commands)
+    _ping_url_commands(keys_commands)
     command("schema", admin.schema, "print the JSON Schema of every wire message")
     command("doctor", doctor.doctor, "check the broker, the store and the keys")
     broker.add_parser(commands)
@@ -130,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("role", help="the PostgreSQL role the workers log in as")
             sub.add_argument("--apply", action="store_true", help="run the GRANTs instead of printing them")
     return parser
+
+
+def _ping_url_commands(keys_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    text = "the keys of the monitor's ping URLs (/ping/KEY): they may only ping their jobs"
+    ping_url = keys_commands.add_parser("ping-url", help=text, description=text)
+    actions = ping_url.add_subparsers(dest="ping_url_command", required=True, metavar="ACTION")
+    new = actions.add_parser(
+        "new", help="make a ping key; prints it once", description="make a ping key; prints it once"
+    )
+    new.set_defaults(handler=ping_keys.new)
+    new.add_argument("--jobs", required=True, help="the jobs it may ping, comma separated")
+    new.add_argument("--name", help="its name (default: the jobs joined by +)")
+    new.add_argument("--url", metavar="BASE", help="the monitor's HTTP address, for the printed URLs")
+    listing = actions.add_parser("list", help="list ping keys (never the keys themselves)")
+    listing.set_defaults(handler=ping_keys.list_keys)
+    _json(listing)
+    revoke = actions.add_parser("revoke", help="revoke a ping key: its pings get 404 from now on")
+    revoke.set_defaults(handler=ping_keys.revoke)
+    revoke.add_argument("key", metavar="NAME-or-ID")
 
 
 def _http_option(parser: argparse.ArgumentParser) -> None:

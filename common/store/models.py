@@ -1,6 +1,6 @@
 """Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, job health and its
 flips (with their alerts' outbox), alert attempts, run metrics, leases, trigger claims, fleet
-health, API keys.
+health, API keys, ping keys.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
 These classes describe the schema at the newest migration (``common/store/migrations``); a change
@@ -145,6 +145,7 @@ class HeartbeatRow(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rid: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 Index("ix_heartbeats_at", HeartbeatRow.at)
@@ -389,3 +390,20 @@ class ApiKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class PingKeyRow(Base):
+    """A ping key (``cronfleet keys ping-url``): the SHA-256 of a random token that may send the
+    heartbeats of ``jobs`` (a JSON list of job names) through the monitor's ping URLs, and nothing
+    else. The token itself is never stored; a revoked key stays listed, with ``revoked_at``."""
+
+    __tablename__ = "ping_keys"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    jobs: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -134,6 +134,15 @@ async def _rows(store: Store, table: str) -> list[dict[str, Any]]:
         return [_plain(dict(row._mapping)) for row in result]
 
 
+async def _baseline_rows_kept(store: Store) -> None:
+    """Every baseline row is still there, as it was; columns added since are empty in them."""
+    for table, rows in BASELINE_ROWS.items():
+        found = await _rows(store, table)
+        added = [{k: v for k, v in row.items() if k not in rows[0]} for row in found]
+        assert all(v is None for row in added for v in row.values()), (table, added)
+        assert [{k: row[k] for k in rows[0] if k in row} for row in found] == rows, table
+
+
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
     # SQLite gives booleans back as 0/1 and instants as text: compare what the values mean.
     return {
@@ -155,8 +164,7 @@ async def test_a_baseline_database_with_data_upgrades_to_head_and_keeps_everythi
     upgraded = await blank.upgrade()
 
     assert upgraded.state is SchemaState.CURRENT and upgraded.revision == head_revision()
-    for table, rows in BASELINE_ROWS.items():
-        assert await _rows(blank, table) == rows, table
+    await _baseline_rows_kept(blank)
     again = await blank.upgrade()  # idempotent
     assert again.revision == head_revision()
 
@@ -171,8 +179,7 @@ async def test_a_database_made_before_migrations_is_recognised_and_upgraded(blan
         await Store.open(blank.url, blank.schema_name)
 
     assert (await blank.upgrade()).state is SchemaState.CURRENT
-    for table, rows in BASELINE_ROWS.items():
-        assert await _rows(blank, table) == rows, table
+    await _baseline_rows_kept(blank)
 
 
 async def test_models_and_migrations_agree(blank: Store) -> None:
