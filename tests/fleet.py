@@ -169,3 +169,26 @@ def _logging_as_in_a_new_process() -> Iterator[None]:
         root.setLevel(level)
         for logger, saved in zip(quieted, levels, strict=True):
             logger.setLevel(saved)
+
+
+def worker_process(settings: Settings) -> subprocess.Popen[bytes]:
+    """``cronfleet worker --concurrency 1`` as a process of its own on the fleet's settings (a
+    test may kill it); its output is dropped."""
+    environment = {
+        **os.environ,
+        "CRONFLEET_AMQP_URL": settings.amqp_url,
+        "CRONFLEET_KEYS": settings.keys,
+        "CRONFLEET_NAMESPACE": settings.namespace,
+        "CRONFLEET_DATABASE_URL": settings.database_url,
+        "CRONFLEET_CLAIM_LEASE_SECONDS": str(settings.claim_lease_seconds),
+        # The monitor judges a worker gone by its own heartbeat interval: they must agree.
+        "CRONFLEET_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+    }
+    if settings.database_schema:
+        environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", "1"],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

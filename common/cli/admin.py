@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 import orjson
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import ScalarSelect, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common import fires
@@ -178,16 +178,22 @@ async def status(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if jobs_bad or fleet_down(fleet) else 0
 
 
-async def read_status(store: Store, now: datetime) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """The fleet's components and every job's health as ``cronfleet status`` shows them (see
-    ``status``), jobs by name; duplicates are counted over the ``DUPLICATES_WINDOW`` to ``now``."""
-    last_reason = (
+def last_flip_reason() -> ScalarSelect[str]:
+    """The reason of the last flip of the job of each ``job_health`` row, as a correlated
+    subquery to select beside ``JobHealthRow`` (``ix_flips_job_at``)."""
+    return (
         select(FlipRow.reason)
         .where(FlipRow.job == JobHealthRow.job)
         .order_by(FlipRow.at.desc(), FlipRow.id.desc())
         .limit(1)
         .scalar_subquery()
     )
+
+
+async def read_status(store: Store, now: datetime) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """The fleet's components and every job's health as ``cronfleet status`` shows them (see
+    ``status``), jobs by name; duplicates are counted over the ``DUPLICATES_WINDOW`` to ``now``."""
+    last_reason = last_flip_reason()
     async with store.session() as session:
         health = {
             row.job: (row, reason) for row, reason in await session.execute(select(JobHealthRow, last_reason))

@@ -24,14 +24,18 @@ from common import fires
 from common.api_keys import ApiKey
 from common.bus import CONNECT_ERRORS
 from common.catalog import find_job, read_jobs
+from common.cli.admin import last_flip_reason
 from common.cli.fleet_status import read_fleet
 from common.cron import next_fire
 from common.cron_words import describe_schedule
 from common.errors import BrokerUnavailable, ConfigError, CronfleetError
 from common.messages import RunStatus
 from common.signing import Role
-from common.store import FlipRow, JobHealthRow, JobRow, JobStateRow, RunRow
+from common.store import JobHealthRow, JobRow, JobStateRow, RunRow
 from common.topology import Topology
+from monitor.http.api_common import ErrorBody
+from monitor.http.api_reports import ComponentHealth
+from monitor.http.api_runs import RunOut, run_out
 from monitor.http.auth import ApiError, reader, writer
 from monitor.http.context import HttpContext, context_of
 
@@ -55,12 +59,6 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-
-
-class ErrorBody(BaseModel):
-    """Every error of the monitor's HTTP interface: ``{"error": CODE}``."""
-
-    error: str
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -109,18 +107,6 @@ async def key(api_key: Annotated[ApiKey, Depends(reader)]) -> DashboardKey:
     return DashboardKey(name=api_key.name, read_only=api_key.read_only)
 
 
-class FleetComponent(BaseModel):
-    """A fleet component as ``cronfleet status`` lists it."""
-
-    component: str
-    kind: str
-    name: str
-    state: str
-    since: datetime
-    seen_at: datetime | None
-    detail: str
-
-
 class SparkRun(BaseModel):
     """One finished run in a job's duration history."""
 
@@ -157,7 +143,7 @@ class Overview(BaseModel):
     """Everything the page draws, as of ``now``."""
 
     now: datetime
-    fleet: list[FleetComponent]
+    fleet: list[ComponentHealth]
     jobs: list[JobView]
     truncated: bool
 
@@ -178,15 +164,9 @@ async def overview(
     stored = await read_jobs(context.store, names)
     specs = stored.specs
     async with context.store.session() as session:
-        fleet = [FleetComponent.model_validate(row) for row in await read_fleet(session)]
+        fleet = [ComponentHealth.model_validate(row) for row in await read_fleet(session)]
         # Each health record with the reason of its job's last flip (ix_flips_job_at), as `status`.
-        last_reason = (
-            select(FlipRow.reason)
-            .where(FlipRow.job == JobHealthRow.job)
-            .order_by(FlipRow.at.desc(), FlipRow.id.desc())
-            .limit(1)
-            .scalar_subquery()
-        )
+        last_reason = last_flip_reason()
         of_health = select(JobHealthRow, last_reason).where(JobHealthRow.job.in_(names))
         health = {row.job: (row, reason) for row, reason in await session.execute(of_health)}
         of_state = select(JobStateRow).where(JobStateRow.job.in_(names))
@@ -271,38 +251,19 @@ def _unreadable(name: str, why: str) -> JobView:
     )
 
 
-class RunView(BaseModel):
-    """One run of a job, with the tail of its output."""
-
-    run_id: str
-    trigger_id: str | None
-    source: str
-    status: str
-    worker: str | None
-    redelivered: bool
-    scheduled_at: datetime | None
-    started_at: datetime
-    finished_at: datetime | None
-    duration_seconds: float | None
-    exit_code: int | None
-    http_status: int | None
-    output_tail: str | None
-    error: str | None
-
-
-@router.get("/dashboard/jobs/{name}/runs", response_model=list[RunView], responses=errors(401))
+@router.get("/dashboard/jobs/{name}/runs", response_model=list[RunOut], responses=errors(401))
 async def job_runs(
     name: str,
     _key: Annotated[ApiKey, Depends(reader)],
     context: Annotated[HttpContext, Depends(context_of)],
     limit: Annotated[int, Query(ge=1, le=MAX_RUNS)] = 20,
-) -> list[RunView]:
+) -> list[RunOut]:
     """The job's newest runs, newest first (none for an unknown job)."""
     async with context.store.session() as session:
         found = await session.execute(
             select(RunRow).where(RunRow.job == name).order_by(RunRow.started_at.desc()).limit(limit)
         )
-        return [RunView.model_validate(run, from_attributes=True) for run in found.scalars()]
+        return [run_out(run) for run in found.scalars()]
 
 
 class Triggered(BaseModel):

@@ -4,38 +4,14 @@ is marked as a redelivery, and the killed worker's run is marked lost."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from common.settings import Settings
 from common.store import Store
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually
+from tests.fleet import cronfleet, eventually, worker_process
 from tests.integration.helpers import apply_toml, runs_of
-
-
-def _worker_process(settings: Settings) -> subprocess.Popen[bytes]:
-    environment = {
-        **os.environ,
-        "CRONFLEET_AMQP_URL": settings.amqp_url,
-        "CRONFLEET_KEYS": settings.keys,
-        "CRONFLEET_NAMESPACE": settings.namespace,
-        "CRONFLEET_DATABASE_URL": settings.database_url,
-        "CRONFLEET_CLAIM_LEASE_SECONDS": str(settings.claim_lease_seconds),
-        # The monitor judges a worker gone by its own heartbeat interval: they must agree.
-        "CRONFLEET_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
-    }
-    if settings.database_schema:
-        environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", "1"],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 async def _signal_a_worker_mid_run(
@@ -52,7 +28,7 @@ async def _signal_a_worker_mid_run(
         """,
     )
     await fleet("monitor")
-    worker = _worker_process(settings)
+    worker = worker_process(settings)
     try:
         assert cronfleet(settings, "trigger", job).returncode == 0
         await eventually(lambda: runs_of(store, job, status="running"), timeout=30)

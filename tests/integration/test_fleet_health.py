@@ -5,10 +5,7 @@ is a flip in ``flips`` and shows in ``cronfleet status``."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from common.topology import Topology
 from monitor.fleet_watch import FleetWatch, fleet_policy
 from monitor.recorder import record_batch
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually
+from tests.fleet import cronfleet, eventually, worker_process
 from tests.integration.helpers import apply_toml, runs_of
 
 ACTION_JOB = """
@@ -52,26 +49,6 @@ async def flips_of(store: Store, key: str) -> list[tuple[str, str]]:
     async with store.session() as session:
         query = select(FlipRow).where(FlipRow.job == key).order_by(FlipRow.at, FlipRow.id)
         return [(flip.from_state, flip.to_state) for flip in (await session.execute(query)).scalars()]
-
-
-def _worker_process(settings: Settings) -> subprocess.Popen[bytes]:
-    environment = {
-        **os.environ,
-        "CRONFLEET_AMQP_URL": settings.amqp_url,
-        "CRONFLEET_KEYS": settings.keys,
-        "CRONFLEET_NAMESPACE": settings.namespace,
-        "CRONFLEET_DATABASE_URL": settings.database_url,
-        "CRONFLEET_CLAIM_LEASE_SECONDS": str(settings.claim_lease_seconds),
-        "CRONFLEET_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
-    }
-    if settings.database_schema:
-        environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", "1"],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 async def test_no_scheduler_is_down_and_starting_one_brings_it_up(
@@ -141,7 +118,7 @@ async def test_a_worker_killed_mid_run_goes_down_and_its_run_becomes_lost(
         """,
     )
     await fleet("monitor")
-    worker = _worker_process(settings)
+    worker = worker_process(settings)
     try:
         assert cronfleet(settings, "trigger", "slow").returncode == 0
         [run] = await eventually(lambda: runs_of(store, "slow", status="running"), timeout=30)
