@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from common.settings import Settings
@@ -67,6 +69,7 @@ def _demo(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
         "CRONFLEET_KEYS": settings.keys,
         "CRONFLEET_NAMESPACE": settings.namespace,
         "CRONFLEET_DEMO_PORT": str(_free_port()),
+        "CRONFLEET_DEMO_HTTP_PORT": str(_free_port()),
     }
     if settings.database_schema:
         environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
@@ -108,9 +111,16 @@ async def test_the_demo_stops_its_fleet_and_web_server_however_it_is_stopped(
                 all(any(a in line and b in line for line in text.splitlines()) for a, b in READY)
                 and "http.server" in commands
                 and "cronfleet run" in commands
+                and "monitor HTTP on http://127.0.0.1:" in text
             )
 
         await eventually(started, timeout=60)
+        # `run --http`: the monitor's HTTP interface answers (the dashboard's OpenAPI document).
+        served = re.search(r"monitor HTTP on (http://127\.0\.0\.1:\d+/)", log.read_text(errors="replace"))
+        assert served is not None
+        async with httpx.AsyncClient(trust_env=False) as client:
+            document = await client.get(served.group(1) + "openapi.json")
+        assert document.status_code == 200 and document.json()["info"]["title"] == "cronfleet monitor"
         # SIGTERM and SIGHUP go to the shell alone, as a service manager or a parent sends them;
         # a terminal's Ctrl-C goes to its whole foreground process group.
         if to_group:
