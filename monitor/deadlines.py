@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
+from common.retry import until_done
 from common.store import STORE_OUTAGES, Store
 from monitor import health_store
 from monitor.health import Tick
@@ -168,21 +169,14 @@ class Deadlines:
             await self._sleep_until(next_look)
 
     async def _rebuild(self) -> None:
-        delay = 0.5
-        while True:
-            stop_if_cancelled()
-            try:
-                async with self.store.session() as session:
-                    stored = await health_store.load_deadlines(session)
-            except STORE_OUTAGES as exc:
-                log.warning("the monitor cannot read the deadlines (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            for job, at in stored:
-                self.heap.arm(job, at)
-            log.info("monitor timers rebuilt: %d deadline(s)", len(stored))
-            return
+        async def load() -> list[tuple[str, datetime]]:
+            async with self.store.session() as session:
+                return await health_store.load_deadlines(session)
+
+        stored = await until_done(load, STORE_OUTAGES, log, "the monitor cannot read the deadlines")
+        for job, at in stored:
+            self.heap.arm(job, at)
+        log.info("monitor timers rebuilt: %d deadline(s)", len(stored))
 
     async def _tick_due(self, now: datetime) -> None:
         while due := self.heap.pop_due(now, TICK_BATCH):
