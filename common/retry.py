@@ -7,8 +7,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from common.cancel import stop_if_cancelled
-
 T = TypeVar("T")
 
 
@@ -23,11 +21,9 @@ async def until_done(
 ) -> T:
     """``attempt()``'s result, retried with exponential backoff while it raises one of
     ``outages``. Each new reason is logged once as a warning ("``what``: reason; retrying"), not
-    every try, and the first success after a failure is logged too. Anything else propagates; a
-    task asked to stop stops at the next try even if a library swallowed its cancellation."""
+    every try, and the first success after a failure is logged too. Anything else propagates."""
     delay, said = first_delay, ""
     while True:
-        stop_if_cancelled()
         try:
             result = await attempt()
         except outages as exc:

@@ -170,6 +170,7 @@ class Deadlines:
 
     async def _rebuild(self) -> None:
         async def load() -> list[tuple[str, datetime]]:
+            stop_if_cancelled()
             async with self.store.session() as session:
                 return await health_store.load_deadlines(session)
 
