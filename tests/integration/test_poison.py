@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from common.messages import (
     WireMessage,
 )
 from common.settings import Settings
-from common.signing import Keyring, Role
+from common.signing import SIGNATURE_HEADER, Keyring, Role
 from common.store import Store
 from common.topology import QueueMismatch, Topology, event_routing_key
 from tests.conftest import Start
@@ -168,6 +168,52 @@ async def test_a_body_over_the_size_limit_is_dead_lettered_as_too_large(
     assert dead.reasons() == {"too_large": 1}
     assert dead.messages[0].body == huge  # kept exactly as received
     _alive(fleet)
+
+
+async def test_events_refused_inside_a_batch_leave_the_rest_of_it_acked_once(
+    settings: Settings,
+    store: Store,
+    fleet: Start,
+    amqp: AbstractRobustConnection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The monitor settles a batch with one multiple ack up to its last delivery. Events it
+    # refuses inside the batch, the last one included, must be dead-lettered once and neither be
+    # acked twice (the broker would close the channel and redeliver the whole batch) nor be left
+    # unacked. Published before the monitor starts, so that they arrive as one batch.
+    channel = await amqp.channel()
+    topology = Topology(settings.namespace)
+    events = (await topology.declare_exchanges(channel))["events"]
+    keys = settings.keyring()
+    for i in range(30):
+        beat = _heartbeat(f"batch-{i}", "batch", utcnow())
+        body, routing_key = beat.to_bytes(), event_routing_key(beat)
+        headers = dict(keys.sign(Role.EVENT, settings.namespace, routing_key, body))
+        if i % 10 == 9:
+            headers[SIGNATURE_HEADER] = "0" * len(str(headers[SIGNATURE_HEADER]))
+        await events.publish(aio_pika.Message(body, headers=headers), routing_key=routing_key)
+    dead = await DeadLetters.open(amqp, settings)
+
+    await fleet("monitor")
+    await dead.wait_for(3)
+    await eventually(lambda: _has(runs_of(store, "batch"), 27))
+
+    assert sorted(str(orjson.loads(m.body)["id"]) for m in dead.messages) == [
+        "batch-19",
+        "batch-29",
+        "batch-9",
+    ]
+    assert dead.reasons() == {"bad_signature": 3}
+    queue = await channel.declare_queue(topology.monitor_queue, passive=True)
+    assert queue.declaration_result.message_count == 0
+    closed = [r.getMessage() for r in caplog.records if "consuming again" in r.getMessage()]
+    unsettled = [r.getMessage() for r in caplog.records if "could not settle" in r.getMessage()]
+    assert closed == [] and unsettled == []
+    _alive(fleet)
+
+
+async def _has(rows: Awaitable[Sequence[object]], count: int) -> bool:
+    return len(await rows) >= count
 
 
 @pytest.mark.both_stores  # it starts a monitor, which opens the store
