@@ -171,9 +171,9 @@ def _logging_as_in_a_new_process() -> Iterator[None]:
             logger.setLevel(saved)
 
 
-def worker_process(settings: Settings) -> subprocess.Popen[bytes]:
-    """``cronfleet worker --concurrency 1`` as a process of its own on the fleet's settings (a
-    test may kill it); its output is dropped."""
+def worker_process(settings: Settings, *args: str, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """``cronfleet worker --concurrency 1 ARGS`` as a process of its own on the fleet's settings
+    (a test may kill it), in ``cwd``; its output is dropped."""
     environment = {
         **os.environ,
         "CRONFLEET_AMQP_URL": settings.amqp_url,
@@ -187,8 +187,9 @@ def worker_process(settings: Settings) -> subprocess.Popen[bytes]:
     if settings.database_schema:
         environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
     return subprocess.Popen(
-        [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", "1"],
+        [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", "1", *args],
         env=environment,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -25,6 +25,7 @@ from common.topology import Topology
 from common.trigger_claims import TriggerClaims
 from worker.actions import executors
 from worker.consumer import TriggerHandler
+from worker.functions import import_modules, registered_names
 
 log = logging.getLogger("cronfleet.worker")
 T = TypeVar("T")
@@ -36,6 +37,9 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
         raise ConfigError("--concurrency must be at least 1")
     keyring = settings.keyring()
     name = options.instance("worker")
+    import_modules(options.imports)
+    if options.imports:
+        log.info("python functions this worker may run: %s", ", ".join(registered_names()) or "none")
     topology = Topology(settings.namespace)
     # The store holds the trigger claims that keep the fleet from running a trigger twice.
     store = await until_done(

@@ -57,7 +57,7 @@ import monitor.service
 import scheduler.service
 import worker.service
 from common import fires
-from common.actions import HttpAction, ShellAction
+from common.actions import AnyAction, ShellAction
 from common.bus import Publisher, connect
 from common.catalog import apply_jobs
 from common.clock import utcnow
@@ -68,7 +68,7 @@ from common.settings import Settings
 from common.signing import Role
 from common.store import FireRow, RunRow, Store
 from common.topology import Topology
-from worker.actions import ActionResult, Executor
+from worker.actions import ActionResult, Executor, RunContext
 
 POOL = "default"
 SUCCEEDED = RunStatus.SUCCEEDED.value
@@ -85,14 +85,12 @@ SERVICES: dict[str, Callable[[Settings, ServiceOptions], Awaitable[None]]] = {
 class NoopExecutor:
     """Succeeds at once: the benchmark measures cronfleet's path, not ``fork``/``exec``."""
 
-    async def run(
-        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
-    ) -> ActionResult:
+    async def run(self, action: AnyAction, timeout: float, context: RunContext) -> ActionResult:
         return ActionResult(RunStatus.SUCCEEDED)
 
 
 def _noop_executors(_client: object) -> dict[str, Executor]:
-    return {"shell": NoopExecutor(), "http": NoopExecutor()}
+    return {"shell": NoopExecutor(), "http": NoopExecutor(), "python": NoopExecutor()}
 
 
 def install_noop_executors() -> None:

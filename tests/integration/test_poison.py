@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueu
 
 import monitor.service
 import worker.service
-from common.actions import HttpAction, ShellAction
+from common.actions import AnyAction, HttpAction, ShellAction
 from common.bounds import MAX_MESSAGE_BYTES
 from common.clock import utcnow
 from common.envelope import REJECTED_BY_HEADER, REJECTION_DETAIL_HEADER, REJECTION_HEADER
@@ -43,7 +43,7 @@ from common.topology import QueueMismatch, Topology, event_routing_key
 from tests.conftest import Start
 from tests.fleet import eventually
 from tests.integration.helpers import runs_of
-from worker.actions import ActionResult
+from worker.actions import ActionResult, RunContext
 from worker.actions.http import HttpExecutor
 from worker.actions.shell import ShellExecutor
 
@@ -410,12 +410,13 @@ async def test_output_with_nul_bytes_and_invalid_utf8_still_ends_in_a_valid_run_
     assert run.output_tail.startswith("a") and "b" in run.output_tail and "c" in run.output_tail
 
 
+_RUN = RunContext(run_id="poison-run", trigger_id="poison@t", job="poison", scheduled_at=utcnow())
+
+
 class _Exploding:
     """An executor with a bug: it raises instead of returning a result."""
 
-    async def run(
-        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
-    ) -> ActionResult:
+    async def run(self, action: AnyAction, timeout: float, context: RunContext) -> ActionResult:
         raise ZeroDivisionError("a bug in the executor")
 
 
@@ -528,7 +529,7 @@ async def test_executors_turn_what_the_kernel_or_http_refuses_into_a_failed_resu
         shell(argv=[str(tmp_path / "not-a-program")]),
     ]
     for action in shell_actions:
-        result = await ShellExecutor().run(action, 5)
+        result = await ShellExecutor().run(action, 5, _RUN)
         assert result.status is RunStatus.FAILED and result.error, action
     http = HttpAction.model_construct(
         type="http",
@@ -539,6 +540,6 @@ async def test_executors_turn_what_the_kernel_or_http_refuses_into_a_failed_resu
         expect_status=[200],
     )
     async with httpx.AsyncClient() as client:
-        result = await HttpExecutor(client).run(http, 5)
+        result = await HttpExecutor(client).run(http, 5, _RUN)
     assert result.status is RunStatus.FAILED and result.error
     assert not (tmp_path / "x").exists()

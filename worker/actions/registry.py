@@ -6,9 +6,10 @@ import httpx
 
 from worker.actions.base import Executor
 from worker.actions.http import HttpExecutor
+from worker.actions.python import PythonExecutor
 from worker.actions.shell import ShellExecutor
 
 
 def executors(client: httpx.AsyncClient) -> dict[str, Executor]:
     """One executor per action type; HTTP ones share ``client``."""
-    return {"shell": ShellExecutor(), "http": HttpExecutor(client)}
+    return {"shell": ShellExecutor(), "http": HttpExecutor(client), "python": PythonExecutor()}

@@ -10,10 +10,10 @@ import signal
 import sys
 from collections.abc import Mapping
 
-from common.actions import HttpAction, ShellAction
+from common.actions import AnyAction, ShellAction
 from common.messages import RunStatus
 from common.settings import SETTINGS_PREFIX
-from worker.actions.base import ActionResult, OutputTail
+from worker.actions.base import ActionResult, OutputTail, RunContext
 
 KILL_GRACE_SECONDS = 5.0
 _PR_SET_PDEATHSIG = 1
@@ -37,10 +37,10 @@ def job_environment(worker: Mapping[str, str], extra: Mapping[str, str]) -> dict
 class ShellExecutor:
     """Runs ``shell`` actions as child processes in their own process group."""
 
-    async def run(
-        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
-    ) -> ActionResult:
-        """Run ``action.argv``; succeeded when the exit code is one of ``success_exit_codes``."""
+    async def run(self, action: AnyAction, timeout: float, context: RunContext) -> ActionResult:
+        """Run ``action.argv``; succeeded when the exit code is one of ``success_exit_codes``.
+        The run's context reaches it as ``CRONFLEET_*`` variables (``RunContext.environment``),
+        which the job's own ``env`` cannot override."""
         assert isinstance(action, ShellAction)
         try:
             process = await asyncio.create_subprocess_exec(
@@ -49,7 +49,7 @@ class ShellExecutor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=action.cwd,
-                env=job_environment(os.environ, action.env),
+                env=job_environment(os.environ, {**action.env, **context.environment()}),
                 start_new_session=True,
                 preexec_fn=_die_with_the_worker,
             )
