@@ -44,6 +44,8 @@ from common.bounds import (
     utf8_size,
 )
 
+# A POSIX account name, optionally with a group: what ``run_as`` takes.
+RUN_AS_PATTERN = r"^[a-z_][a-z0-9_.-]{0,31}(?::[a-z_][a-z0-9_.-]{0,31})?$"
 HTTP_METHODS = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # The client sets these from the body itself; a job's own value would make the request invalid.
 RESERVED_HEADERS = frozenset({"content-length", "transfer-encoding"})
@@ -122,6 +124,8 @@ class ShellAction(_Action):
     success_exit_codes: list[ExitCode] = Field(
         default_factory=lambda: [0], min_length=1, max_length=MAX_CODES
     )
+    # Run the program as this account (``user`` or ``user:group``): the worker must be root.
+    run_as: Annotated[str, Field(pattern=RUN_AS_PATTERN)] | None = None
 
     @field_validator("env")
     @classmethod

@@ -414,7 +414,18 @@ async def consume_deliveries(
         stop_if_cancelled()
         channel: AbstractChannel | None = None
         try:
-            channel = await connection.channel()
+            # After a loss, the robust connection reconnects by itself: wait for it.
+            await connection.ready()
+            try:
+                channel = await connection.channel()
+            except RuntimeError as exc:
+                # aiormq's "<Connection ...> closed": the loss is known to aiormq before the
+                # robust connection starts reconnecting.
+                if "closed" not in str(exc):
+                    raise
+                log.debug("the connection is closed; consuming again once it is back")
+                await asyncio.sleep(1.0)
+                continue
             await channel.set_qos(prefetch_count=prefetch)
             queue = await declare(channel)
             raw = await channel.get_underlay_channel()

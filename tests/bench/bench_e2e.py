@@ -89,7 +89,7 @@ class NoopExecutor:
         return ActionResult(RunStatus.SUCCEEDED)
 
 
-def _noop_executors(_client: object) -> dict[str, Executor]:
+def _noop_executors(_client: object, _commands: object) -> dict[str, Executor]:
     return {"shell": NoopExecutor(), "http": NoopExecutor(), "python": NoopExecutor()}
 
 

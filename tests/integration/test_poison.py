@@ -430,8 +430,8 @@ async def test_an_action_that_raises_still_ends_its_run_once_and_the_trigger_is_
 ) -> None:
     real = worker.service.executors
 
-    def with_a_bug(client: Any) -> dict[str, Any]:
-        executors = dict(real(client))
+    def with_a_bug(client: Any, commands: Any) -> dict[str, Any]:
+        executors = dict(real(client, commands))
         executors["http"] = _Exploding()
         return executors
 
