@@ -361,6 +361,19 @@ def test_known_daylight_saving_nights(
     assert local_fires(expression, zone, start, hours) == expected
 
 
+@pytest.mark.parametrize(
+    ("expression", "after", "expected"),
+    [
+        # Half-hour shifts that cronsim 2.8 got wrong (03:36 and 04:46), found by bench_cron.py.
+        ("*/12 3 8 * 0,6", datetime(2026, 4, 4, 10, 52, 9, tzinfo=UTC), "2026-04-05T03:00:00+10:30"),
+        ("*/23 4-23 * * 0", datetime(2026, 9, 28, 17, 20, 3, tzinfo=UTC), "2026-10-04T04:00:00+11:00"),
+    ],
+)
+def test_lord_howe_after_its_half_hour_shifts(expression: str, after: datetime, expected: str) -> None:
+    zone = ZoneInfo("Australia/Lord_Howe")
+    assert next_fire(expression, zone, after).astimezone(zone).isoformat() == expected
+
+
 def test_a_fixed_job_after_the_gap_fire_goes_on_as_usual() -> None:
     # Asked again from the end-of-gap fire itself, the next fire is the next day's 02:30.
     ny = ZoneInfo("America/New_York")
