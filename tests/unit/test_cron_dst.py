@@ -1,6 +1,6 @@
 """Daylight-saving nights: ``next_fire`` against a plain reference that walks the minutes as cronie does.
 
-The reference below knows nothing of ``common.cron``: it parses the five fields into sets of
+The reference below knows nothing of ``common.cron``: it parses the fields into sets of
 numbers, then walks real time minute by minute, reads the wall clock of the zone at each minute and
 decides what cronie would run then (``find_jobs`` in cronie's ``src/cron.c``):
 
@@ -9,6 +9,9 @@ decides what cronie would run then (``find_jobs`` in cronie's ``src/cron.c``):
 - any other job runs the wall times between the last wall time already handled and now, once:
   after a jump forward it runs once if any skipped wall time (or now) matched; after a jump back
   it runs nothing until the wall clock passes the furthest wall time already handled.
+
+A 6-field schedule (seconds first) is judged by the same rule, at the seconds it names within each
+minute; its seconds field never makes it wild.
 """
 
 from __future__ import annotations
@@ -56,19 +59,24 @@ def field_values(text: str, low: int, high: int) -> set[int]:
 
 
 class Reference:
-    """A five-field cron expression, matched against wall-clock times the plain way."""
+    """A cron expression (5 fields, or 6 with seconds first), matched against wall-clock times the
+    plain way."""
 
     def __init__(self, expression: str) -> None:
-        minute, hour, dom, month, dow = expression.split()
+        fields = expression.split()
+        self.seconds = sorted(field_values(fields[0], 0, 59)) if len(fields) == 6 else [0]
+        minute, hour, dom, month, dow = fields[-5:]
         self.minutes = field_values(minute, 0, 59)
         self.hours = field_values(hour, 0, 23)
         self.doms = field_values(dom, 1, 31)
         self.months = field_values(month, 1, 12)
         self.dows = {d % 7 for d in field_values(dow, 0, 6)}
         self.either_star = dom.startswith("*") or dow.startswith("*")
+        # The seconds field never makes a job wild: the minute and hour fields decide.
         self.wild = minute.startswith("*") or hour.startswith("*")
 
     def matches(self, wall: datetime) -> bool:
+        """Whether the wall-clock minute ``wall`` matches (minute, hour, day, month)."""
         if wall.minute not in self.minutes or wall.hour not in self.hours or wall.month not in self.months:
             return False
         by_dom = wall.day in self.doms
@@ -80,21 +88,25 @@ class Reference:
         # Walk from well before ``start`` so that the furthest wall time handled is known there.
         at = start.replace(second=0, microsecond=0) - timedelta(minutes=75)
         handled = at.astimezone(zone).replace(tzinfo=None)
-        found = []
+        found: list[datetime] = []
         while at < end:
             at += MINUTE
             wall = at.astimezone(zone).replace(tzinfo=None)
+            this_minute = [at + timedelta(seconds=s) for s in self.seconds]
             if self.wild:
-                fire = self.matches(wall)
+                moments = this_minute if self.matches(wall) else []
             else:
-                fire = False
-                moment = handled + MINUTE
-                while moment <= wall:
-                    fire = fire or self.matches(moment)
+                # The wall minutes jumped over (clocks went forward) run once, now; the minute
+                # now runs if the wall clock has not been here before (clocks went back).
+                skipped, moment = False, handled + MINUTE
+                while moment < wall:
+                    skipped = skipped or self.matches(moment)
                     moment += MINUTE
+                moments = [at] if skipped else []
+                if wall > handled and self.matches(wall):
+                    moments = sorted({*moments, *this_minute})
             handled = max(handled, wall)
-            if fire and start < at < end:
-                found.append(at)
+            found.extend(m for m in moments if start < m < end)
         return found
 
 
@@ -171,10 +183,13 @@ def hour_field(pick: random.Random) -> str:
 
 
 def random_case(seed: int) -> tuple[str, str, datetime]:
-    """An expression, a zone and a start instant, nine in ten within hours of a change of offset."""
+    """An expression (one in four with a seconds field), a zone and a start instant, nine in ten
+    within hours of a change of offset."""
     pick = random.Random(seed)
+    seconds = [pick.choice(["0", "30", "0,45", "*/20", "15-17"])] if pick.random() < 0.25 else []
     expression = " ".join(
         [
+            *seconds,
             minute_field(pick),
             hour_field(pick),
             pick.choice(["*", "*", "*", "1-15", "*/2", "8,9,10"]),
@@ -212,6 +227,7 @@ def test_the_random_cases_cover_every_night_and_both_kinds_of_job() -> None:
     near = {(zone, min(NIGHTS[zone], key=lambda n: abs(n - at))) for _, zone, at in cases if NIGHTS[zone]}
     assert len(near) == sum(len(n) for n in NIGHTS.values())
     assert {Reference(e).wild for e, _, _ in cases} == {True, False}
+    assert {len(e.split()) for e, _, _ in cases} == {5, 6}
 
 
 # -- the known nights, spelled out -------------------------------------------------------------------
