@@ -33,7 +33,9 @@ How it is computed: a schedule is compiled once into bit masks (seconds, minutes
 and the matching days of each month), and the next fire is found by jumping from set bit to set
 bit in wall-clock time, one stretch of constant UTC offset at a time. The common forms are parsed
 here; a form this parser does not know (``L``, ``W``, ``#``, wrapping ranges...) is validated and
-expanded by croniter, as before, so what was accepted stays accepted with the same meaning.
+expanded by croniter, as before, so what was accepted stays accepted, with the same meaning but
+for cron's day-field rule above (croniter made a union unless a field was exactly ``*``) and a
+one-value range ``a-a`` (croniter 7 read it as every value).
 """
 
 from __future__ import annotations
