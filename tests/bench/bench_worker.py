@@ -1,0 +1,413 @@
+"""Worker benchmark: runs per second of real worker processes, next to Celery and a bare loop.
+
+Not a test (pytest does not collect ``bench_*.py``). Run it from the repository root::
+
+    .venv/bin/python tests/bench/bench_worker.py --runs 3000 --kinds python http shell --processes 1 2
+
+For each action kind and number of worker processes it pre-publishes ``--runs`` signed triggers
+(the scheduler's path: ``Publisher.trigger_body``, confirmed) to a fresh namespace's pool, then
+starts that many real ``cronfleet worker --concurrency C --import tests.bench.bench_worker``
+processes on a throwaway SQLite store (or ``--postgres-url``'s private schema with ``--store
+postgresql``). Each run is whole: the signature check, the trigger claim in the store,
+``run.started`` and ``run.finished`` confirmed by the broker, the ack. The rate is counted from
+the first ``run.finished`` to the last, as a bare consumer bound to the events exchange sees them
+(worker start-up is not counted).
+
+The kinds: ``python`` calls a registered no-op function; ``http`` GETs a local server (a
+``ThreadingHTTPServer`` in a process of its own); ``shell`` runs ``true``.
+
+Beside it, in the same run: **Celery** (``-P solo``, one process, a no-op task, no result
+backend: what Celery does with no events and no confirms), drained from a pre-filled queue; and
+**a bare aio-pika loop** doing per message what a worker does on the wire and nothing else:
+consume, publish two confirmed messages of an event's size, ack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from sqlalchemy import text
+
+from common.actions import HttpAction, PythonAction, ShellAction
+from common.bus import Publisher, connect
+from common.clock import utcnow
+from common.jobs import JobSpec
+from common.settings import Settings, normalise_database_url
+from common.store import Store
+from common.topology import Topology
+from worker.actions import RunContext
+from worker.functions import job_function
+
+POOL = "default"
+PUBLISH_BATCH = 500
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@job_function
+def noop(run: RunContext) -> None:
+    """The python kind's action: nothing."""
+
+
+# --- cronfleet's workers ----------------------------------------------------------------------
+
+
+def action_of(kind: str, http_url: str) -> ShellAction | HttpAction | PythonAction:
+    if kind == "python":
+        return PythonAction(function="tests.bench.bench_worker:noop")
+    if kind == "http":
+        return HttpAction(url=http_url, expect_status=[200])  # type: ignore[arg-type]
+    return ShellAction(argv=["true"])
+
+
+async def publish_triggers(settings: Settings, action: Any, n: int) -> None:
+    """Publish ``n`` triggers of one job with ``action``, each its own fire, confirmed."""
+    connection = await connect(settings.amqp_url, "bench-publisher", wait=False)
+    try:
+        topology = Topology(settings.namespace)
+        publisher = await Publisher.open(connection, topology, settings.keyring())
+        await topology.declare_pool(publisher.channel, POOL)
+        job = JobSpec(
+            name="bench", schedule="* * * * *", action=action, pool=POOL, expires_after_seconds=3600
+        )
+        base = utcnow()
+        triggers = [job.trigger_at(base + timedelta(microseconds=i), base) for i in range(n)]
+        for first in range(0, n, PUBLISH_BATCH):
+            await asyncio.gather(
+                *(
+                    publisher.trigger_body(t.to_bytes(), POOL, t.id)
+                    for t in triggers[first : first + PUBLISH_BATCH]
+                )
+            )
+    finally:
+        await connection.close()
+
+
+class FinishedCounter:
+    """A bare consumer of ``run.finished`` events: when the first and the n-th arrived."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.times: list[float] = []
+        self.done = asyncio.Event()
+        self.failed = 0
+
+    async def open(self, n: int) -> None:
+        self.connection = await aio_pika.connect_robust(self.settings.amqp_url)
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=1000)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(Topology(self.settings.namespace).events_exchange, routing_key="run.finished.#")
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            self.times.append(time.perf_counter())
+            if b'"status":"succeeded"' not in message.body:
+                self.failed += 1
+            await message.ack()
+            if len(self.times) >= n:
+                self.done.set()
+
+        await queue.consume(on_message)
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+def start_workers(settings: Settings, processes: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
+    """``processes`` real ``cronfleet worker`` processes on ``settings``; their output is dropped
+    (appended to the file ``BENCH_WORKER_LOG`` names, when set)."""
+    environment = {
+        **os.environ,
+        "CRONFLEET_AMQP_URL": settings.amqp_url,
+        "CRONFLEET_KEYS": settings.keys,
+        "CRONFLEET_NAMESPACE": settings.namespace,
+        "CRONFLEET_DATABASE_URL": settings.database_url,
+        "CRONFLEET_ALLOW_COMMANDS": "true",
+    }
+    if settings.database_schema:
+        environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
+    command = [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", str(concurrency)]
+    command += ["--import", "tests.bench.bench_worker"]
+    log = os.environ.get("BENCH_WORKER_LOG")
+    output: Any = subprocess.DEVNULL if log is None else open(log, "ab")  # noqa: SIM115
+    return [
+        subprocess.Popen(command, env=environment, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=output)
+        for _ in range(processes)
+    ]
+
+
+@dataclass
+class Rate:
+    label: str
+    runs: int
+    seconds: float
+    note: str = ""
+
+    @property
+    def per_second(self) -> float:
+        return (self.runs - 1) / self.seconds if self.seconds > 0 else float("nan")
+
+
+async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, http_url: str) -> Rate:
+    namespace = f"benchw-{uuid.uuid4().hex[:8]}"
+    keys = ",".join(f"{role}:b-{role}:{secrets.token_hex(16)}" for role in ("trigger", "event", "ping"))
+    with tempfile.TemporaryDirectory(prefix="cronfleet-benchw-") as tmp:
+        schema = None
+        url = f"sqlite+aiosqlite:///{Path(tmp) / 'store.db'}"
+        if args.store == "postgresql":
+            url, schema = normalise_database_url(args.postgres_url), f"benchw_{namespace[-8:]}"
+        settings = Settings(
+            amqp_url=args.amqp_url, database_url=url, database_schema=schema, keys=keys, namespace=namespace
+        )
+        await (await Store.open(url, schema, upgrade=True)).close()
+        counter = FinishedCounter(settings)
+        workers: list[subprocess.Popen[bytes]] = []
+        try:
+            # Declares the topology, then fills the pool; the counter listens before any worker.
+            await publish_triggers(settings, action_of(kind, http_url), args.runs)
+            await counter.open(args.runs)
+            workers = start_workers(settings, processes, args.concurrency)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(counter.done.wait(), timeout=args.timeout)
+            times = counter.times
+            note = (
+                "" if len(times) >= args.runs else f"only {len(times)} of {args.runs} in {args.timeout:g} s"
+            )
+            if counter.failed:
+                note += f" {counter.failed} not succeeded"
+            return Rate(
+                f"cronfleet {kind}, {processes} process(es)", len(times), times[-1] - times[0], note.strip()
+            )
+        finally:
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
+            for worker in workers:
+                try:
+                    worker.wait(30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+            if counter.times or hasattr(counter, "connection"):
+                await counter.close()
+            await cleanup(settings, schema)
+
+
+async def cleanup(settings: Settings, schema: str | None) -> None:
+    connection = await aio_pika.connect_robust(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await Topology(settings.namespace).delete(channel, [POOL])
+    finally:
+        await connection.close()
+    if schema is not None:
+        store = await Store.connect(settings.database_url)
+        try:
+            async with store.engine.begin() as connection_:
+                await connection_.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        finally:
+            await store.close()
+
+
+def http_sink() -> tuple[subprocess.Popen[bytes], str]:
+    """A local HTTP server in a process of its own; its URL."""
+    port = 18000 + os.getpid() % 1000
+    sink = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            tempfile.gettempdir(),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)
+    return sink, f"http://127.0.0.1:{port}/"
+
+
+# --- references ---------------------------------------------------------------------------------
+
+
+async def bare_rate(args: argparse.Namespace) -> Rate:
+    """consume -> two confirmed publishes (an event's size) -> ack, at the worker's prefetch."""
+    queue_name = f"benchw-bare-{uuid.uuid4().hex[:8]}"
+    body, event = b"x" * 300, b"y" * 420
+    producer = await aio_pika.connect_robust(args.amqp_url)
+    consumer = await aio_pika.connect_robust(args.amqp_url)
+    try:
+        channel = await producer.channel(publisher_confirms=True)
+        await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+        for first in range(0, args.runs, PUBLISH_BATCH):
+            await asyncio.gather(
+                *(
+                    channel.default_exchange.publish(
+                        aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        routing_key=queue_name,
+                    )
+                    for _ in range(first, min(args.runs, first + PUBLISH_BATCH))
+                )
+            )
+        work = await consumer.channel()
+        await work.set_qos(prefetch_count=args.concurrency)
+        events = await consumer.channel(publisher_confirms=True)
+        sink = await events.declare_queue(exclusive=True)
+        times: list[float] = []
+        done = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            for _ in range(2):
+                await events.default_exchange.publish(aio_pika.Message(event), routing_key=sink.name)
+            await message.ack()
+            times.append(time.perf_counter())
+            if len(times) >= args.runs:
+                done.set()
+
+        queue = await work.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+        await queue.consume(on_message)
+        await asyncio.wait_for(done.wait(), timeout=args.timeout)
+        await work.queue_delete(queue_name)
+        return Rate("bare aio-pika: consume, 2 confirmed publishes, ack", len(times), times[-1] - times[0])
+    finally:
+        await producer.close()
+        await consumer.close()
+
+
+CELERY_APP = "tests.bench.bench_worker_celery"
+
+
+async def celery_rate(args: argparse.Namespace) -> Rate:
+    """Celery 5 ``-P solo``, a no-op task, drained from a pre-filled queue (no result backend)."""
+    if shutil.which("celery", path=str(Path(sys.executable).parent)) is None:
+        return Rate("Celery solo, no-op task", 0, 0.0, "celery is not installed: pip install celery")
+    queue = f"benchw-celery-{uuid.uuid4().hex[:8]}"
+    environment = {**os.environ, "BENCH_AMQP_URL": args.amqp_url, "BENCH_CELERY_QUEUE": queue}
+    fill = subprocess.run(  # noqa: ASYNC221 (before anything is timed)
+        [sys.executable, "-c", f"from {CELERY_APP} import fill; fill({args.runs})"],
+        env=environment,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if fill.returncode != 0:
+        return Rate("Celery solo, no-op task", 0, 0.0, f"could not fill the queue: {fill.stderr[-300:]}")
+    celery = subprocess.Popen(  # noqa: ASYNC220
+        [
+            str(Path(sys.executable).parent / "celery"),
+            *("-A", CELERY_APP, "worker", "-P", "solo", "-Q", queue),
+            *("--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "WARNING"),
+        ],
+        env=environment,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    connection = await aio_pika.connect_robust(args.amqp_url)
+    try:
+        first = last = None
+        deadline = time.perf_counter() + args.timeout
+        while time.perf_counter() < deadline:
+            channel = await connection.channel()
+            waiting = (await channel.declare_queue(queue, passive=True)).declaration_result.message_count or 0
+            await channel.close()
+            now = time.perf_counter()
+            if first is None and waiting < args.runs:
+                first = now
+            if waiting == 0:
+                last = now
+                break
+            await asyncio.sleep(0.02)
+        if first is None or last is None:
+            return Rate("Celery solo, no-op task", 0, 0.0, "did not drain")
+        return Rate("Celery solo, no-op task (drained, acked early)", args.runs, last - first)
+    finally:
+        celery.send_signal(signal.SIGTERM)
+        try:
+            celery.wait(30)
+        except subprocess.TimeoutExpired:
+            celery.kill()
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await connection.close()
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> int:
+    print(
+        f"cronfleet worker bench: {os.cpu_count()} cpu(s) ({platform.machine()}), Python "
+        f"{platform.python_version()}, store {args.store}, concurrency {args.concurrency}, "
+        f"{args.runs} runs each",
+        flush=True,
+    )
+    rates: list[Rate] = []
+    sink, http_url = http_sink()
+    try:
+        for kind in args.kinds:
+            for processes in args.processes:
+                print(f"[cronfleet] {kind}, {processes} worker process(es) ...", flush=True)
+                rates.append(await cronfleet_rate(args, kind, processes, http_url))
+                print(f"    {rates[-1].per_second:.0f} runs/s {rates[-1].note}", flush=True)
+        if not args.no_references:
+            print("[reference] bare aio-pika ...", flush=True)
+            rates.append(await bare_rate(args))
+            print("[reference] Celery ...", flush=True)
+            rates.append(await celery_rate(args))
+    finally:
+        sink.terminate()
+    print()
+    print(f"{'measure':<66} {'runs/s':>10}")
+    print("-" * 77)
+    for rate in rates:
+        print(f"{rate.label:<66} {rate.per_second:>10.0f}{'  (' + rate.note + ')' if rate.note else ''}")
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--runs", type=int, default=3000)
+    parser.add_argument(
+        "--kinds", nargs="+", default=["python", "http", "shell"], choices=["python", "http", "shell"]
+    )
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--concurrency", type=int, default=64, help="each worker's --concurrency")
+    parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up on a measure after this long")
+    parser.add_argument("--no-references", action="store_true")
+    parser.add_argument(
+        "--amqp-url", default=os.environ.get("CRONFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("CRONFLEET_TEST_DATABASE_URL", "postgresql://127.0.0.1:5432/test"),
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return asyncio.run(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
