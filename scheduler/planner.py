@@ -61,6 +61,11 @@ class Planner:
     def __len__(self) -> int:
         return len(self._plans)
 
+    @property
+    def specs_held(self) -> int:
+        """How many parsed specs the planner holds (jobs planned by name hold none until due)."""
+        return len(self._jobs)
+
     def sync(self, specs: Iterable[JobSpec], now: datetime) -> None:
         """Plan exactly the enabled, runnable jobs of ``specs``; new ones from ``now``.
 
@@ -96,6 +101,7 @@ class Planner:
         else:
             self._unscheduled.discard(name)
             heapq.heappush(self._heap, (when, name, plan))
+        self._compact()
 
     def drop(self, name: str) -> None:
         """Stop planning job ``name`` (removed, disabled, or unreadable)."""

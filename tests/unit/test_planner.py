@@ -109,3 +109,61 @@ def test_editing_a_job_as_it_falls_due_does_not_drop_the_fire() -> None:
     due = planner.pop_due(T0 + timedelta(minutes=1, milliseconds=300))
     assert (T0 + timedelta(minutes=1)) in [f.scheduled_at for f in due if f.job.name == "slow"]
     assert [f.job.description for f in due if f.job.name == "slow"] == ["edited"]
+
+
+def test_jobs_planned_by_name_are_parsed_only_when_they_fall_due() -> None:
+    jobs = {job.name: job for job in parse_jobs(JOBS)}
+    planner = Planner()
+    planner.plan("fast", T0 + timedelta(seconds=10), 1)
+    planner.plan("slow", T0 + timedelta(minutes=1), 1)
+    assert len(planner) == 2 and planner.specs_held == 0
+    assert planner.next_wakeup() == T0 + timedelta(seconds=10)
+    assert planner.wanted_specs(T0 + timedelta(seconds=5)) == []
+    # Due but not parsed yet: it stays due until its spec is given.
+    assert planner.pop_due(T0 + timedelta(seconds=10)) == []
+    assert planner.wanted_specs(T0 + timedelta(seconds=10)) == ["fast"]
+    planner.learn([jobs["fast"]], T0 + timedelta(seconds=10), ["fast"])
+    due = planner.pop_due(T0 + timedelta(seconds=10))
+    assert [(f.job.name, f.scheduled_at, f.plan, f.next_at) for f in due] == [
+        ("fast", T0 + timedelta(seconds=10), 1, T0 + timedelta(seconds=20))
+    ]
+    assert planner.specs_held == 1  # fires again soon: kept
+
+
+def test_a_job_planned_by_name_without_an_instant_is_planned_from_its_spec() -> None:
+    jobs = {job.name: job for job in parse_jobs(JOBS)}
+    planner = Planner()
+    planner.plan("slow", None, 3)
+    assert planner.next_wakeup() is None
+    assert planner.wanted_specs(T0) == ["slow"]
+    planner.learn([jobs["slow"]], T0, ["slow"])
+    assert planner.next_wakeup() == T0 + timedelta(minutes=1)
+
+
+def test_a_new_version_replaces_the_plan_and_unreadable_or_unrunnable_jobs_are_dropped() -> None:
+    jobs = {job.name: job for job in parse_jobs(JOBS)}
+    planner = Planner()
+    planner.plan("fast", T0 + timedelta(seconds=10), 1)
+    planner.plan("fast", T0 + timedelta(seconds=30), 2)
+    assert planner.next_wakeup() == T0 + timedelta(seconds=30)
+    planner.plan("paused", T0 + timedelta(seconds=1), 1)
+    planner.plan("gone", T0 + timedelta(seconds=1), 1)
+    asked = planner.wanted_specs(T0 + timedelta(seconds=1))
+    assert asked == ["gone", "paused"]
+    planner.learn([jobs["paused"]], T0 + timedelta(seconds=1), asked)
+    assert len(planner) == 1
+    assert planner.pop_due(T0 + timedelta(seconds=1)) == []
+    planner.drop("fast")
+    assert len(planner) == 0 and planner.next_wakeup() is None
+
+
+def test_a_job_that_fires_rarely_is_not_kept_parsed() -> None:
+    jobs = {job.name: job for job in parse_jobs(JOBS)}
+    planner = Planner()
+    planner.plan("slow", T0 + timedelta(minutes=1), 1)
+    planner.learn([jobs["slow"]], T0 + timedelta(minutes=1), planner.wanted_specs(T0 + timedelta(minutes=1)))
+    hourly = jobs["slow"].model_copy(update={"schedule": "0 * * * *"})
+    planner.plan("slow", T0 + timedelta(hours=1), 2)
+    planner.learn([hourly], T0 + timedelta(hours=1), planner.wanted_specs(T0 + timedelta(hours=1)))
+    assert [f.next_at for f in planner.pop_due(T0 + timedelta(hours=1))] == [T0 + timedelta(hours=2)]
+    assert planner.specs_held == 0
