@@ -11,9 +11,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Table, and_, or_, select, update
 
 from common.bus import Publisher
 from common.clock import utcnow
@@ -23,6 +23,8 @@ from common.store import FireRow, Store, dialect_insert
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 
 log = logging.getLogger("cronfleet.fires")
+
+_FIRES = cast(Table, FireRow.__table__)
 
 # A fire claimed this long ago and still unpublished is taken over by another scheduler: its
 # claimer is presumably dead (a live one publishes within milliseconds, or retries it itself).
@@ -62,15 +64,13 @@ async def claim(
         for t, fire in zip(triggers, fires, strict=True)
     ]
     claimed: set[str] = set()
+    # One cached statement, executed over bounded chunks of rows: SQLAlchemy sends each chunk as
+    # multi-row INSERTs of at most its insertmanyvalues page (under the parameter limit), and
+    # compiles the statement once rather than a new VALUES list per chunk.
+    statement = dialect_insert(store.dialect, _FIRES).on_conflict_do_nothing().returning(_FIRES.c.trigger_id)
     async with store.session() as session, session.begin():
         for some in chunks(rows, rows_per_insert(len(rows[0]))):
-            statement = (
-                dialect_insert(store.dialect, FireRow)
-                .values(list(some))
-                .on_conflict_do_nothing()
-                .returning(FireRow.trigger_id)
-            )
-            claimed.update((await session.execute(statement)).scalars())
+            claimed.update((await session.execute(statement, list(some))).scalars())
     return [fire for fire in fires if fire.trigger_id in claimed]
 
 
