@@ -189,7 +189,7 @@ def _measure(proc: subprocess.Popen[bytes], log: Path, needle: str, started: flo
     before, wall = watched.cpu_times(), time.perf_counter()
     time.sleep(IDLE_SECONDS)
     after, wall = watched.cpu_times(), time.perf_counter() - wall
-    cpu = (after.user + after.system - before.user - before.system) / wall
+    cpu = max(0.0, (after.user + after.system - before.user - before.system) / wall)
     return Process(start, rss, cpu)
 
 
