@@ -76,8 +76,11 @@ async def test_more_jobs_than_a_statement_has_parameters_start_and_fire(
         unpublished = await session.scalar(
             select(func.count()).select_from(FireRow).where(FireRow.published_at.is_(None))
         )
+        # Each fire is marked with its own confirm's instant, not one instant for the burst.
+        instants = await session.scalar(select(func.count(func.distinct(FireRow.published_at))))
     assert burst_fires == BURST
     assert unpublished == 0
+    assert instants is not None and instants > 1
 
     channel = await amqp.channel()
     queue = await channel.declare_queue(Topology(settings.namespace).pool_queue("default"), passive=True)
