@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from common.jobs import parse_jobs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.cron import next_fire
+from common.jobs import JobSpec, parse_jobs
 from scheduler.planner import Planner
 
 T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
@@ -167,3 +171,35 @@ def test_a_job_that_fires_rarely_is_not_kept_parsed() -> None:
     planner.learn([hourly], T0 + timedelta(hours=1), planner.wanted_specs(T0 + timedelta(hours=1)))
     assert [f.next_at for f in planner.pop_due(T0 + timedelta(hours=1))] == [T0 + timedelta(hours=2)]
     assert planner.specs_held == 0
+
+
+SCHEDULES = ["*/7 * * * * *", "*/10 * * * * *", "30 * * * * *", "* * * * *", "*/2 * * * *", "15,45 * * * * *"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chosen=st.lists(st.sampled_from(SCHEDULES), min_size=1, max_size=6),
+    steps=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30),
+)
+def test_planning_by_name_fires_exactly_what_planning_by_spec_fires(
+    chosen: list[str], steps: list[int]
+) -> None:
+    action = {"type": "shell", "argv": ["true"]}
+    specs = [
+        JobSpec.model_validate({"name": f"j{i}", "schedule": s, "action": action})
+        for i, s in enumerate(chosen)
+    ]
+    by_spec, by_name = Planner(), Planner()
+    by_spec.sync(specs, T0)
+    for version, spec in enumerate(specs):
+        by_name.plan(spec.name, next_fire(spec.schedule, spec.zone(), T0), version)
+    known = {spec.name: spec for spec in specs}
+    now, fired_by_spec, fired_by_name = T0, [], []
+    for step in steps:  # ticks at irregular intervals, as a loaded event loop gives them
+        now += timedelta(seconds=step)
+        fired_by_spec += sorted((f.job.name, f.scheduled_at) for f in by_spec.pop_due(now))
+        wanted = by_name.wanted_specs(now)
+        by_name.learn([known[name] for name in wanted], now, wanted)
+        fired_by_name += sorted((f.job.name, f.scheduled_at) for f in by_name.pop_due(now))
+        assert by_spec.next_wakeup() == by_name.next_wakeup()
+    assert fired_by_name == fired_by_spec
