@@ -28,6 +28,9 @@ For each store (``--stores sqlite,postgresql``; PostgreSQL in a private schema o
    ``published_at`` the outbox stored), with a real scheduler process (logging at INFO, its
    default: a line per fire).
 
+``--rows-only 1000000``: a million job rows written straight into PostgreSQL with their next
+fire (nothing applied), and one scheduler's start in the bench's own process.
+
 APScheduler 3.11 (``BackgroundScheduler``, memory job store, a no-op function) gets the same jobs
 in a child process: start to planning is from the spawn to the moment ``start()`` returned with
 every job's next run time computed; RSS and idle CPU are measured the same way. It persists
@@ -365,6 +368,59 @@ async def run_burst(store_kind: str, postgres_url: str, jobs: int) -> dict[str, 
             await Topology(namespace).delete(await connection.channel(), pools=["default"])
 
 
+async def run_rows_only(postgres_url: str, jobs: int) -> None:
+    """``jobs`` job rows written straight into a PostgreSQL schema with their next fire (no spec
+    parsed, nothing applied: applying a million jobs is bounded by the cron evaluator), then one
+    scheduler's start (``reload``) in this process: its time, this process's RSS, an idle reload."""
+    import aio_pika
+    import psutil
+    from sqlalchemy import text
+
+    from common.bus import Publisher
+    from common.settings import Settings, normalise_database_url
+    from common.store import Store
+    from common.topology import Topology
+    from scheduler.service import Scheduler
+
+    namespace, schema = f"bench-{uuid.uuid4().hex[:8]}", f"bench_{uuid.uuid4().hex[:8]}"
+    url = normalise_database_url(postgres_url)
+    settings = Settings(database_url=url, database_schema=schema, keys=KEYS, namespace=namespace)
+    store = await Store.open(url, schema, upgrade=True)
+    try:
+        async with store.engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO jobs (name, spec, fingerprint, pool, enabled, created_at, updated_at, "
+                    "planned, next_fire_at, version) SELECT 'job-' || lpad(i::text, 7, '0'), '{}', 'f', "
+                    "'default', true, now(), now(), true, (now() at time zone 'utc') + interval '1 hour' "
+                    "+ (i % 86400) * interval '1 second', 1 FROM generate_series(1, :jobs) AS i"
+                ),
+                {"jobs": jobs},
+            )
+            await connection.execute(text("UPDATE jobs_version SET version = 1"))
+        amqp = await aio_pika.connect_robust(os.environ.get("CRONFLEET_AMQP_URL", settings.amqp_url))
+        publisher = await Publisher.open(amqp, Topology(namespace), settings.keyring())
+        rss = psutil.Process().memory_info().rss / 2**20
+        scheduler = Scheduler(settings, store, publisher, "bench")
+        started = time.perf_counter()
+        await scheduler.reload()
+        start = time.perf_counter() - started
+        after = psutil.Process().memory_info().rss / 2**20
+        started = time.perf_counter()
+        await scheduler.reload()
+        idle = time.perf_counter() - started
+        print(
+            f"{len(scheduler.planner)} jobs (PostgreSQL, rows only): start (reload) {start:.2f} s, "
+            f"RSS {rss:.0f} -> {after:.0f} MB, an idle reload {1000 * idle:.1f} ms"
+        )
+        await Topology(namespace).delete(await amqp.channel(), pools=["default"])
+        await amqp.close()
+    finally:
+        async with store.engine.begin() as connection:
+            await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await store.close()
+
+
 def main() -> None:
     """Run the benchmark and print a table."""
     parser = argparse.ArgumentParser(
@@ -375,8 +431,12 @@ def main() -> None:
     parser.add_argument("--stores", default="sqlite,postgresql")
     parser.add_argument("--postgres-url", default="postgresql://127.0.0.1:5432/test")
     parser.add_argument("--burst", type=int, default=10_000, help="jobs due in one second (0: skip)")
+    parser.add_argument("--rows-only", type=int, metavar="N", help="only: N job rows, one start, PostgreSQL")
     parser.add_argument("--apscheduler-child", metavar="JOBS_FILE")
     args = parser.parse_args()
+    if args.rows_only:
+        asyncio.run(run_rows_only(args.postgres_url, args.rows_only))
+        return
     if args.apscheduler_child:
         apscheduler_child(args.apscheduler_child)
         return
