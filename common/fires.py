@@ -11,9 +11,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Table, and_, bindparam, or_, select, update
 
 from common.bus import Publisher
 from common.clock import utcnow
@@ -23,6 +23,13 @@ from common.store import FireRow, Store, dialect_insert
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 
 log = logging.getLogger("cronfleet.fires")
+
+_FIRES = cast(Table, FireRow.__table__)
+# Fires published (their confirms awaited) at a time: a burst streams out in bounded batches.
+PUBLISH_BATCH = 1000
+_MARK_PUBLISHED = (
+    update(_FIRES).where(_FIRES.c.trigger_id == bindparam("b_id")).values(published_at=bindparam("b_at"))
+)
 
 # A fire claimed this long ago and still unpublished is taken over by another scheduler: its
 # claimer is presumably dead (a live one publishes within milliseconds, or retries it itself).
@@ -62,43 +69,49 @@ async def claim(
         for t, fire in zip(triggers, fires, strict=True)
     ]
     claimed: set[str] = set()
+    # One cached statement, executed over bounded chunks of rows: SQLAlchemy sends each chunk as
+    # multi-row INSERTs of at most its insertmanyvalues page (under the parameter limit), and
+    # compiles the statement once rather than a new VALUES list per chunk.
+    statement = dialect_insert(store.dialect, _FIRES).on_conflict_do_nothing().returning(_FIRES.c.trigger_id)
     async with store.session() as session, session.begin():
         for some in chunks(rows, rows_per_insert(len(rows[0]))):
-            statement = (
-                dialect_insert(store.dialect, FireRow)
-                .values(list(some))
-                .on_conflict_do_nothing()
-                .returning(FireRow.trigger_id)
-            )
-            claimed.update((await session.execute(statement)).scalars())
+            claimed.update((await session.execute(statement, list(some))).scalars())
     return [fire for fire in fires if fire.trigger_id in claimed]
 
 
 async def publish(store: Store, publisher: Publisher, fires: Sequence[PendingFire]) -> int:
-    """Publish claimed fires with pipelined confirms.
+    """Publish claimed fires with pipelined confirms, ``PUBLISH_BATCH`` in flight at a time.
 
-    Marks the confirmed ones published (at the moment the confirms came back) and returns how
-    many were. A fire the broker did not confirm stays pending for ``publish_pending``.
+    Marks each confirmed fire published at the moment its own confirm came back, batch by batch
+    (the first fires of a burst are marked while later ones are still going out), and returns
+    how many were. A fire the broker did not confirm stays pending for ``publish_pending``.
     """
-    results = await asyncio.gather(
-        *(publisher.trigger_body(f.body.encode(), f.pool, f.trigger_id) for f in fires),
-        return_exceptions=True,
-    )
-    confirmed_at = utcnow()
-    done = [fire.trigger_id for fire, result in zip(fires, results, strict=True) if result is None]
-    if done:
-        # Marked before anything else can fail: a confirmed fire left unmarked would be sent again.
-        async with store.session() as session, session.begin():
-            for some in chunks(done, IN_LIST_CHUNK):
-                await session.execute(
-                    update(FireRow).where(FireRow.trigger_id.in_(some)).values(published_at=confirmed_at)
-                )
-    for fire, result in zip(fires, results, strict=True):
-        if isinstance(result, BaseException):
-            if not isinstance(result, BrokerUnavailable):
-                raise result
-            log.warning("trigger %s not published yet: %s", fire.trigger_id, result)
-    return len(done)
+    done = 0
+    for batch in chunks(fires, PUBLISH_BATCH):
+        results = await asyncio.gather(*(_publish_one(publisher, f) for f in batch), return_exceptions=True)
+        confirmed = [
+            {"b_id": fire.trigger_id, "b_at": result}
+            for fire, result in zip(batch, results, strict=True)
+            if isinstance(result, datetime)
+        ]
+        if confirmed:
+            # Marked before anything else can fail: a confirmed fire left unmarked would be sent again.
+            async with store.session() as session, session.begin():
+                for some in chunks(confirmed, IN_LIST_CHUNK):
+                    await session.execute(_MARK_PUBLISHED, list(some))
+            done += len(confirmed)
+        for fire, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, BrokerUnavailable):
+                    raise result
+                log.warning("trigger %s not published yet: %s", fire.trigger_id, result)
+    return done
+
+
+async def _publish_one(publisher: Publisher, fire: PendingFire) -> datetime:
+    """Publish one fire; the instant its confirm came back."""
+    await publisher.trigger_body(fire.body.encode(), fire.pool, fire.trigger_id)
+    return utcnow()
 
 
 async def publish_claimed(

@@ -117,7 +117,12 @@ class JobSpec(BaseModel):
 
     def fingerprint(self) -> str:
         """A short hash of ``canonical_json``, to tell a changed job from an unchanged one."""
-        return hashlib.sha256(self.canonical_json()).hexdigest()[:16]
+        return fingerprint_of(self.canonical_json())
+
+
+def fingerprint_of(canonical: bytes) -> str:
+    """The fingerprint of a spec whose ``canonical_json`` is ``canonical`` (``JobSpec.fingerprint``)."""
+    return hashlib.sha256(canonical).hexdigest()[:16]
 
 
 # Fields left out of ``canonical_json`` (and so of the fingerprint) at their default.

@@ -1,11 +1,17 @@
-"""The timer heap: which jobs fall due when. Pure and synchronous; time is always an argument."""
+"""The timer heap: which jobs fall due when. Pure and synchronous; time is always an argument.
+
+Two ways to feed it. ``sync`` hands it every spec (small fleets, tests). ``plan`` hands it only a
+job's name, its next fire instant and a plan number (the scheduler passes the job's version in
+the store): nothing is parsed until the job falls due, when ``wanted_specs`` names the specs it
+needs and ``learn`` gives them. Heap entries are small tuples ``(instant, name, plan number)``.
+"""
 
 from __future__ import annotations
 
 import heapq
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -15,14 +21,22 @@ from common.jobs import JobSpec
 log = logging.getLogger("cronfleet.scheduler")
 
 _JUST_BEFORE = timedelta(microseconds=1)
+# A job planned by name keeps its parsed spec after a fire only when it fires again within this
+# long: the specs held stay few, and a job firing rarely is read again when it falls due.
+SPEC_HORIZON = timedelta(minutes=5)
+# At most this many names of skipped fires are logged in one line (the count is always there).
+_LOGGED_NAMES = 10
 
 
 @dataclass(frozen=True)
 class DueFire:
-    """``job`` falls due at ``scheduled_at``."""
+    """``job`` falls due at ``scheduled_at``; planned under ``plan``; its next fire is ``next_at``
+    (None when it has none)."""
 
     job: JobSpec
     scheduled_at: datetime
+    plan: int = 0
+    next_at: datetime | None = None
 
 
 @dataclass
@@ -30,18 +44,26 @@ class Planner:
     """Next fire times of the jobs it plans, kept in a heap (one entry per job).
 
     Only enabled jobs with an action are planned: heartbeat-only jobs are watched by the monitor.
-    A job changed by ``sync`` is re-planned from ``now``; stale heap entries (their plan number
-    is no longer the job's) are dropped lazily.
+    A job changed by ``sync`` is re-planned from ``now``; one changed through ``plan`` from the
+    instant given. Stale heap entries (their plan number is no longer the job's) are dropped
+    lazily.
     """
 
     _jobs: dict[str, JobSpec] = field(default_factory=dict)
     _fingerprints: dict[str, str] = field(default_factory=dict)
     _plans: dict[str, int] = field(default_factory=dict)
     _pending: dict[str, datetime] = field(default_factory=dict)
+    # Jobs planned by name without a fire instant yet: their first is computed from their spec.
+    _unscheduled: set[str] = field(default_factory=set)
     _heap: list[tuple[datetime, str, int]] = field(default_factory=list)
     _numbers: itertools.count[int] = field(default_factory=itertools.count)
 
     def __len__(self) -> int:
+        return len(self._plans)
+
+    @property
+    def specs_held(self) -> int:
+        """How many parsed specs the planner holds (jobs planned by name hold none until due)."""
         return len(self._jobs)
 
     def sync(self, specs: Iterable[JobSpec], now: datetime) -> None:
@@ -51,8 +73,8 @@ class Planner:
         edit made as a job falls due does not drop the fire.
         """
         wanted = {spec.name: spec for spec in specs if spec.enabled and spec.action is not None}
-        for name in set(self._jobs) - set(wanted):
-            del self._jobs[name], self._fingerprints[name], self._plans[name], self._pending[name]
+        for name in set(self._plans) - set(wanted):
+            self.drop(name)
         for name, spec in wanted.items():
             fingerprint = spec.fingerprint()
             if self._fingerprints.get(name) == fingerprint:
@@ -60,11 +82,70 @@ class Planner:
             pending = self._pending.get(name)
             self._jobs[name] = spec
             self._fingerprints[name] = fingerprint
-            self._plans[name] = next(self._numbers)
+            self._plans[name] = -1 - next(self._numbers)  # never a store version (those are >= 0)
             self._push(spec, min(now, pending - _JUST_BEFORE) if pending is not None else now)
-        if len(self._heap) > 2 * len(self._jobs) + 64:
-            self._heap = [entry for entry in self._heap if self._is_current(entry)]
-            heapq.heapify(self._heap)
+        self._compact()
+
+    def plan(self, name: str, when: datetime | None, plan: int) -> None:
+        """Plan job ``name`` for ``when`` under plan number ``plan`` (its version), replacing any
+        plan it had and forgetting its spec. ``when`` None: its first fire is computed from its
+        spec, from the ``now`` of the ``learn`` that gives it."""
+        if self._plans.get(name) == plan:
+            return
+        self._plans[name] = plan
+        self._jobs.pop(name, None)
+        self._fingerprints.pop(name, None)
+        self._pending.pop(name, None)
+        if when is None:
+            self._unscheduled.add(name)
+        else:
+            self._unscheduled.discard(name)
+            heapq.heappush(self._heap, (when, name, plan))
+        self._compact()
+
+    def drop(self, name: str) -> None:
+        """Stop planning job ``name`` (removed, disabled, or unreadable)."""
+        self._plans.pop(name, None)
+        self._jobs.pop(name, None)
+        self._fingerprints.pop(name, None)
+        self._pending.pop(name, None)
+        self._unscheduled.discard(name)
+
+    def wanted_specs(self, now: datetime) -> list[str]:
+        """The jobs whose spec the planner needs before ``pop_due(now)``: those due by ``now`` and
+        those without a first fire yet, that it does not hold."""
+        wanted = set(self._unscheduled)
+        due: list[tuple[datetime, str, int]] = []
+        while self._heap and self._heap[0][0] <= now:
+            entry = heapq.heappop(self._heap)
+            if self._is_current(entry):
+                due.append(entry)
+                if entry[1] not in self._jobs:
+                    wanted.add(entry[1])
+        for entry in due:
+            heapq.heappush(self._heap, entry)
+        return sorted(wanted)
+
+    def learn(self, specs: Iterable[JobSpec], now: datetime, asked: Collection[str] = ()) -> None:
+        """Take the specs of jobs planned by name. A job among ``asked`` whose spec is not in
+        ``specs`` (removed meanwhile, or unreadable), or that is not runnable, stops being planned
+        until it changes again. A job without a first fire gets one, from ``now``."""
+        given: set[str] = set()
+        for spec in specs:
+            given.add(spec.name)
+            if spec.name not in self._plans:
+                continue
+            if not (spec.enabled and spec.action is not None):
+                self.drop(spec.name)
+                continue
+            self._jobs[spec.name] = spec
+            if spec.name in self._unscheduled:
+                self._unscheduled.discard(spec.name)
+                self._push(spec, now)
+        for name in set(asked) - given:
+            if name in self._plans:
+                log.error("job %s: its spec could not be read; it is not planned until it changes", name)
+                self.drop(name)
 
     def next_wakeup(self) -> datetime | None:
         """The earliest planned fire, or None when nothing is planned."""
@@ -76,27 +157,56 @@ class Planner:
         """Every fire due at or before ``now``, each job re-planned after its fire.
 
         A fire already older than its job's expiry is not returned (its trigger would be refused):
-        the job is re-planned from ``now`` and the skip is logged.
+        the job is re-planned from ``now`` and the skip is logged. A due job whose spec the
+        planner does not hold (see ``wanted_specs``) stays due.
         """
         due: list[DueFire] = []
+        waiting: list[tuple[datetime, str, int]] = []
+        skipped: list[str] = []
         while self._heap and self._heap[0][0] <= now:
             entry = heapq.heappop(self._heap)
             if not self._is_current(entry):
                 continue
-            when, name, _plan = entry
-            spec = self._jobs[name]
+            when, name, plan = entry
+            spec = self._jobs.get(name)
+            if spec is None:
+                waiting.append(entry)
+                continue
             if (now - when).total_seconds() >= spec.expires_after_seconds:
-                log.warning("job %s: fire at %s skipped, the scheduler was too late", name, when)
+                skipped.append(name)
                 self._push(spec, now)
                 continue
-            due.append(DueFire(spec, when))
-            self._push(spec, when)
+            due.append(DueFire(spec, when, plan, self._push(spec, when)))
+        for entry in waiting:
+            heapq.heappush(self._heap, entry)
+        if skipped:
+            log.warning(
+                "%d fire(s) skipped, the scheduler was too late (re-planned from %s): %s",
+                len(skipped),
+                now.isoformat(),
+                ", ".join(skipped[:_LOGGED_NAMES]) + (", ..." if len(skipped) > _LOGGED_NAMES else ""),
+            )
         return due
 
-    def _push(self, spec: JobSpec, after: datetime) -> None:
-        when = next_fire(spec.schedule, spec.zone(), after)
-        self._pending[spec.name] = when
-        heapq.heappush(self._heap, (when, spec.name, self._plans[spec.name]))
+    def _push(self, spec: JobSpec, after: datetime) -> datetime | None:
+        try:
+            when = next_fire(spec.schedule, spec.zone(), after)
+        except ValueError as exc:
+            log.error("job %s: no fire after %s (%s); it is not planned", spec.name, after.isoformat(), exc)
+            self.drop(spec.name)
+            return None
+        plan = self._plans[spec.name]
+        if spec.name in self._fingerprints:
+            self._pending[spec.name] = when
+        elif when - after > SPEC_HORIZON:
+            self._jobs.pop(spec.name, None)
+        heapq.heappush(self._heap, (when, spec.name, plan))
+        return when
+
+    def _compact(self) -> None:
+        if len(self._heap) > 2 * len(self._plans) + 64:
+            self._heap = [entry for entry in self._heap if self._is_current(entry)]
+            heapq.heapify(self._heap)
 
     def _is_current(self, entry: tuple[datetime, str, int]) -> bool:
         return self._plans.get(entry[1]) == entry[2]

@@ -5,27 +5,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from common import fires
 from common.bus import CONNECT_ERRORS, Publisher, connect
-from common.catalog import load_fingerprints, load_jobs
+from common.catalog import load_jobs, planned_pools, read_job_changes, record_next_fires
 from common.clock import Clock, utcnow
 from common.errors import BrokerUnavailable
-from common.jobs import JobSpec
-from common.messages import SchedulerHeartbeat, Trigger
+from common.messages import SchedulerHeartbeat, Trigger, trigger_id
 from common.services import ServiceOptions
 from common.settings import Settings
 from common.signing import Role
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
-from scheduler.planner import Planner
+from scheduler.planner import DueFire, Planner
 
 log = logging.getLogger("cronfleet.scheduler")
 
 OUTAGES = (*STORE_OUTAGES, BrokerUnavailable, *CONNECT_ERRORS)
+_OUTAGE_PAUSE = 1.0
+_MISSED_GRACE = 1.0
+_LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Scheduler:
@@ -47,8 +49,8 @@ class Scheduler:
         self.planner = Planner()
         self.topology = Topology(settings.namespace)
         self._pools: set[str] = set()
-        self._specs: dict[str, JobSpec] = {}
-        self._fingerprints: dict[str, str] = {}
+        # The jobs version this scheduler has read up to (None: nothing read yet).
+        self._version: int | None = None
         self._reloaded_at: datetime | None = None
         # Triggers whose fire could not be claimed yet (the store was unavailable).
         self._unclaimed: list[Trigger] = []
@@ -57,23 +59,42 @@ class Scheduler:
         self._publishing = asyncio.Lock()
 
     async def reload(self) -> None:
-        """Re-read the jobs that changed since the last reload; declare any new pool's queue."""
-        fingerprints = await load_fingerprints(self.store)
-        changed = [name for name, fp in fingerprints.items() if self._fingerprints.get(name) != fp]
-        removed = self._fingerprints.keys() - fingerprints.keys()
-        for spec in await load_jobs(self.store, changed) if changed else []:
-            self._specs[spec.name] = spec
-        for name in removed:
-            self._specs.pop(name, None)
-        self._fingerprints = fingerprints
+        """Read the jobs changed or removed since the version last read (at start: every planned
+        job's name and next fire, no spec); declare any new pool's queue."""
+        changes = await read_job_changes(self.store, self._version)
         now = self.clock()
-        if changed or removed:
-            self.planner.sync(self._specs.values(), now)
+        for name in changes.unplanned:
+            self.planner.drop(name)
+        # A stored fire this old was missed while no scheduler planned the job: as before next
+        # fires were stored, it is not replayed; the job is planned from now (from its spec).
+        missed_before = now - timedelta(seconds=self.settings.jobs_reload_seconds + _MISSED_GRACE)
+        missed = 0
+        for name, when, version in changes.planned:
+            if when is not None and when < missed_before:
+                when = None
+                missed += 1
+            self.planner.plan(name, when, version)
+        if missed:
+            log.warning(
+                "%d job(s) had a next fire before %s that no scheduler fired: planned from now",
+                missed,
+                missed_before.isoformat(),
+            )
+        if changes.planned or changes.unplanned or self._version is None:
+            # Jobs stored before next fires were: their first is computed from their spec now.
+            await self._learn_specs(now, fire_due=False)
+            for pool in await planned_pools(self.store) - self._pools:
+                await self.topology.declare_pool(self.publisher.channel, pool)
+                self._pools.add(pool)
+        self._version = changes.version
         self._reloaded_at = now
-        planned = {s.pool for s in self._specs.values() if s.enabled and s.action is not None}
-        for pool in planned - self._pools:
-            await self.topology.declare_pool(self.publisher.channel, pool)
-            self._pools.add(pool)
+
+    async def _learn_specs(self, now: datetime, *, fire_due: bool = True) -> None:
+        """Read the specs the planner needs (jobs due by ``now``, and jobs without a first fire),
+        in bounded chunks."""
+        wanted = self.planner.wanted_specs(now) if fire_due else self.planner.wanted_specs(_LONG_AGO)
+        if wanted:
+            self.planner.learn(await load_jobs(self.store, wanted), now, wanted)
 
     async def plan_forever(self) -> None:
         """Fire due jobs as they fall due; reload the jobs every ``jobs_reload_seconds``.
@@ -92,6 +113,8 @@ class Scheduler:
             except OUTAGES as exc:
                 log.warning("scheduler cannot reach the store or the broker (%s); retrying", exc)
                 self._reloaded_at = self.clock()
+                # What is due stays due: wait a moment rather than spin on it.
+                await asyncio.sleep(_OUTAGE_PAUSE)
             await asyncio.sleep(self._seconds_to_next_work(reload_every))
 
     def _seconds_to_next_work(self, reload_every: float) -> float:
@@ -111,11 +134,10 @@ class Scheduler:
         Fires that cannot be claimed because the store is unavailable are kept and claimed on a
         later call, until their triggers expire (an expired one is logged as lost).
         """
+        await self._learn_specs(now)
         published_at = self.clock()
-        triggers = [
-            *self._unclaimed,
-            *(f.job.trigger_at(f.scheduled_at, published_at) for f in self.planner.pop_due(now)),
-        ]
+        due = self.planner.pop_due(now)
+        triggers = [*self._unclaimed, *(f.job.trigger_at(f.scheduled_at, published_at) for f in due)]
         self._unclaimed = []
         if not triggers:
             return 0
@@ -133,7 +155,23 @@ class Scheduler:
             raise
         for fire in won:
             log.info("fired %s", fire.trigger_id)
+        await self._record_next_fires(due, {fire.trigger_id for fire in won})
         return len(won)
+
+    async def _record_next_fires(self, due: list[DueFire], won: set[str]) -> None:
+        """Store the next fire of each job whose fire this scheduler won, so that a scheduler
+        (re)starting plans it without reading its spec. Only an optimisation: a failure is logged."""
+        fired = [
+            (f.job.name, f.plan, f.next_at)
+            for f in due
+            if f.next_at is not None and f.plan >= 0 and trigger_id(f.job.name, f.scheduled_at) in won
+        ]
+        if not fired:
+            return
+        try:
+            await record_next_fires(self.store, fired)
+        except (SQLAlchemyError, *STORE_OUTAGES) as exc:
+            log.warning("next fires of %d job(s) not stored (%s): computed again at start", len(fired), exc)
 
     async def publish_pending_forever(self, every: float = 1.0) -> None:
         """Keep publishing fires the broker has not confirmed yet (after an outage or a crash)."""

@@ -1,6 +1,6 @@
-"""Tables: jobs, fires (the scheduler's outbox), runs, heartbeats, job state, job health and its
-flips (with their alerts' outbox), alert attempts, run metrics, leases, trigger claims, fleet
-health, API keys, ping keys.
+"""Tables: jobs (with their change counter and removals), fires (the scheduler's outbox), runs,
+heartbeats, job state, job health and its flips (with their alerts' outbox), alert attempts, run
+metrics, leases, trigger claims, fleet health, API keys, ping keys.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
 These classes describe the schema at the newest migration (``common/store/migrations``); a change
@@ -68,6 +68,43 @@ class JobRow(Base):
     enabled: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Whether a scheduler plans the job (enabled, with an action), and its next fire instant,
+    # computed when the job is applied and again when a scheduler fires it: a scheduler starts on
+    # (name, next_fire_at) and reads a job's spec only when the job falls due. None when the job
+    # is not planned, or was stored before this column (a scheduler computes it from the spec).
+    planned: Mapped[bool] = mapped_column(Boolean, default=False)
+    next_fire_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The ``JobsVersionRow.version`` of the write that last changed this job's spec: a scheduler
+    # re-reads only the jobs whose version is above the one it has seen.
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+Index("ix_jobs_next_fire", JobRow.next_fire_at)
+Index("ix_jobs_version", JobRow.version)
+
+
+class JobsVersionRow(Base):
+    """The jobs' change counter (one row, ``id`` 1): every write that adds, changes or removes
+    jobs takes the next version and stamps it on what it wrote. Its row lock orders the writers,
+    so versions become visible in the order they were taken."""
+
+    __tablename__ = "jobs_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobRemovalRow(Base):
+    """A removed job (a tombstone): its name and the version of the write that removed it, so that
+    a scheduler reading changes since a version learns of removals too."""
+
+    __tablename__ = "job_removals"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+
+
+Index("ix_job_removals_version", JobRemovalRow.version)
 
 
 class FireRow(Base):

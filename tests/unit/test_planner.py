@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from common.jobs import parse_jobs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.cron import next_fire
+from common.jobs import JobSpec, parse_jobs
 from scheduler.planner import Planner
 
 T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
@@ -109,3 +113,93 @@ def test_editing_a_job_as_it_falls_due_does_not_drop_the_fire() -> None:
     due = planner.pop_due(T0 + timedelta(minutes=1, milliseconds=300))
     assert (T0 + timedelta(minutes=1)) in [f.scheduled_at for f in due if f.job.name == "slow"]
     assert [f.job.description for f in due if f.job.name == "slow"] == ["edited"]
+
+
+def test_jobs_planned_by_name_are_parsed_only_when_they_fall_due() -> None:
+    jobs = {job.name: job for job in parse_jobs(JOBS)}
+    planner = Planner()
+    planner.plan("fast", T0 + timedelta(seconds=10), 1)
+    planner.plan("slow", T0 + timedelta(minutes=1), 1)
+    assert len(planner) == 2 and planner.specs_held == 0
+    assert planner.next_wakeup() == T0 + timedelta(seconds=10)
+    assert planner.wanted_specs(T0 + timedelta(seconds=5)) == []
+    # Due but not parsed yet: it stays due until its spec is given.
+    assert planner.pop_due(T0 + timedelta(seconds=10)) == []
+    assert planner.wanted_specs(T0 + timedelta(seconds=10)) == ["fast"]
+    planner.learn([jobs["fast"]], T0 + timedelta(seconds=10), ["fast"])
+    due = planner.pop_due(T0 + timedelta(seconds=10))
+    assert [(f.job.name, f.scheduled_at, f.plan, f.next_at) for f in due] == [
+        ("fast", T0 + timedelta(seconds=10), 1, T0 + timedelta(seconds=20))
+    ]
+    assert planner.specs_held == 1  # fires again soon: kept
+
+
+def test_a_job_planned_by_name_without_an_instant_is_planned_from_its_spec() -> None:
+    jobs = {job.name: job for job in parse_jobs(JOBS)}
+    planner = Planner()
+    planner.plan("slow", None, 3)
+    assert planner.next_wakeup() is None
+    assert planner.wanted_specs(T0) == ["slow"]
+    planner.learn([jobs["slow"]], T0, ["slow"])
+    assert planner.next_wakeup() == T0 + timedelta(minutes=1)
+
+
+def test_a_new_version_replaces_the_plan_and_unreadable_or_unrunnable_jobs_are_dropped() -> None:
+    jobs = {job.name: job for job in parse_jobs(JOBS)}
+    planner = Planner()
+    planner.plan("fast", T0 + timedelta(seconds=10), 1)
+    planner.plan("fast", T0 + timedelta(seconds=30), 2)
+    assert planner.next_wakeup() == T0 + timedelta(seconds=30)
+    planner.plan("paused", T0 + timedelta(seconds=1), 1)
+    planner.plan("gone", T0 + timedelta(seconds=1), 1)
+    asked = planner.wanted_specs(T0 + timedelta(seconds=1))
+    assert asked == ["gone", "paused"]
+    planner.learn([jobs["paused"]], T0 + timedelta(seconds=1), asked)
+    assert len(planner) == 1
+    assert planner.pop_due(T0 + timedelta(seconds=1)) == []
+    planner.drop("fast")
+    assert len(planner) == 0 and planner.next_wakeup() is None
+
+
+def test_a_job_that_fires_rarely_is_not_kept_parsed() -> None:
+    jobs = {job.name: job for job in parse_jobs(JOBS)}
+    planner = Planner()
+    planner.plan("slow", T0 + timedelta(minutes=1), 1)
+    planner.learn([jobs["slow"]], T0 + timedelta(minutes=1), planner.wanted_specs(T0 + timedelta(minutes=1)))
+    hourly = jobs["slow"].model_copy(update={"schedule": "0 * * * *"})
+    planner.plan("slow", T0 + timedelta(hours=1), 2)
+    planner.learn([hourly], T0 + timedelta(hours=1), planner.wanted_specs(T0 + timedelta(hours=1)))
+    assert [f.next_at for f in planner.pop_due(T0 + timedelta(hours=1))] == [T0 + timedelta(hours=2)]
+    assert planner.specs_held == 0
+
+
+SCHEDULES = ["*/7 * * * * *", "*/10 * * * * *", "30 * * * * *", "* * * * *", "*/2 * * * *", "15,45 * * * * *"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chosen=st.lists(st.sampled_from(SCHEDULES), min_size=1, max_size=6),
+    steps=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30),
+)
+def test_planning_by_name_fires_exactly_what_planning_by_spec_fires(
+    chosen: list[str], steps: list[int]
+) -> None:
+    action = {"type": "shell", "argv": ["true"]}
+    specs = [
+        JobSpec.model_validate({"name": f"j{i}", "schedule": s, "action": action})
+        for i, s in enumerate(chosen)
+    ]
+    by_spec, by_name = Planner(), Planner()
+    by_spec.sync(specs, T0)
+    for version, spec in enumerate(specs):
+        by_name.plan(spec.name, next_fire(spec.schedule, spec.zone(), T0), version)
+    known = {spec.name: spec for spec in specs}
+    now, fired_by_spec, fired_by_name = T0, [], []
+    for step in steps:  # ticks at irregular intervals, as a loaded event loop gives them
+        now += timedelta(seconds=step)
+        fired_by_spec += sorted((f.job.name, f.scheduled_at) for f in by_spec.pop_due(now))
+        wanted = by_name.wanted_specs(now)
+        by_name.learn([known[name] for name in wanted], now, wanted)
+        fired_by_name += sorted((f.job.name, f.scheduled_at) for f in by_name.pop_due(now))
+        assert by_spec.next_wakeup() == by_name.next_wakeup()
+    assert fired_by_name == fired_by_spec

@@ -1,0 +1,88 @@
+"""More jobs than a statement may carry bind parameters (PostgreSQL: 32,767): they are applied,
+the scheduler starts on them, and a burst of 10,000 fires due in the same second is claimed and
+published, every one, on both stores."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from sqlalchemy import func, select
+
+from common.bus import Publisher
+from common.catalog import apply_jobs
+from common.clock import utcnow
+from common.jobs import JobSpec
+from common.settings import Settings
+from common.store import FireRow, Store
+from common.topology import Topology
+from scheduler.service import Scheduler
+
+JOBS = 40_000  # more than PostgreSQL's 32,767 bind parameters, one per job, would allow
+BURST = 10_000  # of which fire every second
+ACTION = {"type": "shell", "argv": ["true"]}
+
+
+def _specs(jobs: int, burst: int) -> list[JobSpec]:
+    every_second = [
+        JobSpec.model_validate({"name": f"burst-{i:05d}", "schedule": "* * * * * *", "action": ACTION})
+        for i in range(burst)
+    ]
+    yearly = [
+        JobSpec.model_validate({"name": f"yearly-{i:05d}", "schedule": "0 0 1 1 *", "action": ACTION})
+        for i in range(jobs - burst)
+    ]
+    return every_second + yearly
+
+
+@pytest.fixture
+async def publisher(settings: Settings, amqp: AbstractRobustConnection) -> AsyncIterator[Publisher]:
+    topology = Topology(settings.namespace)
+    opened = await Publisher.open(amqp, topology, settings.keyring())
+    await topology.declare_pool(opened.channel, "default")
+    yield opened
+
+
+async def test_more_jobs_than_a_statement_has_parameters_start_and_fire(
+    settings: Settings, store: Store, publisher: Publisher, amqp: AbstractRobustConnection
+) -> None:
+    specs = _specs(JOBS, BURST)
+    now = utcnow()
+    diff = await apply_jobs(store, specs, now)
+    assert len(diff.added) == JOBS
+
+    # Re-applying with one job changed touches that job alone.
+    changed = [*specs[:-1], specs[-1].model_copy(update={"description": "changed"})]
+    again = await apply_jobs(store, changed, utcnow())
+    assert again.changed == [specs[-1].name] and len(again.unchanged) == JOBS - 1
+
+    scheduler = Scheduler(settings, store, publisher, "scheduler-scale")
+    await scheduler.reload()
+    assert len(scheduler.planner) == JOBS
+
+    # Every burst job falls due at the next whole second after the reload.
+    start = utcnow()
+    due = datetime.fromtimestamp(math.floor(start.timestamp()) + 1, UTC)
+    won = await scheduler.fire_due(due + timedelta(milliseconds=500))
+    assert won >= BURST
+
+    async with store.session() as session:
+        burst_fires = await session.scalar(
+            select(func.count()).select_from(FireRow).where(FireRow.scheduled_at == due)
+        )
+        unpublished = await session.scalar(
+            select(func.count()).select_from(FireRow).where(FireRow.published_at.is_(None))
+        )
+        # Each fire is marked with its own confirm's instant, not one instant for the burst.
+        instants = await session.scalar(select(func.count(func.distinct(FireRow.published_at))))
+    assert burst_fires == BURST
+    assert unpublished == 0
+    assert instants is not None and instants > 1
+
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(Topology(settings.namespace).pool_queue("default"), passive=True)
+    assert (queue.declaration_result.message_count or 0) == won
+    await channel.close()
