@@ -337,7 +337,7 @@ class TriggerClaimRow(Base):
 
     __tablename__ = "trigger_claims"
 
-    trigger_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    trigger_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     body_sha256: Mapped[str] = mapped_column(String(64))
     run_id: Mapped[str] = mapped_column(String(255))
     worker: Mapped[str] = mapped_column(String(200))
