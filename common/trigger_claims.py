@@ -109,7 +109,9 @@ class TriggerClaims:
                     return Claim(ClaimOutcome.DUPLICATE, held.run_id, held.worker, held.finished_event)
                 if held.lease_until > now:
                     return holder
-                # The holder stopped renewing: take over, unless someone else just did.
+                # The holder stopped renewing: take over, unless someone else just did. (What the
+                # lost run was is read first: the UPDATE refreshes ``held`` in the session.)
+                lost = Claim(ClaimOutcome.TAKEN_OVER, held.run_id, held.worker, claimed_at=held.claimed_at)
                 taken = await session.execute(
                     update(TriggerClaimRow)
                     .where(
@@ -120,9 +122,7 @@ class TriggerClaims:
                     .values(run_id=run_id, worker=self.worker, claimed_at=now, lease_until=now + self.lease)
                 )
                 if _rowcount(taken) == 1:
-                    return Claim(
-                        ClaimOutcome.TAKEN_OVER, held.run_id, held.worker, claimed_at=held.claimed_at
-                    )
+                    return lost
                 return holder
         except STORE_OUTAGES as exc:
             raise _unavailable(self.store, "claim", trigger_id, exc) from exc
@@ -218,16 +218,17 @@ class TriggerClaims:
                 held = await session.get(TriggerClaimRow, key, populate_existing=True)
                 if held is None:  # given back between the two statements
                     return Claim(ClaimOutcome.HELD, "", "")
+                holder = Claim(ClaimOutcome.HELD, held.run_id, held.worker)
                 if held.lease_until > now:
-                    return Claim(ClaimOutcome.HELD, held.run_id, held.worker)
+                    return holder
                 taken = await session.execute(
                     update(TriggerClaimRow)
                     .where(TriggerClaimRow.trigger_id == key, TriggerClaimRow.run_id == held.run_id)
                     .values(run_id=run_id, worker=self.worker, claimed_at=now, lease_until=now + ttl)
                 )
                 if _rowcount(taken) == 1:
-                    return Claim(ClaimOutcome.TAKEN_OVER, held.run_id, held.worker)
-                return Claim(ClaimOutcome.HELD, held.run_id, held.worker)
+                    return Claim(ClaimOutcome.TAKEN_OVER, holder.run_id, holder.worker)
+                return holder
         except STORE_OUTAGES as exc:
             raise _unavailable(self.store, "take the lease", key, exc) from exc
 

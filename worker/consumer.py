@@ -230,8 +230,9 @@ class TriggerHandler:
         key = claim_key(trigger.id, attempt)
         self._held[key] = run_id
         try:
-            started = self._start(trigger, run_id, redelivered, attempt)
             async with self._exclusive(trigger, run_id) as blocked:
+                # Started once the job's lease (if any) is held: the wait is not part of the run.
+                started = self._start(trigger, run_id, redelivered, attempt)
                 if blocked is not None:
                     # Never started: the trigger went stale while another run held the job.
                     skipped = self._finished(started, ActionResult(RunStatus.SKIPPED, error=blocked))
