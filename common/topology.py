@@ -102,17 +102,17 @@ class Topology:
         )
         await dead_queue.bind(dead)
         await self._monitor_queue(channel)
-        await self._delay_queues(channel)
+        await channel.declare_exchange(self.retry_exchange, aio_pika.ExchangeType.HEADERS, durable=True)
         return {"triggers": triggers, "events": events, "dead": dead}
 
     async def _delay_queues(self, channel: AbstractChannel) -> None:
-        """The retry exchange and one delay queue per step. A retry's signed body and routing key
-        (its pool) stay as they were: the broker dead-letters it, once its time in the queue is
-        over, to the triggers exchange under that same routing key; at least once (a quorum
-        queue's ``at-least-once`` dead-lettering, which needs ``reject-publish``)."""
-        retry = await channel.declare_exchange(
-            self.retry_exchange, aio_pika.ExchangeType.HEADERS, durable=True
-        )
+        """One delay queue per step, bound to the retry exchange. A retry's signed body and
+        routing key (its pool) stay as they were: the broker dead-letters it, once its time in
+        the queue is over, to the triggers exchange under that same routing key; at least once (a
+        quorum queue's ``at-least-once`` dead-lettering, which needs ``reject-publish``).
+        Declared with the pools' queues, by what publishes triggers: creating a queue that
+        dead-letters to the triggers exchange takes the right to write to it."""
+        retry = self.retry_exchange
         for seconds in DELAY_STEPS:
             queue = await _declare_queue(channel, self.delay_queue(seconds), self._delaying(seconds))
             await queue.bind(retry, arguments={"x-match": "all", DELAY_HEADER: str(seconds)})
@@ -152,8 +152,10 @@ class Topology:
         return await channel.get_queue(self.pool_queue(pool), ensure=True)
 
     async def declare_pool(self, channel: AbstractChannel, pool: str) -> AbstractQueue:
-        """Declare ``pool``'s quorum queue, bound to the triggers exchange by the pool name."""
+        """Declare ``pool``'s quorum queue, bound to the triggers exchange by the pool name (and
+        everything else: the shared topology, the retries' delay queues)."""
         await self.declare_exchanges(channel)
+        await self._delay_queues(channel)
         queue = await _declare_queue(channel, self.pool_queue(pool), self._consumed())
         await queue.bind(self.triggers_exchange, routing_key=pool)
         return queue
