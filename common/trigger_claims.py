@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import orjson
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 
 from common.bounds import LATEST_INSTANT
 from common.errors import StoreUnavailable
@@ -255,6 +255,75 @@ class TriggerClaims:
                 )
         except STORE_OUTAGES as exc:
             raise _unavailable(self.store, "give back the lease", key, exc) from exc
+
+    async def keep_trigger(self, key: str, run_id: str, body: bytes, envelope: str) -> None:
+        """Keep, in ``run_id``'s claim on ``key``, the trigger's signed ``body`` and its
+        ``envelope`` (signature headers and routing key, JSON): what ends the run should its worker
+        die after the trigger was acked. Raises StoreUnavailable."""
+        try:
+            async with self.store.session() as session, session.begin():
+                await session.execute(
+                    update(TriggerClaimRow)
+                    .where(TriggerClaimRow.trigger_id == key, TriggerClaimRow.run_id == run_id)
+                    .values(trigger_body=body.decode("utf-8"), trigger_envelope=envelope)
+                )
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "keep the trigger of", key, exc) from exc
+
+    async def lapsed(self, now: datetime, limit: int = 100) -> list[Lapsed]:
+        """Unfinished claims that keep their trigger (acked when their run started) and whose
+        worker stopped renewing them: runs lost with their worker, that nobody will redeliver."""
+        try:
+            async with self.store.session() as session:
+                rows = await session.execute(
+                    select(TriggerClaimRow)
+                    .where(
+                        TriggerClaimRow.finished_at.is_(None),
+                        TriggerClaimRow.trigger_body.is_not(None),
+                        TriggerClaimRow.lease_until < now,
+                    )
+                    .limit(limit)
+                )
+                return [
+                    Lapsed(
+                        row.trigger_id,
+                        Claim(ClaimOutcome.TAKEN_OVER, row.run_id, row.worker, claimed_at=row.claimed_at),
+                        (row.trigger_body or "").encode("utf-8"),
+                        row.trigger_envelope or "{}",
+                    )
+                    for row in rows.scalars()
+                ]
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "look for lapsed claims of", "long runs", exc) from exc
+
+    async def take_over(self, key: str, held_run_id: str, run_id: str, now: datetime) -> bool:
+        """Take ``key``'s claim from ``held_run_id`` (whose worker stopped renewing it) for
+        ``run_id``; False when another worker did first or it ended meanwhile."""
+        try:
+            async with self.store.session() as session, session.begin():
+                taken = await session.execute(
+                    update(TriggerClaimRow)
+                    .where(
+                        TriggerClaimRow.trigger_id == key,
+                        TriggerClaimRow.run_id == held_run_id,
+                        TriggerClaimRow.finished_at.is_(None),
+                        TriggerClaimRow.lease_until < now,
+                    )
+                    .values(run_id=run_id, worker=self.worker, claimed_at=now, lease_until=now + self.lease)
+                )
+                return _rowcount(taken) == 1
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "take over the claim on", key, exc) from exc
+
+
+@dataclass(frozen=True)
+class Lapsed:
+    """A lapsed claim of a run whose trigger was acked: its key, who held it, the trigger kept."""
+
+    key: str
+    holder: Claim
+    body: bytes
+    envelope: str
 
 
 def _rowcount(result: object) -> int:

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timedelta
 
+import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
@@ -52,8 +53,8 @@ from common.retries import (
     retry_expires_at,
 )
 from common.retry import until_done
-from common.signing import Keyring, Role
-from common.trigger_claims import Claim, ClaimOutcome, TriggerClaims
+from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
+from common.trigger_claims import Claim, ClaimOutcome, Lapsed, TriggerClaims
 from worker.actions import ActionResult, Executor
 
 log = logging.getLogger("cronfleet.worker")
@@ -77,6 +78,7 @@ class TriggerHandler:
         clock: Clock = utcnow,
         *,
         pool: str | None = None,
+        early_ack_seconds: float | None = None,
     ) -> None:
         # A worker signs its run events and heartbeats: without an event key it cannot report.
         keyring.require([Role.EVENT], who="a worker")
@@ -89,6 +91,9 @@ class TriggerHandler:
         # by hand under that pool's name too) is refused as wrong_pool, never run.
         self.pool = pool
         self.clock = clock
+        # A trigger whose timeout is longer than this is acked once its run has started (None:
+        # every trigger is acked when its run ends).
+        self.early_ack_seconds = early_ack_seconds
         self.running = 0
         # The claims this worker holds (trigger id -> run id), renewed by ``keep_claims``.
         self._held: dict[str, str] = {}
@@ -104,6 +109,9 @@ class TriggerHandler:
         try:
             await self._handle(message)
         except (BrokerUnavailable, StoreUnavailable) as exc:
+            if message.processed:  # acked when its long run started: nothing to hand back
+                log.warning("could not end the run of %s (%s)", message.message_id, exc)
+                return
             log.warning("could not take %s (%s); it will be delivered again", message.message_id, exc)
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
             await settle(message, ack=False, requeue=True)
@@ -236,7 +244,7 @@ class TriggerHandler:
                 if blocked is not None:
                     # Never started: the trigger went stale while another run held the job.
                     skipped = self._finished(started, ActionResult(RunStatus.SKIPPED, error=blocked))
-                    await self._end(message, trigger, attempt, run_id, skipped)
+                    await self._end(message, message.body, message.headers, trigger, attempt, run_id, skipped)
                     return
                 try:
                     await self.publisher.event(started)
@@ -245,6 +253,20 @@ class TriggerHandler:
                     with contextlib.suppress(StoreUnavailable):
                         await self.claims.release(key, run_id)
                     raise
+                # A long run's trigger is acked now, not at its end (RabbitMQ's consumer_timeout):
+                # its claim keeps the trigger, so that should this worker die, the worker that
+                # finds the claim lapsed ends the run (``recover_lapsed``).
+                settling: AbstractIncomingMessage | None = message
+                if self._acks_early(trigger):
+                    envelope = _envelope(message)
+                    await until_done(
+                        lambda: self.claims.keep_trigger(key, run_id, message.body, envelope),
+                        (StoreUnavailable,),
+                        log,
+                        f"run {run_id} started; keeping its trigger before acking it",
+                    )
+                    await settle(message)
+                    settling = None
                 log.info(
                     "run %s of %s started%s%s",
                     run_id,
@@ -255,21 +277,32 @@ class TriggerHandler:
                 self.running += 1
                 try:
                     result = await self._execute(trigger, run_id)
-                    await self._end(message, trigger, attempt, run_id, self._finished(started, result))
+                    finished = self._finished(started, result)
+                    await self._end(
+                        settling, message.body, message.headers, trigger, attempt, run_id, finished
+                    )
                 finally:
                     self.running -= 1
         finally:
             self._held.pop(key, None)
 
+    def _acks_early(self, trigger: Trigger) -> bool:
+        """Whether ``trigger``'s run may outlast what the broker waits for an ack."""
+        return self.early_ack_seconds is not None and trigger.timeout_seconds > self.early_ack_seconds
+
     async def _end(
         self,
-        message: AbstractIncomingMessage,
+        message: AbstractIncomingMessage | None,
+        body: bytes,
+        headers: Mapping[str, object] | None,
         trigger: Trigger,
         attempt: int,
         run_id: str,
         finished: RunFinished,
     ) -> None:
-        """Keep the end of a run in its claim, publish the retry it calls for, report it, ack."""
+        """Keep the end of a run in its claim, publish the retry it calls for (the trigger's
+        ``body`` again, with its signature ``headers``), report it, ack ``message`` (None: acked
+        already)."""
         # The claim keeps the end before it is reported: a repeat of the trigger reports it
         # again rather than running the job a second time (and publishes the retry if need be).
         key = claim_key(trigger.id, attempt)
@@ -279,12 +312,13 @@ class TriggerHandler:
             log,
             f"run {run_id} ended; recording its end in the store",
         )
-        await self._retry_after(message, trigger, attempt, finished.status)
+        await self._retry_after(body, headers or {}, trigger, attempt, finished.status)
         await self._report(finished)
-        await settle(message)
+        if message is not None:
+            await settle(message)
 
     async def _retry_after(
-        self, message: AbstractIncomingMessage, trigger: Trigger, attempt: int, status: RunStatus
+        self, body: bytes, headers: Mapping[str, object], trigger: Trigger, attempt: int, status: RunStatus
     ) -> None:
         """Publish the attempt that follows ``attempt`` after it ended with ``status``, if any, to
         wait its backoff in a delay queue; retried until the broker confirms it."""
@@ -293,7 +327,7 @@ class TriggerHandler:
             return
         step = delay_step(backoff_delay(trigger.retry, following))
         await until_done(
-            lambda: self.publisher.retry(message.body, message.headers or {}, trigger.pool, following, step),
+            lambda: self.publisher.retry(body, headers, trigger.pool, following, step),
             (BrokerUnavailable,),
             log,
             f"attempt {attempt} of {trigger.id} ended {status.value}; publishing attempt {following}",
@@ -376,6 +410,11 @@ class TriggerHandler:
         """The trigger came back after its run was lost with its worker (the claim lapsed): the
         lost run's end is recorded (``lost``) and, under ``on_lost = "retry"`` with attempts left,
         the next attempt follows; under ``fail`` the fire ends there."""
+        finished = self._lost_run(trigger, attempt, claim, redelivered=bool(message.redelivered))
+        await self._end(message, message.body, message.headers, trigger, attempt, run_id, finished)
+
+    def _lost_run(self, trigger: Trigger, attempt: int, claim: Claim, *, redelivered: bool) -> RunFinished:
+        """The ``run.finished`` (``lost``) of the run that held ``claim`` when its worker died."""
         lost_at = self.clock()
         gone = RunStarted(
             run_id=claim.run_id,
@@ -383,7 +422,7 @@ class TriggerHandler:
             job=trigger.job,
             pool=trigger.pool,
             worker=claim.worker,
-            redelivered=bool(message.redelivered),
+            redelivered=redelivered,
             scheduled_at=trigger.scheduled_at,
             started_at=min(claim.claimed_at or lost_at, lost_at),
             attempt=attempt,
@@ -392,9 +431,38 @@ class TriggerHandler:
         log.warning(
             "run %s of %s (attempt %d) was lost with %s", claim.run_id, trigger.id, attempt, claim.worker
         )
-        await self._end(
-            message, trigger, attempt, run_id, self._finished(gone, ActionResult(RunStatus.LOST, error=why))
-        )
+        return self._finished(gone, ActionResult(RunStatus.LOST, error=why))
+
+    async def recover_lapsed(self) -> None:
+        """Every third of the claim lease, until cancelled: end the runs whose trigger was acked
+        when they started (long runs) and whose worker stopped renewing their claim. Each is
+        recorded ``lost`` and followed per the job's ``on_lost`` (with ``retry`` and attempts
+        left, the next attempt; otherwise the fire ends there: nobody will deliver it again)."""
+        every = self.claims.lease.total_seconds() / 3
+        said = ""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                for lapsed in await self.claims.lapsed(self.clock()):
+                    await self._recover(lapsed)
+            except StoreUnavailable as exc:
+                if str(exc) != said:
+                    said = str(exc)
+                    log.warning("%s; looking again in %gs", said, every)
+            else:
+                said = ""
+
+    async def _recover(self, lapsed: Lapsed) -> None:
+        """End one lapsed long run (see ``recover_lapsed``), unless another worker does first."""
+        run_id = uuid.uuid4().hex
+        if not await self.claims.take_over(lapsed.key, lapsed.holder.run_id, run_id, self.clock()):
+            return
+        # The body was verified before it was kept; it is parsed again, never trusted blind.
+        trigger = TRIGGER_ADAPTER.validate_json(lapsed.body, strict=True)
+        attempt = _attempt_of_key(lapsed.key, trigger.id)
+        headers = orjson.loads(lapsed.envelope).get("headers", {})
+        finished = self._lost_run(trigger, attempt, lapsed.holder, redelivered=False)
+        await self._end(None, lapsed.body, headers, trigger, attempt, run_id, finished)
 
     async def _report_duplicate(
         self, message: AbstractIncomingMessage, trigger: Trigger, attempt: int, claim: Claim
@@ -406,7 +474,9 @@ class TriggerHandler:
             original = RunFinished.model_validate_json(claim.finished_event)
             following = next_attempt(trigger, attempt, original.status)
             if following is not None and not await self.claims.exists(claim_key(trigger.id, following)):
-                await self._retry_after(message, trigger, attempt, original.status)
+                await self._retry_after(
+                    message.body, message.headers or {}, trigger, attempt, original.status
+                )
             await self.publisher.event(original)
         state = "ran" if claim.outcome is ClaimOutcome.DUPLICATE else "is running"
         which = f"attempt {attempt} of this trigger" if attempt > 1 else "this trigger"
@@ -521,3 +591,21 @@ def _wire_text(text: str | None, *, keep_end: bool = False) -> str | None:
         return None
     cleaned = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
     return cleaned[-OUTPUT_TAIL_LIMIT:] if keep_end else cleaned[:OUTPUT_TAIL_LIMIT]
+
+
+def _envelope(message: AbstractIncomingMessage) -> str:
+    """What besides its body verifies a delivered trigger: its signature headers and routing key
+    (JSON, kept in the claim of a run whose trigger is acked early)."""
+    headers = message.headers or {}
+    kept = {
+        name: bytes(value).decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else str(value)
+        for name in (KEY_ID_HEADER, SIGNATURE_HEADER)
+        if (value := headers.get(name)) is not None
+    }
+    return orjson.dumps({"routing_key": message.routing_key or "", "headers": kept}).decode()
+
+
+def _attempt_of_key(key: str, trigger_id: str) -> int:
+    """The attempt a claim key names (``common.retries.claim_key``'s inverse)."""
+    suffix = key.removeprefix(trigger_id)
+    return int(suffix[1:]) if suffix.startswith("#") and suffix[1:].isdigit() else 1

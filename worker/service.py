@@ -56,13 +56,21 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 lambda: Publisher.open(connection, topology, keyring, declare=False)
             )
             await _until_ready(lambda: _find_pool(connection, topology, options.pool))
-            handler = TriggerHandler(publisher, keyring, executors(client), claims, pool=options.pool)
+            handler = TriggerHandler(
+                publisher,
+                keyring,
+                executors(client),
+                claims,
+                pool=options.pool,
+                early_ack_seconds=settings.early_ack_seconds,
+            )
             log.info("worker %s consuming pool %s (concurrency %d)", name, options.pool, options.concurrency)
             runs = RunningJobs()
             try:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(_heartbeat_forever(settings, options, publisher, handler, name))
                     tasks.create_task(handler.keep_claims())
+                    tasks.create_task(handler.recover_lapsed())
                     await consume_forever(
                         connection,
                         lambda channel: topology.find_pool(channel, options.pool),
