@@ -201,7 +201,7 @@ class TriggerHandler:
                         claim.worker,
                     )
                 redelivered = bool(message.redelivered) or taken_over
-                await self._run(message, trigger, attempt, run_id, redelivered=redelivered)
+                await self._run(message, trigger, attempt, run_id, expires_at, redelivered=redelivered)
 
     async def _claim(
         self, trigger: Trigger, key: str, expires_at: datetime, body_sha256: str, run_id: str
@@ -230,6 +230,7 @@ class TriggerHandler:
         trigger: Trigger,
         attempt: int,
         run_id: str,
+        expires_at: datetime,
         *,
         redelivered: bool,
     ) -> None:
@@ -238,7 +239,7 @@ class TriggerHandler:
         key = claim_key(trigger.id, attempt)
         self._held[key] = run_id
         try:
-            async with self._exclusive(trigger, run_id) as blocked:
+            async with self._exclusive(trigger, run_id, expires_at) as blocked:
                 # Started once the job's lease (if any) is held: the wait is not part of the run.
                 started = self._start(trigger, run_id, redelivered, attempt)
                 if blocked is not None:
@@ -342,7 +343,9 @@ class TriggerHandler:
         )
 
     @contextlib.asynccontextmanager
-    async def _exclusive(self, trigger: Trigger, run_id: str) -> AsyncIterator[str | None]:
+    async def _exclusive(
+        self, trigger: Trigger, run_id: str, expires_at: datetime
+    ) -> AsyncIterator[str | None]:
         """Hold the job's lease around the block (for an ``exclusive`` job), renewed while it
         runs. Waits while another run holds it; yields None once held (or for a job that is not
         exclusive), or why the run cannot start when the trigger expired first."""
@@ -360,7 +363,7 @@ class TriggerHandler:
             lease = await self.claims.take_lease(key, run_id, ttl, self.clock())
             if lease.outcome is not ClaimOutcome.HELD:
                 break
-            if self.clock() >= trigger.expires_at:
+            if self.clock() >= expires_at:
                 yield f"exclusive: job {trigger.job!r} was still run by run {lease.run_id} on {lease.worker}"
                 return
             if not said:
