@@ -178,6 +178,8 @@ def permissions(
     triggers = re.escape(topology.triggers_exchange)
     events = re.escape(topology.events_exchange)
     dead = re.escape(topology.dead_exchange)
+    retry = re.escape(topology.retry_exchange)
+    delay_queues = re.escape(topology.retry_exchange + ".") + "[0-9]+s"
     pool_names = _names(pools, POOL_PATTERN, "pool")
     job_names = _names(jobs, JOB_NAME_PATTERN, "job")
     pool_queues = [re.escape(topology.pool_queue("")) + name for name in pool_names]
@@ -191,6 +193,11 @@ def permissions(
                 needs.declare(queue)
                 needs.create_dead_lettered(queue, dead)
                 needs.bind(queue, triggers)
+            if declares:
+                # ``Topology.declare_pool`` declares the retries' delay queues with the pool's.
+                needs.declare(delay_queues)
+                needs.create_dead_lettered(delay_queues, triggers)
+                needs.bind(delay_queues, retry)
             needs.publish(triggers)
             needs.publish(events, [_event_type(SchedulerHeartbeat)])
             if role is Role.ADMIN:
@@ -208,6 +215,8 @@ def permissions(
             beats = [rf"{_event_type(WorkerHeartbeat)}\.{pool}" for pool in pool_names]
             needs.publish(events, run_events + beats)
             needs.publish(dead)
+            # A failed run's retry: the trigger's signed bytes again, to wait in a delay queue.
+            needs.publish(retry)
         case Role.MONITOR:
             needs.consume(re.escape(topology.monitor_queue))
             needs.publish(dead)
@@ -225,14 +234,19 @@ def permissions(
 
 
 def _shared_topology(needs: _Needs, topology: Topology, *, create: bool) -> None:
-    """What ``Topology.declare_exchanges`` does: declare the three exchanges and both shared
+    """What ``Topology.declare_exchanges`` does: declare the four exchanges and both shared
     queues, bind the dead-letter queue to its exchange and the monitor queue to every event."""
-    triggers, events, dead = (
+    triggers, events, dead, retry = (
         re.escape(name)
-        for name in (topology.triggers_exchange, topology.events_exchange, topology.dead_exchange)
+        for name in (
+            topology.triggers_exchange,
+            topology.events_exchange,
+            topology.dead_exchange,
+            topology.retry_exchange,
+        )
     )
     dead_queue, monitor_queue = re.escape(topology.dead_queue), re.escape(topology.monitor_queue)
-    needs.declare(triggers, events, dead, dead_queue, monitor_queue)
+    needs.declare(triggers, events, dead, retry, dead_queue, monitor_queue)
     if create:
         needs.create_dead_lettered(monitor_queue, dead)
     needs.bind(dead_queue, dead)

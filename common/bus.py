@@ -38,6 +38,7 @@ from common.envelope import (
 )
 from common.errors import BrokerUnavailable
 from common.messages import JobHeartbeat, WireMessage
+from common.retries import ATTEMPT_HEADER, DELAY_HEADER
 from common.roles import signing_role
 from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
 from common.topology import Topology, event_routing_key
@@ -176,6 +177,28 @@ class Publisher:
         """Publish an already serialised trigger ``body`` (as kept in the outbox) to ``pool``."""
         headers = self._keyring.sign(Role.TRIGGER, self.namespace, pool, body)
         await self._publish("triggers", body, headers, pool, message_id)
+
+    async def retry(
+        self, body: bytes, headers: Mapping[str, object], pool: str, attempt: int, delay_step: int
+    ) -> None:
+        """Publish attempt ``attempt`` of a trigger: its signed ``body`` and signature ``headers``
+        as they came, with the attempt number, to the delay queue of ``delay_step`` seconds, which
+        hands it back to ``pool`` once that time is over. Raises BrokerUnavailable when the broker
+        does not confirm it (no delay queue of that step, for one)."""
+        kept = {
+            name: amqp_value(headers[name]) for name in (KEY_ID_HEADER, SIGNATURE_HEADER) if name in headers
+        }
+        kept[ATTEMPT_HEADER] = attempt
+        kept[DELAY_HEADER] = str(delay_step)
+        if "retry" not in self._exchanges:
+            try:
+                self._exchanges = {
+                    **self._exchanges,
+                    "retry": await Topology(self.namespace).find_retry(self.channel),
+                }
+            except CONNECT_ERRORS as exc:
+                raise BrokerUnavailable(broker_refusal("cannot find the retry exchange", exc)) from exc
+        await self._publish("retry", body, kept, pool, None)
 
     async def event(self, event: WireMessage) -> None:
         """Publish a run event or heartbeat on the events exchange under its topic."""

@@ -56,6 +56,9 @@ class RejectionReason(enum.StrEnum):
     EXPIRED = "expired"
     ID_CONFLICT = "id_conflict"
     NOT_ALLOWED = "not_allowed"
+    # A retry (``cronfleet-attempt`` header) that the store does not owe: its previous attempt
+    # did not end in a failure that is retried, or the job allows fewer attempts.
+    BAD_ATTEMPT = "bad_attempt"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -94,6 +97,7 @@ def open_envelope(
     namespace: str,
     routing_key: str,
     consumed_pool: str | None = None,
+    check_expiry: bool = True,
 ) -> Accepted[M] | Rejected:
     """Verify ``body`` against ``headers``, as delivered in ``namespace`` with ``routing_key``,
     then parse it with ``adapter``.
@@ -105,8 +109,9 @@ def open_envelope(
     (``wrong_role``, see ``common.roles``), a trigger must have arrived with its own pool as
     routing key and, given ``consumed_pool``, be of that pool (``wrong_pool``), an event must
     have arrived under its own topic, ``event_routing_key`` (``wrong_routing_key``), and a
-    message whose ``expires_at`` is not after ``now`` is rejected as expired. Never raises:
-    whatever the bytes or the header values (of any type), the outcome is a value; an exception
+    message whose ``expires_at`` is not after ``now`` is rejected as expired (unless
+    ``check_expiry`` is False: a retry's expiry is its own, ``common.retries.retry_expires_at``).
+    Never raises: whatever the bytes or the header values (of any type), the outcome is a value; an exception
     from the parser itself is ``internal_error``.
     """
     if len(body) > MAX_MESSAGE_BYTES:
@@ -148,7 +153,7 @@ def open_envelope(
             one_line(f"a {message.type} must be published as {expected!r}, not {routing_key!r}"),
         )
     expires_at = getattr(message, "expires_at", None)
-    if isinstance(expires_at, datetime) and expires_at <= now:
+    if check_expiry and isinstance(expires_at, datetime) and expires_at <= now:
         return Rejected(RejectionReason.EXPIRED, f"expired at {expires_at.isoformat()}")
     return Accepted(message)
 

@@ -27,11 +27,11 @@ import tomllib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from common.actions import Action
 from common.bounds import (
@@ -45,8 +45,19 @@ from common.bounds import (
     TimeoutSeconds,
 )
 from common.cron import parse_schedule, parse_timezone
+from common.durations import parse_duration
 from common.errors import JobFileError
-from common.messages import JOB_NAME_PATTERN, JobName, PoolName, Trigger, trigger_id
+from common.messages import (
+    JOB_NAME_PATTERN,
+    MAX_ATTEMPTS,
+    MAX_RETRY_DELAY_SECONDS,
+    JobName,
+    OnLost,
+    PoolName,
+    RetryPolicy,
+    Trigger,
+    trigger_id,
+)
 
 # More failures in a row than this is not a threshold anyone means.
 MAX_FAILURE_THRESHOLD = 1000
@@ -72,6 +83,32 @@ class JobSpec(BaseModel):
     # Free-form values handed to every run (a python function's context, a shell job's
     # CRONFLEET_CONTEXT), as cron-manager passes its ``context`` JSON.
     context: JobContext | None = None
+    # A failed (or timed-out) run is tried again this many times, each retry its own run with its
+    # attempt number, after ``retry_backoff`` doubled at each retry, at most ``retry_max_delay``.
+    retries: Annotated[int, Field(ge=0, le=MAX_ATTEMPTS - 1)] = 0
+    retry_backoff: str = "10s"
+    retry_max_delay: str = "5m"
+    # A run whose worker died: tried again as a new attempt (``retry``) or not (``fail``); unset,
+    # its trigger runs again as a redelivery of the same attempt.
+    on_lost: Literal["retry", "fail"] | None = None
+    # The job's runs never overlap across workers; the lease outlives a dead worker by
+    # ``exclusive_ttl`` (default: the claim lease, ``CRONFLEET_CLAIM_LEASE_SECONDS``).
+    exclusive: bool = False
+    exclusive_ttl: str | None = None
+
+    @field_validator("retry_backoff", "retry_max_delay", "exclusive_ttl")
+    @classmethod
+    def _valid_duration(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        seconds = parse_duration(value).total_seconds()
+        if seconds > MAX_RETRY_DELAY_SECONDS:
+            raise ValueError(f"{value!r} is longer than a day (at most 24h)")
+        if info.field_name == "retry_max_delay" and "retry_backoff" in info.data:
+            backoff = parse_duration(info.data["retry_backoff"]).total_seconds()
+            if seconds < backoff:
+                raise ValueError(f"{value!r} is shorter than retry_backoff ({info.data['retry_backoff']!r})")
+        return value
 
     @field_validator("schedule")
     @classmethod
@@ -99,7 +136,28 @@ class JobSpec(BaseModel):
             action=self.action,
             manual=manual,
             context=self.context,
+            retry=self.retry_policy(),
+            exclusive=self.exclusive,
+            exclusive_ttl_seconds=self.exclusive_ttl_seconds(),
         )
+
+    def retry_policy(self) -> RetryPolicy | None:
+        """What the job's triggers say about retries; None when the job sets none of it."""
+        if self.retries == 0 and self.on_lost is None:
+            return None
+        return RetryPolicy(
+            retries=self.retries,
+            backoff_seconds=parse_duration(self.retry_backoff).total_seconds(),
+            max_delay_seconds=parse_duration(self.retry_max_delay).total_seconds(),
+            on_lost=None if self.on_lost is None else OnLost(self.on_lost),
+        )
+
+    def exclusive_ttl_seconds(self) -> float | None:
+        """The lease of an ``exclusive`` job's runs in seconds; None for the worker's claim lease
+        (or when the job is not exclusive)."""
+        if not self.exclusive or self.exclusive_ttl is None:
+            return None
+        return parse_duration(self.exclusive_ttl).total_seconds()
 
     def zone(self) -> ZoneInfo:
         """The job's time zone."""
@@ -126,7 +184,18 @@ def fingerprint_of(canonical: bytes) -> str:
 
 
 # Fields left out of ``canonical_json`` (and so of the fingerprint) at their default.
-_UNLESS_SET = frozenset({"failure_threshold", "context"})
+_UNLESS_SET = frozenset(
+    {
+        "failure_threshold",
+        "retries",
+        "retry_backoff",
+        "retry_max_delay",
+        "on_lost",
+        "exclusive",
+        "exclusive_ttl",
+        "context",
+    }
+)
 
 
 def load_jobs_file(path: Path) -> list[JobSpec]:

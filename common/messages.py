@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
@@ -96,9 +96,20 @@ class WireMessage(BaseModel):
             raise ValueError("v must be the integer 1")
         return value
 
+    # Fields added after version 1 was published, left out of the body at their default, so that
+    # a message that does not use them is byte for byte what an older peer writes and accepts.
+    _omitted_at_default: ClassVar[frozenset[str]] = frozenset()
+
     def to_bytes(self) -> bytes:
         """The exact body bytes to sign and publish."""
-        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+        omitted = {
+            name for name in self._omitted_at_default if getattr(self, name) == _default_of(self, name)
+        }
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True, exclude=omitted))
+
+
+def _default_of(message: BaseModel, name: str) -> Any:
+    return type(message).model_fields[name].default
 
 
 def trigger_id(job: str, scheduled_at: datetime) -> str:
@@ -112,8 +123,43 @@ def format_instant(moment: datetime) -> str:
     return text.replace("+00:00", "Z")
 
 
+# How many attempts of one fire at most (``retries`` + 1).
+MAX_ATTEMPTS = 101
+# The longest wait before a retry: the delay queues' ladder stops there (``common.retries``).
+MAX_RETRY_DELAY_SECONDS = 24 * 3600
+Attempt = Annotated[int, Field(ge=1, le=MAX_ATTEMPTS)]
+RetryDelaySeconds = Annotated[float, Field(ge=1, le=MAX_RETRY_DELAY_SECONDS, allow_inf_nan=False)]
+
+
+class OnLost(enum.StrEnum):
+    """What becomes of a run whose worker died mid-run (its trigger comes back from the broker)."""
+
+    # Another attempt, with the next attempt number, if the job's attempts are not used up.
+    RETRY = "retry"
+    # None: the lost run is the fire's end.
+    FAIL = "fail"
+
+
+class RetryPolicy(BaseModel):
+    """How a trigger's failed (or lost) runs are tried again; carried, signed, in the trigger."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    retries: Annotated[int, Field(ge=0, le=MAX_ATTEMPTS - 1)] = 0
+    backoff_seconds: RetryDelaySeconds = 10.0
+    max_delay_seconds: RetryDelaySeconds = 300.0
+    # None: a lost run's trigger runs again as a redelivery of the same attempt (as before
+    # ``on_lost`` existed).
+    on_lost: OnLost | None = None
+
+
 class Trigger(WireMessage):
-    """Run ``job``'s action now: published by the scheduler (or ``cronfleet trigger``)."""
+    """Run ``job``'s action now: published by the scheduler (or ``cronfleet trigger``).
+
+    ``retry``, ``exclusive`` and ``exclusive_ttl_seconds`` are absent unless the job sets them. A retry of the
+    trigger is the same signed body again, with its attempt number in the ``cronfleet-attempt``
+    header (see ``common.retries``).
+    """
 
     type: Literal["trigger"] = "trigger"
     id: Identifier
@@ -127,6 +173,18 @@ class Trigger(WireMessage):
     manual: bool = False
     # The job's free-form ``context`` table, handed to what the run executes (absent: none).
     context: JobContext | None = None
+    retry: RetryPolicy | None = None
+    # The job's runs never overlap: a run holds the job's lease, which outlives a dead worker by
+    # ``exclusive_ttl_seconds`` (None: by the worker's claim lease).
+    exclusive: bool = False
+    exclusive_ttl_seconds: TimeoutSeconds | None = None
+
+    _omitted_at_default: ClassVar[frozenset[str]] = frozenset({"exclusive"})
+
+    @property
+    def attempts(self) -> int:
+        """How many attempts this trigger may have in all."""
+        return 1 + (self.retry.retries if self.retry else 0)
 
 
 class RunEvent(WireMessage):
@@ -141,6 +199,10 @@ class RunEvent(WireMessage):
     redelivered: bool = False
     scheduled_at: Instant
     started_at: Instant
+    # Which attempt at the trigger this run is (1: the first; more: a retry). Left out at 1.
+    attempt: Attempt = 1
+
+    _omitted_at_default: ClassVar[frozenset[str]] = frozenset({"attempt"})
 
 
 class RunStarted(RunEvent):

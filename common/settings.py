@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     # it while the job runs): the time a trigger left by a dead worker waits before another
     # worker runs it again. Clocks across hosts must agree to well within it.
     claim_lease_seconds: float = Field(default=30.0, ge=1, le=3600)
+    # A trigger whose timeout_seconds is longer than this is acked as soon as its run.started is
+    # confirmed, not when the run ends, so that RabbitMQ's consumer_timeout (30 min by default)
+    # cannot take it back mid-run; its claim keeps the trigger, and its liveness is the claim's
+    # lease (docs/operations.md, "Long runs"). Keep it below the broker's consumer_timeout.
+    early_ack_seconds: float = Field(default=900.0, ge=0, le=7 * 24 * 3600)
     # Fleet health (docs/monitoring.md, "Fleet health"): a scheduler or worker silent for this
     # many heartbeat intervals is gone, and triggers may wait this long in a pool without a
     # consumer before the pool is down. The monitor looks at the fleet every heartbeat interval.

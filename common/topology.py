@@ -22,6 +22,7 @@ from common.messages import (
     WireMessage,
     WorkerHeartbeat,
 )
+from common.retries import DELAY_HEADER, DELAY_STEPS
 
 # A message redelivered this many times (its consumers kept dying on it) is poison: the broker
 # dead-letters it instead of handing it out forever. Every consumed queue has this limit; the
@@ -60,6 +61,17 @@ class Topology:
         return f"{self.namespace}.dead"
 
     @property
+    def retry_exchange(self) -> str:
+        """Headers exchange: retries of triggers, routed to a delay queue by their
+        ``cronfleet-delay`` header (their routing key stays their pool)."""
+        return f"{self.namespace}.retry"
+
+    def delay_queue(self, seconds: int) -> str:
+        """The queue where retries wait ``seconds`` (a step of ``common.retries.DELAY_STEPS``)
+        before the broker dead-letters them back to the triggers exchange, to their pool."""
+        return f"{self.namespace}.retry.{seconds}s"
+
+    @property
     def monitor_queue(self) -> str:
         """The monitors' shared queue of every event."""
         return f"{self.namespace}.monitor"
@@ -90,7 +102,30 @@ class Topology:
         )
         await dead_queue.bind(dead)
         await self._monitor_queue(channel)
+        await channel.declare_exchange(self.retry_exchange, aio_pika.ExchangeType.HEADERS, durable=True)
         return {"triggers": triggers, "events": events, "dead": dead}
+
+    async def _delay_queues(self, channel: AbstractChannel) -> None:
+        """One delay queue per step, bound to the retry exchange. A retry's signed body and
+        routing key (its pool) stay as they were: the broker dead-letters it, once its time in
+        the queue is over, to the triggers exchange under that same routing key; at least once (a
+        quorum queue's ``at-least-once`` dead-lettering, which needs ``reject-publish``).
+        Declared with the pools' queues, by what publishes triggers: creating a queue that
+        dead-letters to the triggers exchange takes the right to write to it."""
+        retry = self.retry_exchange
+        for seconds in DELAY_STEPS:
+            queue = await _declare_queue(channel, self.delay_queue(seconds), self._delaying(seconds))
+            await queue.bind(retry, arguments={"x-match": "all", DELAY_HEADER: str(seconds)})
+
+    def _delaying(self, seconds: int) -> dict[str, Any]:
+        """Arguments of a delay queue: nobody consumes it; every message leaves it by expiring."""
+        return {
+            "x-queue-type": "quorum",
+            "x-message-ttl": seconds * 1000,
+            "x-dead-letter-exchange": self.triggers_exchange,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
 
     async def find_exchanges(self, channel: AbstractChannel) -> dict[str, AbstractExchange]:
         """The three exchanges by role, declared passively: nothing is created, bound or changed,
@@ -105,6 +140,11 @@ class Topology:
             )
         }
 
+    async def find_retry(self, channel: AbstractChannel) -> AbstractExchange:
+        """The retry exchange, declared passively (a worker publishes retries to it; a scheduler,
+        ``cronfleet trigger`` or a monitor declares it with the rest)."""
+        return await channel.get_exchange(self.retry_exchange, ensure=True)
+
     async def find_pool(self, channel: AbstractChannel, pool: str) -> AbstractQueue:
         """``pool``'s queue, declared passively (what a worker consumes: it needs only ``read``).
         Raises the broker's NOT_FOUND (closing ``channel``) until a scheduler or ``cronfleet
@@ -112,8 +152,10 @@ class Topology:
         return await channel.get_queue(self.pool_queue(pool), ensure=True)
 
     async def declare_pool(self, channel: AbstractChannel, pool: str) -> AbstractQueue:
-        """Declare ``pool``'s quorum queue, bound to the triggers exchange by the pool name."""
+        """Declare ``pool``'s quorum queue, bound to the triggers exchange by the pool name (and
+        everything else: the shared topology, the retries' delay queues)."""
         await self.declare_exchanges(channel)
+        await self._delay_queues(channel)
         queue = await _declare_queue(channel, self.pool_queue(pool), self._consumed())
         await queue.bind(self.triggers_exchange, routing_key=pool)
         return queue
@@ -134,9 +176,15 @@ class Topology:
 
     async def delete(self, channel: AbstractChannel, pools: list[str]) -> None:
         """Remove this namespace's queues and exchanges (for tests and ``cronfleet`` teardown)."""
-        for queue in [*(self.pool_queue(p) for p in pools), self.monitor_queue, self.dead_queue]:
+        delays = [self.delay_queue(seconds) for seconds in DELAY_STEPS]
+        for queue in [*(self.pool_queue(p) for p in pools), self.monitor_queue, self.dead_queue, *delays]:
             await channel.queue_delete(queue)
-        for exchange in (self.triggers_exchange, self.events_exchange, self.dead_exchange):
+        for exchange in (
+            self.triggers_exchange,
+            self.events_exchange,
+            self.dead_exchange,
+            self.retry_exchange,
+        ):
             await channel.exchange_delete(exchange)
 
 

@@ -13,6 +13,14 @@ publish, a redelivery after a lost channel) learns from the claim what to do:
   again, in case its first report was lost).
 - ``CONFLICT``: the id was claimed with another body: a forgery or a bug, refused.
 
+A retry is claimed under its own key (``common.retries.claim_key``: ``<trigger id>#<attempt>``),
+so that it runs as a new attempt while a repeat of the same attempt is still a duplicate; it runs
+only if the previous attempt's claim ended in a failure that may be retried (``ended``).
+
+An ``exclusive`` job's runs also take the job's lease (``take_lease``), a row of the same table
+keyed ``exclusive:<job>``: while one run holds it no other run of the job starts, on any worker;
+a lease its worker stopped renewing for its ttl is free again.
+
 Leases are compared with each worker's own clock: clocks across hosts must agree to well within
 the lease (``CRONFLEET_CLAIM_LEASE_SECONDS``, 30 s by default).
 """
@@ -24,9 +32,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, update
+import orjson
+from sqlalchemy import delete, select, update
 
+from common.bounds import LATEST_INSTANT
 from common.errors import StoreUnavailable
+from common.messages import RunStatus
 from common.store import STORE_OUTAGES, Store, TriggerClaimRow, dialect_insert
 from common.store.chunks import IN_LIST_CHUNK, chunks
 
@@ -49,6 +60,8 @@ class Claim:
     run_id: str
     worker: str
     finished_event: str | None = None
+    # When the holder took it (given with TAKEN_OVER: when the lost run began, near enough).
+    claimed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,9 @@ class TriggerClaims:
                     return Claim(ClaimOutcome.DUPLICATE, held.run_id, held.worker, held.finished_event)
                 if held.lease_until > now:
                     return holder
-                # The holder stopped renewing: take over, unless someone else just did.
+                # The holder stopped renewing: take over, unless someone else just did. (What the
+                # lost run was is read first: the UPDATE refreshes ``held`` in the session.)
+                lost = Claim(ClaimOutcome.TAKEN_OVER, held.run_id, held.worker, claimed_at=held.claimed_at)
                 taken = await session.execute(
                     update(TriggerClaimRow)
                     .where(
@@ -107,7 +122,7 @@ class TriggerClaims:
                     .values(run_id=run_id, worker=self.worker, claimed_at=now, lease_until=now + self.lease)
                 )
                 if _rowcount(taken) == 1:
-                    return Claim(ClaimOutcome.TAKEN_OVER, held.run_id, held.worker)
+                    return lost
                 return holder
         except STORE_OUTAGES as exc:
             raise _unavailable(self.store, "claim", trigger_id, exc) from exc
@@ -155,6 +170,160 @@ class TriggerClaims:
                 )
         except STORE_OUTAGES as exc:
             raise _unavailable(self.store, "release the claim on", trigger_id, exc) from exc
+
+    async def ended(self, key: str) -> tuple[RunStatus, datetime] | None:
+        """How and when the run that held ``key`` ended (from its kept ``run.finished``); None when
+        nobody claimed it, or its run has not ended."""
+        try:
+            async with self.store.session() as session:
+                row = await session.get(TriggerClaimRow, key)
+                if row is None or row.finished_at is None or row.finished_event is None:
+                    return None
+                status = RunStatus(orjson.loads(row.finished_event)["status"])
+                return status, row.finished_at
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "read the claim on", key, exc) from exc
+
+    async def exists(self, key: str) -> bool:
+        """Whether anyone claimed ``key`` (a retry already taken needs no second publish)."""
+        try:
+            async with self.store.session() as session:
+                return await session.get(TriggerClaimRow, key) is not None
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "read the claim on", key, exc) from exc
+
+    async def take_lease(self, key: str, run_id: str, ttl: timedelta, now: datetime) -> Claim:
+        """Take the lease ``key`` for ``run_id`` for ``ttl`` unless another run holds it: RUN when
+        taken (TAKEN_OVER from a run whose worker stopped renewing it), else HELD naming the
+        holder. Raises StoreUnavailable."""
+        row = {
+            "trigger_id": key,
+            "body_sha256": "",
+            "run_id": run_id,
+            "worker": self.worker,
+            "claimed_at": now,
+            "lease_until": now + ttl,
+            # Never purged by retention: the row is deleted when its run gives the lease back.
+            "trigger_expires_at": LATEST_INSTANT,
+        }
+        try:
+            async with self.store.session() as session, session.begin():
+                inserted = await session.execute(
+                    dialect_insert(self.store.dialect, TriggerClaimRow)
+                    .values(row)
+                    .on_conflict_do_nothing(index_elements=["trigger_id"])
+                )
+                if _rowcount(inserted) == 1:
+                    return Claim(ClaimOutcome.RUN, run_id, self.worker)
+                held = await session.get(TriggerClaimRow, key, populate_existing=True)
+                if held is None:  # given back between the two statements
+                    return Claim(ClaimOutcome.HELD, "", "")
+                holder = Claim(ClaimOutcome.HELD, held.run_id, held.worker)
+                if held.lease_until > now:
+                    return holder
+                taken = await session.execute(
+                    update(TriggerClaimRow)
+                    .where(TriggerClaimRow.trigger_id == key, TriggerClaimRow.run_id == held.run_id)
+                    .values(run_id=run_id, worker=self.worker, claimed_at=now, lease_until=now + ttl)
+                )
+                if _rowcount(taken) == 1:
+                    return Claim(ClaimOutcome.TAKEN_OVER, holder.run_id, holder.worker)
+                return holder
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "take the lease", key, exc) from exc
+
+    async def renew_lease(self, key: str, run_id: str, ttl: timedelta, now: datetime) -> None:
+        """Extend ``run_id``'s lease ``key`` by ``ttl`` from ``now`` (nothing if it lost it)."""
+        try:
+            async with self.store.session() as session, session.begin():
+                await session.execute(
+                    update(TriggerClaimRow)
+                    .where(TriggerClaimRow.trigger_id == key, TriggerClaimRow.run_id == run_id)
+                    .values(lease_until=now + ttl)
+                )
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "renew the lease", key, exc) from exc
+
+    async def give_back(self, key: str, run_id: str) -> None:
+        """End ``run_id``'s lease ``key`` (nothing if another run holds it now)."""
+        try:
+            async with self.store.session() as session, session.begin():
+                await session.execute(
+                    delete(TriggerClaimRow).where(
+                        TriggerClaimRow.trigger_id == key, TriggerClaimRow.run_id == run_id
+                    )
+                )
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "give back the lease", key, exc) from exc
+
+    async def keep_trigger(self, key: str, run_id: str, body: bytes, envelope: str) -> None:
+        """Keep, in ``run_id``'s claim on ``key``, the trigger's signed ``body`` and its
+        ``envelope`` (signature headers and routing key, JSON): what ends the run should its worker
+        die after the trigger was acked. Raises StoreUnavailable."""
+        try:
+            async with self.store.session() as session, session.begin():
+                await session.execute(
+                    update(TriggerClaimRow)
+                    .where(TriggerClaimRow.trigger_id == key, TriggerClaimRow.run_id == run_id)
+                    .values(trigger_body=body.decode("utf-8"), trigger_envelope=envelope)
+                )
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "keep the trigger of", key, exc) from exc
+
+    async def lapsed(self, now: datetime, limit: int = 100) -> list[Lapsed]:
+        """Unfinished claims that keep their trigger (acked when their run started) and whose
+        worker stopped renewing them: runs lost with their worker, that nobody will redeliver."""
+        try:
+            async with self.store.session() as session:
+                rows = await session.execute(
+                    select(TriggerClaimRow)
+                    .where(
+                        TriggerClaimRow.finished_at.is_(None),
+                        TriggerClaimRow.trigger_body.is_not(None),
+                        TriggerClaimRow.lease_until < now,
+                    )
+                    .limit(limit)
+                )
+                return [
+                    Lapsed(
+                        row.trigger_id,
+                        Claim(ClaimOutcome.TAKEN_OVER, row.run_id, row.worker, claimed_at=row.claimed_at),
+                        (row.trigger_body or "").encode("utf-8"),
+                        row.trigger_envelope or "{}",
+                    )
+                    for row in rows.scalars()
+                ]
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "look for lapsed claims of", "long runs", exc) from exc
+
+    async def take_over(self, key: str, held_run_id: str, run_id: str, now: datetime) -> bool:
+        """Take ``key``'s claim from ``held_run_id`` (whose worker stopped renewing it) for
+        ``run_id``; False when another worker did first or it ended meanwhile."""
+        try:
+            async with self.store.session() as session, session.begin():
+                taken = await session.execute(
+                    update(TriggerClaimRow)
+                    .where(
+                        TriggerClaimRow.trigger_id == key,
+                        TriggerClaimRow.run_id == held_run_id,
+                        TriggerClaimRow.finished_at.is_(None),
+                        TriggerClaimRow.lease_until < now,
+                    )
+                    .values(run_id=run_id, worker=self.worker, claimed_at=now, lease_until=now + self.lease)
+                )
+                return _rowcount(taken) == 1
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "take over the claim on", key, exc) from exc
+
+
+@dataclass(frozen=True)
+class Lapsed:
+    """A lapsed claim of a run whose trigger was acked: its key, who held it, the trigger kept."""
+
+    key: str
+    holder: Claim
+    body: bytes
+    envelope: str
 
 
 def _rowcount(result: object) -> int:

@@ -7,6 +7,13 @@ broker, so a worker that dies mid-run leaves the trigger to be redelivered; once
 worker's claim has lapsed another worker runs it, marked as a redelivery.
 Nothing a trigger says can stop the worker or loop it: every delivery ends acked, as one run or
 as one dead letter with its reason; only a broker outage hands a trigger back.
+
+A run that failed (or timed out) while its job allows more attempts is followed by a retry:
+the same signed trigger, with the next attempt number, through a delay queue
+(``common.retries``); its end is kept in its claim before the retry is published, so a worker
+that dies in between leaves a repeat that publishes it. A trigger whose run was lost with its
+worker (the claim lapsed) follows the job's ``on_lost``. An ``exclusive`` job's run also holds
+the job's lease while it runs.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime, timedelta
 
+import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
@@ -33,9 +42,19 @@ from common.messages import (
     RunStatus,
     Trigger,
 )
+from common.retries import (
+    attempt_of,
+    backoff_delay,
+    claim_key,
+    delay_step,
+    exclusive_key,
+    may_follow,
+    next_attempt,
+    retry_expires_at,
+)
 from common.retry import until_done
-from common.signing import Keyring, Role
-from common.trigger_claims import Claim, ClaimOutcome, TriggerClaims
+from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
+from common.trigger_claims import Claim, ClaimOutcome, Lapsed, TriggerClaims
 from worker.actions import ActionResult, Executor, RunContext
 
 log = logging.getLogger("cronfleet.worker")
@@ -65,6 +84,7 @@ class TriggerHandler:
         clock: Clock = utcnow,
         *,
         pool: str | None = None,
+        early_ack_seconds: float | None = None,
     ) -> None:
         # A worker signs its run events and heartbeats: without an event key it cannot report.
         keyring.require([Role.EVENT], who="a worker")
@@ -77,6 +97,9 @@ class TriggerHandler:
         # by hand under that pool's name too) is refused as wrong_pool, never run.
         self.pool = pool
         self.clock = clock
+        # A trigger whose timeout is longer than this is acked once its run has started (None:
+        # every trigger is acked when its run ends).
+        self.early_ack_seconds = early_ack_seconds
         self.running = 0
         # The claims this worker holds (trigger id -> run id), renewed by ``keep_claims``.
         self._held: dict[str, str] = {}
@@ -92,6 +115,9 @@ class TriggerHandler:
         try:
             await self._handle(message)
         except (BrokerUnavailable, StoreUnavailable) as exc:
+            if message.processed:  # acked when its long run started: nothing to hand back
+                log.warning("could not end the run of %s (%s)", message.message_id, exc)
+                return
             log.warning("could not take %s (%s); it will be delivered again", message.message_id, exc)
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
             await settle(message, ack=False, requeue=True)
@@ -125,7 +151,8 @@ class TriggerHandler:
         # Verified against this fleet's namespace and the routing key the trigger came with: a
         # trigger signed for another pool or fleet does not verify, and one whose body names
         # another pool than its routing key, or than the pool consumed here, is refused
-        # (wrong_pool).
+        # (wrong_pool). A retry's expiry is its own, checked below.
+        attempt = attempt_of(message.headers or {})
         opened = open_envelope(
             message.body,
             message.headers or {},
@@ -135,41 +162,66 @@ class TriggerHandler:
             namespace=self.publisher.namespace,
             routing_key=message.routing_key or "",
             consumed_pool=self.pool,
+            check_expiry=attempt == 1,
         )
         if isinstance(opened, Rejected):
             await self._refuse(message, opened)
             return
         trigger = opened.message
+        if attempt is None:
+            detail = "the cronfleet-attempt header is not a whole number from 1 to 1000"
+            await self._refuse(message, Rejected(RejectionReason.MALFORMED, detail))
+            return
         refusal = self._refusal(trigger)
         if refusal is not None:
-            await self._refuse(message, Rejected(RejectionReason.NOT_ALLOWED, one_line(refusal)))
+            await self._refuse(message, Rejected(RejectionReason.NOT_ALLOWED, one_line(refusal)), attempt)
             return
+        expires_at = trigger.expires_at
+        if attempt > 1:
+            # The header is not signed: the store says whether this attempt is owed.
+            previous = await self.claims.ended(claim_key(trigger.id, attempt - 1))
+            why = may_follow(trigger, attempt, previous[0] if previous else None)
+            if why is not None or previous is None:
+                await self._refuse(message, Rejected(RejectionReason.BAD_ATTEMPT, one_line(why or "")))
+                return
+            expires_at = retry_expires_at(trigger, attempt, previous[1])
+            if expires_at <= self.clock():
+                expired = Rejected(RejectionReason.EXPIRED, f"retry expired at {expires_at.isoformat()}")
+                await self._refuse(message, expired, attempt)
+                return
+        key = claim_key(trigger.id, attempt)
         run_id = uuid.uuid4().hex
-        claim = await self._claim(trigger, hashlib.sha256(message.body).hexdigest(), run_id)
+        claim = await self._claim(trigger, key, expires_at, hashlib.sha256(message.body).hexdigest(), run_id)
+        lost_policy = trigger.retry.on_lost if trigger.retry is not None else None
         match claim.outcome:
             case ClaimOutcome.CONFLICT:
                 detail = f"trigger id {trigger.id!r} was run with another body (run {claim.run_id})"
                 await self._refuse(message, Rejected(RejectionReason.ID_CONFLICT, one_line(detail)))
             case ClaimOutcome.DUPLICATE | ClaimOutcome.HELD:
-                await self._report_duplicate(message, trigger, claim)
+                await self._report_duplicate(message, trigger, attempt, claim)
+            case ClaimOutcome.TAKEN_OVER if lost_policy is not None:
+                await self._lost(message, trigger, attempt, run_id, claim)
             case ClaimOutcome.RUN | ClaimOutcome.TAKEN_OVER:
                 taken_over = claim.outcome is ClaimOutcome.TAKEN_OVER
                 if taken_over:
                     log.warning(
                         "trigger %s was held by run %s on %s, which stopped renewing it; running it again",
-                        trigger.id,
+                        key,
                         claim.run_id,
                         claim.worker,
                     )
-                await self._run(message, trigger, run_id, redelivered=bool(message.redelivered) or taken_over)
+                redelivered = bool(message.redelivered) or taken_over
+                await self._run(message, trigger, attempt, run_id, expires_at, redelivered=redelivered)
 
-    async def _claim(self, trigger: Trigger, body_sha256: str, run_id: str) -> Claim:
-        """Claim ``trigger`` for ``run_id``. While another run holds it, wait (about one lease)
-        for that run to end or its worker to be found dead; a run still held after that belongs
-        to a live worker and the answer stays HELD."""
+    async def _claim(
+        self, trigger: Trigger, key: str, expires_at: datetime, body_sha256: str, run_id: str
+    ) -> Claim:
+        """Claim ``key`` (an attempt of ``trigger``) for ``run_id``. While another run holds it,
+        wait (about one lease) for that run to end or its worker to be found dead; a run still
+        held after that belongs to a live worker and the answer stays HELD."""
         waited = 0.0
         while True:
-            claim = await self.claims.claim(trigger.id, body_sha256, run_id, trigger.expires_at, self.clock())
+            claim = await self.claims.claim(key, body_sha256, run_id, expires_at, self.clock())
             if claim.outcome is not ClaimOutcome.HELD or waited > self.claims.lease.total_seconds():
                 return claim
             if waited == 0:
@@ -183,53 +235,269 @@ class TriggerHandler:
             waited += CLAIM_POLL_SECONDS
 
     async def _run(
-        self, message: AbstractIncomingMessage, trigger: Trigger, run_id: str, *, redelivered: bool
+        self,
+        message: AbstractIncomingMessage,
+        trigger: Trigger,
+        attempt: int,
+        run_id: str,
+        expires_at: datetime,
+        *,
+        redelivered: bool,
     ) -> None:
-        """Announce, execute and report one run of ``trigger`` under its claim, then ack it."""
-        self._held[trigger.id] = run_id
+        """Announce, execute and report one run of ``trigger`` under its claim, publish its retry
+        if it failed and may be retried, then ack it."""
+        key = claim_key(trigger.id, attempt)
+        self._held[key] = run_id
         try:
-            started = self._start(trigger, run_id, redelivered)
-            try:
-                await self.publisher.event(started)
-            except BrokerUnavailable:
-                # Not started: let the next delivery of the trigger claim it at once.
-                with contextlib.suppress(StoreUnavailable):
-                    await self.claims.release(trigger.id, run_id)
-                raise
-            log.info("run %s of %s started%s", run_id, trigger.id, " (redelivery)" if redelivered else "")
-            self.running += 1
-            try:
-                result = await self._execute(trigger, run_id)
-                finished = self._finished(started, result)
-                # The claim keeps the end before it is reported: a repeat of the trigger reports it
-                # again rather than running the job a second time.
-                await until_done(
-                    lambda: self.claims.finish(
-                        trigger.id, run_id, finished.to_bytes().decode(), self.clock()
-                    ),
-                    (StoreUnavailable,),
-                    log,
-                    f"run {run_id} ended; recording its end in the store",
+            async with self._exclusive(trigger, run_id, expires_at) as blocked:
+                # Started once the job's lease (if any) is held: the wait is not part of the run.
+                started = self._start(trigger, run_id, redelivered, attempt)
+                if blocked is not None:
+                    # Never started: the trigger went stale while another run held the job.
+                    skipped = self._finished(started, ActionResult(RunStatus.SKIPPED, error=blocked))
+                    await self._end(message, message.body, message.headers, trigger, attempt, run_id, skipped)
+                    return
+                try:
+                    await self.publisher.event(started)
+                except BrokerUnavailable:
+                    # Not started: let the next delivery of the trigger claim it at once.
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.claims.release(key, run_id)
+                    raise
+                # A long run's trigger is acked now, not at its end (RabbitMQ's consumer_timeout):
+                # its claim keeps the trigger, so that should this worker die, the worker that
+                # finds the claim lapsed ends the run (``recover_lapsed``).
+                settling: AbstractIncomingMessage | None = message
+                if self._acks_early(trigger):
+                    envelope = _envelope(message)
+                    await until_done(
+                        lambda: self.claims.keep_trigger(key, run_id, message.body, envelope),
+                        (StoreUnavailable,),
+                        log,
+                        f"run {run_id} started; keeping its trigger before acking it",
+                    )
+                    await settle(message)
+                    settling = None
+                log.info(
+                    "run %s of %s started%s%s",
+                    run_id,
+                    trigger.id,
+                    f" (attempt {attempt})" if attempt > 1 else "",
+                    " (redelivery)" if redelivered else "",
                 )
-                await self._report(finished)
-            finally:
-                self.running -= 1
+                self.running += 1
+                try:
+                    result = await self._execute(trigger, run_id, attempt)
+                    finished = self._finished(started, result)
+                    await self._end(
+                        settling, message.body, message.headers, trigger, attempt, run_id, finished
+                    )
+                finally:
+                    self.running -= 1
         finally:
-            self._held.pop(trigger.id, None)
-        await settle(message)
+            self._held.pop(key, None)
+
+    def _acks_early(self, trigger: Trigger) -> bool:
+        """Whether ``trigger``'s run may outlast what the broker waits for an ack."""
+        return self.early_ack_seconds is not None and trigger.timeout_seconds > self.early_ack_seconds
+
+    async def _end(
+        self,
+        message: AbstractIncomingMessage | None,
+        body: bytes,
+        headers: Mapping[str, object] | None,
+        trigger: Trigger,
+        attempt: int,
+        run_id: str,
+        finished: RunFinished,
+    ) -> None:
+        """Keep the end of a run in its claim, publish the retry it calls for (the trigger's
+        ``body`` again, with its signature ``headers``), report it, ack ``message`` (None: acked
+        already)."""
+        # The claim keeps the end before it is reported: a repeat of the trigger reports it
+        # again rather than running the job a second time (and publishes the retry if need be).
+        key = claim_key(trigger.id, attempt)
+        await until_done(
+            lambda: self.claims.finish(key, run_id, finished.to_bytes().decode(), self.clock()),
+            (StoreUnavailable,),
+            log,
+            f"run {run_id} ended; recording its end in the store",
+        )
+        await self._retry_after(body, headers or {}, trigger, attempt, finished.status)
+        await self._report(finished)
+        if message is not None:
+            await settle(message)
+
+    async def _retry_after(
+        self, body: bytes, headers: Mapping[str, object], trigger: Trigger, attempt: int, status: RunStatus
+    ) -> None:
+        """Publish the attempt that follows ``attempt`` after it ended with ``status``, if any, to
+        wait its backoff in a delay queue; retried until the broker confirms it."""
+        following = next_attempt(trigger, attempt, status)
+        if following is None or trigger.retry is None:
+            return
+        step = delay_step(backoff_delay(trigger.retry, following))
+        await until_done(
+            lambda: self.publisher.retry(body, headers, trigger.pool, following, step),
+            (BrokerUnavailable,),
+            log,
+            f"attempt {attempt} of {trigger.id} ended {status.value}; publishing attempt {following}",
+        )
+        log.info(
+            "attempt %d of %s ended %s; attempt %d follows in %ds",
+            attempt,
+            trigger.id,
+            status.value,
+            following,
+            step,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(
+        self, trigger: Trigger, run_id: str, expires_at: datetime
+    ) -> AsyncIterator[str | None]:
+        """Hold the job's lease around the block (for an ``exclusive`` job), renewed while it
+        runs. Waits while another run holds it; yields None once held (or for a job that is not
+        exclusive), or why the run cannot start when the trigger expired first."""
+        if not trigger.exclusive:
+            yield None
+            return
+        key = exclusive_key(trigger.job)
+        ttl = (
+            timedelta(seconds=trigger.exclusive_ttl_seconds)
+            if trigger.exclusive_ttl_seconds
+            else self.claims.lease
+        )
+        said = False
+        while True:
+            lease = await self.claims.take_lease(key, run_id, ttl, self.clock())
+            if lease.outcome is not ClaimOutcome.HELD:
+                break
+            if self.clock() >= expires_at:
+                yield f"exclusive: job {trigger.job!r} was still run by run {lease.run_id} on {lease.worker}"
+                return
+            if not said:
+                said = True
+                log.info(
+                    "job %s is exclusive and run %s on %s holds it; waiting",
+                    trigger.job,
+                    lease.run_id,
+                    lease.worker,
+                )
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+        if lease.outcome is ClaimOutcome.TAKEN_OVER:
+            log.warning(
+                "job %s's lease was held by run %s on %s, which stopped renewing it",
+                trigger.job,
+                lease.run_id,
+                lease.worker,
+            )
+        renewing = asyncio.create_task(self._renew_lease(key, run_id, ttl))
+        try:
+            yield None
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            await until_done(
+                lambda: self.claims.give_back(key, run_id),
+                (StoreUnavailable,),
+                log,
+                f"run {run_id} ended; giving back job {trigger.job}'s lease",
+            )
+
+    async def _renew_lease(self, key: str, run_id: str, ttl: timedelta) -> None:
+        """Renew ``run_id``'s lease ``key`` every third of ``ttl`` until cancelled; a store outage
+        is logged and waited out (the lease may then lapse: see docs/operations.md)."""
+        every = ttl.total_seconds() / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.claims.renew_lease(key, run_id, ttl, self.clock())
+            except StoreUnavailable as exc:
+                log.warning("%s; the run goes on, renewing again in %gs", exc, every)
+
+    async def _lost(
+        self, message: AbstractIncomingMessage, trigger: Trigger, attempt: int, run_id: str, claim: Claim
+    ) -> None:
+        """The trigger came back after its run was lost with its worker (the claim lapsed): the
+        lost run's end is recorded (``lost``) and, under ``on_lost = "retry"`` with attempts left,
+        the next attempt follows; under ``fail`` the fire ends there."""
+        finished = self._lost_run(trigger, attempt, claim, redelivered=bool(message.redelivered))
+        await self._end(message, message.body, message.headers, trigger, attempt, run_id, finished)
+
+    def _lost_run(self, trigger: Trigger, attempt: int, claim: Claim, *, redelivered: bool) -> RunFinished:
+        """The ``run.finished`` (``lost``) of the run that held ``claim`` when its worker died."""
+        lost_at = self.clock()
+        gone = RunStarted(
+            run_id=claim.run_id,
+            trigger_id=trigger.id,
+            job=trigger.job,
+            pool=trigger.pool,
+            worker=claim.worker,
+            redelivered=redelivered,
+            scheduled_at=trigger.scheduled_at,
+            started_at=min(claim.claimed_at or lost_at, lost_at),
+            attempt=attempt,
+        )
+        why = f"lost: worker {claim.worker} stopped renewing its claim mid-run"
+        log.warning(
+            "run %s of %s (attempt %d) was lost with %s", claim.run_id, trigger.id, attempt, claim.worker
+        )
+        return self._finished(gone, ActionResult(RunStatus.LOST, error=why))
+
+    async def recover_lapsed(self) -> None:
+        """Every third of the claim lease, until cancelled: end the runs whose trigger was acked
+        when they started (long runs) and whose worker stopped renewing their claim. Each is
+        recorded ``lost`` and followed per the job's ``on_lost`` (with ``retry`` and attempts
+        left, the next attempt; otherwise the fire ends there: nobody will deliver it again)."""
+        every = self.claims.lease.total_seconds() / 3
+        said = ""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                for lapsed in await self.claims.lapsed(self.clock()):
+                    await self._recover(lapsed)
+            except StoreUnavailable as exc:
+                if str(exc) != said:
+                    said = str(exc)
+                    log.warning("%s; looking again in %gs", said, every)
+            else:
+                said = ""
+
+    async def _recover(self, lapsed: Lapsed) -> None:
+        """End one lapsed long run (see ``recover_lapsed``), unless another worker does first."""
+        run_id = uuid.uuid4().hex
+        if not await self.claims.take_over(lapsed.key, lapsed.holder.run_id, run_id, self.clock()):
+            return
+        # The body was verified before it was kept; it is parsed again, never trusted blind.
+        trigger = TRIGGER_ADAPTER.validate_json(lapsed.body, strict=True)
+        attempt = _attempt_of_key(lapsed.key, trigger.id)
+        headers = orjson.loads(lapsed.envelope).get("headers", {})
+        finished = self._lost_run(trigger, attempt, lapsed.holder, redelivered=False)
+        await self._end(None, lapsed.body, headers, trigger, attempt, run_id, finished)
 
     async def _report_duplicate(
-        self, message: AbstractIncomingMessage, trigger: Trigger, claim: Claim
+        self, message: AbstractIncomingMessage, trigger: Trigger, attempt: int, claim: Claim
     ) -> None:
         """Record a repeat of a trigger the fleet ran (or is running) as a ``duplicate`` run, after
-        reporting the original run's end again in case its first report was lost; then ack."""
+        reporting the original run's end again in case its first report was lost and publishing
+        the retry that end calls for if nobody has claimed it yet; then ack."""
         if claim.finished_event is not None:
-            await self.publisher.event(RunFinished.model_validate_json(claim.finished_event))
+            original = RunFinished.model_validate_json(claim.finished_event)
+            following = next_attempt(trigger, attempt, original.status)
+            if following is not None and not await self.claims.exists(claim_key(trigger.id, following)):
+                await self._retry_after(
+                    message.body, message.headers or {}, trigger, attempt, original.status
+                )
+            await self.publisher.event(original)
         state = "ran" if claim.outcome is ClaimOutcome.DUPLICATE else "is running"
-        why = f"not run again: {claim.worker} {state} this trigger as run {claim.run_id}"
-        log.warning("trigger %s delivered again; %s", trigger.id, why)
+        which = f"attempt {attempt} of this trigger" if attempt > 1 else "this trigger"
+        why = f"not run again: {claim.worker} {state} {which} as run {claim.run_id}"
+        key = claim_key(trigger.id, attempt)
+        log.warning("trigger %s delivered again; %s", key, why)
         repeat = self._start(
-            trigger, f"{trigger.id}#duplicate-{uuid.uuid4().hex[:12]}", bool(message.redelivered)
+            trigger, f"{key}#duplicate-{uuid.uuid4().hex[:12]}", bool(message.redelivered), attempt
         )
         await self.publisher.event(self._finished(repeat, ActionResult(RunStatus.DUPLICATE, error=why)))
         await settle(message)
@@ -242,17 +510,20 @@ class TriggerHandler:
         refusal = getattr(executor, "refusal", None)
         return None if refusal is None else refusal(trigger.action)
 
-    async def _execute(self, trigger: Trigger, run_id: str) -> ActionResult:
+    async def _execute(self, trigger: Trigger, run_id: str, attempt: int = 1) -> ActionResult:
         """The action's result; an executor that raises (a bug) makes a failed run, not a crash."""
         try:
             executor = self.executors[trigger.action.type]
-            return await executor.run(trigger.action, trigger.timeout_seconds, RunContext.of(trigger, run_id))
+            return await executor.run(
+                trigger.action, trigger.timeout_seconds, RunContext.of(trigger, run_id, attempt)
+            )
         except Exception as exc:
             log.exception("the %s executor raised on %s", trigger.action.type, trigger.id)
             return ActionResult(RunStatus.FAILED, error=f"internal_error: {type(exc).__name__}: {exc}")
 
-    async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
-        """Dead-letter a refused trigger with its reason; an expired one is also reported as a run."""
+    async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected, attempt: int = 1) -> None:
+        """Dead-letter a refused trigger with its reason; an expired one is also reported as a run
+        (of ``attempt``)."""
         log.warning("refused trigger %s: %s (%s)", message.message_id, rejected.reason.value, rejected.detail)
         await self.publisher.dead_letter(message, rejected, self.worker)
         outcome = _REPORTED_REFUSALS.get(rejected.reason)
@@ -261,7 +532,10 @@ class TriggerHandler:
             # not allowed here), under one id per trigger and reason so that a redelivered
             # trigger is recorded once.
             trigger = TRIGGER_ADAPTER.validate_json(message.body, strict=True)
-            started = self._start(trigger, f"{trigger.id}#{rejected.reason.value}", bool(message.redelivered))
+            key = claim_key(trigger.id, attempt)
+            started = self._start(
+                trigger, f"{key}#{rejected.reason.value}", bool(message.redelivered), attempt
+            )
             await self.publisher.event(
                 self._finished(
                     started, ActionResult(outcome, error=f"{rejected.reason.value}: {rejected.detail}")
@@ -287,8 +561,9 @@ class TriggerHandler:
             return
         await settle(message)
 
-    def _start(self, trigger: Trigger, run_id: str, redelivered: bool) -> RunStarted:
+    def _start(self, trigger: Trigger, run_id: str, redelivered: bool, attempt: int) -> RunStarted:
         return RunStarted(
+            attempt=attempt,
             run_id=run_id,
             trigger_id=trigger.id,
             job=trigger.job,
@@ -347,3 +622,21 @@ def _wire_text(text: str | None, *, keep_end: bool = False) -> str | None:
         return None
     cleaned = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
     return cleaned[-OUTPUT_TAIL_LIMIT:] if keep_end else cleaned[:OUTPUT_TAIL_LIMIT]
+
+
+def _envelope(message: AbstractIncomingMessage) -> str:
+    """What besides its body verifies a delivered trigger: its signature headers and routing key
+    (JSON, kept in the claim of a run whose trigger is acked early)."""
+    headers = message.headers or {}
+    kept = {
+        name: bytes(value).decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else str(value)
+        for name in (KEY_ID_HEADER, SIGNATURE_HEADER)
+        if (value := headers.get(name)) is not None
+    }
+    return orjson.dumps({"routing_key": message.routing_key or "", "headers": kept}).decode()
+
+
+def _attempt_of_key(key: str, trigger_id: str) -> int:
+    """The attempt a claim key names (``common.retries.claim_key``'s inverse)."""
+    suffix = key.removeprefix(trigger_id)
+    return int(suffix[1:]) if suffix.startswith("#") and suffix[1:].isdigit() else 1

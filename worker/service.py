@@ -65,7 +65,12 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
             )
             await _until_ready(lambda: _find_pool(connection, topology, options.pool))
             handler = TriggerHandler(
-                publisher, keyring, executors(client, commands), claims, pool=options.pool
+                publisher,
+                keyring,
+                executors(client, commands),
+                claims,
+                pool=options.pool,
+                early_ack_seconds=settings.early_ack_seconds,
             )
             log.info(
                 "worker %s consuming pool %s (concurrency %d); shell commands allowed: %s",
@@ -79,6 +84,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 async with asyncio.TaskGroup() as tasks:
                     tasks.create_task(_heartbeat_forever(settings, options, publisher, handler, name))
                     tasks.create_task(handler.keep_claims())
+                    tasks.create_task(handler.recover_lapsed())
                     await consume_forever(
                         connection,
                         lambda channel: topology.find_pool(channel, options.pool),

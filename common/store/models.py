@@ -377,7 +377,7 @@ class TriggerClaimRow(Base):
 
     __tablename__ = "trigger_claims"
 
-    trigger_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    trigger_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     body_sha256: Mapped[str] = mapped_column(String(64))
     run_id: Mapped[str] = mapped_column(String(255))
     worker: Mapped[str] = mapped_column(String(200))
@@ -386,10 +386,24 @@ class TriggerClaimRow(Base):
     trigger_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_event: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A run whose trigger was acked when it started (a long job, ``CRONFLEET_EARLY_ACK_SECONDS``)
+    # keeps the trigger's signed body and its signature here: should its worker die, the broker
+    # will not deliver it again, and the worker that finds the claim lapsed ends it from these.
+    trigger_body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    trigger_envelope: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 # Retention deletes claims by their trigger's expiry: after it, a repeat is refused as expired.
 Index("ix_trigger_claims_expires", TriggerClaimRow.trigger_expires_at)
+# Workers look for lapsed claims of long runs (acked early) every few seconds: only unfinished
+# claims that keep their trigger are in this index, so the look costs nothing as claims pile up.
+_UNFINISHED_KEPT = "finished_at IS NULL AND trigger_body IS NOT NULL"
+Index(
+    "ix_trigger_claims_kept_lease",
+    TriggerClaimRow.lease_until,
+    sqlite_where=text(_UNFINISHED_KEPT),
+    postgresql_where=text(_UNFINISHED_KEPT),
+)
 
 
 class FleetHealthRow(Base):

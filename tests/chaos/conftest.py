@@ -89,14 +89,20 @@ class PrivateBroker:
 
 
 @pytest.fixture(scope="module")
-def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
+def private_broker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrivateBroker]:
+    """The module's node; a module may add ``rabbitmq.conf`` lines (``RABBITMQ_CONF``) and an
+    ``advanced.config`` (``RABBITMQ_ADVANCED``), e.g. a short ``consumer_timeout``."""
     if shutil.which(_tool("rabbitmq-server")) is None:
         pytest.fail("rabbitmq-server is not installed; deploy/dev installs it")
     base = tmp_path_factory.mktemp("rabbitmq")
     port = _free_port()
     name = f"cronfleet-chaos-{uuid.uuid4().hex[:6]}@localhost"
     (base / "enabled_plugins").write_text("[].\n")
-    (base / "rabbitmq.conf").write_text("loopback_users = none\n")
+    (base / "rabbitmq.conf").write_text(
+        "loopback_users = none\n" + getattr(request.module, "RABBITMQ_CONF", "")
+    )
     environment = {
         **os.environ,
         "RABBITMQ_NODENAME": name,
@@ -108,6 +114,10 @@ def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
         "RABBITMQ_CONFIG_FILE": str(Path(base / "rabbitmq")),
     }
+    advanced = getattr(request.module, "RABBITMQ_ADVANCED", None)
+    if advanced is not None:
+        (base / "advanced.config").write_text(advanced)
+        environment["RABBITMQ_ADVANCED_CONFIG_FILE"] = str(base / "advanced.config")
     broker = PrivateBroker(name, port, environment)
     broker.start()
     try:

@@ -297,7 +297,13 @@ async def test_a_worker_consumes_its_pool_and_publishes_events_and_dead_letters_
     await publisher.event(_finished(started))
     await publisher.event(WorkerHeartbeat(worker="w1", pool="a", at=utcnow(), concurrency=1, running=0))
     await publisher.dead_letter(trigger, Rejected(RejectionReason.MALFORMED, "test"), "w1")
+    # A retry: the trigger again, through the 1 s delay queue, back in its pool with its attempt.
+    await publisher.retry(trigger.body, trigger.headers, "a", 2, 1)
     await trigger.ack()
+    retried = await get_one(publisher, topology.pool_queue("a"))
+    assert retried.body == b'{"t": 1}' and retried.headers["cronfleet-attempt"] == 2
+    assert retried.routing_key == "a"
+    await retried.ack()
     await refused(worker, publish(topology.triggers_exchange, "a"))
     await refused(worker, publish(topology.triggers_exchange, "b"))
     await refused(worker, consume(topology.pool_queue("b")))

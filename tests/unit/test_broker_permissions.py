@@ -115,8 +115,20 @@ def test_a_worker_only_consumes_and_publishes() -> None:
     worker = rights(Role.WORKER, pools=["a"])
     assert worker.configure == NOTHING
     assert worker.read == anchored([re.escape(T.pool_queue("a"))])
-    assert worker.write == anchored([re.escape(T.events_exchange), re.escape(T.dead_exchange)])
+    # It publishes events, dead letters and retries (to the headers exchange of the delay queues).
+    assert worker.write == anchored(
+        [re.escape(T.events_exchange), re.escape(T.dead_exchange), re.escape(T.retry_exchange)]
+    )
+    assert not matches(worker.write, T.triggers_exchange)
     assert worker.topic_read == NOTHING
+
+
+def test_only_what_publishes_triggers_creates_the_delay_queues_that_dead_letter_to_them() -> None:
+    for role in (Role.SCHEDULER, Role.ADMIN):
+        assert matches(rights(role).configure, T.delay_queue(30))
+        assert matches(rights(role).write, T.triggers_exchange)
+    assert not matches(rights(Role.MONITOR).configure, T.delay_queue(30))
+    assert matches(rights(Role.MONITOR).configure, T.retry_exchange)
 
 
 def test_the_declaring_roles_are_the_ones_that_may_create() -> None:

@@ -27,12 +27,14 @@ from typing import Any
 
 import orjson
 import pytest
+from pydantic import BaseModel
 
 from common.actions import HttpAction, PythonAction, ShellAction
 from common.bus import Publisher
 from common.cli import admin
 from common.envelope import Accepted, Rejected, RejectionReason, open_envelope
-from common.messages import ALL_MESSAGES, EVENT_ADAPTER, TRIGGER_ADAPTER, Trigger, WireMessage
+from common.messages import ALL_MESSAGES, EVENT_ADAPTER, TRIGGER_ADAPTER, RetryPolicy, Trigger, WireMessage
+from common.retries import DELAY_STEPS
 from common.roles import SIGNED_BY
 from common.settings import Settings
 from common.signing import (
@@ -54,10 +56,12 @@ REGENERATE = (
 )
 MODELS: dict[str, type[WireMessage]] = {m.model_fields["type"].default: m for m in ALL_MESSAGES}
 MODELS_BY_CLASS = {model: name for name, model in MODELS.items()}
-ACTIONS: dict[str, type[ShellAction | HttpAction | PythonAction]] = {
+# The objects a trigger holds, each with a field table of its own (schemas in the trigger's $defs).
+ACTIONS: dict[str, type[BaseModel]] = {
     "action.shell": ShellAction,
     "action.http": HttpAction,
     "action.python": PythonAction,
+    "retry": RetryPolicy,
 }
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)\n```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -222,8 +226,10 @@ class _Recorder:
     async def declare_queue(self, name: str, durable: bool = False, arguments: Any = None) -> Any:
         self.queues[name] = (dict(arguments or {}), durable)
 
-        async def bind(exchange: str, routing_key: str = "") -> None:
-            self.bindings.add((name, exchange, routing_key))
+        async def bind(exchange: Any, routing_key: str = "", arguments: Any = None) -> None:
+            # A headers binding is written as its one header, ``name: value``, beside x-match.
+            matched = [f"{k}: {v}" for k, v in (arguments or {}).items() if k != "x-match"]
+            self.bindings.add((name, str(exchange), routing_key or "".join(matched)))
 
         return SimpleNamespace(bind=bind)
 
@@ -352,14 +358,22 @@ def test_the_topology_table_matches_what_cronfleet_declares() -> None:
     exchanges: dict[str, str] = {}
     queues: dict[str, dict[str, Any]] = {}
     bindings: set[tuple[str, str, str]] = set()
-    for row in _table(_section(_doc(), "topology")):
-        name = _code(row[0]).replace("<pool>", "default")
-        if row[1] == "exchange":
-            exchanges[name] = _code(row[2])
-        else:
+    for documented in _table(_section(_doc(), "topology")):
+        # A delay queue's row stands for one queue per step (``<seconds>``).
+        steps = DELAY_STEPS if "<seconds>" in documented[0] else [0]
+        for seconds in steps:
+            row = [
+                cell.replace("<seconds>", str(seconds)).replace("<milliseconds>", str(seconds * 1000))
+                for cell in documented
+            ]
+            name = _code(row[0]).replace("<pool>", "default")
+            if row[1] == "exchange":
+                exchanges[name] = _code(row[2])
+                continue
             assert row[1] == "queue", f"the topology table knows exchanges and queues, not {row[1]!r}"
             queues[name] = orjson.loads(_code(row[3]))
-            # "`exchange`, routing key `key`", or "`exchange` (fanout: no routing key)"
+            # "`exchange`, routing key `key`", "`exchange`, header `name: value`", or
+            # "`exchange` (fanout: no routing key)"
             exchange, *key = re.findall(r"`([^`]*)`", row[4])
             bindings.add((name, exchange, key[0].replace("<pool>", "default") if key else ""))
     assert exchanges == {name: kind for name, (kind, _) in channel.exchanges.items()}

@@ -44,14 +44,14 @@ class RunContext:
     context: Mapping[str, JsonValue] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, trigger: Trigger, run_id: str) -> RunContext:
-        """The context of run ``run_id`` of ``trigger``."""
+    def of(cls, trigger: Trigger, run_id: str, attempt: int = 1) -> RunContext:
+        """The context of run ``run_id``, attempt ``attempt``, of ``trigger``."""
         return cls(
             run_id=run_id,
             trigger_id=trigger.id,
             job=trigger.job,
             scheduled_at=trigger.scheduled_at,
-            attempt=getattr(trigger, "attempt", 1),
+            attempt=attempt,
             manual=trigger.manual,
             context=dict(trigger.context or {}),
         )
