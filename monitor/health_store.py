@@ -220,12 +220,34 @@ async def store_flips(session: AsyncSession, flips: Sequence[JobFlip], now: date
     """Insert ``flips`` (of jobs or of the fleet) in order, in bounded chunks, each alerted one
     with its alert pending and held by this monitor (``monitor.alerts``); the flips with their
     ids."""
+    if not flips:
+        return []
     rows = [_flip_values(f, now) for f in flips]
+    # Each chunk is one multi-row INSERT whatever the store. Asking the driver for the ids in
+    # the order of the rows (``sort_by_parameter_order``) makes SQLite insert one row per
+    # statement (10,000 statements for a herd of jobs turning ``down``); instead each returned
+    # row says which flip it is by its content. Two flips of the same content in one chunk are
+    # interchangeable, so which of their ids each gets does not matter.
+    insert = _FLIPS.insert().returning(_FLIPS.c.id, *(_FLIPS.c[name] for name in _FLIP_KEY))
     ids: list[int] = []
-    insert = _FLIPS.insert().returning(_FLIPS.c.id, sort_by_parameter_order=True)
-    for some in chunks(rows, rows_per_insert(len(rows[0]) if rows else 1)):
-        ids.extend((await session.execute(insert, list(some))).scalars())
+    for some in chunks(rows, rows_per_insert(len(rows[0]))):
+        waiting: dict[tuple[Any, ...], list[int]] = {}
+        for position, row in enumerate(some):
+            waiting.setdefault(_flip_key(row), []).append(position)
+        found: list[int | None] = [None] * len(some)
+        for stored in await session.execute(insert, list(some)):
+            positions = waiting[_flip_key(stored._mapping)]
+            found[positions.pop(0)] = stored.id
+        ids.extend(cast(list[int], found))
     return [replace(item, id=flip_id) for item, flip_id in zip(flips, ids, strict=True)]
+
+
+# The columns that tell the flips of one INSERT apart (with ``at`` compared as an instant).
+_FLIP_KEY = ("job", "at", "from_state", "to_state", "reason", "recovered_from")
+
+
+def _flip_key(row: Mapping[Any, Any]) -> tuple[Any, ...]:
+    return tuple(row[name].timestamp() if name == "at" else row[name] for name in _FLIP_KEY)
 
 
 # How long the monitor that stores a flip holds its pending alert before it must renew its hold;
