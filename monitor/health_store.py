@@ -83,10 +83,25 @@ async def read_specs(session: AsyncSession, names: Collection[str]) -> dict[str,
     """The stored jobs among ``names``; a spec this cronfleet refuses (applied by an older, laxer
     one: ``cronfleet status`` and ``doctor`` name it) is there with ``spec`` None."""
     found: dict[str, StoredSpec] = {}
-    query = select(JobRow.name, JobRow.spec, JobRow.fingerprint)
+    # Every tick of a herd reads each job's spec: its fingerprint (a hash of the spec, written
+    # with it) says whether the spec parsed last time is still the stored one, so only the specs
+    # not seen before travel and are parsed.
+    unseen: list[str] = []
+    fingerprints = select(JobRow.name, JobRow.fingerprint)
     for some in chunks(sorted(names), IN_LIST_CHUNK):
+        for name, fingerprint in await session.execute(fingerprints.where(JobRow.name.in_(some))):
+            known = _specs.get((name, fingerprint))
+            if known is None:
+                unseen.append(name)
+            else:
+                found[name] = known
+    query = select(JobRow.name, JobRow.spec, JobRow.fingerprint)
+    for some in chunks(unseen, IN_LIST_CHUNK):
         for name, spec, fingerprint in await session.execute(query.where(JobRow.name.in_(some))):
-            found[name] = StoredSpec(_readable(spec), fingerprint)
+            found[name] = stored = StoredSpec(_readable(spec), fingerprint)
+            if len(_specs) >= _PARSED_LIMIT:
+                _specs.clear()
+            _specs[(name, fingerprint)] = stored
     return found
 
 
@@ -101,6 +116,8 @@ def policy_of(spec: JobSpec) -> HealthPolicy:
 # that changes its jobs all the time from growing it without end.
 _PARSED_LIMIT = 65536
 _parsed: dict[str, JobSpec | None] = {}
+# The same by (job, fingerprint): what ``read_specs`` found last time for that version of a job.
+_specs: dict[tuple[str, str], StoredSpec] = {}
 
 
 def _readable(spec: str) -> JobSpec | None:
