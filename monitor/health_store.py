@@ -251,10 +251,19 @@ async def store_flips(session: AsyncSession, flips: Sequence[JobFlip], now: date
         waiting: dict[tuple[Any, ...], list[int]] = {}
         for position, row in enumerate(some):
             waiting.setdefault(_flip_key(row), []).append(position)
+        returned = [
+            (stored.id, _flip_key(stored._mapping)) for stored in await session.execute(insert, list(some))
+        ]
         found: list[int | None] = [None] * len(some)
-        for stored in await session.execute(insert, list(some)):
-            positions = waiting[_flip_key(stored._mapping)]
-            found[positions.pop(0)] = stored.id
+        for flip_id, key in returned:
+            positions = waiting.get(key)
+            if positions:
+                found[positions.pop(0)] = flip_id
+        if None in found or len(returned) != len(some):
+            # Never seen; a driver that changed what it returns must not stop the monitor's
+            # writes for good. Both stores number the rows of one INSERT in their order.
+            log.error("the ids of %d stored flips could not be matched by content; taken in order", len(some))
+            found = sorted(flip_id for flip_id, _key in returned)
         ids.extend(cast(list[int], found))
     return [replace(item, id=flip_id) for item, flip_id in zip(flips, ids, strict=True)]
 
