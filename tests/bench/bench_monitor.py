@@ -405,8 +405,9 @@ class Receiver:
         return arrived
 
 
-def channels_file(path: Path, port: int) -> Path:
-    """A channels file routing every alert to the bench receiver's webhook."""
+def channels_file(path: Path, port: int, concurrency: int | None = None) -> Path:
+    """A channels file routing every alert to the bench receiver's webhook (delivering
+    ``concurrency`` alerts at once, if given)."""
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     path.write_text(
         "[channels.bench-hook]\n"
@@ -415,6 +416,7 @@ def channels_file(path: Path, port: int) -> Path:
         f'secret = "{secret}"\n'
         "\n[routes]\n"
         'default = ["bench-hook"]\n'
+        + ("" if concurrency is None else f"\n[delivery]\nconcurrency = {concurrency}\n")
     )
     return path
 
@@ -611,7 +613,9 @@ async def run(args: argparse.Namespace) -> int:
                     if args.channel == "webhook":
                         receiver = Receiver()
                         receiver.start()
-                        channels = channels_file(Path(tmp) / f"channels-{place.label}.toml", receiver.port)
+                        channels = channels_file(
+                            Path(tmp) / f"channels-{place.label}.toml", receiver.port, args.alert_concurrency
+                        )
                     settings = Settings(
                         amqp_url=args.amqp_url,
                         database_url=place.url,
@@ -696,6 +700,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="webhook",
         choices=["webhook", "log"],
         help="where the deadline run's alerts go: a local webhook receiver (timed), or the log",
+    )
+    parser.add_argument(
+        "--alert-concurrency", type=int, help="the webhook's [delivery] concurrency (default: the monitor's)"
     )
     parser.add_argument("--stall", type=float, default=60.0, help="give up when nothing moves this long")
     parser.add_argument(
