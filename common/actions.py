@@ -8,6 +8,8 @@ name, arguments within the kernel's limits, header names and values HTTP allows.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Any, Literal
 
@@ -38,9 +40,12 @@ from common.bounds import (
     CleanText,
     ExitCode,
     HttpStatus,
+    size_within,
     utf8_size,
 )
 
+# A POSIX account name, optionally with a group: what ``run_as`` takes.
+RUN_AS_PATTERN = r"^[a-z_][a-z0-9_.-]{0,31}(?::[a-z_][a-z0-9_.-]{0,31})?$"
 HTTP_METHODS = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # The client sets these from the body itself; a job's own value would make the request invalid.
 RESERVED_HEADERS = frozenset({"content-length", "transfer-encoding"})
@@ -50,16 +55,6 @@ _HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
 
 def _type_required(schema: dict[str, Any]) -> None:
     schema["required"] = sorted({"type", *schema.get("required", [])})
-
-
-def _within(limit: int, what: str) -> AfterValidator:
-    def check(text: str) -> str:
-        size = utf8_size(text)
-        if size > limit:
-            raise ValueError(f"{what} is {size} bytes; at most {limit} bytes")
-        return text
-
-    return AfterValidator(check)
 
 
 def _env_name(name: str) -> str:
@@ -89,20 +84,20 @@ def _header_value(value: str) -> str:
 
 
 Argument = Annotated[
-    CleanText, Field(min_length=1), _within(MAX_ARGUMENT_BYTES, "an argument (the kernel's limit)")
+    CleanText, Field(min_length=1), size_within(MAX_ARGUMENT_BYTES, "an argument (the kernel's limit)")
 ]
-Directory = Annotated[CleanText, Field(min_length=1), _within(MAX_PATH_BYTES, "a path")]
+Directory = Annotated[CleanText, Field(min_length=1), size_within(MAX_PATH_BYTES, "a path")]
 EnvName = Annotated[
     str, AfterValidator(_env_name), WithJsonSchema({"type": "string", "pattern": ENV_NAME_PATTERN})
 ]
-EnvValue = Annotated[CleanText, _within(MAX_ARGUMENT_BYTES, "a value")]
+EnvValue = Annotated[CleanText, size_within(MAX_ARGUMENT_BYTES, "a value")]
 HeaderName = Annotated[
     str,
     AfterValidator(_header_name),
     WithJsonSchema({"type": "string", "pattern": HTTP_HEADER_NAME_PATTERN}),
 ]
 HeaderValue = Annotated[str, AfterValidator(_header_value)]
-Body = Annotated[CleanText, _within(MAX_ACTION_JSON_BYTES, "a body")]
+Body = Annotated[CleanText, size_within(MAX_ACTION_JSON_BYTES, "a body")]
 
 
 class _Action(BaseModel):
@@ -129,6 +124,8 @@ class ShellAction(_Action):
     success_exit_codes: list[ExitCode] = Field(
         default_factory=lambda: [0], min_length=1, max_length=MAX_CODES
     )
+    # Run the program as this account (``user`` or ``user:group``): the worker must be root.
+    run_as: Annotated[str, Field(pattern=RUN_AS_PATTERN)] | None = None
 
     @field_validator("env")
     @classmethod
@@ -149,8 +146,31 @@ class ShellAction(_Action):
         return self
 
 
+# A Standard Webhooks secret: ``whsec_`` and the key in base64 (at least 24 bytes of key).
+WEBHOOK_SECRET_PATTERN = r"^whsec_[A-Za-z0-9+/]{32,}={0,2}$"
+# ``module.path:function``: what ``cronfleet worker --import`` registers (``worker.functions``).
+PYTHON_FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _webhook_secret(secret: str) -> str:
+    if not re.fullmatch(WEBHOOK_SECRET_PATTERN, secret):
+        raise ValueError(
+            "a webhook secret is 'whsec_' followed by at least 24 random bytes in base64 "
+            '(make one with: python -c "import secrets, base64; '
+            "print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\")"
+        )
+    try:
+        base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"the webhook secret is not valid base64 ({exc})") from exc
+    return secret
+
+
 class HttpAction(_Action):
-    """Send one HTTP request; the run succeeds when the response status is expected."""
+    """Send one HTTP request; the run succeeds when the response status is expected.
+
+    With ``webhook_secret`` every request is signed as Standard Webhooks define it
+    (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``; ``docs/actions.md``)."""
 
     type: Literal["http"] = "http"
     url: Annotated[HttpUrl, UrlConstraints(max_length=MAX_URL_LENGTH)]
@@ -160,6 +180,14 @@ class HttpAction(_Action):
     expect_status: list[HttpStatus] = Field(
         default_factory=lambda: [200, 201, 202, 204], min_length=1, max_length=MAX_CODES
     )
+    webhook_secret: (
+        Annotated[
+            str,
+            AfterValidator(_webhook_secret),
+            WithJsonSchema({"type": "string", "pattern": WEBHOOK_SECRET_PATTERN}),
+        ]
+        | None
+    ) = None
 
     @field_validator("headers")
     @classmethod
@@ -170,4 +198,14 @@ class HttpAction(_Action):
         return headers
 
 
-Action = Annotated[ShellAction | HttpAction, Field(discriminator="type")]
+class PythonAction(_Action):
+    """Call a Python function a worker registered (``module:function``; ``worker.functions``),
+    sync in a thread or async, with the run's context; its return value is the run's result."""
+
+    type: Literal["python"] = "python"
+    function: Annotated[str, Field(pattern=PYTHON_FUNCTION_PATTERN, max_length=MAX_PATH_BYTES)]
+
+
+Action = Annotated[ShellAction | HttpAction | PythonAction, Field(discriminator="type")]
+# Any one action, as executors take it.
+AnyAction = ShellAction | HttpAction | PythonAction

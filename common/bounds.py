@@ -7,10 +7,12 @@ argument the kernel refuses).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, AwareDatetime, Field
+import orjson
+from pydantic import AfterValidator, AwareDatetime, Field, JsonValue
 
 # Instants: far enough on both sides for any real schedule, well inside what datetime, every
 # driver and every timer can hold after adding the longest duration below.
@@ -108,3 +110,39 @@ def _encodable(text: str) -> str:
 PlainText = Annotated[
     str, Field(max_length=MAX_TEXT_LENGTH), AfterValidator(_no_nul), AfterValidator(_encodable)
 ]
+
+
+# A job's free-form ``context`` table (carried in each trigger) and a python action's return value
+# (carried in ``run.finished`` and stored on the run): JSON objects and values of bounded size.
+MAX_CONTEXT_BYTES = 16 * 1024
+MAX_RESULT_BYTES = 16 * 1024
+
+
+def json_size(value: object) -> int:
+    """How many bytes ``value`` takes as compact JSON. Raises ValueError when it is not JSON
+    (a NaN, a lone surrogate, an integer beyond 64 bits, a type JSON has no word for)."""
+    try:
+        return len(orjson.dumps(value))
+    except (orjson.JSONEncodeError, TypeError) as exc:
+        raise ValueError(f"must be JSON ({exc})") from exc
+
+
+def size_within(
+    limit: int, what: str, size: Callable[[Any], int] = utf8_size, measured: str = ""
+) -> AfterValidator:
+    """A validator refusing a value whose ``size`` (by default: UTF-8 bytes of a text) is over
+    ``limit``, saying ``<what> is N bytes<measured>; at most LIMIT bytes``."""
+
+    def check(value: Any) -> Any:
+        found = size(value)
+        if found > limit:
+            raise ValueError(f"{what} is {found} bytes{measured}; at most {limit} bytes")
+        return value
+
+    return AfterValidator(check)
+
+
+JobContext = Annotated[
+    dict[str, JsonValue], size_within(MAX_CONTEXT_BYTES, "the context", json_size, " as JSON")
+]
+RunResult = Annotated[JsonValue, size_within(MAX_RESULT_BYTES, "the result", json_size, " as JSON")]

@@ -55,6 +55,7 @@ class RejectionReason(enum.StrEnum):
     WRONG_ROUTING_KEY = "wrong_routing_key"
     EXPIRED = "expired"
     ID_CONFLICT = "id_conflict"
+    NOT_ALLOWED = "not_allowed"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -40,6 +40,7 @@ from common.bounds import (
     MAX_JOBS_FILE_BYTES,
     ExpirySeconds,
     GraceSeconds,
+    JobContext,
     PlainText,
     TimeoutSeconds,
 )
@@ -68,6 +69,9 @@ class JobSpec(BaseModel):
     description: PlainText = ""
     # How many failed runs in a row make the job ``failing`` (and alert); 1: the first failure.
     failure_threshold: Annotated[int, Field(ge=1, le=MAX_FAILURE_THRESHOLD)] = 1
+    # Free-form values handed to every run (a python function's context, a shell job's
+    # CRONFLEET_CONTEXT), as cron-manager passes its ``context`` JSON.
+    context: JobContext | None = None
 
     @field_validator("schedule")
     @classmethod
@@ -94,6 +98,7 @@ class JobSpec(BaseModel):
             timeout_seconds=self.timeout_seconds,
             action=self.action,
             manual=manual,
+            context=self.context,
         )
 
     def zone(self) -> ZoneInfo:
@@ -116,7 +121,7 @@ class JobSpec(BaseModel):
 
 
 # Fields left out of ``canonical_json`` (and so of the fingerprint) at their default.
-_UNLESS_SET = frozenset({"failure_threshold"})
+_UNLESS_SET = frozenset({"failure_threshold", "context"})
 
 
 def load_jobs_file(path: Path) -> list[JobSpec]:

@@ -24,6 +24,8 @@ from common.bounds import (
     Instant,
     Int32,
     Int64,
+    JobContext,
+    RunResult,
 )
 
 JOB_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -123,6 +125,8 @@ class Trigger(WireMessage):
     timeout_seconds: TimeoutSeconds
     action: Action
     manual: bool = False
+    # The job's free-form ``context`` table, handed to what the run executes (absent: none).
+    context: JobContext | None = None
 
 
 class RunEvent(WireMessage):
@@ -156,6 +160,11 @@ class RunFinished(RunEvent):
     http_status: ResponseStatus | None = None
     output_tail: BoundedText | None = None
     error: BoundedText | None = None
+    # What a ``python`` action returned (JSON, bounded).
+    result: RunResult | None = None
+    # The id the endpoint of an ``http`` action gave its own handling of the request
+    # (``requestId`` in its JSON answer), linking its logs to the run.
+    endpoint_request_id: Identifier | None = None
 
     @field_validator("status")
     @classmethod

@@ -13,14 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal, Protocol
+from functools import cache
+from typing import Any, Literal, Protocol, cast
 
-from sqlalchemy import case, select
+from sqlalchemy import Table, case, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.messages import RunStatus
 from common.store import RunMetricRow, Store, dialect_insert
-from common.store.chunks import chunks, rows_per_insert
+from common.store.chunks import IN_LIST_CHUNK, chunks
 
 
 class FinishedRun(Protocol):
@@ -94,27 +95,34 @@ async def add_finished(session: AsyncSession, runs: Iterable[FinishedRun]) -> No
         for (job, resolution, bucket), s in sorted(sums.items())
     ]
     bind = session.bind
-    dialect = "sqlite" if bind is None else bind.dialect.name
-    table = RunMetricRow.__table__
-    for some in chunks(rows, rows_per_insert(len(rows[0]))):
-        insert = dialect_insert(dialect, RunMetricRow).values(list(some))
-        new = insert.excluded
-        statement = insert.on_conflict_do_update(
-            index_elements=["job", "resolution", "bucket"],
-            set_={
-                "runs": table.c.runs + new.runs,
-                "failures": table.c.failures + new.failures,
-                "duration_count": table.c.duration_count + new.duration_count,
-                "duration_sum": table.c.duration_sum + new.duration_sum,
-                "duration_max": case(
-                    (new.duration_max.is_(None), table.c.duration_max),
-                    (table.c.duration_max.is_(None), new.duration_max),
-                    (new.duration_max > table.c.duration_max, new.duration_max),
-                    else_=table.c.duration_max,
-                ),
-            },
-        )
-        await session.execute(statement)
+    statement = _upsert("sqlite" if bind is None else bind.dialect.name)
+    for some in chunks(rows, IN_LIST_CHUNK):
+        # An executemany of one statement, compiled once per dialect (a multi-row VALUES would
+        # be compiled anew for every number of rows).
+        await session.execute(statement, list(some))
+
+
+@cache
+def _upsert(dialect: str) -> Any:
+    """The upsert that adds one row of sums to its bucket, in ``dialect``."""
+    table = cast(Table, RunMetricRow.__table__)
+    insert = dialect_insert(dialect, table)
+    new = insert.excluded
+    return insert.on_conflict_do_update(
+        index_elements=["job", "resolution", "bucket"],
+        set_={
+            "runs": table.c.runs + new.runs,
+            "failures": table.c.failures + new.failures,
+            "duration_count": table.c.duration_count + new.duration_count,
+            "duration_sum": table.c.duration_sum + new.duration_sum,
+            "duration_max": case(
+                (new.duration_max.is_(None), table.c.duration_max),
+                (table.c.duration_max.is_(None), new.duration_max),
+                (new.duration_max > table.c.duration_max, new.duration_max),
+                else_=table.c.duration_max,
+            ),
+        },
+    )
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ class ServiceOptions:
     # A monitor serves its HTTP interface (pings, API, dashboard, metrics) here when set:
     # (host, port); port 0 picks a free one.
     http: tuple[str, int] | None = None
+    # A worker imports these modules first: the Python functions they register with
+    # ``worker.functions.job_function`` are what its ``python`` actions may call.
+    imports: tuple[str, ...] = ()
     ready: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
 
     def instance(self, role: str) -> str:

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     retention_check_seconds: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     # The monitor's alert channels and routes (docs/alerts.md); none: every alert goes to the log.
     channels_file: Path | None = None
+    # The programs a worker's shell actions may run (worker/allow.py); unset: none.
+    allow_commands: str | None = None
 
     @field_validator("retention")
     @classmethod

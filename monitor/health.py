@@ -559,6 +559,8 @@ def _span(delta: timedelta) -> str:
 
 def _label(name: str) -> str:
     """An id as it may appear in a one-line reason: anything unprintable escaped."""
+    if name.isprintable():
+        return name
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
 
 

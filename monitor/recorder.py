@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeGuard, cast
 
+import orjson
 from sqlalchemy import Table, and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -95,6 +96,8 @@ class _Run:
     http_status: int | None = None
     output_tail: str | None = None
     error: str | None = None
+    result: str | None = None
+    endpoint_request_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -437,6 +440,8 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     run.http_status = event.http_status
     run.output_tail = event.output_tail
     run.error = event.error
+    run.result = None if event.result is None else orjson.dumps(event.result).decode()
+    run.endpoint_request_id = event.endpoint_request_id
     batch.finished.append(run)
     if event.status not in _NOT_HEALTH_STATUSES:
         # A repeat that was not run is history, not the job's latest run.

@@ -21,9 +21,16 @@ from collections.abc import Callable
 from datetime import datetime
 
 import httpx
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
-from common.bus import CONNECT_ERRORS, Publisher, connect, consume_forever, settle
+from common.bus import (
+    CONNECT_ERRORS,
+    Delivery,
+    Publisher,
+    ack_deliveries,
+    connect,
+    consume_deliveries,
+)
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
@@ -57,7 +64,8 @@ class EventRecorder:
 
     No event can stop it: whatever fails while verifying, parsing or recording one event ends
     with that event dead-lettered with its reason; only a store outage holds events (unacked)
-    until the store is back.
+    until the store is back. Batches are written and settled one after the other, in the order
+    they were delivered, so one multiple ack settles a whole batch (``ack_deliveries``).
     """
 
     def __init__(
@@ -78,7 +86,9 @@ class EventRecorder:
         self.on_health = on_health
         # Sees every verified event (the fleet watch keeps the heartbeats of schedulers and workers).
         self.on_event = on_event
-        self.inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        # Each delivery is verified and parsed as it arrives, while the batch before it is being
+        # written (the store works in its own thread or server meanwhile).
+        self.inbox: asyncio.Queue[tuple[Delivery, Accepted[Event] | Rejected]] = asyncio.Queue()
         self.recorded = 0
         self.rejected = 0
         self._writing = False
@@ -87,6 +97,10 @@ class EventRecorder:
     def idle(self) -> bool:
         """Nothing delivered is waiting or being written."""
         return self.inbox.empty() and not self._writing
+
+    def receive(self, delivery: Delivery) -> None:
+        """Take a delivery from the broker: open it now, write it with the next batch."""
+        self.inbox.put_nowait((delivery, self._open(delivery, self.clock())))
 
     async def write_forever(self) -> None:
         """Take whatever has arrived, verify it, record it, ack it; forever."""
@@ -97,65 +111,66 @@ class EventRecorder:
             while len(batch) < BATCH_LIMIT and not self.inbox.empty():
                 batch.append(self.inbox.get_nowait())
             try:
-                await self.write_batch(batch)
+                await self._write(batch, self.clock())
             except Exception:
-                # write_batch settles every event itself; this is the backstop for a bug in it.
+                # _write settles every event itself; this is the backstop for a bug in it.
                 # What it left unsettled goes back, and the queue's delivery limit ends a loop.
                 log.exception("unexpected error writing a batch of %d event(s); handed back", len(batch))
-                for message in batch:
-                    if not message.processed:
-                        await settle(message, ack=False, requeue=True)
+                await ack_deliveries((delivery for delivery, _opened in batch), requeue_instead=True)
             finally:
                 self._writing = False
 
-    async def write_batch(self, batch: list[AbstractIncomingMessage]) -> None:
+    async def write_batch(self, batch: list[Delivery]) -> None:
         """Record a batch and ack it; dead-letter what fails verification or cannot be recorded.
 
         While the store is unavailable the batch is held (not acked, not requeued) and written
         again with backoff, so nothing is acked before it is stored and nothing churns. Any other
-        failure to record the batch is narrowed down by recording its events one by one.
+        failure to record the batch is narrowed down by recording its events one by one. Every
+        delivery of the batch is settled when it returns.
         """
         now = self.clock()
-        accepted: list[tuple[AbstractIncomingMessage, Event]] = []
-        for message in batch:
-            opened = self._open(message, now)
+        await self._write([(delivery, self._open(delivery, now)) for delivery in batch], now)
+
+    async def _write(self, batch: list[tuple[Delivery, Accepted[Event] | Rejected]], now: datetime) -> None:
+        accepted: list[tuple[Delivery, Event]] = []
+        for delivery, opened in batch:
             if isinstance(opened, Accepted):
-                accepted.append((message, opened.message))
+                accepted.append((delivery, opened.message))
                 if self.on_event is not None:
                     self.on_event(opened.message)
             else:
-                await self._refuse(message, opened)
-        if not accepted:
-            return
-        try:
-            outcome = await self._record_held(accepted, now)
-        except Exception as exc:
-            # Not an outage: some event cannot be recorded. Write them one by one so that one
-            # bad event goes to the dead-letter queue instead of blocking every other.
-            log.warning("a batch of %d event(s) failed (%s); recording one by one", len(accepted), exc)
-            for message, event in accepted:
-                await self._record_alone(message, event, now)
-            return
-        await self._settle(accepted, outcome)
+                await self._refuse(delivery, opened)
+        if accepted:
+            try:
+                outcome = await self._record_held(accepted, now)
+            except Exception as exc:
+                # Not an outage: some event cannot be recorded. Write them one by one so that one
+                # bad event goes to the dead-letter queue instead of blocking every other.
+                log.warning("a batch of %d event(s) failed (%s); recording one by one", len(accepted), exc)
+                for delivery, event in accepted:
+                    await self._record_alone(delivery, event, now)
+            else:
+                for position, conflict in outcome.conflicts.items():
+                    await self._refuse(accepted[position][0], Rejected(RejectionReason.ID_CONFLICT, conflict))
+        # What was refused is already settled; the rest was recorded (or repeated): one ack.
+        await ack_deliveries(delivery for delivery, _opened in batch)
 
-    def _open(self, message: AbstractIncomingMessage, now: datetime) -> Accepted[Event] | Rejected:
+    def _open(self, delivery: Delivery, now: datetime) -> Accepted[Event] | Rejected:
         try:
             return open_envelope(
-                message.body,
-                message.headers or {},
+                delivery.body,
+                delivery.headers,
                 self.keyring,
                 EVENT_ADAPTER,
                 now,
                 namespace=self.publisher.namespace,
-                routing_key=message.routing_key or "",
+                routing_key=delivery.routing_key,
             )
         except Exception as exc:
-            log.exception("unexpected error opening event %s", message.routing_key)
+            log.exception("unexpected error opening event %s", delivery.routing_key)
             return internal_error(exc)
 
-    async def _record_held(
-        self, accepted: list[tuple[AbstractIncomingMessage, Event]], now: datetime
-    ) -> BatchOutcome:
+    async def _record_held(self, accepted: list[tuple[Delivery, Event]], now: datetime) -> BatchOutcome:
         """Record ``accepted`` in one transaction, waiting out store outages with backoff."""
         delay = 0.5
         while True:
@@ -172,47 +187,36 @@ class EventRecorder:
                 self.on_health(outcome.health)
             return outcome
 
-    async def _record(
-        self, accepted: list[tuple[AbstractIncomingMessage, Event]], now: datetime
-    ) -> BatchOutcome:
+    async def _record(self, accepted: list[tuple[Delivery, Event]], now: datetime) -> BatchOutcome:
         async with self.store.session() as session, session.begin():
-            return await record_batch(session, [event for _message, event in accepted], now)
+            return await record_batch(session, [event for _delivery, event in accepted], now)
 
-    async def _record_alone(self, message: AbstractIncomingMessage, event: Event, now: datetime) -> None:
+    async def _record_alone(self, delivery: Delivery, event: Event, now: datetime) -> None:
+        """Record one event; dead-letter it when it cannot be recorded or conflicts."""
         try:
-            outcome = await self._record_held([(message, event)], now)
+            outcome = await self._record_held([(delivery, event)], now)
         except Exception as exc:
-            log.exception("cannot record event %s; dead-lettered", message.routing_key)
-            await self._refuse(message, internal_error(exc))
+            log.exception("cannot record event %s; dead-lettered", delivery.routing_key)
+            await self._refuse(delivery, internal_error(exc))
             return
-        await self._settle([(message, event)], outcome)
+        if outcome.conflicts:
+            await self._refuse(delivery, Rejected(RejectionReason.ID_CONFLICT, outcome.conflicts[0]))
 
-    async def _settle(
-        self, recorded: list[tuple[AbstractIncomingMessage, Event]], outcome: BatchOutcome
-    ) -> None:
-        """Ack what was recorded (or repeated); dead-letter what conflicted."""
-        for position, (message, _event) in enumerate(recorded):
-            conflict = outcome.conflicts.get(position)
-            if conflict is None:
-                await settle(message)
-            else:
-                await self._refuse(message, Rejected(RejectionReason.ID_CONFLICT, conflict))
-
-    async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
+    async def _refuse(self, delivery: Delivery, rejected: Rejected) -> None:
+        """Refuse ``delivery``: copied to the dead-letter queue with why (the batch's ack then
+        settles it); requeued at once when the copy cannot be made for want of a broker."""
         self.rejected += 1
-        log.warning("refused event %s: %s (%s)", message.routing_key, rejected.reason.value, rejected.detail)
+        log.warning("refused event %s: %s (%s)", delivery.routing_key, rejected.reason.value, rejected.detail)
         try:
-            await self.publisher.dead_letter(message, rejected, self.name)
+            await self.publisher.dead_letter(delivery.incoming(), rejected, self.name)
         except BrokerUnavailable as exc:
             log.warning("could not dead-letter a refused event (%s); requeued", exc)
-            await settle(message, ack=False, requeue=True)
-            return
+            await delivery.settle_alone(ack=False, requeue=True)
         except Exception:
             # Even the copy failed: let the broker dead-letter it (without our reason headers).
-            log.exception("could not dead-letter event %s; the broker dead-letters it", message.routing_key)
-            await settle(message, ack=False)
-            return
-        await settle(message)
+            log.exception("could not dead-letter event %s; the broker dead-letters it", delivery.routing_key)
+            await delivery.settle_alone(ack=False)
+        # Otherwise the copy is on the dead-letter queue: the batch's ack settles the original.
 
 
 async def serve(settings: Settings, options: ServiceOptions) -> None:
@@ -274,8 +278,8 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 retention = settings.retention_age()
                 if retention is not None:
                     tasks.create_task(purge_forever(store, retention, settings.retention_check_seconds))
-                await consume_forever(
-                    connection, topology.declare_monitor, PREFETCH, recorder.inbox.put_nowait, options.ready
+                await consume_deliveries(
+                    connection, topology.declare_monitor, PREFETCH, recorder.receive, options.ready
                 )
         finally:
             try:

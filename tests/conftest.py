@@ -103,6 +103,7 @@ async def settings(
         jobs_reload_seconds=0.3,
         drain_seconds=5,
         claim_lease_seconds=3,
+        allow_commands="*",
     )
     # Every process of the fleet refuses a store that is not at the newest schema.
     if schema is None:

@@ -101,6 +101,8 @@ def cronfleet(
     }
     if settings.database_schema:
         variables["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
+    if settings.allow_commands is not None:
+        variables["CRONFLEET_ALLOW_COMMANDS"] = settings.allow_commands
     argv = ["cronfleet", *args]
     stdout, stderr = io.StringIO(), io.StringIO()
     ended: list[int] = []
@@ -171,9 +173,12 @@ def _logging_as_in_a_new_process() -> Iterator[None]:
             logger.setLevel(saved)
 
 
-def worker_process(settings: Settings) -> subprocess.Popen[bytes]:
-    """``cronfleet worker --concurrency 1`` as a process of its own on the fleet's settings (a
-    test may kill it); its output is dropped."""
+def worker_process(
+    settings: Settings, *args: str, cwd: Path | None = None, user: str | None = None
+) -> subprocess.Popen[bytes]:
+    """``cronfleet worker --concurrency 1 ARGS`` as a process of its own on the fleet's settings
+    (a test may kill it), in ``cwd``, as ``user`` when given (the test must be root); its output
+    is dropped."""
     environment = {
         **os.environ,
         "CRONFLEET_AMQP_URL": settings.amqp_url,
@@ -183,12 +188,15 @@ def worker_process(settings: Settings) -> subprocess.Popen[bytes]:
         "CRONFLEET_CLAIM_LEASE_SECONDS": str(settings.claim_lease_seconds),
         # The monitor judges a worker gone by its own heartbeat interval: they must agree.
         "CRONFLEET_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+        "CRONFLEET_ALLOW_COMMANDS": settings.allow_commands or "",
     }
     if settings.database_schema:
         environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
     return subprocess.Popen(
-        [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", "1"],
+        [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", "1", *args],
         env=environment,
+        cwd=cwd,
+        user=user,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

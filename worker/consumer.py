@@ -36,9 +36,15 @@ from common.messages import (
 from common.retry import until_done
 from common.signing import Keyring, Role
 from common.trigger_claims import Claim, ClaimOutcome, TriggerClaims
-from worker.actions import ActionResult, Executor
+from worker.actions import ActionResult, Executor, RunContext
 
 log = logging.getLogger("cronfleet.worker")
+
+# Refused triggers that are also reported as a run, so that the job's history shows them.
+_REPORTED_REFUSALS = {
+    RejectionReason.EXPIRED: RunStatus.EXPIRED,
+    RejectionReason.NOT_ALLOWED: RunStatus.FAILED,
+}
 
 REQUEUE_PAUSE_SECONDS = 1.0
 # How often a worker asks again about a trigger another run holds.
@@ -134,6 +140,10 @@ class TriggerHandler:
             await self._refuse(message, opened)
             return
         trigger = opened.message
+        refusal = self._refusal(trigger)
+        if refusal is not None:
+            await self._refuse(message, Rejected(RejectionReason.NOT_ALLOWED, one_line(refusal)))
+            return
         run_id = uuid.uuid4().hex
         claim = await self._claim(trigger, hashlib.sha256(message.body).hexdigest(), run_id)
         match claim.outcome:
@@ -224,11 +234,19 @@ class TriggerHandler:
         await self.publisher.event(self._finished(repeat, ActionResult(RunStatus.DUPLICATE, error=why)))
         await settle(message)
 
+    def _refusal(self, trigger: Trigger) -> str | None:
+        """Why this worker will not run ``trigger``'s action at all (``not_allowed``), or None."""
+        executor = self.executors.get(trigger.action.type)
+        if executor is None:
+            return f"this worker runs no {trigger.action.type!r} actions"
+        refusal = getattr(executor, "refusal", None)
+        return None if refusal is None else refusal(trigger.action)
+
     async def _execute(self, trigger: Trigger, run_id: str) -> ActionResult:
         """The action's result; an executor that raises (a bug) makes a failed run, not a crash."""
         try:
             executor = self.executors[trigger.action.type]
-            return await executor.run(trigger.action, trigger.timeout_seconds, run_id=run_id)
+            return await executor.run(trigger.action, trigger.timeout_seconds, RunContext.of(trigger, run_id))
         except Exception as exc:
             log.exception("the %s executor raised on %s", trigger.action.type, trigger.id)
             return ActionResult(RunStatus.FAILED, error=f"internal_error: {type(exc).__name__}: {exc}")
@@ -237,13 +255,17 @@ class TriggerHandler:
         """Dead-letter a refused trigger with its reason; an expired one is also reported as a run."""
         log.warning("refused trigger %s: %s (%s)", message.message_id, rejected.reason.value, rejected.detail)
         await self.publisher.dead_letter(message, rejected, self.worker)
-        if rejected.reason is RejectionReason.EXPIRED:
-            # The signature was valid, so the body is ours: report the run as expired, under one
-            # id per trigger so that a redelivered expired trigger is recorded once.
+        outcome = _REPORTED_REFUSALS.get(rejected.reason)
+        if outcome is not None:
+            # The signature was valid, so the body is ours: report the run (expired, or failed as
+            # not allowed here), under one id per trigger and reason so that a redelivered
+            # trigger is recorded once.
             trigger = TRIGGER_ADAPTER.validate_json(message.body, strict=True)
-            started = self._start(trigger, f"{trigger.id}#expired", bool(message.redelivered))
+            started = self._start(trigger, f"{trigger.id}#{rejected.reason.value}", bool(message.redelivered))
             await self.publisher.event(
-                self._finished(started, ActionResult(RunStatus.EXPIRED, error=rejected.detail))
+                self._finished(
+                    started, ActionResult(outcome, error=f"{rejected.reason.value}: {rejected.detail}")
+                )
             )
         await settle(message)
 
@@ -307,6 +329,8 @@ class TriggerHandler:
                 http_status=result.http_status,
                 output_tail=_wire_text(result.output_tail, keep_end=True),
                 error=_wire_text(result.error),
+                result=result.result,
+                endpoint_request_id=result.endpoint_request_id,
             )
             event.to_bytes()
         except (ValidationError, TypeError, ValueError) as exc:

@@ -24,7 +24,10 @@ from common.store import Store
 from common.topology import Topology
 from common.trigger_claims import TriggerClaims
 from worker.actions import executors
+from worker.allow import CommandAllowList
 from worker.consumer import TriggerHandler
+from worker.functions import import_modules, registered_names
+from worker.hardening import protect_secrets
 
 log = logging.getLogger("cronfleet.worker")
 T = TypeVar("T")
@@ -36,6 +39,11 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
         raise ConfigError("--concurrency must be at least 1")
     keyring = settings.keyring()
     name = options.instance("worker")
+    commands = CommandAllowList.parse(settings.allow_commands)
+    protect_secrets()
+    import_modules(options.imports)
+    if options.imports:
+        log.info("python functions this worker may run: %s", ", ".join(registered_names()) or "none")
     topology = Topology(settings.namespace)
     # The store holds the trigger claims that keep the fleet from running a trigger twice.
     store = await until_done(
@@ -56,8 +64,16 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 lambda: Publisher.open(connection, topology, keyring, declare=False)
             )
             await _until_ready(lambda: _find_pool(connection, topology, options.pool))
-            handler = TriggerHandler(publisher, keyring, executors(client), claims, pool=options.pool)
-            log.info("worker %s consuming pool %s (concurrency %d)", name, options.pool, options.concurrency)
+            handler = TriggerHandler(
+                publisher, keyring, executors(client, commands), claims, pool=options.pool
+            )
+            log.info(
+                "worker %s consuming pool %s (concurrency %d); shell commands allowed: %s",
+                name,
+                options.pool,
+                options.concurrency,
+                ", ".join(commands.patterns) or "none (CRONFLEET_ALLOW_COMMANDS is not set)",
+            )
             runs = RunningJobs()
             try:
                 async with asyncio.TaskGroup() as tasks:

@@ -27,7 +27,7 @@ async def run_services(settings: Settings, services: list[tuple[str, ServiceOpti
 
 
 def _worker(args: argparse.Namespace) -> ServiceOptions:
-    return ServiceOptions(pool=args.pool, concurrency=args.concurrency)
+    return ServiceOptions(pool=args.pool, concurrency=args.concurrency, imports=tuple(args.imports or ()))
 
 
 def _monitor(args: argparse.Namespace) -> ServiceOptions:
@@ -72,7 +72,7 @@ async def run_scheduler(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run_worker(settings: Settings, args: argparse.Namespace) -> int:
-    """``cronfleet worker [--pool P] [--concurrency N]``."""
+    """``cronfleet worker [--pool P] [--concurrency N] [--import MODULE]...``."""
     return await run_services(settings, [("worker", _worker(args))])
 
 

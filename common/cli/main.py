@@ -164,6 +164,14 @@ def _http_option(parser: argparse.ArgumentParser) -> None:
 def _worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", default="default", help="the pool to consume (default: default)")
     parser.add_argument("--concurrency", type=int, default=4, help="runs at once (default: 4)")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import MODULE first: the functions it registers (worker.functions.job_function) "
+        "are what python actions may call (repeatable; the current directory is importable)",
+    )
 
 
 def _json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -123,6 +123,9 @@ class RunRow(Base):
     http_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     output_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A python action's return value, as JSON text; an http endpoint's own id for the request.
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    endpoint_request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 Index("ix_runs_job_started", RunRow.job, RunRow.started_at)

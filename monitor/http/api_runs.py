@@ -17,8 +17,9 @@ import binascii
 from datetime import datetime
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Depends, Path, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, JsonValue
 from sqlalchemy import and_, or_, select
 
 from common.api_keys import ApiKey
@@ -55,6 +56,9 @@ class RunOut(BaseModel):
     http_status: int | None
     output_tail: str | None
     error: str | None
+    # What a python action returned (JSON); the id an http action's endpoint gave the request.
+    result: JsonValue | None
+    endpoint_request_id: str | None
 
 
 class RunPage(BaseModel):
@@ -84,6 +88,8 @@ def run_out(row: RunRow) -> RunOut:
         http_status=row.http_status,
         output_tail=row.output_tail,
         error=row.error,
+        result=None if row.result is None else orjson.loads(row.result),
+        endpoint_request_id=row.endpoint_request_id,
     )
 
 

@@ -30,6 +30,7 @@ async def chaos_settings(private_broker: PrivateBroker, tmp_path: Path) -> Setti
         namespace=f"chaos-{uuid.uuid4().hex[:8]}",
         heartbeat_seconds=0.5,
         jobs_reload_seconds=0.3,
+        allow_commands="*",
     )
 
 

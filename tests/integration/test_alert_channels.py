@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from subprocess import PIPE
 from typing import Any
@@ -50,6 +50,7 @@ from monitor.channels import (
 )
 from monitor.channels.base import Channel
 from tests.fleet import eventually
+from tests.http_server import serving
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "alerts.md"
 SECRET = "whsec_" + base64.b64encode(b"a channel secret of 32 bytes....").decode()
@@ -133,18 +134,12 @@ def receiver() -> Iterator[Receiver]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    state.base = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        state.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with serving(Handler) as base:
+        state.base = base
+        try:
+            yield state
+        finally:
+            state.release.set()
 
 
 @pytest.fixture

@@ -92,7 +92,11 @@ async def vhost(tmp_path: Path) -> AsyncIterator[PrivateVhost]:
     private = PrivateVhost(
         name,
         Settings(
-            amqp_url=url, database_url=database_url, keys=TEST_KEYS, namespace=f"perm-{uuid.uuid4().hex[:8]}"
+            amqp_url=url,
+            database_url=database_url,
+            keys=TEST_KEYS,
+            namespace=f"perm-{uuid.uuid4().hex[:8]}",
+            allow_commands="*",
         ),
     )
     try:

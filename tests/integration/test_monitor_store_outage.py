@@ -8,7 +8,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from common.bus import Publisher
+from common.bus import Delivery, Publisher
 from common.clock import utcnow
 from common.messages import HeartbeatKind, JobHeartbeat
 from common.settings import Settings
@@ -35,7 +35,13 @@ async def test_events_are_held_while_the_store_is_down_and_recorded_when_it_is_b
     await queue.bind(events, routing_key)
     headers = keyring.sign(Role.PING, settings.namespace, routing_key, body, job=beat.job)
     await events.publish(aio_pika.Message(body, headers=headers), routing_key)
-    message = await eventually(lambda: queue.get(no_ack=False, fail=False))
+    raw = await channel.get_underlay_channel()
+
+    async def get() -> Delivery | None:
+        delivered = await raw.basic_get(queue.name, no_ack=False)
+        return Delivery(delivered) if delivered.delivery_tag is not None else None
+
+    message = await eventually(get)
 
     publisher = await Publisher.open(amqp, Topology(settings.namespace), keyring)
     unreachable = Store(create_async_engine("postgresql+asyncpg://cronfleet@127.0.0.1:1/none"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueu
 
 import monitor.service
 import worker.service
-from common.actions import HttpAction, ShellAction
+from common.actions import AnyAction, HttpAction, ShellAction
 from common.bounds import MAX_MESSAGE_BYTES
 from common.clock import utcnow
 from common.envelope import REJECTED_BY_HEADER, REJECTION_DETAIL_HEADER, REJECTION_HEADER
@@ -37,13 +37,13 @@ from common.messages import (
     WireMessage,
 )
 from common.settings import Settings
-from common.signing import Keyring, Role
+from common.signing import SIGNATURE_HEADER, Keyring, Role
 from common.store import Store
 from common.topology import QueueMismatch, Topology, event_routing_key
 from tests.conftest import Start
 from tests.fleet import eventually
 from tests.integration.helpers import runs_of
-from worker.actions import ActionResult
+from worker.actions import ActionResult, RunContext
 from worker.actions.http import HttpExecutor
 from worker.actions.shell import ShellExecutor
 
@@ -168,6 +168,52 @@ async def test_a_body_over_the_size_limit_is_dead_lettered_as_too_large(
     assert dead.reasons() == {"too_large": 1}
     assert dead.messages[0].body == huge  # kept exactly as received
     _alive(fleet)
+
+
+async def test_events_refused_inside_a_batch_leave_the_rest_of_it_acked_once(
+    settings: Settings,
+    store: Store,
+    fleet: Start,
+    amqp: AbstractRobustConnection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The monitor settles a batch with one multiple ack up to its last delivery. Events it
+    # refuses inside the batch, the last one included, must be dead-lettered once and neither be
+    # acked twice (the broker would close the channel and redeliver the whole batch) nor be left
+    # unacked. Published before the monitor starts, so that they arrive as one batch.
+    channel = await amqp.channel()
+    topology = Topology(settings.namespace)
+    events = (await topology.declare_exchanges(channel))["events"]
+    keys = settings.keyring()
+    for i in range(30):
+        beat = _heartbeat(f"batch-{i}", "batch", utcnow())
+        body, routing_key = beat.to_bytes(), event_routing_key(beat)
+        headers = dict(keys.sign(Role.EVENT, settings.namespace, routing_key, body))
+        if i % 10 == 9:
+            headers[SIGNATURE_HEADER] = "0" * len(str(headers[SIGNATURE_HEADER]))
+        await events.publish(aio_pika.Message(body, headers=headers), routing_key=routing_key)
+    dead = await DeadLetters.open(amqp, settings)
+
+    await fleet("monitor")
+    await dead.wait_for(3)
+    await eventually(lambda: _has(runs_of(store, "batch"), 27))
+
+    assert sorted(str(orjson.loads(m.body)["id"]) for m in dead.messages) == [
+        "batch-19",
+        "batch-29",
+        "batch-9",
+    ]
+    assert dead.reasons() == {"bad_signature": 3}
+    queue = await channel.declare_queue(topology.monitor_queue, passive=True)
+    assert queue.declaration_result.message_count == 0
+    closed = [r.getMessage() for r in caplog.records if "consuming again" in r.getMessage()]
+    unsettled = [r.getMessage() for r in caplog.records if "could not settle" in r.getMessage()]
+    assert closed == [] and unsettled == []
+    _alive(fleet)
+
+
+async def _has(rows: Awaitable[Sequence[object]], count: int) -> bool:
+    return len(await rows) >= count
 
 
 @pytest.mark.both_stores  # it starts a monitor, which opens the store
@@ -364,12 +410,13 @@ async def test_output_with_nul_bytes_and_invalid_utf8_still_ends_in_a_valid_run_
     assert run.output_tail.startswith("a") and "b" in run.output_tail and "c" in run.output_tail
 
 
+_RUN = RunContext(run_id="poison-run", trigger_id="poison@t", job="poison", scheduled_at=utcnow())
+
+
 class _Exploding:
     """An executor with a bug: it raises instead of returning a result."""
 
-    async def run(
-        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
-    ) -> ActionResult:
+    async def run(self, action: AnyAction, timeout: float, context: RunContext) -> ActionResult:
         raise ZeroDivisionError("a bug in the executor")
 
 
@@ -383,8 +430,8 @@ async def test_an_action_that_raises_still_ends_its_run_once_and_the_trigger_is_
 ) -> None:
     real = worker.service.executors
 
-    def with_a_bug(client: Any) -> dict[str, Any]:
-        executors = dict(real(client))
+    def with_a_bug(client: Any, commands: Any) -> dict[str, Any]:
+        executors = dict(real(client, commands))
         executors["http"] = _Exploding()
         return executors
 
@@ -482,7 +529,7 @@ async def test_executors_turn_what_the_kernel_or_http_refuses_into_a_failed_resu
         shell(argv=[str(tmp_path / "not-a-program")]),
     ]
     for action in shell_actions:
-        result = await ShellExecutor().run(action, 5)
+        result = await ShellExecutor().run(action, 5, _RUN)
         assert result.status is RunStatus.FAILED and result.error, action
     http = HttpAction.model_construct(
         type="http",
@@ -493,6 +540,6 @@ async def test_executors_turn_what_the_kernel_or_http_refuses_into_a_failed_resu
         expect_status=[200],
     )
     async with httpx.AsyncClient() as client:
-        result = await HttpExecutor(client).run(http, 5)
+        result = await HttpExecutor(client).run(http, 5, _RUN)
     assert result.status is RunStatus.FAILED and result.error
     assert not (tmp_path / "x").exists()

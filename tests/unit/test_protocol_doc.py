@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import pytest
 
-from common.actions import HttpAction, ShellAction
+from common.actions import HttpAction, PythonAction, ShellAction
 from common.bus import Publisher
 from common.cli import admin
 from common.envelope import Accepted, Rejected, RejectionReason, open_envelope
@@ -54,7 +54,11 @@ REGENERATE = (
 )
 MODELS: dict[str, type[WireMessage]] = {m.model_fields["type"].default: m for m in ALL_MESSAGES}
 MODELS_BY_CLASS = {model: name for name, model in MODELS.items()}
-ACTIONS: dict[str, type[ShellAction | HttpAction]] = {"action.shell": ShellAction, "action.http": HttpAction}
+ACTIONS: dict[str, type[ShellAction | HttpAction | PythonAction]] = {
+    "action.shell": ShellAction,
+    "action.http": HttpAction,
+    "action.python": PythonAction,
+}
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)\n```[ \t]*$", re.MULTILINE | re.DOTALL)
 SCHEMA_BLOCK = re.compile(r"^#### `([^`]+)`\n+```json\n(.*?)\n```[ \t]*$", re.MULTILINE | re.DOTALL)

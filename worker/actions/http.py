@@ -1,36 +1,87 @@
-"""Send one HTTP request; the run succeeds when the status is one the job expects."""
+"""Send one HTTP request; the run succeeds when the status is one the job expects.
+
+The run's id goes along as ``X-Request-Id``. A job with a ``webhook_secret`` has every request
+signed as Standard Webhooks define it (https://www.standardwebhooks.com/): ``webhook-id`` (the run
+id, the same on every retry of that run), ``webhook-timestamp`` (Unix seconds) and
+``webhook-signature`` (``v1,`` + base64 HMAC-SHA256 of ``id.timestamp.body`` under the secret),
+signed with the ``standardwebhooks`` library. An endpoint that answers JSON with a ``requestId``
+has it stored on the run.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import httpx
+import orjson
+from standardwebhooks import Webhook
 
-from common.actions import HttpAction, ShellAction
-from common.messages import RunStatus
-from worker.actions.base import ActionResult, OutputTail
+from common.actions import AnyAction, HttpAction
+from common.clock import utcnow
+from common.messages import IDENTIFIER_LENGTH, RunStatus
+from worker.actions.base import ActionResult, OutputTail, RunContext
 
 # The header that carries the run's id to the endpoint.
 REQUEST_ID_HEADER = "X-Request-Id"
+# The key of an endpoint's JSON answer that names its own handling of the request.
+ANSWER_REQUEST_ID = "requestId"
+WEBHOOK_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+
+
+def webhook_headers(secret: str, message_id: str, at: datetime, body: bytes) -> dict[str, str]:
+    """The three Standard Webhooks headers of a request carrying ``body``, signed with
+    ``secret`` (``whsec_...``) at ``at``."""
+    timestamp = datetime.fromtimestamp(int(at.timestamp()), tz=at.tzinfo)
+    signature = Webhook(secret).sign(message_id, timestamp, body.decode())
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(int(timestamp.timestamp())),
+        "webhook-signature": signature,
+    }
+
+
+def answered_request_id(content_type: str | None, body: bytes) -> str | None:
+    """The endpoint's ``requestId`` in a JSON answer (a string or number, as text within an
+    identifier's bounds), or None."""
+    if not body or "json" not in (content_type or ""):
+        return None
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    value = answer.get(ANSWER_REQUEST_ID) if isinstance(answer, dict) else None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value)
+    if not text or len(text) > IDENTIFIER_LENGTH or not text.isprintable():
+        return None
+    return text
 
 
 class HttpExecutor:
     """Runs ``http`` actions on a shared client (connection pooling across runs)."""
 
+    # A JSON answer is read whole (to find its requestId) up to this size; the run keeps only
+    # the tail of any answer.
+    ANSWER_LIMIT = 64 * 1024
+
     def __init__(self, client: httpx.AsyncClient) -> None:
         self._client = client
 
-    async def run(
-        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
-    ) -> ActionResult:
+    async def run(self, action: AnyAction, timeout: float, context: RunContext) -> ActionResult:
         """Send the request; time out after ``timeout`` seconds in all (connect, send, read). The
         run's id goes along as ``X-Request-Id`` (unless the job sets that header itself), so the
-        endpoint's own logs can be matched with the run (the API's ``request_id``)."""
+        endpoint's own logs can be matched with the run."""
         assert isinstance(action, HttpAction)
         tail = OutputTail()
+        head = bytearray()
         headers = dict(action.headers)
-        if run_id is not None and not any(name.lower() == REQUEST_ID_HEADER.lower() for name in headers):
-            headers[REQUEST_ID_HEADER] = run_id
+        if not any(name.lower() == REQUEST_ID_HEADER.lower() for name in headers):
+            headers[REQUEST_ID_HEADER] = context.run_id
+        body = action.body.encode() if action.body is not None else b""
+        if action.webhook_secret is not None:
+            headers.update(webhook_headers(action.webhook_secret, context.run_id, utcnow(), body))
         try:
             async with (
                 asyncio.timeout(timeout),
@@ -38,12 +89,14 @@ class HttpExecutor:
                     action.method,
                     str(action.url),
                     headers=headers,
-                    content=action.body.encode() if action.body is not None else None,
+                    content=body if action.body is not None else None,
                     timeout=timeout,
                 ) as response,
             ):
                 async for chunk in response.aiter_bytes():
                     tail.feed(chunk)
+                    if len(head) <= self.ANSWER_LIMIT:
+                        head += chunk
         except (TimeoutError, httpx.TimeoutException):
             return ActionResult(RunStatus.TIMED_OUT, error=f"no complete response within {timeout:g}s")
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
@@ -52,12 +105,18 @@ class HttpExecutor:
                 RunStatus.FAILED, error=f"{type(exc).__name__}: {exc or 'connection failed'}"[:1000]
             )
         code = response.status_code
+        request_id = None
+        if len(head) <= self.ANSWER_LIMIT:
+            request_id = answered_request_id(response.headers.get("content-type"), bytes(head))
         if code in action.expect_status:
-            return ActionResult(RunStatus.SUCCEEDED, http_status=code, output_tail=tail.text())
+            return ActionResult(
+                RunStatus.SUCCEEDED, http_status=code, output_tail=tail.text(), endpoint_request_id=request_id
+            )
         expected = ", ".join(str(s) for s in action.expect_status)
         return ActionResult(
             RunStatus.FAILED,
             http_status=code,
             output_tail=tail.text(),
             error=f"HTTP {code}, expected {expected}",
+            endpoint_request_id=request_id,
         )

@@ -6,9 +6,12 @@ import httpx
 
 from worker.actions.base import Executor
 from worker.actions.http import HttpExecutor
+from worker.actions.python import PythonExecutor
 from worker.actions.shell import ShellExecutor
+from worker.allow import CommandAllowList
 
 
-def executors(client: httpx.AsyncClient) -> dict[str, Executor]:
-    """One executor per action type; HTTP ones share ``client``."""
-    return {"shell": ShellExecutor(), "http": HttpExecutor(client)}
+def executors(client: httpx.AsyncClient, commands: CommandAllowList) -> dict[str, Executor]:
+    """One executor per action type; HTTP ones share ``client``; shell ones run only the
+    programs ``commands`` allows."""
+    return {"shell": ShellExecutor(commands), "http": HttpExecutor(client), "python": PythonExecutor()}

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import grp
 import os
+import pwd
 import signal
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from common.actions import HttpAction, ShellAction
+from common.actions import AnyAction, ShellAction
 from common.messages import RunStatus
 from common.settings import SETTINGS_PREFIX
-from worker.actions.base import ActionResult, OutputTail
+from worker.actions.base import ActionResult, OutputTail, RunContext
+from worker.allow import CommandAllowList
 
 KILL_GRACE_SECONDS = 5.0
 _PR_SET_PDEATHSIG = 1
@@ -34,14 +39,71 @@ def job_environment(worker: Mapping[str, str], extra: Mapping[str, str]) -> dict
     return {**inherited, **extra}
 
 
-class ShellExecutor:
-    """Runs ``shell`` actions as child processes in their own process group."""
+@dataclass(frozen=True)
+class Account:
+    """Who a job runs as (``run_as``): ids for the kernel, names for the job's environment."""
 
-    async def run(
-        self, action: ShellAction | HttpAction, timeout: float, *, run_id: str | None = None
-    ) -> ActionResult:
-        """Run ``action.argv``; succeeded when the exit code is one of ``success_exit_codes``."""
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    user: str
+    home: str
+
+
+def account(run_as: str) -> Account:
+    """The account ``run_as`` (``user`` or ``user:group``) names; ValueError saying why not."""
+    user, _, group = run_as.partition(":")
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError(f"run_as {run_as!r}: no user {user!r} on this worker's host") from None
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"run_as {run_as!r}: no group {group!r} on this worker's host") from None
+    groups = tuple(os.getgrouplist(user, gid))
+    return Account(entry.pw_uid, gid, groups, user, entry.pw_dir)
+
+
+class ShellExecutor:
+    """Runs ``shell`` actions as child processes in their own process group, only programs the
+    worker's allow list names (``worker.allow``), as another account when ``run_as`` says so."""
+
+    def __init__(self, allowed: CommandAllowList | None = None) -> None:
+        self.allowed = allowed if allowed is not None else CommandAllowList(("*",))
+
+    def refusal(self, action: AnyAction) -> str | None:
+        """Why this worker will not run ``action``: a program its allow list does not name, or a
+        ``run_as`` it cannot take (no such account, or a worker that is not root)."""
+        if not isinstance(action, ShellAction):
+            return None
+        refused = self.allowed.refusal(action.argv[0])
+        if refused is not None or action.run_as is None:
+            return refused
+        try:
+            target = account(action.run_as)
+        except ValueError as exc:
+            return str(exc)
+        if os.geteuid() != 0 and (target.uid, target.gid) != (os.geteuid(), os.getegid()):
+            return f"run_as {action.run_as!r}: this worker is not root, so it runs jobs only as itself"
+        return None
+
+    async def run(self, action: AnyAction, timeout: float, context: RunContext) -> ActionResult:
+        """Run ``action.argv``; succeeded when the exit code is one of ``success_exit_codes``.
+        The run's context reaches it as ``CRONFLEET_*`` variables (``RunContext.environment``),
+        which the job's own ``env`` cannot override."""
         assert isinstance(action, ShellAction)
+        refused = self.refusal(action)
+        if refused is not None:
+            return ActionResult(RunStatus.FAILED, error=f"not_allowed: {refused}")
+        variables = {**action.env, **context.environment()}
+        identity: dict[str, Any] = {}
+        if action.run_as is not None:
+            target = account(action.run_as)
+            variables.update(HOME=target.home, USER=target.user, LOGNAME=target.user)
+            identity = {"user": target.uid, "group": target.gid, "extra_groups": list(target.groups)}
         try:
             process = await asyncio.create_subprocess_exec(
                 *action.argv,
@@ -49,9 +111,10 @@ class ShellExecutor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=action.cwd,
-                env=job_environment(os.environ, action.env),
+                env=job_environment(os.environ, variables),
                 start_new_session=True,
                 preexec_fn=_die_with_the_worker,
+                **identity,
             )
         except OSError as exc:
             return ActionResult(
