@@ -5,8 +5,9 @@ The flips table is the outbox. A flip that needs an alert is stored ``pending`` 
 transaction as the flip, held by the monitor that stored it for ``ALERT_LEASE``. That monitor
 hands it to its dispatcher as soon as the transaction commits (``note``, which never waits, so
 alerting never delays event recording) and renews its hold while it tries. Each attempt is
-stored in ``alert_attempts`` (``on_attempt``); once every channel of the route has a final
-attempt (delivered, or given up after the retry policy's attempts), the flip is ``done``.
+stored in ``alert_attempts`` (``on_attempts``: the attempts that finished meanwhile share one
+transaction); once every channel of the route has a final attempt (delivered, or given up after
+the retry policy's attempts), the flip is ``done``.
 
 A pending alert whose hold ran out (its monitor stopped or died mid-retry) is claimed by another
 monitor, or by the same one restarted, with one atomic UPDATE (two monitors never claim the same
@@ -23,7 +24,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, cast
 
@@ -36,7 +37,7 @@ from common.cli.alerts import attempt_fields
 from common.clock import Clock, utcnow
 from common.settings import Settings
 from common.store import STORE_OUTAGES, AlertAttemptRow, FlipRow, Store
-from common.store.chunks import IN_LIST_CHUNK, chunks
+from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 from monitor.channels import (
     Alert,
     Attempt,
@@ -54,6 +55,7 @@ from monitor.health_store import ALERT_LEASE, Advanced, whole
 log = logging.getLogger("cronfleet.alerts")
 
 _FLIPS = cast(Table, FlipRow.__table__)
+_ATTEMPTS = cast(Table, AlertAttemptRow.__table__)
 # Pending alerts claimed per transaction.
 CLAIM_BATCH = 100
 # How long a stopping monitor gives the alerts it holds before it lets go of them.
@@ -74,20 +76,24 @@ def flip_of(alert: str) -> int | None:
 
 def attempt_row(attempt: Attempt) -> AlertAttemptRow:
     """The stored form of ``attempt``."""
+    return AlertAttemptRow(**_attempt_values(attempt))
+
+
+def _attempt_values(attempt: Attempt) -> dict[str, Any]:
     alert = attempt.alert
-    return AlertAttemptRow(
-        flip_id=flip_of(alert.flip_id),
-        alert_id=alert.flip_id,
-        kind=alert.kind,
-        job=alert.job,
-        channel=attempt.channel,
-        attempt=attempt.number,
-        at=attempt.at,
-        delivered=attempt.delivered,
-        error=attempt.error,
-        final=attempt.final,
-        retry_at=attempt.retry_at,
-    )
+    return {
+        "flip_id": flip_of(alert.flip_id),
+        "alert_id": alert.flip_id,
+        "kind": alert.kind,
+        "job": alert.job,
+        "channel": attempt.channel,
+        "attempt": attempt.number,
+        "at": attempt.at,
+        "delivered": attempt.delivered,
+        "error": attempt.error,
+        "final": attempt.final,
+        "retry_at": attempt.retry_at,
+    }
 
 
 class Alerting:
@@ -109,7 +115,9 @@ class Alerting:
         self.fleet = fleet
         self.lease = lease
         self.clock = clock
-        self.dispatcher = Dispatcher(channels, config.routes, config.delivery, self.on_attempt, clock=clock)
+        self.dispatcher = Dispatcher(
+            channels, config.routes, config.delivery, on_attempts=self.on_attempts, clock=clock
+        )
         # Flips this monitor holds, and the channels of each still without a final attempt.
         self._open: dict[int, set[str]] = {}
         # Flips with a channel that was not tried (attempt 0): let go of, not done, once settled.
@@ -145,23 +153,36 @@ class Alerting:
         self.dispatcher.submit(alert, names)
 
     async def on_attempt(self, attempt: Attempt) -> None:
-        """Store ``attempt``; once every channel of its flip has a final one, the flip's alert is
-        done (or, if a channel was not tried at all, let go of for a later claim)."""
-        flip_id = flip_of(attempt.alert.flip_id)
-        settled: bool | None = None  # True: done; False: let go of; None: still open
-        channels = None if flip_id is None else self._open.get(flip_id)
-        if flip_id is not None and channels is not None and attempt.final:
+        """``on_attempts`` of ``attempt`` alone."""
+        await self.on_attempts([attempt])
+
+    async def on_attempts(self, attempts: Sequence[Attempt]) -> None:
+        """Store ``attempts`` in one transaction; each flip with a final attempt on every channel
+        is then done (or, if a channel was not tried at all, let go of for a later claim)."""
+        if not attempts:
+            return
+        done: list[int] = []
+        let_go: list[int] = []
+        for attempt in attempts:
+            flip_id = flip_of(attempt.alert.flip_id)
+            channels = None if flip_id is None else self._open.get(flip_id)
+            if flip_id is None or channels is None or not attempt.final:
+                continue
             channels.discard(attempt.channel)
             if attempt.number == 0:
                 self._untried.add(flip_id)
             if not channels:
                 del self._open[flip_id]
-                settled = flip_id not in self._untried
+                (let_go if flip_id in self._untried else done).append(flip_id)
                 self._untried.discard(flip_id)
+        rows = [_attempt_values(attempt) for attempt in attempts]
         async with self.store.session() as session, session.begin():
-            session.add(attempt_row(attempt))
-            if flip_id is not None and settled is not None:
-                await self._settle(session, [flip_id], done=settled)
+            for some in chunks(rows, rows_per_insert(len(rows[0]))):
+                await session.execute(_ATTEMPTS.insert(), list(some))
+            if done:
+                await self._settle(session, done, done=True)
+            if let_go:
+                await self._settle(session, let_go, done=False)
 
     async def _settle(self, session: AsyncSession, flips: Collection[int], *, done: bool) -> None:
         """Mark ``flips``' alerts done, or let go of them (pending, claimable at once)."""

@@ -83,10 +83,25 @@ async def read_specs(session: AsyncSession, names: Collection[str]) -> dict[str,
     """The stored jobs among ``names``; a spec this cronfleet refuses (applied by an older, laxer
     one: ``cronfleet status`` and ``doctor`` name it) is there with ``spec`` None."""
     found: dict[str, StoredSpec] = {}
-    query = select(JobRow.name, JobRow.spec, JobRow.fingerprint)
+    # Every tick of a herd reads each job's spec: its fingerprint (a hash of the spec, written
+    # with it) says whether the spec parsed last time is still the stored one, so only the specs
+    # not seen before travel and are parsed.
+    unseen: list[str] = []
+    fingerprints = select(JobRow.name, JobRow.fingerprint)
     for some in chunks(sorted(names), IN_LIST_CHUNK):
+        for name, fingerprint in await session.execute(fingerprints.where(JobRow.name.in_(some))):
+            known = _specs.get((name, fingerprint))
+            if known is None:
+                unseen.append(name)
+            else:
+                found[name] = known
+    query = select(JobRow.name, JobRow.spec, JobRow.fingerprint)
+    for some in chunks(unseen, IN_LIST_CHUNK):
         for name, spec, fingerprint in await session.execute(query.where(JobRow.name.in_(some))):
-            found[name] = StoredSpec(_readable(spec), fingerprint)
+            found[name] = stored = StoredSpec(_readable(spec), fingerprint)
+            if len(_specs) >= _PARSED_LIMIT:
+                _specs.clear()
+            _specs[(name, fingerprint)] = stored
     return found
 
 
@@ -101,6 +116,8 @@ def policy_of(spec: JobSpec) -> HealthPolicy:
 # that changes its jobs all the time from growing it without end.
 _PARSED_LIMIT = 65536
 _parsed: dict[str, JobSpec | None] = {}
+# The same by (job, fingerprint): what ``read_specs`` found last time for that version of a job.
+_specs: dict[tuple[str, str], StoredSpec] = {}
 
 
 def _readable(spec: str) -> JobSpec | None:
@@ -220,12 +237,43 @@ async def store_flips(session: AsyncSession, flips: Sequence[JobFlip], now: date
     """Insert ``flips`` (of jobs or of the fleet) in order, in bounded chunks, each alerted one
     with its alert pending and held by this monitor (``monitor.alerts``); the flips with their
     ids."""
+    if not flips:
+        return []
     rows = [_flip_values(f, now) for f in flips]
+    # Each chunk is one multi-row INSERT whatever the store. Asking the driver for the ids in
+    # the order of the rows (``sort_by_parameter_order``) makes SQLite insert one row per
+    # statement (10,000 statements for a herd of jobs turning ``down``); instead each returned
+    # row says which flip it is by its content. Two flips of the same content in one chunk are
+    # interchangeable, so which of their ids each gets does not matter.
+    insert = _FLIPS.insert().returning(_FLIPS.c.id, *(_FLIPS.c[name] for name in _FLIP_KEY))
     ids: list[int] = []
-    insert = _FLIPS.insert().returning(_FLIPS.c.id, sort_by_parameter_order=True)
-    for some in chunks(rows, rows_per_insert(len(rows[0]) if rows else 1)):
-        ids.extend((await session.execute(insert, list(some))).scalars())
+    for some in chunks(rows, rows_per_insert(len(rows[0]))):
+        waiting: dict[tuple[Any, ...], list[int]] = {}
+        for position, row in enumerate(some):
+            waiting.setdefault(_flip_key(row), []).append(position)
+        returned = [
+            (stored.id, _flip_key(stored._mapping)) for stored in await session.execute(insert, list(some))
+        ]
+        found: list[int | None] = [None] * len(some)
+        for flip_id, key in returned:
+            positions = waiting.get(key)
+            if positions:
+                found[positions.pop(0)] = flip_id
+        if None in found or len(returned) != len(some):
+            # Never seen; a driver that changed what it returns must not stop the monitor's
+            # writes for good. Both stores number the rows of one INSERT in their order.
+            log.error("the ids of %d stored flips could not be matched by content; taken in order", len(some))
+            found = sorted(flip_id for flip_id, _key in returned)
+        ids.extend(cast(list[int], found))
     return [replace(item, id=flip_id) for item, flip_id in zip(flips, ids, strict=True)]
+
+
+# The columns that tell the flips of one INSERT apart (with ``at`` compared as an instant).
+_FLIP_KEY = ("job", "at", "from_state", "to_state", "reason", "recovered_from")
+
+
+def _flip_key(row: Mapping[Any, Any]) -> tuple[Any, ...]:
+    return tuple(row[name].timestamp() if name == "at" else row[name] for name in _FLIP_KEY)
 
 
 # How long the monitor that stores a flip holds its pending alert before it must renew its hold;

@@ -2,11 +2,15 @@
 and every attempt reported.
 
 ``Dispatcher.submit`` returns at once: it routes the alert and puts it on the queue of each of its
-channels. Each channel's task delivers its alerts one after another, in the order submitted (so a
-recovery never overtakes the alarm it ends), trying each up to ``RetryPolicy.attempts`` times. A
-channel that fails or hangs delays only its own alerts, never another channel's, never the caller.
-Every attempt, delivered or not, reaches ``on_attempt`` (through one reporting task, in order), so
-the monitor can store it; a failing ``on_attempt`` is logged and delivery goes on.
+channels. Each channel delivers up to ``RetryPolicy.concurrency`` alerts at once (a herd of jobs
+turning ``down`` together is not told one round trip after another), the alerts of one job one
+after another, in the order submitted (so a recovery never overtakes the alarm it ends), trying
+each up to ``RetryPolicy.attempts`` times. A channel that fails or hangs delays only its own
+alerts, never another channel's, never the caller. Every attempt, delivered or not, reaches
+``on_attempt`` (through one reporting task, in order), so the monitor can store it; given
+``on_attempts`` instead, the reporting task hands over every attempt waiting at that moment (at
+most ``REPORT_BATCH``) in one call, so a herd's attempts are stored in a few transactions, not one
+each. A failing callback is logged and delivery goes on.
 
     async with Dispatcher(channels, config.routes, config.delivery, on_attempt) as dispatcher:
         dispatcher.submit(alert)
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -52,6 +57,10 @@ class Attempt:
 
 
 AttemptCallback = Callable[[Attempt], Awaitable[None]]
+AttemptsCallback = Callable[[list[Attempt]], Awaitable[None]]
+
+# Attempts handed to ``on_attempts`` in one call, at most.
+REPORT_BATCH = 500
 
 
 class Dispatcher:
@@ -62,19 +71,29 @@ class Dispatcher:
         channels: Mapping[str, Channel],
         routes: Routes,
         policy: RetryPolicy,
-        on_attempt: AttemptCallback,
+        on_attempt: AttemptCallback | None = None,
         *,
+        on_attempts: AttemptsCallback | None = None,
         attempt_timeout: float = 60.0,
         clock: Clock = utcnow,
     ) -> None:
+        if (on_attempt is None) == (on_attempts is None):
+            raise TypeError("give on_attempt or on_attempts, not both")
         self._channels = dict(channels)
         self._routes = routes
         self._policy = policy
         self._on_attempt = on_attempt
+        self._on_attempts = on_attempts
         self._attempt_timeout = attempt_timeout
         self._clock = clock
         self._queues: dict[str, asyncio.Queue[Alert]] = {name: asyncio.Queue() for name in self._channels}
-        self._current: dict[str, Alert | None] = dict.fromkeys(self._channels)
+        # The alert each of a channel's delivery tasks is trying, by task.
+        self._current: dict[str, list[Alert | None]] = {
+            name: [None] * policy.concurrency for name in self._channels
+        }
+        # Per channel, the jobs with an alert being tried, each with its alerts taken from the
+        # queue since: the task trying the job's alert tries them next, in order.
+        self._jobs: dict[str, dict[str, deque[Alert]]] = {name: {} for name in self._channels}
         self._reports: asyncio.Queue[Attempt] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
         self._reporter: asyncio.Task[None] | None = None
@@ -90,13 +109,17 @@ class Dispatcher:
         await self.close()
 
     def start(self) -> None:
-        """Start one delivery task per channel and the reporting task (owned: ``close`` ends them)."""
+        """Start ``concurrency`` delivery tasks per channel and the reporting task (owned:
+        ``close`` ends them)."""
         if self._reporter is not None:
             return
         self._reporter = asyncio.create_task(self._report_loop(), name="alerts-report")
         for name, channel in self._channels.items():
-            task = asyncio.create_task(self._deliver_loop(name, channel), name=f"alerts-{name}")
-            self._workers.append(task)
+            for slot in range(self._policy.concurrency):
+                task = asyncio.create_task(
+                    self._deliver_loop(name, channel, slot), name=f"alerts-{name}-{slot}"
+                )
+                self._workers.append(task)
 
     def submit(self, alert: Alert, channels: Iterable[str] | None = None) -> tuple[str, ...]:
         """Queue ``alert`` for each channel of its job's route (or of ``channels``) and return
@@ -110,18 +133,23 @@ class Dispatcher:
                 self._refuse(alert, name, f"no channel called {name!r}")
             elif self._closing:
                 self._refuse(alert, name, "not sent: the monitor is stopping")
-            elif queue.qsize() >= self._policy.queue_limit:
-                self._refuse(alert, name, f"not sent: {queue.qsize()} alerts already wait for this channel")
+            elif (waiting := self._waiting(name)) >= self._policy.queue_limit:
+                self._refuse(alert, name, f"not sent: {waiting} alerts already wait for this channel")
             else:
                 queue.put_nowait(alert)
                 queued.append(name)
         return tuple(queued)
 
     def backlog(self) -> dict[str, int]:
-        """How many alerts each channel has still to deliver (the one being tried included)."""
+        """How many alerts each channel has still to deliver (those being tried included)."""
         return {
-            name: queue.qsize() + (self._current[name] is not None) for name, queue in self._queues.items()
+            name: self._waiting(name) + sum(alert is not None for alert in self._current[name])
+            for name in self._queues
         }
+
+    def _waiting(self, name: str) -> int:
+        """Alerts not yet tried on channel ``name``: queued, or behind an earlier one of their job."""
+        return self._queues[name].qsize() + sum(len(later) for later in self._jobs[name].values())
 
     async def idle(self) -> None:
         """Wait until every submitted alert is delivered or given up, and every attempt reported."""
@@ -146,11 +174,17 @@ class Dispatcher:
         self._workers.clear()
         left: list[tuple[Alert, str]] = []
         for name, queue in self._queues.items():
-            current = self._current[name]
-            if current is not None:
-                left.append((current, name))
-                self._current[name] = None
-                queue.task_done()
+            slots = self._current[name]
+            for slot, current in enumerate(slots):
+                if current is not None:
+                    left.append((current, name))
+                    slots[slot] = None
+                    queue.task_done()
+            for later in self._jobs[name].values():
+                for alert in later:
+                    left.append((alert, name))
+                    queue.task_done()
+            self._jobs[name].clear()
             while not queue.empty():
                 left.append((queue.get_nowait(), name))
                 queue.task_done()
@@ -173,15 +207,25 @@ class Dispatcher:
             Attempt(alert, name, 0, self._clock(), delivered=False, error=reason, final=True)
         )
 
-    async def _deliver_loop(self, name: str, channel: Channel) -> None:
-        queue = self._queues[name]
+    async def _deliver_loop(self, name: str, channel: Channel, slot: int) -> None:
+        queue, slots, jobs = self._queues[name], self._current[name], self._jobs[name]
         while True:
             alert = await queue.get()
-            self._current[name] = alert
-            # Cancelled mid-delivery, the alert stays current: ``close`` reports it undelivered.
-            await self._deliver(name, channel, alert)
-            self._current[name] = None
-            queue.task_done()
+            later = jobs.get(alert.job)
+            if later is not None:
+                later.append(alert)  # the task trying this job's alert tries it next
+                continue
+            jobs[alert.job] = later = deque()
+            while True:
+                slots[slot] = alert
+                # Cancelled mid-delivery, the alert stays current: ``close`` reports it undelivered.
+                await self._deliver(name, channel, alert)
+                slots[slot] = None
+                queue.task_done()
+                if not later:
+                    del jobs[alert.job]
+                    break
+                alert = later.popleft()
 
     async def _deliver(self, name: str, channel: Channel, alert: Alert) -> None:
         """Try ``alert`` on ``channel`` until delivered, refused for good, or out of attempts."""
@@ -225,20 +269,30 @@ class Dispatcher:
 
     async def _report_loop(self) -> None:
         while True:
-            attempt = await self._reports.get()
+            attempts = [await self._reports.get()]
+            if self._on_attempts is not None:
+                while len(attempts) < REPORT_BATCH and not self._reports.empty():
+                    attempts.append(self._reports.get_nowait())
             try:
-                await self._on_attempt(attempt)
+                if self._on_attempts is not None:
+                    await self._on_attempts(attempts)
+                elif self._on_attempt is not None:
+                    await self._on_attempt(attempts[0])
             except Exception as exc:  # the store may be down: delivery goes on regardless
+                first = attempts[0]
                 log.error(
-                    "alerts: could not record attempt %d of job %s on %s (%s: %s)",
-                    attempt.number,
-                    attempt.alert.job,
-                    attempt.channel,
+                    "alerts: could not record %s of job %s on %s (%s: %s)",
+                    f"attempt {first.number}"
+                    if len(attempts) == 1
+                    else f"{len(attempts)} attempts, the first",
+                    first.alert.job,
+                    first.channel,
                     type(exc).__name__,
                     exc,
                 )
             finally:
-                self._reports.task_done()
+                for _attempt in attempts:
+                    self._reports.task_done()
 
 
 async def send_test(

@@ -35,14 +35,17 @@ class RetryPolicy(BaseModel):
     """How a failed delivery is tried again: at most ``attempts`` tries in all, waiting
     ``first_delay_seconds`` after the first failure and twice as long after each next one, never
     more than ``max_delay_seconds``. ``queue_limit``: how many alerts may wait for one channel
-    before new ones are refused (reported as not sent) rather than held without bound."""
+    before new ones are refused (reported as not sent) rather than held without bound; the
+    default holds a herd of 10,000 jobs turning ``down`` at once, twice over. ``concurrency``:
+    how many alerts one channel delivers at once (one job's alerts always one after another)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     attempts: int = Field(default=6, ge=1, le=100)
     first_delay_seconds: float = Field(default=5.0, gt=0, le=86_400)
     max_delay_seconds: float = Field(default=600.0, gt=0, le=86_400)
-    queue_limit: int = Field(default=1000, ge=1, le=1_000_000)
+    queue_limit: int = Field(default=20_000, ge=1, le=1_000_000)
+    concurrency: int = Field(default=8, ge=1, le=256)
 
 
 def route(routes: Routes, job: str) -> tuple[str, ...]:

@@ -18,20 +18,24 @@ schema of the PostgreSQL at ``--postgres-url`` (dropped at the end):
    ack per message, as the monitor acks). The ratio monitor / bare is reported per store.
 3. **Deadlines.** ``--deadline-jobs`` jobs all due at the same instant (the worst case: one herd),
    or with ``--spread S`` due over S seconds (as many each second), with ``--grace`` seconds of
-   grace, no run ever. The real monitor learns them (first health
-   record), ticks them ``late`` at the due instant and ``down`` at the end of the grace period.
-   The lag of each job is measured from its grace end to the *log line* of its ``late -> down``
-   flip, which ``monitor.service`` writes once the flip's transaction has committed (the alert
-   channels are not wired yet: delivery is not measured here).
+   grace, no run ever. The real monitor learns them (first health record), ticks them ``late`` at
+   the due instant and ``down`` at the end of the grace period, and alerts each ``down`` flip on a
+   webhook channel (``--channel webhook``, the default) whose receiver, a small HTTP server in a
+   process of its own (so it does not share the monitor's event loop), notes when each alert
+   arrives. Two lags per job, from its grace end: to the *log line* of its ``late -> down`` flip,
+   which the monitor writes once the flip's transaction has committed, and to the *arrival* of its
+   alert at the receiver. ``--channel log`` alerts on the log channel instead (no delivery lag).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import cProfile
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import secrets
@@ -46,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import orjson
 from sqlalchemy import func, select, text
 
 import monitor.service
@@ -66,7 +71,7 @@ from common.messages import (
 from common.roles import signing_role
 from common.services import ServiceOptions
 from common.settings import Settings, normalise_database_url
-from common.store import FlipRow, HeartbeatRow, RunRow, Store
+from common.store import AlertAttemptRow, FlipRow, HeartbeatRow, RunRow, Store
 from common.topology import Topology, event_routing_key
 
 POOL = "default"
@@ -352,6 +357,92 @@ async def bare_loop(settings: Settings, queue_name: str, events: Sequence[Event]
 # --- 3. deadlines -----------------------------------------------------------------------------
 
 
+def _receive(port_out: Any, received: Any, results: Any, stop: Any) -> None:
+    """The webhook receiver's process: answer 204 to every POST, keep (job, to_state) -> the
+    Unix time its first alert arrived, count the ``down`` alerts of the bench's jobs in
+    ``received``; on ``stop``, send what arrived through ``results``. It does not verify the
+    signatures (the tests do): its work here only has to stay off the monitor's process."""
+    arrived: dict[tuple[str, str], float] = {}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                now = time.time()
+                data = orjson.loads(body)["data"]
+                key = (str(data["job"]), str(data["to_state"]))
+                if key not in arrived:
+                    arrived[key] = now
+                    # Counted: the bench's jobs turning down (not the fleet's own alarms).
+                    if key[1] == "down" and key[0].startswith("dl-"):
+                        with received.get_lock():
+                            received.value += 1
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the monitor hung up, or this throwaway process is ending
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=1024)
+        port_out.put(server.sockets[0].getsockname()[1])
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, stop.wait)
+        server.close()
+        results.send(arrived)
+
+    asyncio.run(main())
+
+
+class Receiver:
+    """A webhook receiver in a process of its own (see ``_receive``)."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._port: Any = context.Queue()
+        self.received: Any = context.Value("i", 0)
+        self._results, child = context.Pipe(duplex=False)
+        self._stop = context.Event()
+        self._process = context.Process(
+            target=_receive, args=(self._port, self.received, child, self._stop), daemon=True
+        )
+        self.port = 0
+
+    def start(self) -> None:
+        self._process.start()
+        self.port = int(self._port.get(timeout=60))
+
+    def stop(self) -> dict[tuple[str, str], float]:
+        """Stop the receiver; (job, to_state) -> when its first alert arrived (Unix time)."""
+        self._stop.set()
+        arrived: dict[tuple[str, str], float] = self._results.recv()
+        self._process.join(10)
+        return arrived
+
+
+def channels_file(path: Path, port: int, concurrency: int | None = None) -> Path:
+    """A channels file routing every alert to the bench receiver's webhook (delivering
+    ``concurrency`` alerts at once, if given)."""
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    path.write_text(
+        "[channels.bench-hook]\n"
+        'type = "webhook"\n'
+        f'url = "http://127.0.0.1:{port}/alerts"\n'
+        f'secret = "{secret}"\n'
+        "\n[routes]\n"
+        'default = ["bench-hook"]\n'
+        + ("" if concurrency is None else f"\n[delivery]\nconcurrency = {concurrency}\n")
+    )
+    return path
+
+
 class FlipTimes(logging.Handler):
     """Keeps, for each ``late -> down`` flip the monitor logs, the job, the flip's instant and
     when the line was written (after its transaction committed); passes every other record on."""
@@ -380,6 +471,8 @@ class DeadlineLag:
     lags: list[float]
     flips_stored: int
     setup_seconds: float
+    delivered: list[float] | None = None  # grace end -> alert arrived, per job (webhook only)
+    attempts_stored: int = 0
 
 
 def herd_jobs(count: int, due: datetime, grace: float, spread: int = 0) -> list[JobSpec]:
@@ -401,26 +494,41 @@ def herd_jobs(count: int, due: datetime, grace: float, spread: int = 0) -> list[
 
 
 async def deadlines(
-    settings: Settings, place: StorePlace, count: int, grace: float, lead: float, spread: int
+    settings: Settings,
+    place: StorePlace,
+    count: int,
+    grace: float,
+    lead: float,
+    spread: int,
+    receiver: Receiver | None,
 ) -> DeadlineLag:
     """Apply ``count`` jobs due ``lead`` seconds from now (or spread over the ``spread`` seconds
-    from then), start the monitor, and time each job's ``down`` flip from its grace end."""
+    from then), start the monitor, and time each job's ``down`` flip from its grace end, and, with
+    a ``receiver`` (its webhook in ``settings``' channels file), the arrival of its alert."""
     store = await Store.open(place.url, place.schema)
     logger = logging.getLogger("cronfleet.monitor")
     root = logging.getLogger().handlers
     catcher = FlipTimes(root[0] if root else None)
+    already = 0 if receiver is None else receiver.received.value
     try:
         began = time.perf_counter()
         due = (utcnow() + timedelta(seconds=lead)).replace(microsecond=0)
         specs = herd_jobs(count, due, grace, spread)
+        names = {spec.name for spec in specs}
         await apply_jobs(store, specs, utcnow())
         logger.addHandler(catcher)
         logger.propagate = False
         task, _started = await start_monitor(settings)
         setup = time.perf_counter() - began
+
+        def finished() -> bool:
+            flipped = sum(1 for job in catcher.down if job in names)
+            arrived = count if receiver is None else receiver.received.value - already
+            return flipped >= count and arrived >= count
+
         try:
             limit = time.monotonic() + lead + spread + grace + 120
-            while len(catcher.down) < count and time.monotonic() < limit:  # noqa: ASYNC110 (a poll)
+            while not finished() and time.monotonic() < limit:  # noqa: ASYNC110 (a poll)
                 await asyncio.sleep(0.2)
         finally:
             await stop_task(task)
@@ -428,14 +536,25 @@ async def deadlines(
             stored = await session.scalar(
                 select(func.count()).select_from(FlipRow).where(FlipRow.to_state == "down")
             )
+            attempts = await session.scalar(select(func.count()).select_from(AlertAttemptRow))
         grace_ends = {
             spec.name: due + timedelta(seconds=(i % spread if spread else 0) + grace)
             for i, spec in enumerate(specs)
         }
-        lags = [written - grace_ends[job].timestamp() for job, (_at, written) in catcher.down.items()]
-        if any(at != grace_ends[job] for job, (at, _written) in catcher.down.items()):
+        down = {job: times for job, times in catcher.down.items() if job in names}
+        lags = [written - grace_ends[job].timestamp() for job, (_at, written) in down.items()]
+        if any(at != grace_ends[job] for job, (at, _written) in down.items()):
             print("!! a down flip at another instant than its grace end", file=sys.stderr)
-        return DeadlineLag(place.label, count, grace, spread, lags, int(stored or 0), setup)
+        result = DeadlineLag(place.label, count, grace, spread, lags, int(stored or 0), setup)
+        result.attempts_stored = int(attempts or 0)
+        if receiver is not None:
+            arrived = receiver.stop()
+            result.delivered = [
+                when - grace_ends[job].timestamp()
+                for (job, to_state), when in arrived.items()
+                if to_state == "down" and job in names
+            ]
+        return result
     finally:
         logger.removeHandler(catcher)
         logger.propagate = True
@@ -511,6 +630,14 @@ async def run(args: argparse.Namespace) -> int:
                 for place in places(args, Path(tmp), f"{run_id}_d"):
                     namespace = f"bench-{run_id}-{place.label}-d"
                     namespaces.append(namespace)
+                    receiver = None
+                    channels = None
+                    if args.channel == "webhook":
+                        receiver = Receiver()
+                        receiver.start()
+                        channels = channels_file(
+                            Path(tmp) / f"channels-{place.label}.toml", receiver.port, args.alert_concurrency
+                        )
                     settings = Settings(
                         amqp_url=args.amqp_url,
                         database_url=place.url,
@@ -518,17 +645,18 @@ async def run(args: argparse.Namespace) -> int:
                         keys=keys,
                         namespace=namespace,
                         jobs_reload_seconds=args.reload,
+                        channels_file=channels,
                     )
                     await place.create()
                     try:
                         print(
                             f"[3] {place.label}: {args.deadline_jobs} jobs due "
                             f"{f'over {args.spread} s' if args.spread else 'at once'}, "
-                            f"grace {args.grace:g} s ...",
+                            f"grace {args.grace:g} s, alerts on the {args.channel} channel ...",
                             flush=True,
                         )
                         lag = await deadlines(
-                            settings, place, args.deadline_jobs, args.grace, args.lead, args.spread
+                            settings, place, args.deadline_jobs, args.grace, args.lead, args.spread, receiver
                         )
                     finally:
                         await place.drop()
@@ -541,6 +669,14 @@ async def run(args: argparse.Namespace) -> int:
                         f"(setup {lag.setup_seconds:.1f} s)",
                         flush=True,
                     )
+                    if lag.delivered is not None:
+                        print(
+                            f"    {len(lag.delivered)} down alerts delivered ({lag.attempts_stored} attempts "
+                            f"stored); lag p50 {percentile(lag.delivered, 50) * 1000:.0f} ms, "
+                            f"p99 {percentile(lag.delivered, 99) * 1000:.0f} ms, "
+                            f"max {max(lag.delivered, default=math.nan) * 1000:.0f} ms",
+                            flush=True,
+                        )
         finally:
             await cleanup(args.amqp_url, namespaces, bare_queues)
     print()
@@ -559,6 +695,13 @@ async def run(args: argparse.Namespace) -> int:
         print(f"{'  max':<62} {max(lag.lags, default=math.nan) * 1000:>9.0f} ms")
         counts = f"{len(lag.lags)}/{lag.flips_stored}/{lag.jobs}"
         print(f"{'  down flips logged / stored / jobs':<62} {counts:>12}")
+        if lag.delivered is not None:
+            for p in (50, 95, 99):
+                label = f"  grace end -> alert delivered (webhook): p{p}"
+                print(f"{label:<62} {percentile(lag.delivered, p) * 1000:>9.0f} ms")
+            print(f"{'  max':<62} {max(lag.delivered, default=math.nan) * 1000:>9.0f} ms")
+            counts = f"{len(lag.delivered)}/{lag.attempts_stored}"
+            print(f"{'  down alerts delivered / attempts stored (all alerts)':<62} {counts:>12}")
     return 0
 
 
@@ -574,6 +717,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--spread", type=int, default=0, help="spread their due times over this many seconds (< 60)"
     )
     parser.add_argument("--reload", type=float, default=2.0, help="the monitor's jobs_reload_seconds")
+    parser.add_argument(
+        "--channel",
+        default="webhook",
+        choices=["webhook", "log"],
+        help="where the deadline run's alerts go: a local webhook receiver (timed), or the log",
+    )
+    parser.add_argument(
+        "--alert-concurrency", type=int, help="the webhook's [delivery] concurrency (default: the monitor's)"
+    )
     parser.add_argument("--stall", type=float, default=60.0, help="give up when nothing moves this long")
     parser.add_argument(
         "--stores", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"]

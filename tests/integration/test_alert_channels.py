@@ -431,7 +431,7 @@ async def test_a_full_queue_refuses_and_records_instead_of_growing(
 ) -> None:
     recorder = Recorder()
     channels = channels_for(receiver, client, hung="/hang")
-    policy = RetryPolicy(attempts=1, queue_limit=2)
+    policy = RetryPolicy(attempts=1, queue_limit=2, concurrency=1)
     async with Dispatcher(channels, Routes(default=["hung"]), policy, recorder) as dispatcher:
         assert dispatcher.submit(an_alert("a")) == ("hung",)
         await eventually(lambda: _async(receiver.seen("/hang")))  # "a" is in flight
@@ -445,6 +445,39 @@ async def test_a_full_queue_refuses_and_records_instead_of_growing(
         receiver.release.set()
         await dispatcher.idle()
     assert sorted(a.alert.job for a in recorder.attempts if a.delivered) == ["a", "b", "c"]
+
+
+async def test_a_channel_delivers_several_jobs_at_once_and_each_jobs_alerts_in_order(
+    receiver: Receiver, client: httpx.AsyncClient
+) -> None:
+    stored: list[list[Attempt]] = []
+
+    async def store_all(attempts: list[Attempt]) -> None:
+        stored.append(list(attempts))
+
+    channels = channels_for(receiver, client, hung="/hang")
+    policy = RetryPolicy(attempts=1, concurrency=2)
+    async with Dispatcher(channels, Routes(default=["hung"]), policy, on_attempts=store_all) as dispatcher:
+        dispatcher.submit(an_alert("a", flip_id="a-alarm"))
+        dispatcher.submit(an_alert("a", flip_id="a-recovery"))
+        dispatcher.submit(an_alert("b", flip_id="b-alarm"))
+        # Two at once: a's alarm and b's; a's recovery waits for a's alarm, not for a free task.
+        await eventually(lambda: _async(len(receiver.seen("/hang")) == 2))
+        assert dispatcher.backlog()["hung"] == 3
+        held = {orjson.loads(r.body)["data"]["id"] for r in receiver.seen("/hang")}
+        assert held == {"a-alarm", "b-alarm"}
+        receiver.release.set()
+        await dispatcher.idle()
+    ids = [orjson.loads(r.body)["data"]["id"] for r in receiver.seen("/hang")]
+    assert sorted(ids) == ["a-alarm", "a-recovery", "b-alarm"]
+    assert ids.index("a-alarm") < ids.index("a-recovery")
+    attempts = [attempt for batch in stored for attempt in batch]
+    assert sorted(a.alert.flip_id for a in attempts if a.delivered) == ["a-alarm", "a-recovery", "b-alarm"]
+
+
+def test_a_dispatcher_reports_to_one_callback() -> None:
+    with pytest.raises(TypeError):
+        Dispatcher({}, Routes(), RetryPolicy())
 
 
 # Email over STARTTLS with AUTH ------------------------------------------------------------------

@@ -20,6 +20,8 @@ from common.messages import HeartbeatKind, JobHeartbeat, RunFinished, RunStarted
 from common.settings import Settings
 from common.store import FlipRow, JobHealthRow, Store
 from common.topology import Topology
+from monitor.health import Flip, State
+from monitor.health_store import JobFlip, store_flips
 from monitor.recorder import feeds_health, record_batch
 from tests.conftest import Start
 from tests.fleet import Fleet, cronfleet, eventually
@@ -345,3 +347,41 @@ async def test_a_duplicate_run_is_recorded_and_leaves_the_jobs_health_alone(stor
     assert after is not None
     assert {c: getattr(after, c) for c in COLUMNS} == {c: getattr(before, c) for c in COLUMNS}
     assert facts(await flips_of(store, "nightly")) == flips_before
+
+
+async def test_a_herd_of_flips_stored_at_once_gets_each_its_own_row_and_id(store: Store) -> None:
+    # More flips than one INSERT carries, with two of the same content, stored in one go: each
+    # id must name the row of its own flip (the alert of flip N is about flip N's job).
+    now = utcnow().replace(microsecond=123456)
+    flips = [
+        JobFlip(
+            f"job-{i % 700:04d}",
+            Flip(
+                at=now + timedelta(seconds=i // 700),
+                from_state=State.LATE if i % 3 else State.UP,
+                to_state=State.DOWN,
+                reason=f"no run ({i})",
+            ),
+        )
+        for i in range(1500)
+    ]
+    flips.append(flips[7])
+    flips.append(JobFlip("job-0001", Flip(now, State.DOWN, State.UP, "ran", recovered_from=State.DOWN)))
+    async with store.session() as session, session.begin():
+        saved = await store_flips(session, flips, now)
+    assert [item.job for item in saved] == [item.job for item in flips]
+    assert len({item.id for item in saved}) == len(flips)
+    async with store.session() as session:
+        rows = {row.id: row for row in (await session.execute(select(FlipRow))).scalars()}
+    for item in saved:
+        assert item.id is not None
+        row = rows[item.id]
+        assert (row.job, row.at, row.from_state, row.to_state, row.reason, row.recovered_from) == (
+            item.job,
+            item.flip.at,
+            item.flip.from_state.value,
+            item.flip.to_state.value,
+            item.flip.reason,
+            None if item.flip.recovered_from is None else item.flip.recovered_from.value,
+        )
+        assert row.alert == ("pending" if item.alert else None)
