@@ -32,8 +32,14 @@ _MARK_PUBLISHED = (
 )
 
 # A fire claimed this long ago and still unpublished is taken over by another scheduler: its
-# claimer is presumably dead (a live one publishes within milliseconds, or retries it itself).
-STALE_CLAIM_SECONDS = 30.0
+# claimer is presumably dead (a live one publishes within milliseconds, renews the claims of a
+# long burst batch by batch, and retries an unconfirmed fire itself). With schedulers looking
+# every ``PENDING_EVERY_SECONDS``, a SIGKILLed claimer's fires go out within about 4 s. A live
+# claimer stalled longer than this has its fires published twice: each repeat carries the same
+# trigger id, and the worker records it as a ``duplicate`` run, not a second execution.
+STALE_CLAIM_SECONDS = 3.0
+# How often a scheduler publishes fires that are pending (its own unconfirmed ones, stale ones).
+PENDING_EVERY_SECONDS = 0.5
 
 
 class PendingFire(NamedTuple):
@@ -79,15 +85,21 @@ async def claim(
     return [fire for fire in fires if fire.trigger_id in claimed]
 
 
-async def publish(store: Store, publisher: Publisher, fires: Sequence[PendingFire]) -> int:
+async def publish(
+    store: Store, publisher: Publisher, fires: Sequence[PendingFire], claimed_by: str | None = None
+) -> int:
     """Publish claimed fires with pipelined confirms, ``PUBLISH_BATCH`` in flight at a time.
 
     Marks each confirmed fire published at the moment its own confirm came back, batch by batch
     (the first fires of a burst are marked while later ones are still going out), and returns
     how many were. A fire the broker did not confirm stays pending for ``publish_pending``.
+    With ``claimed_by``, the claims of each later batch are renewed before it goes out, so that
+    a long burst is not taken for a dead claimer's (``STALE_CLAIM_SECONDS``).
     """
     done = 0
-    for batch in chunks(fires, PUBLISH_BATCH):
+    for index, batch in enumerate(chunks(fires, PUBLISH_BATCH)):
+        if index and claimed_by is not None:
+            await _renew_claims(store, [fire.trigger_id for fire in batch], claimed_by)
         results = await asyncio.gather(*(_publish_one(publisher, f) for f in batch), return_exceptions=True)
         confirmed = [
             {"b_id": fire.trigger_id, "b_at": result}
@@ -108,6 +120,52 @@ async def publish(store: Store, publisher: Publisher, fires: Sequence[PendingFir
     return done
 
 
+async def _renew_claims(store: Store, trigger_ids: Sequence[str], claimed_by: str) -> None:
+    """Stamp ``claimed_by``'s unpublished claims of these fires as made now."""
+    now = utcnow()
+    async with store.session() as session, session.begin():
+        for some in chunks(list(trigger_ids), IN_LIST_CHUNK):
+            await session.execute(
+                update(FireRow)
+                .where(
+                    FireRow.trigger_id.in_(some),
+                    FireRow.claimed_by == claimed_by,
+                    FireRow.published_at.is_(None),
+                )
+                .values(claimed_at=now)
+            )
+
+
+async def adopt_claims(store: Store, claimed_by: str, dead: Sequence[str], now: datetime) -> int:
+    """Make the unpublished, unexpired fires claimed by ``dead`` (claimers known to have died,
+    such as this host's earlier scheduler processes) ``claimed_by``'s own, so that its next
+    ``publish_pending`` sends them at once instead of after ``STALE_CLAIM_SECONDS``. Returns how
+    many it adopted."""
+    if not dead:
+        return 0
+    adopt = (
+        update(FireRow)
+        .where(FireRow.claimed_by.in_(list(dead)), FireRow.published_at.is_(None), FireRow.expires_at > now)
+        .values(claimed_by=claimed_by)
+    )
+    async with store.session() as session, session.begin():
+        result = await session.execute(adopt)
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def pending_claimers(store: Store, prefix: str, now: datetime) -> list[str]:
+    """The claimers whose names start with ``prefix`` that hold unpublished, unexpired fires."""
+    query = (
+        select(FireRow.claimed_by)
+        .where(
+            FireRow.claimed_by.startswith(prefix), FireRow.published_at.is_(None), FireRow.expires_at > now
+        )
+        .distinct()
+    )
+    async with store.session() as session:
+        return [str(name) for name in (await session.execute(query)).scalars()]
+
+
 async def _publish_one(publisher: Publisher, fire: PendingFire) -> datetime:
     """Publish one fire; the instant its confirm came back."""
     await publisher.trigger_body(fire.body.encode(), fire.pool, fire.trigger_id)
@@ -119,7 +177,7 @@ async def publish_claimed(
 ) -> list[PendingFire]:
     """Claim ``triggers`` and publish those this call won. Returns the ones it won."""
     won = await claim(store, triggers, claimed_by, now)
-    await publish(store, publisher, won)
+    await publish(store, publisher, won, claimed_by)
     return won
 
 
@@ -157,4 +215,4 @@ async def publish_pending(
         rows = (await session.execute(take)).all()
     if not rows:
         return 0
-    return await publish(store, publisher, [PendingFire(*row) for row in rows])
+    return await publish(store, publisher, [PendingFire(*row) for row in rows], claimed_by)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -23,6 +23,30 @@ SERVICE_NAMES = ("scheduler", "worker", "monitor")
 def default_instance_name(role: str) -> str:
     """``role@host:pid``: unique enough to tell processes apart in logs and events."""
     return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+def local_prefix(role: str) -> str:
+    """What the default names of ``role``'s processes on this host start with: ``role@host:``."""
+    return f"{role}@{socket.gethostname()}:"
+
+
+def dead_local_instances(role: str, names: Iterable[str]) -> list[str]:
+    """Those of ``names`` that are default names of ``role`` processes of this host
+    (``role@host:pid``) whose process is gone: not this one, and no process has that pid now.
+    A pid taken by another process since counts as alive (the caller then waits, as for a
+    process of another host)."""
+    prefix, dead = local_prefix(role), []
+    for name in names:
+        pid_text = name.removeprefix(prefix) if name.startswith(prefix) else ""
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            dead.append(name)
+        except (PermissionError, OverflowError):
+            continue
+    return dead
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from common.catalog import load_jobs, planned_pools, read_job_changes, record_ne
 from common.clock import Clock, utcnow
 from common.errors import BrokerUnavailable
 from common.messages import SchedulerHeartbeat, Trigger, trigger_id
-from common.services import ServiceOptions
+from common.services import ServiceOptions, dead_local_instances, local_prefix
 from common.settings import Settings
 from common.signing import Role
 from common.store import STORE_OUTAGES, Store
@@ -173,7 +173,22 @@ class Scheduler:
         except (SQLAlchemyError, *STORE_OUTAGES) as exc:
             log.warning("next fires of %d job(s) not stored (%s): computed again at start", len(fired), exc)
 
-    async def publish_pending_forever(self, every: float = 1.0) -> None:
+    async def adopt_dead_claims(self) -> None:
+        """Make the pending fires of this host's earlier scheduler processes (gone: killed,
+        crashed, restarted) this one's own, so that they go out now rather than once their
+        claims are stale (``fires.STALE_CLAIM_SECONDS``)."""
+        now = self.clock()
+        claimers = await fires.pending_claimers(self.store, local_prefix("scheduler"), now)
+        dead = dead_local_instances("scheduler", claimers)
+        adopted = await fires.adopt_claims(self.store, self.name, dead, now)
+        if adopted:
+            log.warning(
+                "took over %d unpublished fire(s) of %s, which stopped before publishing them",
+                adopted,
+                ", ".join(dead),
+            )
+
+    async def publish_pending_forever(self, every: float = fires.PENDING_EVERY_SECONDS) -> None:
         """Keep publishing fires the broker has not confirmed yet (after an outage or a crash)."""
         while True:
             try:
@@ -215,6 +230,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
             publisher = await Publisher.open(connection, Topology(settings.namespace), keyring)
             scheduler = Scheduler(settings, store, publisher, name)
             await scheduler.reload()
+            await scheduler.adopt_dead_claims()
             log.info("scheduler %s planning %d job(s)", name, len(scheduler.planner))
             options.ready.set()
             async with asyncio.TaskGroup() as tasks:

@@ -173,12 +173,24 @@ def _logging_as_in_a_new_process() -> Iterator[None]:
             logger.setLevel(saved)
 
 
+def scheduler_process(settings: Settings) -> subprocess.Popen[bytes]:
+    """``cronfleet scheduler`` as a process of its own on the fleet's settings (a test may kill
+    it); its output is dropped."""
+    return _service_process(settings, ["scheduler"], None, None)
+
+
 def worker_process(
     settings: Settings, *args: str, cwd: Path | None = None, user: str | None = None
 ) -> subprocess.Popen[bytes]:
     """``cronfleet worker --concurrency 1 ARGS`` as a process of its own on the fleet's settings
     (a test may kill it), in ``cwd``, as ``user`` when given (the test must be root); its output
     is dropped."""
+    return _service_process(settings, ["worker", "--concurrency", "1", *args], cwd, user)
+
+
+def _service_process(
+    settings: Settings, args: list[str], cwd: Path | None, user: str | None
+) -> subprocess.Popen[bytes]:
     environment = {
         **os.environ,
         "CRONFLEET_AMQP_URL": settings.amqp_url,
@@ -188,12 +200,13 @@ def worker_process(
         "CRONFLEET_CLAIM_LEASE_SECONDS": str(settings.claim_lease_seconds),
         # The monitor judges a worker gone by its own heartbeat interval: they must agree.
         "CRONFLEET_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+        "CRONFLEET_JOBS_RELOAD_SECONDS": str(settings.jobs_reload_seconds),
         "CRONFLEET_ALLOW_COMMANDS": settings.allow_commands or "",
     }
     if settings.database_schema:
         environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
     return subprocess.Popen(
-        [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", "1", *args],
+        [str(Path(sys.executable).parent / "cronfleet"), *args],
         env=environment,
         cwd=cwd,
         user=user,

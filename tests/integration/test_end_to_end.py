@@ -163,7 +163,9 @@ async def test_two_schedulers_publish_each_fire_once(store: Store, fleet: Start)
         return runs if len(runs) >= 4 else []
 
     runs = await eventually(four_runs)
-    trigger_ids = [r.trigger_id for r in runs]
+    # A fire published twice (a scheduler stalled past the claim's takeover) is run once: the
+    # repeat is recorded as a duplicate run, never executed.
+    trigger_ids = [r.trigger_id for r in runs if r.status != "duplicate"]
     assert len(trigger_ids) == len(set(trigger_ids)), "a fire was executed twice"
 
 

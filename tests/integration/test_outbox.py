@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ from common import fires
 from common.bus import Publisher
 from common.clock import utcnow
 from common.jobs import parse_jobs
+from common.services import dead_local_instances, local_prefix
 from common.settings import Settings
 from common.store import FireRow, Store
 from common.topology import Topology
@@ -79,3 +81,27 @@ async def test_an_expired_pending_fire_is_not_published(
     await fires.claim(store, [JOB.trigger_at(then, then)], "scheduler-a", then)
     assert await fires.publish_pending(store, publisher, "scheduler-a", utcnow()) == 0
     assert await _queued(amqp, settings) == 0
+
+
+async def test_a_restarted_scheduler_adopts_its_dead_predecessors_fires_at_once(
+    settings: Settings, store: Store, publisher: Publisher, amqp: AbstractRobustConnection
+) -> None:
+    # A scheduler of this host was killed between claiming a fire and publishing it: its
+    # successor (a new pid, so a new name) sends it at once, not once the claim is stale.
+    gone = await asyncio.create_subprocess_exec("true")
+    await gone.wait()
+    dead = f"{local_prefix('scheduler')}{gone.pid}"
+    alive = f"{local_prefix('scheduler')}{os.getpid()}"
+    other_host = "scheduler@another-host:1"
+    now = utcnow()
+    later = now + timedelta(seconds=1)
+    await fires.claim(store, [JOB.trigger_at(now, now)], dead, now)
+    await fires.claim(store, [JOB.trigger_at(later, later)], other_host, now)
+
+    claimers = await fires.pending_claimers(store, local_prefix("scheduler"), now)
+    assert claimers == [dead]
+    assert dead_local_instances("scheduler", [*claimers, alive, other_host, "scheduler@x"]) == [dead]
+    assert await fires.adopt_claims(store, "scheduler-new", [dead], now) == 1
+    # Its own now: published on its first sweep; the other host's fresh claim is left alone.
+    assert await fires.publish_pending(store, publisher, "scheduler-new", now) == 1
+    assert await _queued(amqp, settings) == 1
