@@ -179,6 +179,8 @@ def permissions(
     events = re.escape(topology.events_exchange)
     dead = re.escape(topology.dead_exchange)
     retry = re.escape(topology.retry_exchange)
+    control = re.escape(topology.control_exchange)
+    control_queues = re.escape(topology.control_queue("")) + "[0-9a-f]+"
     delay_queues = re.escape(topology.retry_exchange + ".") + "[0-9]+s"
     pool_names = _names(pools, POOL_PATTERN, "pool")
     job_names = _names(jobs, JOB_NAME_PATTERN, "job")
@@ -200,6 +202,14 @@ def permissions(
                 needs.bind(delay_queues, retry)
             needs.publish(triggers)
             needs.publish(events, [_event_type(SchedulerHeartbeat)])
+            # ``jobs.changed`` after an apply; a scheduler listens on a queue of its own and
+            # dead-letters a control message it refuses.
+            needs.publish(control)
+            if role is Role.SCHEDULER:
+                needs.declare(control_queues)
+                needs.bind(control_queues, control)
+                needs.consume(control_queues)
+                needs.publish(dead)
             if role is Role.ADMIN:
                 needs.publish(events, [rf"{_event_type(JobHeartbeat)}\.{job}" for job in job_names])
         case Role.WORKER:
@@ -220,6 +230,8 @@ def permissions(
         case Role.MONITOR:
             needs.consume(re.escape(topology.monitor_queue))
             needs.publish(dead)
+            # The HTTP API's job changes: ``jobs.changed``.
+            needs.publish(control)
         case Role.PING:
             needs.publish(events, [rf"{_event_type(JobHeartbeat)}\.{job}" for job in job_names])
     return BrokerPermissions(
@@ -236,17 +248,18 @@ def permissions(
 def _shared_topology(needs: _Needs, topology: Topology, *, create: bool) -> None:
     """What ``Topology.declare_exchanges`` does: declare the four exchanges and both shared
     queues, bind the dead-letter queue to its exchange and the monitor queue to every event."""
-    triggers, events, dead, retry = (
+    triggers, events, dead, retry, control = (
         re.escape(name)
         for name in (
             topology.triggers_exchange,
             topology.events_exchange,
             topology.dead_exchange,
             topology.retry_exchange,
+            topology.control_exchange,
         )
     )
     dead_queue, monitor_queue = re.escape(topology.dead_queue), re.escape(topology.monitor_queue)
-    needs.declare(triggers, events, dead, retry, dead_queue, monitor_queue)
+    needs.declare(triggers, events, dead, retry, control, dead_queue, monitor_queue)
     if create:
         needs.create_dead_lettered(monitor_queue, dead)
     needs.bind(dead_queue, dead)

@@ -36,8 +36,8 @@ from common.envelope import (
     Rejected,
     one_line,
 )
-from common.errors import BrokerUnavailable
-from common.messages import JobHeartbeat, WireMessage
+from common.errors import BrokerUnavailable, ConfigError
+from common.messages import JOBS_CHANGED_ROUTING_KEY, JobHeartbeat, JobsChanged, WireMessage
 from common.retries import ATTEMPT_HEADER, DELAY_HEADER
 from common.roles import signing_role
 from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
@@ -207,6 +207,31 @@ class Publisher:
         job = event.job if isinstance(event, JobHeartbeat) else None
         signer = self._keyring.signer(signing_role(event), job)
         await self._publish("events", body, signer.sign(self.namespace, routing_key, body), routing_key, None)
+
+    async def jobs_changed(self, by: str) -> None:
+        """Tell the running schedulers that the jobs changed (``JobsChanged``), signed with a
+        trigger key, else an event key. Raises BrokerUnavailable when it cannot be sent (the
+        schedulers then see the change at their next poll) and ConfigError without such a key."""
+        if "control" not in self._exchanges:
+            raise BrokerUnavailable("this publisher did not declare the control exchange")
+        message = JobsChanged(by=by, at=datetime.now(UTC))
+        body = message.to_bytes()
+        try:
+            signer = self._keyring.signer(Role.TRIGGER)
+        except ConfigError:
+            signer = self._keyring.signer(Role.EVENT, who=by)
+        headers = signer.sign(self.namespace, JOBS_CHANGED_ROUTING_KEY, body)
+        await self._publish("control", body, headers, JOBS_CHANGED_ROUTING_KEY, None)
+
+    async def tell_jobs_changed(self, by: str) -> str | None:
+        """``jobs_changed``, never raising: None when the schedulers were told, else why not
+        (they then see the change at their next poll, ``CRONFLEET_JOBS_RELOAD_SECONDS``)."""
+        try:
+            async with asyncio.timeout(5):
+                await self.jobs_changed(by)
+        except (BrokerUnavailable, ConfigError, TimeoutError) as exc:
+            return str(exc) or type(exc).__name__
+        return None
 
     async def dead_letter(
         self, message: AbstractIncomingMessage, rejected: Rejected, rejected_by: str

@@ -271,6 +271,19 @@ class SchedulerHeartbeat(WireMessage):
     next_fire_at: Instant | None = None
 
 
+class JobsChanged(WireMessage):
+    """The jobs in the store changed (applied, paused, resumed, removed): schedulers read the
+    changes now instead of at their next poll. It carries no authority: a scheduler that gets
+    one only reads the store, which is where the changes are."""
+
+    type: Literal["jobs.changed"] = "jobs.changed"
+    by: Identifier
+    at: Instant
+
+
+JOBS_CHANGED_ROUTING_KEY = "jobs.changed"
+CONTROL_ADAPTER: TypeAdapter[JobsChanged] = TypeAdapter(JobsChanged)
+
 Event = Annotated[
     RunStarted | RunFinished | JobHeartbeat | WorkerHeartbeat | SchedulerHeartbeat,
     Field(discriminator="type"),
@@ -285,4 +298,5 @@ ALL_MESSAGES: tuple[type[WireMessage], ...] = (
     JobHeartbeat,
     WorkerHeartbeat,
     SchedulerHeartbeat,
+    JobsChanged,
 )

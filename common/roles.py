@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from common.messages import (
     JobHeartbeat,
+    JobsChanged,
     RunFinished,
     RunStarted,
     SchedulerHeartbeat,
@@ -26,6 +27,8 @@ SIGNED_BY: Mapping[type, frozenset[Role]] = {
     WorkerHeartbeat: frozenset({Role.EVENT}),
     SchedulerHeartbeat: frozenset({Role.EVENT}),
     JobHeartbeat: frozenset({Role.EVENT, Role.PING}),
+    # Whoever changes jobs: ``cronfleet apply`` (a trigger key), the HTTP API (a monitor's).
+    JobsChanged: frozenset({Role.TRIGGER, Role.EVENT}),
 }
 
 

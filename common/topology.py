@@ -72,6 +72,15 @@ class Topology:
         return f"{self.namespace}.retry.{seconds}s"
 
     @property
+    def control_exchange(self) -> str:
+        """Fanout exchange: ``jobs.changed``, to every running scheduler."""
+        return f"{self.namespace}.control"
+
+    def control_queue(self, instance: str) -> str:
+        """A scheduler's own (exclusive) queue of control messages; ``instance`` is random."""
+        return f"{self.namespace}.control.{instance}"
+
+    @property
     def monitor_queue(self) -> str:
         """The monitors' shared queue of every event."""
         return f"{self.namespace}.monitor"
@@ -103,7 +112,10 @@ class Topology:
         await dead_queue.bind(dead)
         await self._monitor_queue(channel)
         await channel.declare_exchange(self.retry_exchange, aio_pika.ExchangeType.HEADERS, durable=True)
-        return {"triggers": triggers, "events": events, "dead": dead}
+        control = await channel.declare_exchange(
+            self.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        return {"triggers": triggers, "events": events, "dead": dead, "control": control}
 
     async def _delay_queues(self, channel: AbstractChannel) -> None:
         """One delay queue per step, bound to the retry exchange. A retry's signed body and
@@ -160,6 +172,15 @@ class Topology:
         await queue.bind(self.triggers_exchange, routing_key=pool)
         return queue
 
+    async def declare_control(self, channel: AbstractChannel, instance: str) -> AbstractQueue:
+        """Declare a scheduler's own queue of control messages, bound to the control exchange:
+        exclusive to its connection, gone with it."""
+        queue = await channel.declare_queue(
+            self.control_queue(instance), exclusive=True, auto_delete=True, durable=False
+        )
+        await queue.bind(self.control_exchange)
+        return queue
+
     async def declare_monitor(self, channel: AbstractChannel) -> AbstractQueue:
         """Declare everything (see ``declare_exchanges``) and return the monitor's queue."""
         await self.declare_exchanges(channel)
@@ -184,6 +205,7 @@ class Topology:
             self.events_exchange,
             self.dead_exchange,
             self.retry_exchange,
+            self.control_exchange,
         ):
             await channel.exchange_delete(exchange)
 

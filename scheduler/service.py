@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 
+from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.exc import SQLAlchemyError
 
 from common import fires
-from common.bus import CONNECT_ERRORS, Publisher, connect
+from common.bus import CONNECT_ERRORS, Publisher, connect, consume_forever, settle
 from common.catalog import load_jobs, planned_pools, read_job_changes, record_next_fires
 from common.clock import Clock, utcnow
+from common.envelope import Accepted, open_envelope
 from common.errors import BrokerUnavailable
-from common.messages import SchedulerHeartbeat, Trigger, trigger_id
+from common.messages import CONTROL_ADAPTER, SchedulerHeartbeat, Trigger, trigger_id
 from common.services import ServiceOptions, dead_local_instances, local_prefix
 from common.settings import Settings
 from common.signing import Role
@@ -57,6 +60,10 @@ class Scheduler:
         # Held while publishing: the outbox sweep must never see this scheduler's in-flight fires
         # as pending, or it would publish them a second time.
         self._publishing = asyncio.Lock()
+        # Set by a ``jobs.changed`` control message: reload now, not at the next poll.
+        self._changed = asyncio.Event()
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self.publisher_keyring = settings.keyring(warn_legacy=False)
 
     async def reload(self) -> None:
         """Read the jobs changed or removed since the version last read (at start: every planned
@@ -115,7 +122,41 @@ class Scheduler:
                 self._reloaded_at = self.clock()
                 # What is due stays due: wait a moment rather than spin on it.
                 await asyncio.sleep(_OUTAGE_PAUSE)
-            await asyncio.sleep(self._seconds_to_next_work(reload_every))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self._seconds_to_next_work(reload_every))
+            if self._changed.is_set():
+                self._changed.clear()
+                self._reloaded_at = None  # reload at once: polling is only the fallback
+
+    def jobs_changed(self, message: AbstractIncomingMessage) -> None:
+        """Take a control message (``jobs.changed``): verified, it wakes the planning loop to
+        reload now; refused, it is dead-lettered with its reason (``listen_for_changes``)."""
+        self._inbox.put_nowait(message)
+
+    async def listen_for_changes(self) -> None:
+        """Handle the control messages ``consume_forever`` hands over, one at a time, forever."""
+        while True:
+            message = await self._inbox.get()
+            opened = open_envelope(
+                message.body,
+                message.headers or {},
+                self.publisher_keyring,
+                CONTROL_ADAPTER,
+                self.clock(),
+                namespace=self.settings.namespace,
+                routing_key=message.routing_key or "",
+            )
+            if isinstance(opened, Accepted):
+                log.info("jobs changed (%s); reloading now", opened.message.by)
+                self._changed.set()
+                await settle(message)
+                continue
+            log.warning("refused control message: %s (%s)", opened.reason.value, opened.detail)
+            try:
+                await self.publisher.dead_letter(message, opened, self.name)
+            except BrokerUnavailable as exc:
+                log.warning("could not dead-letter a refused control message (%s); dropped", exc)
+            await settle(message)
 
     def _seconds_to_next_work(self, reload_every: float) -> float:
         """Until the next fire, the next reload, or a retry of unclaimed fires, whichever is first."""
@@ -232,8 +273,20 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
             await scheduler.reload()
             await scheduler.adopt_dead_claims()
             log.info("scheduler %s planning %d job(s)", name, len(scheduler.planner))
-            options.ready.set()
+            topology = Topology(settings.namespace)
+            control = uuid.uuid4().hex[:12]
             async with asyncio.TaskGroup() as tasks:
+                # Ready once it listens for jobs.changed: a change made after that is seen at once.
+                tasks.create_task(
+                    consume_forever(
+                        connection,
+                        lambda channel: topology.declare_control(channel, control),
+                        16,
+                        scheduler.jobs_changed,
+                        options.ready,
+                    )
+                )
+                tasks.create_task(scheduler.listen_for_changes())
                 tasks.create_task(scheduler.plan_forever())
                 tasks.create_task(scheduler.publish_pending_forever())
                 tasks.create_task(scheduler.heartbeat_forever())

@@ -15,13 +15,13 @@ from sqlalchemy import ScalarSelect, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common import fires
-from common.bus import Publisher, connect
+from common.bus import CONNECT_ERRORS, Publisher, connect
 from common.catalog import apply_jobs, find_job, read_jobs
 from common.cli.fleet_status import COLUMNS as FLEET_COLUMNS
 from common.cli.fleet_status import fleet_down, read_fleet
 from common.cli.output import emit
 from common.clock import utcnow
-from common.errors import ConfigError, CronfleetError, JobFileError, NoAction, NotFound
+from common.errors import BrokerUnavailable, ConfigError, CronfleetError, JobFileError, NoAction, NotFound
 from common.jobs import JobSpec, load_jobs_file
 from common.messages import ALL_MESSAGES, HeartbeatKind, JobHeartbeat, RunStatus
 from common.redact import redact
@@ -69,6 +69,8 @@ async def apply(settings: Settings, args: argparse.Namespace) -> int:
         )
     async with open_store(settings) as store:
         diff = await apply_jobs(store, specs, utcnow(), prune=not args.keep, dry_run=args.dry_run)
+    if not args.dry_run and (diff.added or diff.changed or diff.removed):
+        await _tell_schedulers(settings)
     verb = "would be " if args.dry_run else ""
     for label, names in (("added", diff.added), ("changed", diff.changed), ("removed", diff.removed)):
         for name in names:
@@ -76,6 +78,23 @@ async def apply(settings: Settings, args: argparse.Namespace) -> int:
     if not (diff.added or diff.changed or diff.removed):
         print(f"no changes ({len(diff.unchanged)} job(s) up to date)")
     return 0
+
+
+async def _tell_schedulers(settings: Settings) -> None:
+    """Tell the running schedulers the jobs changed (``jobs.changed``); if the broker cannot be
+    reached, say so on stderr: the change is stored, and they see it at their next poll."""
+    why: str | None
+    try:
+        async with open_publisher(settings, "cronfleet-apply") as publisher:
+            why = await publisher.tell_jobs_changed("cronfleet apply")
+    except (BrokerUnavailable, ConfigError, *CONNECT_ERRORS) as exc:
+        why = str(exc) or type(exc).__name__
+    if why is not None:
+        print(
+            f"note: the running schedulers were not told ({why}); they will see the change "
+            f"within {settings.jobs_reload_seconds:g} s",
+            file=sys.stderr,
+        )
 
 
 async def jobs(settings: Settings, args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ Every spec shown has its secrets masked (``common.redact``), as ``cronfleet jobs
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -32,6 +33,8 @@ from monitor.http.api_common import (
 )
 from monitor.http.auth import ApiError, reader, writer
 from monitor.http.context import HttpContext, context_of
+
+log = logging.getLogger("cronfleet.monitor.http")
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -148,7 +151,18 @@ async def _save(context: HttpContext, spec: JobSpec, *, exists: bool) -> JobOut:
         raise ApiError(404, "not_found") from exc
     except AlreadyExists as exc:
         raise ApiError(409, "exists") from exc
+    await _tell_schedulers(context)
     return job_out(spec)
+
+
+async def _tell_schedulers(context: HttpContext) -> None:
+    """Tell the running schedulers the jobs changed; when the broker cannot be reached, they see
+    it at their next poll (logged, never an error of the request: the change is stored)."""
+    why = await context.publisher.tell_jobs_changed("the HTTP API")
+    if why is not None:
+        log.warning(
+            "the schedulers were not told a job changed (%s); they will see it at their next poll", why
+        )
 
 
 @router.get("", response_model=JobList, responses=READ_ERRORS)
@@ -246,4 +260,5 @@ async def delete_job(name: JobNameParam, context: Context, key: Writer) -> Respo
     """Remove a job, as ``apply`` removes one no longer in the file."""
     if not await remove_job(context.store, name):
         raise ApiError(404, "not_found")
+    await _tell_schedulers(context)
     return Response(status_code=204)

@@ -163,11 +163,14 @@ def test_a_scheduler_can_be_narrowed_to_some_pools() -> None:
 
 def test_an_admin_is_a_scheduler_that_may_also_ping() -> None:
     admin, scheduler = rights(Role.ADMIN), rights(Role.SCHEDULER)
-    assert (admin.configure, admin.write, admin.read) == (
-        scheduler.configure,
-        scheduler.write,
-        scheduler.read,
-    )
+    # ... but does not listen for jobs.changed: no control queue of its own, nothing to refuse.
+    control_queue = f"{NS}.control.0123456789ab"
+    assert matches(scheduler.configure, control_queue) and not matches(admin.configure, control_queue)
+    assert matches(scheduler.read, f"{NS}.control") and not matches(admin.read, f"{NS}.control")
+    for right in ("configure", "write", "read"):
+        for name in (f"{NS}.{n}" for n in ("triggers", "events", "pool.default", "monitor")):
+            assert matches(getattr(admin, right), name) == matches(getattr(scheduler, right), name)
+    assert matches(admin.write, f"{NS}.control") and matches(scheduler.write, f"{NS}.control")
     assert matches(admin.topic_write, "job.heartbeat.j")
     assert matches(admin.topic_write, "scheduler.heartbeat")
     assert not matches(admin.topic_write, "run.finished.j")

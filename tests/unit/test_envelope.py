@@ -17,9 +17,12 @@ from common.bounds import MAX_MESSAGE_BYTES
 from common.bus import amqp_value
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
 from common.messages import (
+    CONTROL_ADAPTER,
     EVENT_ADAPTER,
+    JOBS_CHANGED_ROUTING_KEY,
     TRIGGER_ADAPTER,
     JobHeartbeat,
+    JobsChanged,
     RunFinished,
     RunStarted,
     RunStatus,
@@ -295,7 +298,7 @@ ALLOWED = {
 
 
 def test_every_message_type_is_accepted_only_under_the_roles_that_may_sign_it() -> None:
-    assert {type(message) for message in MESSAGES.values()} == set(SIGNED_BY)
+    assert {type(message) for message in MESSAGES.values()} | {JobsChanged} == set(SIGNED_BY)
     for label, message in MESSAGES.items():
         body = message.to_bytes()
         adapter: Any = TRIGGER_ADAPTER if isinstance(message, Trigger) else EVENT_ADAPTER
@@ -313,6 +316,22 @@ def test_every_message_type_is_accepted_only_under_the_roles_that_may_sign_it() 
                 assert opened.reason is RejectionReason.WRONG_ROLE, (label, key.id, opened)
                 assert repr(key.id) in opened.detail and message.type in opened.detail
                 assert "ppppppp" not in opened.detail and "qqqqqqq" not in opened.detail
+
+
+def test_jobs_changed_is_accepted_from_trigger_and_event_keys_only() -> None:
+    # It carries no authority (a scheduler only reads the store again), but it is signed like
+    # every message: by ``cronfleet apply`` (a trigger key) or the HTTP API (a monitor's event key).
+    message = JobsChanged(by="cronfleet apply", at=NOW)
+    body = message.to_bytes()
+    for key in ROLE_KEYS.keys:
+        headers = key.sign(NS, JOBS_CHANGED_ROUTING_KEY, body)
+        opened = open_envelope(
+            body, headers, ROLE_KEYS, CONTROL_ADAPTER, NOW, namespace=NS, routing_key=JOBS_CHANGED_ROUTING_KEY
+        )
+        if key.id in {"trigger-hmac", "trigger-ed25519", "event", "legacy"}:
+            assert isinstance(opened, Accepted) and opened.message == message, key.id
+        else:
+            assert isinstance(opened, Rejected) and opened.reason is RejectionReason.WRONG_ROLE, key.id
 
 
 def test_a_wrong_role_refusal_says_which_key_and_what_it_may_do() -> None:

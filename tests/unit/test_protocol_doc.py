@@ -33,7 +33,17 @@ from common.actions import HttpAction, PythonAction, ShellAction
 from common.bus import Publisher
 from common.cli import admin
 from common.envelope import Accepted, Rejected, RejectionReason, open_envelope
-from common.messages import ALL_MESSAGES, EVENT_ADAPTER, TRIGGER_ADAPTER, RetryPolicy, Trigger, WireMessage
+from common.messages import (
+    ALL_MESSAGES,
+    CONTROL_ADAPTER,
+    EVENT_ADAPTER,
+    JOBS_CHANGED_ROUTING_KEY,
+    TRIGGER_ADAPTER,
+    JobsChanged,
+    RetryPolicy,
+    Trigger,
+    WireMessage,
+)
 from common.retries import DELAY_STEPS
 from common.roles import SIGNED_BY
 from common.settings import Settings
@@ -276,7 +286,7 @@ def test_every_example_body_is_accepted_by_its_model_and_by_the_receivers() -> N
     assert {kind for kind, _ in examples} == set(MODELS), "one example (at least) per message type"
     for kind, body in examples:
         strict = MODELS[kind].model_validate_json(body, strict=True)
-        adapter: Any = TRIGGER_ADAPTER if kind == "trigger" else EVENT_ADAPTER
+        adapter: Any = {"trigger": TRIGGER_ADAPTER, "jobs.changed": CONTROL_ADAPTER}.get(kind, EVENT_ADAPTER)
         received = adapter.validate_python(orjson.loads(body))  # as common.envelope parses it
         assert received == strict, f"the example {kind} body parses differently for a receiver"
         assert received.type == kind, f"an example marked {kind} is a {received.type}"
@@ -397,6 +407,9 @@ def test_the_routing_key_table_matches_the_publisher() -> None:
         if isinstance(message, Trigger):
             assert exchange == topology.triggers_exchange
             assert expected == message.pool  # Publisher.trigger routes by the trigger's pool
+        elif isinstance(message, JobsChanged):
+            assert exchange == topology.control_exchange
+            assert expected == JOBS_CHANGED_ROUTING_KEY
         else:
             assert exchange == topology.events_exchange
             assert expected == event_routing_key(message)
