@@ -98,6 +98,7 @@ class _Run:
     error: str | None = None
     result: str | None = None
     endpoint_request_id: str | None = None
+    attempt: int = 1
 
 
 @dataclass(slots=True)
@@ -402,6 +403,7 @@ def _run_started(batch: _Batch, event: RunStarted) -> bool | Conflict:
             status=RunStatus.RUNNING.value,
             scheduled_at=event.scheduled_at,
             started_at=event.started_at,
+            attempt=event.attempt,
         )
     )
     batch.start(run)
@@ -442,6 +444,7 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     run.error = event.error
     run.result = None if event.result is None else orjson.dumps(event.result).decode()
     run.endpoint_request_id = event.endpoint_request_id
+    run.attempt = event.attempt
     batch.finished.append(run)
     if event.status not in _NOT_HEALTH_STATUSES:
         # A repeat that was not run is history, not the job's latest run.

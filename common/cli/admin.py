@@ -166,7 +166,17 @@ async def runs(settings: Settings, args: argparse.Namespace) -> int:
     rows = [{c.key: getattr(r, c.key) for c in RunRow.__table__.columns} for r in found]
     emit(
         rows,
-        ["job", "status", "started_at", "duration_seconds", "exit_code", "http_status", "worker", "error"],
+        [
+            "job",
+            "status",
+            "attempt",
+            "started_at",
+            "duration_seconds",
+            "exit_code",
+            "http_status",
+            "worker",
+            "error",
+        ],
         args.json,
     )
     return 0

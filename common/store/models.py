@@ -163,6 +163,8 @@ class RunRow(Base):
     # A python action's return value, as JSON text; an http endpoint's own id for the request.
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
     endpoint_request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Which attempt at its trigger the run is: 1, or more for a retry (``retries``).
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 Index("ix_runs_job_started", RunRow.job, RunRow.started_at)

@@ -59,6 +59,8 @@ class RunOut(BaseModel):
     # What a python action returned (JSON); the id an http action's endpoint gave the request.
     result: JsonValue | None
     endpoint_request_id: str | None
+    # 1, or more for a retry of the same trigger.
+    attempt: int
 
 
 class RunPage(BaseModel):
@@ -90,6 +92,7 @@ def run_out(row: RunRow) -> RunOut:
         error=row.error,
         result=None if row.result is None else orjson.loads(row.result),
         endpoint_request_id=row.endpoint_request_id,
+        attempt=row.attempt or 1,
     )
 
 

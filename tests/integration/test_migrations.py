@@ -130,8 +130,8 @@ async def _insert_baseline_rows(store: Store) -> None:
 
 # Columns a migration fills in rows it finds: 0011 marks an enabled job whose spec has an action
 # as planned (the baseline job has no action key at all, so it counts as one, until a scheduler
-# reads its spec) and stamps version 0.
-FILLED: dict[str, dict[str, Any]] = {"jobs": {"planned": 1, "version": 0}}
+# reads its spec) and stamps version 0; 0013 makes every run found attempt 1.
+FILLED: dict[str, dict[str, Any]] = {"jobs": {"planned": 1, "version": 0}, "runs": {"attempt": 1}}
 
 
 async def _rows(store: Store, table: str) -> list[dict[str, Any]]:

@@ -98,6 +98,7 @@ async def test_a_failing_job_is_tried_retries_more_times_each_attempt_its_own_ru
     runs = await eventually(lambda: _ended(store, "flaky", 3), timeout=40)
     assert [run.status for run in runs] == ["failed"] * 3
     assert len({run.run_id for run in runs}) == 3 and {run.trigger_id for run in runs} == {trigger.id}
+    assert sorted(run.attempt for run in runs) == [1, 2, 3]  # each run knows which attempt it was
     assert ran.read_text() == "ran\n" * 3
     for attempt in (1, 2, 3):
         claim = await _claim(store, claim_key(trigger.id, attempt))
@@ -122,7 +123,7 @@ async def test_a_job_that_fails_once_then_succeeds_ends_succeeded_on_its_second_
     await fleet("monitor", "worker")
     await _publish(amqp, settings, trigger.to_bytes())
     runs = await eventually(lambda: _ended(store, "second-time", 2), timeout=40)
-    assert [run.status for run in runs] == ["failed", "succeeded"]
+    assert [(run.status, run.attempt) for run in runs] == [("failed", 1), ("succeeded", 2)]
     assert await _claim(store, claim_key(trigger.id, 3)) is None
     state = await state_of(store, "second-time")
     assert state is not None and state.last_status == "succeeded"
