@@ -214,6 +214,20 @@ def run_apscheduler(jobs_file: Path) -> Process:
         proc.wait()
 
 
+async def _tell_schedulers(amqp_url: str, namespace: str) -> bool:
+    """Publish ``jobs.changed`` as ``cronfleet apply`` does; whether it went out."""
+    from common.bus import Publisher, connect
+    from common.settings import Settings
+    from common.topology import Topology
+
+    connection = await connect(amqp_url, "bench-apply", wait=False)
+    try:
+        publisher = await Publisher.open(connection, Topology(namespace), Settings(keys=KEYS).keyring())
+        return await publisher.tell_jobs_changed("bench_scheduler") is None
+    finally:
+        await connection.close()
+
+
 async def run_cronfleet(
     store_kind: str, postgres_url: str, jobs: list[tuple[str, str, str]]
 ) -> dict[str, Any]:
@@ -277,6 +291,10 @@ async def run_cronfleet(
         await apply_jobs(store, specs, utcnow())
         applied = time.perf_counter()
         result["reapply_running_s"] = applied - t
+        # As ``cronfleet apply`` does: tell the running schedulers (jobs.changed), so that the
+        # change is read now rather than at the next poll.
+        told = await _tell_schedulers(amqp_url, namespace)
+        result["told"] = told
         query = select(func.count()).select_from(FireRow).where(FireRow.job == specs[0].name)
         while True:
             async with store.session() as session:
