@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import cast
 
 import orjson
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, bindparam, delete, select, update
 
+from common.batching import Batcher
 from common.bounds import LATEST_INSTANT
 from common.errors import StoreUnavailable
 from common.messages import RunStatus
 from common.store import STORE_OUTAGES, Store, TriggerClaimRow, dialect_insert
-from common.store.chunks import IN_LIST_CHUNK, chunks
+from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 
 
 class ClaimOutcome(enum.Enum):
@@ -64,6 +66,15 @@ class Claim:
     claimed_at: datetime | None = None
 
 
+_CLAIMS = cast(Table, TriggerClaimRow.__table__)
+# One finished claim, executed for many at once.
+_FINISH = (
+    update(_CLAIMS)
+    .where(_CLAIMS.c.trigger_id == bindparam("b_id"), _CLAIMS.c.run_id == bindparam("b_run"))
+    .values(finished_at=bindparam("b_at"), finished_event=bindparam("b_event"))
+)
+
+
 @dataclass(frozen=True)
 class TriggerClaims:
     """The claims of one worker: ``worker`` names it, ``lease`` is how long a claim it does not
@@ -72,6 +83,12 @@ class TriggerClaims:
     store: Store
     worker: str
     lease: timedelta
+    _finishes: Batcher[dict[str, object], None] = field(init=False, repr=False, compare=False)
+    _inserts: Batcher[dict[str, object], bool] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_finishes", Batcher(self._finish_many))
+        object.__setattr__(self, "_inserts", Batcher(self._insert_many))
 
     async def claim(
         self, trigger_id: str, body_sha256: str, run_id: str, expires_at: datetime, now: datetime
@@ -90,6 +107,9 @@ class TriggerClaims:
             "lease_until": now + self.lease,
             "trigger_expires_at": expires_at,
         }
+        # The common case, nobody had it: inserted together with the claims made meanwhile.
+        if await self._inserts.submit(row):
+            return Claim(ClaimOutcome.RUN, run_id, self.worker)
         try:
             async with self.store.session() as session, session.begin():
                 inserted = await session.execute(
@@ -145,16 +165,46 @@ class TriggerClaims:
             raise _unavailable(self.store, "renew the claims of", f"{self.worker}'s runs", exc) from exc
 
     async def finish(self, trigger_id: str, run_id: str, finished_event: str, now: datetime) -> None:
-        """Mark ``run_id``'s claim on ``trigger_id`` finished, keeping its ``run.finished`` body."""
+        """Mark ``run_id``'s claim on ``trigger_id`` finished, keeping its ``run.finished`` body.
+
+        The runs that end while one such write is under way are written together in the next
+        (``common.batching``): one transaction for many, not one each. Raises StoreUnavailable."""
+        await self._finishes.submit(
+            {"b_id": trigger_id, "b_run": run_id, "b_at": now, "b_event": finished_event}
+        )
+
+    async def _insert_many(self, rows: list[dict[str, object]]) -> list[bool]:
+        """Insert the claims no one holds; for each row, whether it was this row that went in
+        (of two rows for one trigger id, the first)."""
+        statement = (
+            dialect_insert(self.store.dialect, _CLAIMS)
+            .on_conflict_do_nothing(index_elements=["trigger_id"])
+            .returning(_CLAIMS.c.trigger_id)
+        )
+        inserted: set[str] = set()
         try:
             async with self.store.session() as session, session.begin():
-                await session.execute(
-                    update(TriggerClaimRow)
-                    .where(TriggerClaimRow.trigger_id == trigger_id, TriggerClaimRow.run_id == run_id)
-                    .values(finished_at=now, finished_event=finished_event)
-                )
+                for some in chunks(rows, rows_per_insert(len(rows[0]))):
+                    inserted.update((await session.execute(statement, list(some))).scalars())
         except STORE_OUTAGES as exc:
-            raise _unavailable(self.store, "finish the claim on", trigger_id, exc) from exc
+            what = f"{len(rows)} trigger(s), {rows[0]['trigger_id']} first"
+            raise _unavailable(self.store, "claim", what, exc) from exc
+        won = []
+        for row in rows:
+            key = str(row["trigger_id"])
+            won.append(key in inserted)
+            inserted.discard(key)
+        return won
+
+    async def _finish_many(self, rows: list[dict[str, object]]) -> list[None]:
+        try:
+            async with self.store.session() as session, session.begin():
+                for some in chunks(rows, IN_LIST_CHUNK):
+                    await session.execute(_FINISH, list(some))
+        except STORE_OUTAGES as exc:
+            what = f"{len(rows)} run(s), {rows[0]['b_id']} first"
+            raise _unavailable(self.store, "finish the claims of", what, exc) from exc
+        return [None] * len(rows)
 
     async def release(self, trigger_id: str, run_id: str) -> None:
         """Give up ``run_id``'s claim on ``trigger_id`` before its job started, so that the next
