@@ -156,6 +156,10 @@ class Scheduler:
                 await self.publisher.dead_letter(message, opened, self.name)
             except BrokerUnavailable as exc:
                 log.warning("could not dead-letter a refused control message (%s); dropped", exc)
+            except Exception:
+                # No message may stop the scheduler: a copy that fails for another reason is
+                # logged, and the message settled all the same (it carries no authority).
+                log.exception("could not dead-letter a refused control message; dropped")
             await settle(message)
 
     def _seconds_to_next_work(self, reload_every: float) -> float:
