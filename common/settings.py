@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     retention_check_seconds: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     # The monitor's alert channels and routes (docs/alerts.md); none: every alert goes to the log.
     channels_file: Path | None = None
+    # The monitor tells every alert channel when it has not reached its store for this long
+    # (and again when it is back): nothing is recorded meanwhile, so nobody else could tell.
+    store_outage_alert_seconds: float = Field(default=30.0, gt=0, le=3600)
     # The programs a worker's shell actions may run (worker/allow.py); unset: none.
     allow_commands: str | None = None
 
