@@ -103,6 +103,10 @@ class Planner:
             heapq.heappush(self._heap, (when, name, plan))
         self._compact()
 
+    def plan_of(self, name: str) -> int | None:
+        """The plan number job ``name`` is planned under, or None when it is not planned."""
+        return self._plans.get(name)
+
     def drop(self, name: str) -> None:
         """Stop planning job ``name`` (removed, disabled, or unreadable)."""
         self._plans.pop(name, None)
