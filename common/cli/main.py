@@ -202,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         field = ".".join(str(p) for p in error["loc"])
         print(f"cronfleet: bad setting CRONFLEET_{field.upper()}: {error['msg']}", file=sys.stderr)
         return 1
+    except CronfleetError as exc:  # a CRONFLEET_*_FILE that cannot be read
+        print(f"cronfleet: {exc}", file=sys.stderr)
+        return 1
     try:
         return asyncio.run(_until_signal(args.handler(settings, args)))
     except KeyboardInterrupt:
