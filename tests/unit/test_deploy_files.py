@@ -43,6 +43,18 @@ def _manifests() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def _doctor_fits(command: list[str] | tuple[str, ...], probe_timeout: float) -> bool:
+    """Whether `cronfleet doctor --quick --timeout T` ends before the probe gives up on it: three
+    checks of at most T + 1 s each (the backstop), and a few seconds to start Python."""
+    words = list(command)
+    return 3 * (float(words[words.index("--timeout") + 1]) + 1) + 5 <= probe_timeout
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
 def _doctor_role(command: list[str]) -> str | None:
     """The --role of a `cronfleet doctor --quick` command, None if it is another command."""
     words = command[command.index("cronfleet") :] if "cronfleet" in command else []
@@ -98,6 +110,7 @@ def test_compose_runs_every_role_from_one_image_with_a_doctor_health_check() -> 
         spec = services[role]
         assert spec["command"][0] == role
         assert _doctor_role(spec["healthcheck"]["test"]) == role, role
+        assert _doctor_fits(spec["healthcheck"]["test"], _seconds(spec["healthcheck"]["timeout"])), role
         assert spec["read_only"] is True and spec["cap_drop"] == ["ALL"]
     assert services["scheduler"]["deploy"]["replicas"] == 2
     # `--scale worker=N` needs a worker without a fixed name or published port.
@@ -171,8 +184,15 @@ def test_each_role_has_a_deployment_with_probes_its_own_keys_and_no_privilege() 
         pod = deployments[f"cronfleet-{role}"]["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         assert container["args"][0] == role
-        assert _doctor_role(container["readinessProbe"]["exec"]["command"]) == role
-        assert "livenessProbe" in container
+        readiness = container["readinessProbe"]
+        assert _doctor_role(readiness["exec"]["command"]) == role
+        assert _doctor_fits(readiness["exec"]["command"], readiness["timeoutSeconds"])
+        liveness = container["livenessProbe"]
+        if "exec" in liveness:
+            assert _doctor_role(liveness["exec"]["command"]) == role
+            assert _doctor_fits(liveness["exec"]["command"], liveness["timeoutSeconds"])
+        else:
+            assert liveness["httpGet"]["port"] == "http"  # the monitor's own HTTP server
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -286,8 +306,10 @@ def test_dockerfile_builds_one_small_non_root_image_for_every_role() -> None:
     by_name = {c.cmd: c for c in final}
     assert by_name["USER"].value[0].split(":")[0] not in {"0", "root"}
     assert by_name["ENTRYPOINT"].value[-1] == "cronfleet"
-    health = by_name["HEALTHCHECK"].value
-    assert health[:4] == ("CMD", "cronfleet", "doctor", "--quick")
+    health = by_name["HEALTHCHECK"]
+    assert health.value[:4] == ("CMD", "cronfleet", "doctor", "--quick")
+    flags = dict(flag.removeprefix("--").split("=") for flag in health.flags)
+    assert _doctor_fits(health.value, _seconds(flags["timeout"]))
     # Only the built virtualenv comes from the build stage; nothing is compiled or built here.
     copies = [c for c in final if c.cmd == "COPY"]
     assert [(c.flags, c.value) for c in copies] == [(("--from=build",), ("/opt/cronfleet", "/opt/cronfleet"))]
