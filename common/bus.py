@@ -209,13 +209,16 @@ class Publisher:
         ]
         try:
             channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
-            confirmations = await _publish_together(channel, exchange, messages)
+            confirmations, tags = await _publish_together(channel, exchange, messages)
         except CONNECT_ERRORS as exc:
             return [_not_published("triggers", "", exc)] * len(triggers)
-        confirmed_at = _ConfirmInstants()
+        confirmed_at = _ConfirmInstants(len(confirmations))
         for index, confirmation in enumerate(confirmations):
             confirmation.add_done_callback(partial(confirmed_at.note, index))
-        await asyncio.wait(confirmations)
+        try:
+            await confirmed_at.all_done.wait()
+        finally:
+            _forget_message_ids(channel, messages, tags)
         results: list[datetime | BaseException] = []
         for index, confirmation in enumerate(confirmations):
             failure = confirmation.exception() if not confirmation.cancelled() else asyncio.CancelledError()
@@ -316,25 +319,35 @@ _SAME_CONFIRM = timedelta(microseconds=200)
 
 
 class _ConfirmInstants:
-    """When each message of a batch was confirmed, by its index."""
+    """When each of ``count`` messages of a batch was confirmed (or failed), by its index;
+    ``all_done`` is set once every one has."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: int) -> None:
         self.at: dict[int, datetime] = {}
+        self.all_done = asyncio.Event()
+        self._left = count
         self._last: datetime | None = None
+        if not count:
+            self.all_done.set()
 
     def note(self, index: int, _future: asyncio.Future[Any]) -> None:
         now = datetime.now(UTC)
         if self._last is None or now - self._last > _SAME_CONFIRM:
             self._last = now
         self.at[index] = self._last
+        self._left -= 1
+        if not self._left:
+            self.all_done.set()
 
 
 async def _publish_together(
     channel: aiormq.Channel, exchange: str, messages: Sequence[tuple[bytes, str, Basic.Properties]]
-) -> list[asyncio.Future[Any]]:
+) -> tuple[list[asyncio.Future[Any]], list[int]]:
     """Publish ``messages``, each ``(body, routing key, properties)``, mandatory, to
     ``exchange`` on a confirming ``channel``, all their frames in one write; returns each one's
-    confirmation future, in order (an unroutable message's fails with a delivery error).
+    confirmation future (an unroutable message's fails with a delivery error) and delivery tag,
+    in order. The caller forgets their message ids once they are settled
+    (``_forget_message_ids``).
 
     This is aiormq's own ``basic_publish`` (7.x) for many messages at once: under the channel's
     lock, each takes the next delivery tag, its confirmation is registered under that tag and
@@ -345,27 +358,31 @@ async def _publish_together(
     async with channel.lock:
         frames: list[Any] = []
         confirmations: list[asyncio.Future[Any]] = []
+        tags: list[int] = []
         for body, routing_key, properties in messages:
             channel.delivery_tag += 1
             tag = channel.delivery_tag
-            message_id = cast(str, properties.message_id)
             confirmation = channel.create_future()
             channel.confirmations[tag] = confirmation
-            channel.message_id_delivery_tag[message_id] = tag
-            confirmation.add_done_callback(partial(_forget_message_id, channel, message_id, tag))
+            channel.message_id_delivery_tag[cast(str, properties.message_id)] = tag
             frames.append(Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True))
             frames.append(ContentHeader(properties=properties, body_size=len(body)))
             frames.extend(channel._split_body(body))
             confirmations.append(confirmation)
+            tags.append(tag)
         await channel.write_queue.put(ChannelFrame.marshall(channel_number=channel.number, frames=frames))
-    return confirmations
+    return confirmations, tags
 
 
-def _forget_message_id(
-    channel: aiormq.Channel, message_id: str, tag: int, _future: asyncio.Future[Any]
+def _forget_message_ids(
+    channel: aiormq.Channel, messages: Sequence[tuple[bytes, str, Basic.Properties]], tags: Sequence[int]
 ) -> None:
-    if channel.message_id_delivery_tag.get(message_id) == tag:
-        channel.message_id_delivery_tag.pop(message_id)
+    """Drop the message-id entries ``_publish_together`` made (a later publish may own one)."""
+    known = channel.message_id_delivery_tag
+    for (_body, _key, properties), tag in zip(messages, tags, strict=True):
+        message_id = cast(str, properties.message_id)
+        if known.get(message_id) == tag:
+            del known[message_id]
 
 
 def _not_published(role: str, routing_key: str, exc: BaseException) -> BrokerUnavailable:

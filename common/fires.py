@@ -8,6 +8,7 @@ pending and is published again until it expires.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple, cast
@@ -24,8 +25,9 @@ from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 log = logging.getLogger("cronfleet.fires")
 
 _FIRES = cast(Table, FireRow.__table__)
-# Fires published (their confirms awaited) at a time: a burst streams out in bounded batches.
-PUBLISH_BATCH = 1000
+# Fires published (their confirms awaited) at a time: a burst streams out in bounded batches,
+# each written in one go (``Publisher.trigger_bodies``).
+PUBLISH_BATCH = 5000
 
 # A fire claimed this long ago and still unpublished is taken over by another scheduler: its
 # claimer is presumably dead (a live one publishes within milliseconds, renews the claims of a
@@ -95,8 +97,11 @@ async def publish(
     a long burst is not taken for a dead claimer's (``STALE_CLAIM_SECONDS``).
     """
     done = 0
-    for index, batch in enumerate(chunks(fires, PUBLISH_BATCH)):
-        if index and claimed_by is not None:
+    began = time.monotonic()
+    for batch in chunks(fires, PUBLISH_BATCH):
+        # Claims are stale after STALE_CLAIM_SECONDS: a burst that has gone on for a third of it
+        # renews the claims of each batch before sending it.
+        if claimed_by is not None and time.monotonic() - began > STALE_CLAIM_SECONDS / 3:
             await _renew_claims(store, [fire.trigger_id for fire in batch], claimed_by)
         results = await publisher.trigger_bodies([(f.body.encode(), f.pool, f.trigger_id) for f in batch])
         # Fires confirmed together (one broker ack confirms many) share their instant: one
