@@ -36,6 +36,8 @@ from worker.allow import CommandAllowList
 log = logging.getLogger("cronfleet.worker")
 
 KILL_GRACE_SECONDS = 5.0
+# How setpriv says that it could not execute the job (exit code 127 or 126).
+_EXEC_FAILED = "setpriv: failed to execute "
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
@@ -148,10 +150,6 @@ class ShellExecutor:
         argv: Sequence[str] = action.argv
         spawn: dict[str, Any] = {}
         if self.setpriv is not None:
-            if not _findable(action.argv[0], environment, action.cwd):
-                return ActionResult(
-                    RunStatus.FAILED, error=f"cannot start {action.argv[0]!r}: No such file or directory"
-                )
             argv = setpriv_argv(self.setpriv, action.argv, target)
         else:
             spawn["preexec_fn"] = _die_with_the_worker
@@ -195,21 +193,11 @@ class ShellExecutor:
         status = RunStatus.SUCCEEDED if code in action.success_exit_codes else RunStatus.FAILED
         error = None if status is RunStatus.SUCCEEDED else f"exit code {code}"
         output = tail.text()
-        if self.setpriv is not None and code in (126, 127) and output and output.startswith("setpriv: "):
-            # setpriv could not execute the program (not executable, not for ``run_as``'s user).
-            error = f"cannot start {action.argv[0]!r}: {output.splitlines()[0].removeprefix('setpriv: ')}"
+        if self.setpriv is not None and code in (126, 127) and output and output.startswith(_EXEC_FAILED):
+            # setpriv could not execute the program (no such file, not executable, not by
+            # ``run_as``'s user): what exec said, as a program that could not start.
+            error = f"cannot start {action.argv[0]!r}: {output.splitlines()[0].rpartition(': ')[2]}"
         return ActionResult(status, exit_code=code, output_tail=output, error=error)
-
-
-def _findable(program: str, environment: Mapping[str, str], cwd: str | None) -> bool:
-    """Whether ``program`` names a file, as exec would look for it: a path (relative to ``cwd``)
-    or a name searched in the job's ``PATH``. A name the kernel could never take (a NUL in it)
-    is left for the spawn to refuse, saying why."""
-    if "\x00" in program:
-        return True
-    if "/" in program:
-        return os.path.exists(os.path.join(cwd or "", program))
-    return shutil.which(program, path=environment.get("PATH", os.defpath)) is not None
 
 
 async def _pump(process: asyncio.subprocess.Process, tail: OutputTail) -> None:
