@@ -214,7 +214,10 @@ class TriggerHandler:
                         claim.worker,
                     )
                 redelivered = bool(message.redelivered) or taken_over
-                await self._run(message, trigger, attempt, run_id, expires_at, redelivered=redelivered)
+                dead = claim.run_id if taken_over else None
+                await self._run(
+                    message, trigger, attempt, run_id, expires_at, redelivered=redelivered, dead=dead
+                )
 
     async def _claim(
         self, trigger: Trigger, key: str, expires_at: datetime, body_sha256: str, run_id: str
@@ -246,13 +249,16 @@ class TriggerHandler:
         expires_at: datetime,
         *,
         redelivered: bool,
+        dead: str | None = None,
     ) -> None:
         """Announce, execute and report one run of ``trigger`` under its claim, publish its retry
-        if it failed and may be retried, then ack it."""
+        if it failed and may be retried, then ack it. ``dead``: the run of the same trigger that
+        was lost with its worker (its claim taken over), whose lease on the job this run waits
+        out, even under ``skip``."""
         key = claim_key(trigger.id, attempt)
         self._held[key] = run_id
         try:
-            async with self._overlap_guard(trigger, run_id, expires_at) as blocked:
+            async with self._overlap_guard(trigger, run_id, expires_at, dead) as blocked:
                 # Started once the job's lease (if any) is held: the wait is not part of the run.
                 started = self._start(trigger, run_id, redelivered, attempt)
                 if blocked is not None:
@@ -393,12 +399,14 @@ class TriggerHandler:
 
     @contextlib.asynccontextmanager
     async def _overlap_guard(
-        self, trigger: Trigger, run_id: str, expires_at: datetime
+        self, trigger: Trigger, run_id: str, expires_at: datetime, dead: str | None = None
     ) -> AsyncIterator[str | None]:
         """Hold the job's lease around the block under overlap ``skip`` or ``queue``, renewed
         while it runs. Yields None once held (at once under ``allow``), or why the run does not
-        start: under ``skip`` when another run holds the lease, under ``queue`` when the trigger
-        expired while waiting for it."""
+        start: under ``skip`` when another (live) run holds the lease, under ``queue`` when the
+        trigger expired while waiting for it. A lease ``dead`` holds is waited out under both:
+        that run was lost with its worker (this run replaces it), and its lease outlives it by
+        its ttl, on purpose."""
         policy = trigger.policy
         if policy is Overlap.ALLOW:
             yield None
@@ -415,12 +423,12 @@ class TriggerHandler:
             if lease.outcome is not ClaimOutcome.HELD:
                 break
             in_flight = f"run {lease.run_id} of job {trigger.job!r} is in flight on {lease.worker}"
-            if policy is Overlap.SKIP:
+            if policy is Overlap.SKIP and lease.run_id != dead:
                 log.info("%s skipped: %s", trigger.id, in_flight)
                 yield f'overlap = "skip": {in_flight}'
                 return
             if self.clock() >= expires_at:
-                yield f'overlap = "queue": the trigger expired while {in_flight}'
+                yield f'overlap = "{policy}": the trigger expired while {in_flight}'
                 return
             if not said:
                 said = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from common.settings import Settings
 from common.store import RunRow, Store
 from common.trigger_claims import RetryTurn, TriggerClaims
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually
-from tests.integration.helpers import runs_of, state_of
+from tests.fleet import cronfleet, eventually, worker_process
+from tests.integration.helpers import apply_toml, runs_of, state_of
 from tests.integration.test_retries import _claim, _duplicates, _ended, _job, _publish, _waiting_retries
 
 FIRES = 8
@@ -124,3 +125,38 @@ async def test_a_retry_not_published_is_published_by_one_repeat_once_its_worker_
     await repeats[turns.index(RetryTurn.PUBLISH)].retry_published("j@t", later)
     assert await ended.take_retry("j@t", later + 2 * lease) is RetryTurn.PUBLISHED
     assert await ended.take_retry("nobody@t", later) is RetryTurn.PUBLISHED  # nothing to publish
+
+
+async def test_a_skip_jobs_trigger_whose_worker_died_runs_again_and_is_not_skipped_by_the_dead_run(
+    settings: Settings, store: Store, fleet: Start, tmp_path: Path
+) -> None:
+    done = tmp_path / "done"
+    await apply_toml(
+        store,
+        f"""
+        [jobs.lonely]
+        schedule = "0 0 1 1 *"
+        timeout_seconds = 60
+        overlap = "skip"
+        exclusive_ttl = "8s"
+        action = {{ type = "shell", argv = ["sh", "-c", "sleep 2; echo ran >> {done}"] }}
+        """,
+    )
+    await fleet("monitor")
+    worker = worker_process(settings)
+    try:
+        assert cronfleet(settings, "trigger", "lonely").returncode == 0
+        [dead] = await eventually(lambda: runs_of(store, "lonely", status="running"), timeout=30)
+        worker.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(worker.wait, 30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    # The dead run's lease on the job outlives its claim (8 s against the tests' 3 s lease): the
+    # trigger, redelivered once the claim lapsed, waits the lease out (the dead run is the one it
+    # replaces), then runs, instead of being skipped because of it.
+    await fleet("worker")
+    [again] = await eventually(lambda: runs_of(store, "lonely", status="succeeded"), timeout=30)
+    assert again.redelivered and again.trigger_id == dead.trigger_id
+    assert not await runs_of(store, "lonely", status="skipped")
+    assert done.read_text() == "ran\n"
