@@ -12,10 +12,10 @@ A run that failed (or timed out) while its job allows more attempts is followed 
 the same signed trigger, with the next attempt number, through a delay queue
 (``common.retries``); its end is kept in its claim before the retry is published, so a worker
 that dies in between leaves a repeat that publishes it, and the claim records the retry once
-published, so a repeat of the attempt never publishes a second one. A trigger whose run was lost with its
-worker (the claim lapsed) follows the job's ``on_lost``. Under overlap ``skip`` or ``queue``
-(``exclusive``) a run also holds the job's lease while it runs; a fire that finds it held is
-recorded ``skipped`` (``skip``) or waits (``queue``).
+published, so a repeat of the attempt never publishes a second one. A trigger whose run was lost
+with its worker (the claim lapsed) follows the job's ``on_lost``. Under overlap ``skip`` or
+``queue`` (``exclusive``) a run also holds the job's lease while it runs; a fire that finds it
+held is recorded ``skipped`` (``skip``) or waits (``queue``).
 """
 
 from __future__ import annotations
@@ -432,7 +432,7 @@ class TriggerHandler:
                 return
             if not said:
                 said = True
-                log.info("job %s queues its runs and %s; waiting", trigger.job, in_flight)
+                log.info("%s waits (overlap %s): %s", trigger.id, policy, in_flight)
             await asyncio.sleep(CLAIM_POLL_SECONDS)
         if lease.outcome is ClaimOutcome.TAKEN_OVER:
             log.warning(
