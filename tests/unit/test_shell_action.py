@@ -21,7 +21,7 @@ import pytest
 from common.actions import ShellAction
 from common.messages import RunStatus
 from worker.actions import RunContext
-from worker.actions.shell import Launcher, ShellExecutor
+from worker.actions.shell import Launcher, ShellExecutor, find_setpriv
 
 RUN = RunContext(
     run_id="run-1",
@@ -105,7 +105,7 @@ def test_a_job_dies_with_its_worker_even_when_the_worker_is_killed(
 import asyncio
 from tests.unit.test_shell_action import RUN
 from common.actions import ShellAction
-from worker.actions.shell import Launcher, ShellExecutor
+from worker.actions.shell import Launcher, ShellExecutor, find_setpriv
 action = ShellAction(argv=["sh", "-c", "echo $$ > {pid_file}; exec sleep 60"])
 asyncio.run(ShellExecutor(launcher={launcher!r}).run(action, 120, RUN))
 """
@@ -149,3 +149,38 @@ async def test_run_as_gives_the_job_exactly_the_accounts_user_group_and_groups(l
         uid_line, gid_line, groups_line = (result.output_tail or "").splitlines()
         assert (int(uid_line), int(gid_line)) == (nobody.pw_uid, gid), run_as
         assert {int(g) for g in groups_line.split()} == {*os.getgrouplist("nobody", gid)}, run_as
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or find_setpriv() is None, reason="needs root to become another account"
+)
+@LAUNCHERS
+def test_a_worker_that_is_not_root_runs_a_job_whose_run_as_names_itself(launcher: Launcher) -> None:
+    script = f"""
+import asyncio
+from tests.unit.test_shell_action import RUN
+from common.actions import ShellAction
+from worker.actions.shell import ShellExecutor
+action = ShellAction(argv=["id", "-un"], run_as="nobody")
+result = asyncio.run(ShellExecutor(launcher={launcher!r}).run(action, 10, RUN))
+print(result.status.value, result.output_tail.strip(), result.error)
+"""
+    root = Path(__file__).resolve().parents[2]
+    as_nobody = [
+        "setpriv",
+        "--reuid",
+        "nobody",
+        "--regid",
+        str(pwd.getpwnam("nobody").pw_gid),
+        "--clear-groups",
+    ]
+    done = subprocess.run(
+        [*as_nobody, "--", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.split() == ["succeeded", "nobody", "None"], done.stderr[-2000:]

@@ -144,8 +144,11 @@ class ShellExecutor:
         variables = {**action.env, **context.environment()}
         target = None
         if action.run_as is not None:
-            target = account(action.run_as)
-            variables.update(HOME=target.home, USER=target.user, LOGNAME=target.user)
+            account_ = account(action.run_as)
+            variables.update(HOME=account_.home, USER=account_.user, LOGNAME=account_.user)
+            # Not root, the worker runs only ``run_as`` naming itself (``refusal``): it changes
+            # nothing, and could not set the groups anyway.
+            target = account_ if os.geteuid() == 0 else None
         environment = job_environment(os.environ, variables)
         argv: Sequence[str] = action.argv
         spawn: dict[str, Any] = {}
