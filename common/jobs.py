@@ -53,6 +53,7 @@ from common.messages import (
     MAX_RETRY_DELAY_SECONDS,
     JobName,
     OnLost,
+    Overlap,
     PoolName,
     RetryPolicy,
     Trigger,
@@ -91,10 +92,29 @@ class JobSpec(BaseModel):
     # A run whose worker died: tried again as a new attempt (``retry``) or not (``fail``); unset,
     # its trigger runs again as a redelivery of the same attempt.
     on_lost: Literal["retry", "fail"] | None = None
-    # The job's runs never overlap across workers; the lease outlives a dead worker by
-    # ``exclusive_ttl`` (default: the claim lease, ``CRONFLEET_CLAIM_LEASE_SECONDS``).
+    # Overlap policy (fields kept together): what a fire does while a run of the job is in
+    # flight on any worker: ``allow`` (run anyway; the default), ``skip`` (record a ``skipped``
+    # run naming the run in flight) or ``queue`` (wait for it). ``exclusive = true`` is the
+    # older name of ``queue``, ``false`` of ``allow`` (with ``overlap`` set too, they must
+    # agree). Under ``skip`` and ``queue`` a run holds the job's lease, which outlives a dead
+    # worker by ``exclusive_ttl`` (default: the claim lease, ``CRONFLEET_CLAIM_LEASE_SECONDS``).
+    # None: not set, i.e. ``allow`` unless ``exclusive``; kept apart from ``allow`` so that a
+    # stored job's fingerprint stays the same.
+    overlap: Literal["allow", "skip", "queue"] | None = None
     exclusive: bool = False
     exclusive_ttl: str | None = None
+
+    @field_validator("exclusive")
+    @classmethod
+    def _exclusive_agrees_with_overlap(cls, value: bool, info: ValidationInfo) -> bool:
+        # Runs only for an ``exclusive`` the job sets (``overlap`` is declared, so read, first).
+        overlap = info.data.get("overlap")
+        if overlap is not None and overlap != (Overlap.QUEUE if value else Overlap.ALLOW):
+            raise ValueError(
+                f'exclusive = {str(value).lower()} contradicts overlap = "{overlap}" '
+                '(exclusive = true is the older name of overlap = "queue"; keep overlap)'
+            )
+        return value
 
     @field_validator("retry_backoff", "retry_max_delay", "exclusive_ttl")
     @classmethod
@@ -137,7 +157,9 @@ class JobSpec(BaseModel):
             manual=manual,
             context=self.context,
             retry=self.retry_policy(),
-            exclusive=self.exclusive,
+            # ``queue`` goes as ``exclusive``, which workers from before ``overlap`` also run.
+            overlap=Overlap.SKIP if self.overlap_policy() is Overlap.SKIP else None,
+            exclusive=self.overlap_policy() is Overlap.QUEUE,
             exclusive_ttl_seconds=self.exclusive_ttl_seconds(),
         )
 
@@ -152,10 +174,16 @@ class JobSpec(BaseModel):
             on_lost=None if self.on_lost is None else OnLost(self.on_lost),
         )
 
+    def overlap_policy(self) -> Overlap:
+        """What a fire of this job does while another run of it is in flight."""
+        if self.overlap is not None:
+            return Overlap(self.overlap)
+        return Overlap.QUEUE if self.exclusive else Overlap.ALLOW
+
     def exclusive_ttl_seconds(self) -> float | None:
-        """The lease of an ``exclusive`` job's runs in seconds; None for the worker's claim lease
-        (or when the job is not exclusive)."""
-        if not self.exclusive or self.exclusive_ttl is None:
+        """The lease of the job's runs in seconds under ``skip`` or ``queue``; None for the
+        worker's claim lease (or when runs may overlap)."""
+        if self.overlap_policy() is Overlap.ALLOW or self.exclusive_ttl is None:
             return None
         return parse_duration(self.exclusive_ttl).total_seconds()
 
@@ -191,6 +219,7 @@ _UNLESS_SET = frozenset(
         "retry_backoff",
         "retry_max_delay",
         "on_lost",
+        "overlap",
         "exclusive",
         "exclusive_ttl",
         "context",

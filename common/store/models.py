@@ -393,6 +393,10 @@ class TriggerClaimRow(Base):
     # will not deliver it again, and the worker that finds the claim lapsed ends it from these.
     trigger_body: Mapped[str | None] = mapped_column(Text, nullable=True)
     trigger_envelope: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # When the retry this claim's failed run called for was confirmed published. Until then the
+    # lease (renewed by the run's end) says a live worker is publishing it; a repeat of the
+    # attempt publishes it only when neither is so (``TriggerClaims.take_retry``).
+    retry_published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 # Retention deletes claims by their trigger's expiry: after it, a repeat is refused as expired.
