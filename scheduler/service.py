@@ -23,13 +23,14 @@ from common.settings import Settings
 from common.signing import Role
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
+from scheduler.misfire import Misfire
+from scheduler.missed import log_misfires, record_misfires
 from scheduler.planner import DueFire, Planner
 
 log = logging.getLogger("cronfleet.scheduler")
 
 OUTAGES = (*STORE_OUTAGES, BrokerUnavailable, *CONNECT_ERRORS)
 _OUTAGE_PAUSE = 1.0
-_MISSED_GRACE = 1.0
 _LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -72,21 +73,10 @@ class Scheduler:
         now = self.clock()
         for name in changes.unplanned:
             self.planner.drop(name)
-        # A stored fire this old was missed while no scheduler planned the job: as before next
-        # fires were stored, it is not replayed; the job is planned from now (from its spec).
-        missed_before = now - timedelta(seconds=self.settings.jobs_reload_seconds + _MISSED_GRACE)
-        missed = 0
+        # A stored fire long past was missed while no scheduler ran: planned as it is, the
+        # planner hands its job's backlog to the job's misfire policy when it falls due.
         for name, when, version in changes.planned:
-            if when is not None and when < missed_before:
-                when = None
-                missed += 1
             self.planner.plan(name, when, version)
-        if missed:
-            log.warning(
-                "%d job(s) had a next fire before %s that no scheduler fired: planned from now",
-                missed,
-                missed_before.isoformat(),
-            )
         if changes.planned or changes.unplanned or self._version is None:
             # Jobs stored before next fires were: their first is computed from their spec now.
             await self._learn_specs(now, fire_due=False)
@@ -182,7 +172,8 @@ class Scheduler:
         await self._learn_specs(now)
         published_at = self.clock()
         due = self.planner.pop_due(now)
-        triggers = [*self._unclaimed, *(f.job.trigger_at(f.scheduled_at, published_at) for f in due)]
+        await self._record_misfires(self.planner.take_misfires(), published_at)
+        triggers = [*self._unclaimed, *(self._trigger(f, published_at) for f in due)]
         self._unclaimed = []
         if not triggers:
             return 0
@@ -202,6 +193,36 @@ class Scheduler:
             log.info("fired %s", fire.trigger_id)
         await self._record_next_fires(due, {fire.trigger_id for fire in won})
         return len(won)
+
+    @staticmethod
+    def _trigger(fire: DueFire, published_at: datetime) -> Trigger:
+        """The trigger of ``fire``; a fire caught up after downtime expires counting from now."""
+        return fire.job.trigger_at(
+            fire.scheduled_at, published_at, expires_from=published_at if fire.caught_up else None
+        )
+
+    async def _record_misfires(self, misfires: list[Misfire], now: datetime) -> None:
+        """Log and store the backlogs the misfire policy settled, and the next fire of their jobs
+        (a job whose backlog sent nothing is not re-settled at the next start). The fires go out
+        whatever happens here: a store that fails is logged with the counts."""
+        if not misfires:
+            return
+        log_misfires(misfires)
+        try:
+            await record_misfires(self.store, misfires, self.name, now)
+        except (SQLAlchemyError, *STORE_OUTAGES) as exc:
+            log.error("missed fires of %d job(s) not recorded (%s): see the line above", len(misfires), exc)
+        plans = {m.job: self.planner.plan_of(m.job) for m in misfires}
+        fired = [
+            (m.job, plan, m.next_at)
+            for m in misfires
+            if m.next_at is not None and (plan := plans[m.job]) is not None and plan >= 0
+        ]
+        if fired:
+            try:
+                await record_next_fires(self.store, fired)
+            except (SQLAlchemyError, *STORE_OUTAGES) as exc:
+                log.warning("next fires of %d job(s) not stored (%s)", len(fired), exc)
 
     async def _record_next_fires(self, due: list[DueFire], won: set[str]) -> None:
         """Store the next fire of each job whose fire this scheduler won, so that a scheduler

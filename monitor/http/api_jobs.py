@@ -74,7 +74,7 @@ def job_out(spec: JobSpec) -> JobOut:
     """``spec`` as the API shows it, secrets masked."""
     return JobOut(
         name=spec.name,
-        schedule=spec.schedule,
+        schedule=spec.schedule_text(),
         timezone=spec.timezone,
         pool=spec.pool,
         enabled=spec.enabled,

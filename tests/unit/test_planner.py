@@ -1,4 +1,5 @@
-"""The timer heap: each fire once, in order, re-planned on change, skipped when hopelessly late."""
+"""The timer heap: each fire once, in order, re-planned on change, settled by the misfire policy
+when reached too late."""
 
 from __future__ import annotations
 
@@ -63,18 +64,31 @@ def test_every_fire_comes_once_and_in_order() -> None:
     assert times == sorted(times)
 
 
-def test_a_late_tick_catches_up_on_fires_that_have_not_expired() -> None:
+def test_a_tick_a_little_late_catches_up_on_every_fire() -> None:
     planner = Planner()
     planner.sync(parse_jobs(JOBS), T0)
-    due = planner.pop_due(T0 + timedelta(seconds=35))
-    assert [f.scheduled_at for f in due] == [T0 + timedelta(seconds=s) for s in (10, 20, 30)]
+    planner.pop_due(T0 + timedelta(seconds=10))
+    due = planner.pop_due(T0 + timedelta(seconds=24))  # 4 s late: late, not missed
+    assert [f.scheduled_at for f in due] == [T0 + timedelta(seconds=20)]
+    assert planner.take_misfires() == []
 
 
-def test_fires_older_than_the_expiry_are_skipped_not_replayed() -> None:
+def test_fires_reached_too_late_are_settled_by_the_misfire_policy() -> None:
     planner = Planner()
     planner.sync(parse_jobs(JOBS), T0)
-    due = planner.pop_due(T0 + timedelta(hours=1, seconds=5))
-    assert due == []  # all expired (5 minutes by default): re-planned from now instead
+    now = T0 + timedelta(hours=1, seconds=5)
+    due = planner.pop_due(now)
+    # The default policy, once: the latest instant of each backlog goes out, flagged.
+    assert sorted((f.job.name, f.scheduled_at, f.caught_up) for f in due) == [
+        ("fast", T0 + timedelta(hours=1), True),
+        ("slow", T0 + timedelta(hours=1), True),
+    ]
+    skipped = {m.job: (m.skipped, m.first_missed, m.last_missed) for m in planner.take_misfires()}
+    assert skipped == {
+        "fast": (359, T0 + timedelta(seconds=10), T0 + timedelta(hours=1)),
+        "slow": (59, T0 + timedelta(minutes=1), T0 + timedelta(hours=1)),
+    }
+    assert planner.take_misfires() == []
     assert planner.next_wakeup() == T0 + timedelta(hours=1, seconds=10)
 
 
