@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple, cast
 
@@ -51,9 +51,14 @@ class PendingFire(NamedTuple):
 
 
 async def claim(
-    store: Store, triggers: Sequence[Trigger], claimed_by: str, now: datetime
+    store: Store,
+    triggers: Sequence[Trigger],
+    claimed_by: str,
+    now: datetime,
+    due_at: Mapping[str, datetime] | None = None,
 ) -> list[PendingFire]:
-    """Record each trigger's fire unless one exists for its (job, scheduled time).
+    """Record each trigger's fire unless one exists for its (job, scheduled time), with when it
+    was meant to go out (``due_at`` by trigger id; its ``scheduled_at`` when not given).
 
     Returns the fires this call claimed, in order; the others were claimed before.
     """
@@ -71,6 +76,7 @@ async def claim(
             "pool": t.pool,
             "manual": t.manual,
             "body": fire.body,
+            "due_at": (due_at or {}).get(t.id, t.scheduled_at),
         }
         for t, fire in zip(triggers, fires, strict=True)
     ]
@@ -173,10 +179,16 @@ async def _publish_one(publisher: Publisher, fire: PendingFire) -> datetime:
 
 
 async def publish_claimed(
-    store: Store, publisher: Publisher, triggers: Sequence[Trigger], claimed_by: str, now: datetime
+    store: Store,
+    publisher: Publisher,
+    triggers: Sequence[Trigger],
+    claimed_by: str,
+    now: datetime,
+    due_at: Mapping[str, datetime] | None = None,
 ) -> list[PendingFire]:
-    """Claim ``triggers`` and publish those this call won. Returns the ones it won."""
-    won = await claim(store, triggers, claimed_by, now)
+    """Claim ``triggers`` (see ``claim`` for ``due_at``) and publish those this call won.
+    Returns the ones it won."""
+    won = await claim(store, triggers, claimed_by, now, due_at)
     await publish(store, publisher, won, claimed_by)
     return won
 

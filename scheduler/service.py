@@ -174,13 +174,21 @@ class Scheduler:
         due = self.planner.pop_due(now)
         await self._record_misfires(self.planner.take_misfires(), published_at)
         triggers = [*self._unclaimed, *(self._trigger(f, published_at) for f in due)]
+        # When each was meant to go out (jitter, catch-up), for the fire lag; a fire retried after
+        # the store failed counts from its instant.
+        due_at = {
+            trigger_id(f.job.name, f.scheduled_at): published_at
+            if f.caught_up
+            else f.job.publish_at(f.scheduled_at)
+            for f in due
+        }
         self._unclaimed = []
         if not triggers:
             return 0
         try:
             async with self._publishing:
                 won = await fires.publish_claimed(
-                    self.store, self.publisher, triggers, self.name, published_at
+                    self.store, self.publisher, triggers, self.name, published_at, due_at
                 )
         except (SQLAlchemyError, *STORE_OUTAGES):
             for trigger in triggers:

@@ -123,6 +123,10 @@ class FireRow(Base):
     pool: Mapped[str] = mapped_column(String(64))
     manual: Mapped[bool] = mapped_column(Boolean, default=False)
     body: Mapped[str] = mapped_column(Text)
+    # When the fire was meant to go out: its instant plus its job's jitter offset, or, for one
+    # caught up after downtime, when it was claimed. None: ``scheduled_at`` (fires claimed before
+    # this column). The fire lag counts from it.
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 # Only the few fires still waiting for the broker: the outbox sweep reads them every second.

@@ -23,6 +23,7 @@ from common.jobs import parse_jobs
 from common.settings import Settings
 from common.store import FireRow, JobRow, MissedFireRow, Store
 from common.topology import Topology
+from monitor.http.metrics import missed_fires
 from scheduler.service import Scheduler
 from tests.conftest import Start
 from tests.fleet import eventually
@@ -161,7 +162,7 @@ async def test_a_jittered_fire_goes_out_at_its_offset_with_its_nominal_trigger_i
     assert await scheduler.fire_due(out) == 1
     [fire] = await _fires(store, "spread")
     assert fire.trigger_id == f"spread@{nominal.strftime('%Y-%m-%dT%H:%M:%SZ')}"
-    assert fire.scheduled_at == nominal and fire.claimed_at == out
+    assert fire.scheduled_at == nominal and fire.claimed_at == out and fire.due_at == out
     [body] = await _queued(amqp, settings)
     assert body["id"] == fire.trigger_id
     assert body["scheduled_at"] == nominal.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -210,6 +211,7 @@ async def test_after_an_hour_down_the_missed_fires_follow_the_misfire_policy_and
 
     fires = await _fires(store, "ten")
     caught_up = [f.scheduled_at for f in fires[1:]]
+    assert all(f.due_at == back for f in fires[1:])  # the fire lag counts from when they went out
     last = stopped + timedelta(hours=1)
     assert caught_up == [last - timedelta(seconds=10 * i) for i in reversed(range(sent))]
     async with store.session() as session:
@@ -217,6 +219,12 @@ async def test_after_an_hour_down_the_missed_fires_follow_the_misfire_policy_and
     assert (missed.job, missed.policy, missed.recorded_by) == ("ten", policy, "scheduler-after")
     assert missed.first_missed == stopped + timedelta(seconds=10) and missed.last_missed == last
     assert (missed.skipped, missed.caught_up, missed.counted_all) == (360 - sent, sent, True)
+    async with store.session() as session:
+        [family] = list(await missed_fires(session, back - timedelta(hours=1)))
+    assert sorted((s.labels["outcome"], s.value) for s in family.samples) == [
+        ("caught_up", sent),
+        ("skipped", 360 - sent),
+    ]
     # One line says it, with the counts; not a line per fire.
     lines = [r.getMessage() for r in caplog.records if "missed fires" in r.getMessage()]
     assert len(lines) == 1 and f"{360 - sent} fire(s) skipped, {sent} sent late" in lines[0]

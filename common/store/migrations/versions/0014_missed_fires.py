@@ -1,4 +1,5 @@
-"""Fires missed during downtime: ``missed_fires``.
+"""Fires missed during downtime (``missed_fires``), and when a fire was meant to go out
+(``fires.due_at``).
 
 Revision ID: 0014
 Revises: 0013
@@ -6,6 +7,9 @@ Revises: 0013
 - ``missed_fires``: one row per job and backlog of fires no scheduler sent on time, as the job's
   misfire policy settled it (how many were skipped, how many sent late), keyed by the job and its
   first missed fire so that two schedulers record a backlog once.
+- ``fires.due_at``: when the fire was meant to go out (its instant plus its job's jitter offset,
+  or when a fire caught up after downtime was claimed); None for fires claimed before: their
+  ``scheduled_at``.
 """
 
 from __future__ import annotations
@@ -36,8 +40,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("job", "first_missed"),
     )
     op.create_index("ix_missed_fires_recorded", "missed_fires", ["recorded_at"])
+    with op.batch_alter_table("fires") as fires:
+        fires.add_column(sa.Column("due_at", Instant, nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("fires") as fires:
+        fires.drop_column("due_at")
     op.drop_index("ix_missed_fires_recorded", table_name="missed_fires")
     op.drop_table("missed_fires")
