@@ -1,8 +1,11 @@
-"""The misfire policy: what a scheduler does with a job's fires it got to too late (it was
-stopped, or could not reach the store or the broker). Pure; time is an argument.
+"""The misfire policy: what a scheduler does with a job's fires that no scheduler sent while
+they could still go out (all were stopped, or could not reach the store or the broker). Pure;
+time is an argument.
 
-A fire is *missed* when the scheduler gets to it ``MISFIRE_AFTER`` (or its job's expiry, if
-shorter) after it was due to go out. The job's whole backlog up to now is then settled at once,
+A fire is *missed* when it was due to go out at or before ``missed_before``: at least
+``START_TOLERANCE`` before this scheduler started (downtime: nobody was there to send it), or
+at least its job's ``expires_after_seconds`` ago (a trigger a worker would refuse). Any later
+fire is merely late and goes out as usual. The missed part of a job's backlog is settled at once,
 by its ``misfire`` policy: ``skip`` fires none of it, ``once`` its latest instant, ``all`` its
 latest instants within ``catchup`` (at most ``MAX_CATCHUP_FIRES``). The rest is counted as
 skipped, never enumerated beyond ``MAX_COUNTED``: the work is bounded however long the downtime.
@@ -16,9 +19,10 @@ from datetime import datetime, timedelta
 from common.intervals import EPOCH, parse_interval
 from common.jobs import JobSpec
 
-# Later than this, a fire counts as missed (not merely late): a live scheduler is milliseconds
-# late, a few seconds in a burst of 10,000 fires.
-MISFIRE_AFTER = timedelta(seconds=5)
+# A fire due less than this before the scheduler started is late, not missed: a restart that
+# takes a few seconds loses nothing (a scheduler's own start-up, imports to first plan, takes
+# seconds on a loaded host).
+START_TOLERANCE = timedelta(seconds=5)
 # At most this many fires of one job are caught up by ``misfire = "all"`` after one downtime.
 MAX_CATCHUP_FIRES = 1000
 # Skipped fires of a cron job are counted up to this many (an interval job's exactly).
@@ -28,10 +32,10 @@ _JUST_BEFORE = timedelta(microseconds=1)
 
 @dataclass(frozen=True)
 class Misfire:
-    """How the backlog of job ``job`` (its fires from ``first_missed`` to ``last_missed``) was
-    settled at ``now`` under ``policy``: ``fire`` (nominal instants, oldest first) go out now,
-    ``skipped`` do not (a lower bound when not ``counted_all``); ``next_at`` is the job's first
-    fire after ``now`` (None: it has none)."""
+    """How the missed part of job ``job``'s backlog (its fires from ``first_missed`` to
+    ``last_missed``) was settled at ``now`` under ``policy``: ``fire`` (nominal instants, oldest
+    first) go out now, ``skipped`` do not (a lower bound when not ``counted_all``); ``next_at`` is
+    the job's first fire after the missed ones (None: it has none), due now or later."""
 
     job: str
     policy: str
@@ -44,27 +48,32 @@ class Misfire:
     next_at: datetime | None
 
 
-def is_missed(spec: JobSpec, publish_at: datetime, now: datetime) -> bool:
-    """Whether a fire meant to go out at ``publish_at`` and reached at ``now`` is missed."""
-    return now - publish_at >= min(MISFIRE_AFTER, timedelta(seconds=spec.expires_after_seconds))
+def missed_before(spec: JobSpec, started_at: datetime | None, now: datetime) -> datetime:
+    """The instant at or before which a fire of ``spec`` meant to go out is missed, for a
+    scheduler that started planning at ``started_at`` (None: long ago) and looks at ``now``."""
+    cutoff = now - timedelta(seconds=spec.expires_after_seconds)
+    if started_at is not None:
+        cutoff = max(cutoff, started_at - START_TOLERANCE)
+    return cutoff
 
 
-def settle_backlog(spec: JobSpec, first_missed: datetime, now: datetime) -> Misfire:
-    """Settle ``spec``'s fires from ``first_missed`` (one of its instants) to ``now`` by its
-    misfire policy (see the module's docstring). Bounded work: a few thousand fire computations
-    at most, whatever the length of the downtime."""
-    latest = latest_fires(spec, first_missed, now, 1)
+def settle_backlog(spec: JobSpec, first_missed: datetime, until: datetime, now: datetime) -> Misfire:
+    """Settle ``spec``'s fires from ``first_missed`` (one of its instants) to ``until`` (both
+    included; at most ``now``) by its misfire policy (see the module's docstring). Bounded work:
+    a few thousand fire computations at most, whatever the length of the downtime."""
+    end = min(until, now)
+    latest = latest_fires(spec, first_missed, end, 1)
     last = latest[-1] if latest else first_missed
     catchup = spec.catchup_seconds()
     not_before = first_missed if catchup is None else max(first_missed, now - timedelta(seconds=catchup))
     fire: list[datetime] = []
     if spec.misfire == "once" and last >= not_before:
         fire = [last]
-    elif spec.misfire == "all":
-        fire = latest_fires(spec, not_before, now, MAX_CATCHUP_FIRES)
-    count, exact = count_fires(spec, first_missed, now)
+    elif spec.misfire == "all" and not_before <= end:
+        fire = latest_fires(spec, not_before, end, MAX_CATCHUP_FIRES)
+    count, exact = count_fires(spec, first_missed, end)
     try:
-        next_at: datetime | None = spec.next_fire(now)
+        next_at: datetime | None = spec.next_fire(end)
     except ValueError:
         next_at = None
     return Misfire(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from common.jobs import JobSpec
-from scheduler.misfire import Misfire, is_missed, settle_backlog
+from scheduler.misfire import Misfire, missed_before, settle_backlog
 
 log = logging.getLogger("cronfleet.scheduler")
 
@@ -63,6 +63,8 @@ class Planner:
     _numbers: itertools.count[int] = field(default_factory=itertools.count)
     # Backlogs settled by ``pop_due`` since the last ``take_misfires``.
     _misfires: list[Misfire] = field(default_factory=list)
+    # When the scheduler started planning (``misfire.missed_before``); None: long ago.
+    started_at: datetime | None = None
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -162,11 +164,11 @@ class Planner:
     def pop_due(self, now: datetime) -> list[DueFire]:
         """Every fire due to go out at or before ``now``, each job re-planned after its fire.
 
-        A jittered fire whose offset puts it after ``now`` waits for it. A fire reached too late
-        (``misfire.is_missed``) settles the job's backlog up to ``now`` by its misfire policy:
-        what it sends comes back ``caught_up``, the settlement itself from ``take_misfires``,
-        and the job is re-planned after ``now``. A due job whose spec the planner does not hold
-        (see ``wanted_specs``) stays due.
+        A jittered fire whose offset puts it after ``now`` waits for it. A missed fire (due to
+        go out at or before ``misfire.missed_before``) settles the missed part of the job's backlog by
+        its misfire policy: what it sends comes back ``caught_up``, the settlement itself from
+        ``take_misfires``; the job's later fires, due by ``now`` or not, follow as usual. A due
+        job whose spec the planner does not hold (see ``wanted_specs``) stays due.
         """
         due: list[DueFire] = []
         waiting: list[_Entry] = []
@@ -183,10 +185,11 @@ class Planner:
             if publish_at > now:
                 waiting.append((publish_at, name, plan, when))
                 continue
-            if is_missed(spec, publish_at, now):
-                misfire = settle_backlog(spec, when, now)
+            cutoff = missed_before(spec, self.started_at, now)
+            if publish_at <= cutoff:
+                misfire = settle_backlog(spec, when, cutoff, now)
                 self._misfires.append(misfire)
-                next_at = self._push(spec, now)
+                next_at = self._push(spec, min(cutoff, now))
                 due.extend(DueFire(spec, at, plan, next_at, caught_up=True) for at in misfire.fire)
                 continue
             due.append(DueFire(spec, when, plan, self._push(spec, when)))

@@ -71,6 +71,9 @@ class Scheduler:
         job's name and next fire, no spec); declare any new pool's queue."""
         changes = await read_job_changes(self.store, self._version)
         now = self.clock()
+        if self.planner.started_at is None:
+            # Fires due well before this scheduler started were missed; later ones are late.
+            self.planner.started_at = now
         for name in changes.unplanned:
             self.planner.drop(name)
         # A stored fire long past was missed while no scheduler ran: planned as it is, the

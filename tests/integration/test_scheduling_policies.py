@@ -201,8 +201,8 @@ async def test_after_an_hour_down_the_missed_fires_follow_the_misfire_policy_and
     assert await first.fire_due(stopped + timedelta(milliseconds=5)) == 1
     assert await _next_fire_at(store, "ten") == stopped + timedelta(seconds=10)
 
-    # An hour (and 3 s) later, another scheduler starts on the store as the first one left it.
-    back = stopped + timedelta(hours=1, seconds=3)
+    # An hour (and 7 s) later, another scheduler starts on the store as the first one left it.
+    back = stopped + timedelta(hours=1, seconds=7)
     second = Scheduler(settings, store, publisher, "scheduler-after", Clock(back))
     await second.reload()
     with caplog.at_level(logging.WARNING, logger="cronfleet.scheduler"):
@@ -245,7 +245,7 @@ async def test_schedulers_starting_together_after_downtime_send_and_record_the_b
     specs = parse_jobs(f'[jobs.ten]\nevery = "10s"\nmisfire = "all"\ncatchup = "1m"\n{ACTION}\n')
     stopped = _aligned(10, utcnow()) - timedelta(hours=2)
     await apply_jobs(store, specs, stopped)
-    back = stopped + timedelta(hours=2, seconds=1)
+    back = stopped + timedelta(hours=2, seconds=1)  # 7200 s: late (less than 5 s before the start)
     won = 0
     for index in range(3):
         scheduler = Scheduler(settings, store, publisher, f"scheduler-{index}", Clock(back))

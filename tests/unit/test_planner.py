@@ -72,23 +72,38 @@ def test_a_tick_a_little_late_catches_up_on_every_fire() -> None:
     assert planner.take_misfires() == []
 
 
-def test_fires_reached_too_late_are_settled_by_the_misfire_policy() -> None:
+def test_after_downtime_the_missed_fires_are_settled_by_the_misfire_policy() -> None:
     planner = Planner()
     planner.sync(parse_jobs(JOBS), T0)
-    now = T0 + timedelta(hours=1, seconds=5)
+    now = T0 + timedelta(hours=1, seconds=3)
+    planner.started_at = now  # a scheduler starting after an hour without one
     due = planner.pop_due(now)
-    # The default policy, once: the latest instant of each backlog goes out, flagged.
+    # The default policy, once: the latest missed instant goes out, flagged; a fire due less
+    # than START_TOLERANCE before the start is late, not missed, and goes out as usual.
     assert sorted((f.job.name, f.scheduled_at, f.caught_up) for f in due) == [
-        ("fast", T0 + timedelta(hours=1), True),
-        ("slow", T0 + timedelta(hours=1), True),
+        ("fast", T0 + timedelta(seconds=3590), True),
+        ("fast", T0 + timedelta(seconds=3600), False),
+        ("slow", T0 + timedelta(seconds=3540), True),
+        ("slow", T0 + timedelta(seconds=3600), False),
     ]
     skipped = {m.job: (m.skipped, m.first_missed, m.last_missed) for m in planner.take_misfires()}
     assert skipped == {
-        "fast": (359, T0 + timedelta(seconds=10), T0 + timedelta(hours=1)),
-        "slow": (59, T0 + timedelta(minutes=1), T0 + timedelta(hours=1)),
+        "fast": (358, T0 + timedelta(seconds=10), T0 + timedelta(seconds=3590)),
+        "slow": (58, T0 + timedelta(minutes=1), T0 + timedelta(seconds=3540)),
     }
     assert planner.take_misfires() == []
     assert planner.next_wakeup() == T0 + timedelta(hours=1, seconds=10)
+
+
+def test_a_live_scheduler_far_behind_sends_what_has_not_expired_and_settles_the_rest() -> None:
+    planner = Planner()
+    planner.sync(parse_jobs(JOBS), T0)
+    planner.started_at = T0
+    now = T0 + timedelta(minutes=10)  # stalled ten minutes (the store was out); expiry is 5
+    due = [(f.scheduled_at - T0).total_seconds() for f in planner.pop_due(now) if f.job.name == "fast"]
+    assert due == [300.0, *range(310, 601, 10)]  # the latest expired one once, then every other
+    [fast] = [m for m in planner.take_misfires() if m.job == "fast"]
+    assert (fast.skipped, fast.fire) == (29, (T0 + timedelta(seconds=300),))
 
 
 def test_changing_or_removing_a_job_replans_it() -> None:

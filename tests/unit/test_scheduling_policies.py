@@ -24,7 +24,7 @@ from monitor.health import (
     initial_record,
     next_deadline,
 )
-from scheduler.misfire import MAX_CATCHUP_FIRES, MISFIRE_AFTER, count_fires, is_missed, settle_backlog
+from scheduler.misfire import MAX_CATCHUP_FIRES, START_TOLERANCE, count_fires, missed_before, settle_backlog
 
 ACTION = {"type": "shell", "argv": ["true"]}
 instants = st.datetimes(
@@ -221,7 +221,7 @@ def test_a_backlog_is_settled_by_the_policy_and_every_missed_fire_is_counted(
     first = spec.next_fire(start)
     now = first + timedelta(seconds=down)
     backlog = _reference(spec, first, now)
-    settled = settle_backlog(spec, first, now)
+    settled = settle_backlog(spec, first, now, now)
     window = spec.catchup_seconds()
     recent = [at for at in backlog if window is None or at >= now - timedelta(seconds=window)]
     if policy == "skip":
@@ -243,29 +243,48 @@ def test_a_backlog_is_settled_by_the_policy_and_every_missed_fire_is_counted(
 def test_a_year_of_downtime_of_an_every_second_cron_job_is_bounded_work(policy: str) -> None:
     spec = job(schedule="* * * * * *", misfire=policy)
     now = datetime(2026, 6, 1, tzinfo=UTC)
-    settled = settle_backlog(spec, now - timedelta(days=365), now)
+    settled = settle_backlog(spec, now - timedelta(days=365), now, now)
     assert len(settled.fire) <= MAX_CATCHUP_FIRES
     assert settled.fire == () or settled.fire[-1] == now
     assert not settled.counted_all and settled.skipped >= 9000  # counted up to a bound
     interval = job(every="1s", misfire=policy)
-    exact = settle_backlog(interval, now - timedelta(days=365), now)
+    exact = settle_backlog(interval, now - timedelta(days=365), now, now)
     assert exact.counted_all and exact.skipped + len(exact.fire) == 365 * 86400 + 1
 
 
 def test_once_with_catchup_fires_nothing_when_the_latest_missed_fire_is_too_old() -> None:
     spec = job(schedule="0 3 * * *", misfire="once", catchup="1h")
     now = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-    settled = settle_backlog(spec, datetime(2026, 5, 30, 3, 0, tzinfo=UTC), now)
+    settled = settle_backlog(spec, datetime(2026, 5, 30, 3, 0, tzinfo=UTC), now, now)
     assert settled.fire == () and settled.skipped == 3
-    unbounded = settle_backlog(job(schedule="0 3 * * *"), datetime(2026, 5, 30, 3, 0, tzinfo=UTC), now)
+    unbounded = settle_backlog(job(schedule="0 3 * * *"), datetime(2026, 5, 30, 3, 0, tzinfo=UTC), now, now)
     assert unbounded.fire == (datetime(2026, 6, 1, 3, 0, tzinfo=UTC),) and unbounded.skipped == 2
 
 
-def test_a_fire_is_missed_past_the_threshold_or_its_expiry() -> None:
-    at = datetime(2026, 1, 1, tzinfo=UTC)
-    spec = job()
-    assert not is_missed(spec, at, at + MISFIRE_AFTER - timedelta(milliseconds=1))
-    assert is_missed(spec, at, at + MISFIRE_AFTER)
+def test_a_fire_is_missed_well_before_the_start_or_past_its_expiry() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    spec = job()  # expires after 300 s
+    assert missed_before(spec, None, now) == now - timedelta(seconds=300)
+    started = now - timedelta(seconds=2)
+    assert missed_before(spec, started, now) == started - START_TOLERANCE
+    assert missed_before(spec, now - timedelta(days=1), now) == now - timedelta(seconds=300)
     short = job(expires_after_seconds=2)
-    assert is_missed(short, at, at + timedelta(seconds=2))
-    assert count_fires(spec, at, at + timedelta(seconds=95)) == (10, True)
+    assert missed_before(short, now, now) == now - timedelta(seconds=2)
+    assert count_fires(spec, now, now + timedelta(seconds=95)) == (10, True)
+
+
+@given(every=st.integers(1, 600), policy=POLICIES, down=st.integers(0, 5000), late=st.integers(0, 600))
+@settings(max_examples=200, deadline=None)
+def test_a_backlog_cut_at_the_start_sends_each_late_fire_once_and_settles_the_rest(
+    every: int, policy: str, down: int, late: int
+) -> None:
+    """Up to the cutoff, the policy; after it, every instant as usual: together each instant of
+    the backlog is sent at most once, and every one after the cutoff exactly once."""
+    spec = job(every=f"{every}s", misfire=policy)
+    first = spec.next_fire(datetime(2026, 1, 1, tzinfo=UTC))
+    cutoff = first + timedelta(seconds=down)
+    now = cutoff + timedelta(seconds=late)
+    settled = settle_backlog(spec, first, cutoff, now)
+    assert all(first <= at <= cutoff for at in settled.fire)
+    assert settled.next_at is not None and settled.next_at > cutoff
+    assert settled.skipped + len(settled.fire) == len(_reference(spec, first, cutoff))
