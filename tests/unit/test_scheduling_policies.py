@@ -91,19 +91,18 @@ def test_intervals_are_bounded_and_naive_instants_refused() -> None:
 # The jobs file.
 
 
-def test_a_job_has_a_schedule_or_an_interval_never_both_nor_neither() -> None:
-    both = '[jobs.a]\nschedule = "* * * * *"\nevery = "45s"\n'
-    with pytest.raises(JobFileError, match=r"^jobs.toml:2: job 'a', field schedule: .*not both"):
-        parse_jobs(both, "jobs.toml")
-    neither = '[jobs.a]\naction = { type = "shell", argv = ["true"] }\n'
-    with pytest.raises(JobFileError, match=r"^jobs.toml:1: job 'a', field schedule: a job needs a schedule"):
-        parse_jobs(neither, "jobs.toml")
-    bad = '[jobs.a]\n\nevery = "45 seconds"\n'
-    with pytest.raises(JobFileError, match=r"^jobs.toml:3: job 'a', field every: .*not a duration"):
-        parse_jobs(bad, "jobs.toml")
-    typo = '[jobs.a]\neveyr = "45s"\n'
-    with pytest.raises(JobFileError, match=r"field eveyr: unknown field"):
-        parse_jobs(typo, "jobs.toml")
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('schedule = "* * * * *"\nevery = "45s"\n', r"^jobs.toml:2: job 'a', field schedule: .*not both"),
+        ('pool = "default"\n', r"^jobs.toml:1: job 'a', field schedule: a job needs a schedule"),
+        ('\nevery = "45 seconds"\n', r"^jobs.toml:3: job 'a', field every: .*not a duration"),
+        ('eveyr = "45s"\n', r"field eveyr: unknown field"),
+    ],
+)
+def test_a_job_has_a_schedule_or_an_interval_never_both_nor_neither(text: str, expected: str) -> None:
+    with pytest.raises(JobFileError, match=expected):
+        parse_jobs("[jobs.a]\n" + text, "jobs.toml")
 
 
 @pytest.mark.parametrize(
