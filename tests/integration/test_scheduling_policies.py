@@ -255,3 +255,23 @@ async def test_schedulers_starting_together_after_downtime_send_and_record_the_b
     async with store.session() as session:
         rows = (await session.execute(select(MissedFireRow))).scalars().all()
     assert len(rows) == 1 and rows[0].skipped == 720 - 6
+
+
+async def test_a_restart_of_a_few_seconds_sends_every_fire_late_and_records_nothing_missed(
+    settings: Settings, store: Store, publisher: Publisher
+) -> None:
+    specs = parse_jobs(f'[jobs.second]\nevery = "1s"\nmisfire = "skip"\n{ACTION}\n')
+    stopped = _aligned(1, utcnow()) - timedelta(minutes=1)
+    await apply_jobs(store, specs, stopped - timedelta(milliseconds=500))
+    first = Scheduler(settings, store, publisher, "scheduler-before", Clock(stopped))
+    await first.reload()
+    assert await first.fire_due(stopped + timedelta(milliseconds=5)) == 1
+    back = stopped + timedelta(seconds=4, milliseconds=500)  # restarted 4.5 s later
+    second = Scheduler(settings, store, publisher, "scheduler-after", Clock(back))
+    await second.reload()
+    assert await second.fire_due(back) == 4  # 1 s to 4 s: late, not missed, even under skip
+    assert [f.scheduled_at - stopped for f in await _fires(store, "second")] == [
+        timedelta(seconds=s) for s in range(5)
+    ]
+    async with store.session() as session:
+        assert (await session.execute(select(MissedFireRow))).first() is None
