@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from common.jobs import JobSpec
-from scheduler.misfire import Misfire, missed_before, settle_backlog
+from scheduler.misfire import START_TOLERANCE, Misfire, missed_before, settle_backlog
 
 log = logging.getLogger("cronfleet.scheduler")
 
@@ -185,8 +185,8 @@ class Planner:
             if publish_at > now:
                 waiting.append((publish_at, name, plan, when))
                 continue
-            cutoff = missed_before(spec, self.started_at, now)
-            if publish_at <= cutoff:
+            if self._is_missed(spec, publish_at, now):
+                cutoff = missed_before(spec, self.started_at, now)
                 misfire = settle_backlog(spec, when, cutoff, now)
                 self._misfires.append(misfire)
                 next_at = self._push(spec, min(cutoff, now))
@@ -200,6 +200,12 @@ class Planner:
     def plan_of(self, name: str) -> int | None:
         """The plan number job ``name`` is planned under (its store version), or None."""
         return self._plans.get(name)
+
+    def _is_missed(self, spec: JobSpec, publish_at: datetime, now: datetime) -> bool:
+        """``publish_at <= misfire.missed_before(...)``, cheaply: it runs for every fire."""
+        if (now - publish_at).total_seconds() >= spec.expires_after_seconds:
+            return True
+        return self.started_at is not None and publish_at <= self.started_at - START_TOLERANCE
 
     def take_misfires(self) -> list[Misfire]:
         """The backlogs ``pop_due`` settled since the last call (each once)."""
