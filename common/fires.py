@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple, cast
 
@@ -49,17 +49,24 @@ class PendingFire(NamedTuple):
 
 
 async def claim(
-    store: Store, triggers: Sequence[Trigger], claimed_by: str, now: datetime
+    store: Store,
+    triggers: Sequence[Trigger],
+    claimed_by: str,
+    now: datetime,
+    due_at: Mapping[str, datetime] | None = None,
 ) -> list[PendingFire]:
-    """Record each trigger's fire unless one exists for its (job, scheduled time).
+    """Record each trigger's fire unless one exists for its (job, scheduled time), with when it
+    was meant to go out (``due_at`` by trigger id; its ``scheduled_at`` when not given).
 
-    A fire is claimed as of ``now``, or as of its scheduled time when that is later (a fire
-    prepared ahead, see ``scheduler.service``): it counts as pending, for ``publish_pending``,
-    only from then. Returns the fires this call claimed, in order; the others were claimed before.
+    A fire is claimed as of ``now``, or as of when it is meant to go out when that is later (a
+    fire prepared ahead, see ``scheduler.service``): it counts as pending, for
+    ``publish_pending``, only from then. Returns the fires this call claimed, in order; the
+    others were claimed before.
     """
     if not triggers:
         return []
     fires = [PendingFire(t.id, t.pool, t.to_bytes().decode()) for t in triggers]
+    due = {t.id: (due_at or {}).get(t.id, t.scheduled_at) for t in triggers}
     rows = [
         {
             "trigger_id": t.id,
@@ -67,10 +74,11 @@ async def claim(
             "scheduled_at": t.scheduled_at,
             "expires_at": t.expires_at,
             "claimed_by": claimed_by,
-            "claimed_at": max(now, t.scheduled_at),
+            "claimed_at": max(now, due[t.id]),
             "pool": t.pool,
             "manual": t.manual,
             "body": fire.body,
+            "due_at": due[t.id],
         }
         for t, fire in zip(triggers, fires, strict=True)
     ]
@@ -174,10 +182,16 @@ async def pending_claimers(store: Store, prefix: str, now: datetime) -> list[str
 
 
 async def publish_claimed(
-    store: Store, publisher: Publisher, triggers: Sequence[Trigger], claimed_by: str, now: datetime
+    store: Store,
+    publisher: Publisher,
+    triggers: Sequence[Trigger],
+    claimed_by: str,
+    now: datetime,
+    due_at: Mapping[str, datetime] | None = None,
 ) -> list[PendingFire]:
-    """Claim ``triggers`` and publish those this call won. Returns the ones it won."""
-    won = await claim(store, triggers, claimed_by, now)
+    """Claim ``triggers`` (see ``claim`` for ``due_at``) and publish those this call won.
+    Returns the ones it won."""
+    won = await claim(store, triggers, claimed_by, now, due_at)
     await publish(store, publisher, won, claimed_by)
     return won
 

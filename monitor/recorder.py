@@ -36,7 +36,6 @@ import orjson
 from sqlalchemy import Table, and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.cron import next_fire
 from common.jobs import JobSpec
 from common.messages import (
     Event,
@@ -314,11 +313,11 @@ class NextFires:
 
     def after(self, spec: JobSpec, after: datetime) -> datetime:
         """The first fire of ``spec`` strictly after ``after`` (``common.cron.next_fire``)."""
-        key = (spec.schedule, spec.timezone)
+        key = (spec.schedule_text(), spec.timezone)
         known = self._last.get(key)
         if known is not None and known[0] <= after < known[1]:
             return known[1]
-        fire = next_fire(spec.schedule, spec.zone(), after)
+        fire = spec.next_fire(after)
         if len(self._last) >= self.LIMIT:
             self._last.clear()
         self._last[key] = (after, fire)

@@ -26,6 +26,8 @@ from common.settings import Settings
 from common.signing import Role
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
+from scheduler.misfire import Misfire
+from scheduler.missed import log_misfires, record_misfires
 from scheduler.planner import DueFire, Planner
 
 log = logging.getLogger("cronfleet.scheduler")
@@ -38,7 +40,6 @@ FIRE_AHEAD = timedelta(seconds=2)
 # At most this many fire names in one log line (the count is always there).
 _LOGGED_FIRES = 5
 _OUTAGE_PAUSE = 1.0
-_MISSED_GRACE = 1.0
 _LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -95,23 +96,15 @@ class Scheduler:
         job's name and next fire, no spec); declare any new pool's queue."""
         changes = await read_job_changes(self.store, self._version)
         now = self.clock()
+        if self.planner.started_at is None:
+            # Fires due well before this scheduler started were missed; later ones are late.
+            self.planner.started_at = now
         for name in changes.unplanned:
             self.planner.drop(name)
-        # A stored fire this old was missed while no scheduler planned the job: as before next
-        # fires were stored, it is not replayed; the job is planned from now (from its spec).
-        missed_before = now - timedelta(seconds=self.settings.jobs_reload_seconds + _MISSED_GRACE)
-        missed = 0
+        # A stored fire long past was missed while no scheduler ran: planned as it is, the
+        # planner hands its job's backlog to the job's misfire policy when it falls due.
         for name, when, version in changes.planned:
-            if when is not None and when < missed_before:
-                when = None
-                missed += 1
             self.planner.plan(name, when, version)
-        if missed:
-            log.warning(
-                "%d job(s) had a next fire before %s that no scheduler fired: planned from now",
-                missed,
-                missed_before.isoformat(),
-            )
         if changes.planned or changes.unplanned:
             await self._withdraw_changed()
         if changes.planned or changes.unplanned or self._version is None:
@@ -215,19 +208,28 @@ class Scheduler:
         return published + await self.publish_ready(now)
 
     async def prepare(self, until: datetime, now: datetime) -> int:
-        """Claim every fire due by ``until`` and keep the ones won for ``publish_ready``; returns
-        how many were won. Each fire is claimed as of its instant (``fires.claim``)."""
+        """Claim every fire that goes out by ``until`` and keep the ones won for
+        ``publish_ready``; returns how many were won. Each fire is claimed as of when it goes
+        out: its instant plus its jitter offset, or ``now`` for a fire caught up after downtime
+        (``fires.claim``)."""
         await self._learn_specs(until)
         due = self.planner.pop_due(until)
+        await self._record_misfires(self.planner.take_misfires(), now)
+        # When each is meant to go out (jitter, catch-up): its claim counts from then, and its
+        # fire lag; a fire retried after the store failed counts from its instant.
+        due_at = {
+            trigger_id(f.job.name, f.scheduled_at): now if f.caught_up else f.job.publish_at(f.scheduled_at)
+            for f in due
+        }
         triggers = [
             *self._unclaimed,
-            *(f.job.trigger_at(f.scheduled_at, max(f.scheduled_at, now)) for f in due),
+            *(self._trigger(f, max(now, due_at[trigger_id(f.job.name, f.scheduled_at)])) for f in due),
         ]
         self._unclaimed = []
         if not triggers:
             return 0
         try:
-            won = await fires.claim(self.store, triggers, self.name, now)
+            won = await fires.claim(self.store, triggers, self.name, now, due_at)
         except (SQLAlchemyError, *STORE_OUTAGES):
             for trigger in triggers:
                 if trigger.expires_at > now:
@@ -236,7 +238,8 @@ class Scheduler:
                     log.error("fire %s expired before the store could record it", trigger.id)
             raise
         plans = {f.job.name: f.plan for f in due}
-        instants = {t.id: t.scheduled_at for t in triggers}
+        # A trigger says when it is published: the moment its fire goes out.
+        instants = {t.id: t.published_at for t in triggers}
         for fire in won:
             job = fire.trigger_id.rpartition("@")[0]
             ready = ReadyFire(instants[fire.trigger_id], fire, job, plans.get(job, -1))
@@ -300,6 +303,36 @@ class Scheduler:
         heapq.heapify(self._ready)
         self._ready_ids -= gone
         log.info("withdrew %d prepared fire(s) of jobs that changed: %s", withdrawn, ", ".join(ids[:5]))
+
+    @staticmethod
+    def _trigger(fire: DueFire, published_at: datetime) -> Trigger:
+        """The trigger of ``fire``; a fire caught up after downtime expires counting from now."""
+        return fire.job.trigger_at(
+            fire.scheduled_at, published_at, expires_from=published_at if fire.caught_up else None
+        )
+
+    async def _record_misfires(self, misfires: list[Misfire], now: datetime) -> None:
+        """Log and store the backlogs the misfire policy settled, and the next fire of their jobs
+        (a job whose backlog sent nothing is not re-settled at the next start). The fires go out
+        whatever happens here: a store that fails is logged with the counts."""
+        if not misfires:
+            return
+        log_misfires(misfires)
+        try:
+            await record_misfires(self.store, misfires, self.name, now)
+        except (SQLAlchemyError, *STORE_OUTAGES) as exc:
+            log.error("missed fires of %d job(s) not recorded (%s): see the line above", len(misfires), exc)
+        plans = {m.job: self.planner.plan_of(m.job) for m in misfires}
+        fired = [
+            (m.job, plan, m.next_at)
+            for m in misfires
+            if m.next_at is not None and (plan := plans[m.job]) is not None and plan >= 0
+        ]
+        if fired:
+            try:
+                await record_next_fires(self.store, fired)
+            except (SQLAlchemyError, *STORE_OUTAGES) as exc:
+                log.warning("next fires of %d job(s) not stored (%s)", len(fired), exc)
 
     async def _record_next_fires(self, due: list[DueFire], won: set[str]) -> None:
         """Store the next fire of each job whose fire this scheduler won, so that a scheduler
