@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import decimal
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -29,6 +30,7 @@ from pamqp import encode as pamqp_encode
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
+from common.batching import Batcher
 from common.cancel import stop_if_cancelled
 from common.envelope import (
     ORIGINAL_EXCHANGE_HEADER,
@@ -145,6 +147,9 @@ class Publisher:
         self.namespace = namespace
         self._exchanges = exchanges
         self._keyring = keyring
+        self._events: Batcher[tuple[bytes, str, Mapping[str, Any], str], datetime | BaseException] = Batcher(
+            partial(self._send_together, "events")
+        )
 
     @classmethod
     async def open(
@@ -191,41 +196,55 @@ class Publisher:
 
         The burst path of the scheduler: the frames of every trigger go out in one write
         (``_publish_together``), not one system call and one task per message."""
-        exchange = self._exchanges["triggers"].name
+        return await self._send_together(
+            "triggers",
+            [
+                (body, pool, self._keyring.sign(Role.TRIGGER, self.namespace, pool, body), message_id)
+                for body, pool, message_id in triggers
+            ],
+        )
+
+    async def _send_together(
+        self, role: str, messages: Sequence[tuple[bytes, str, Mapping[str, Any], str]]
+    ) -> list[datetime | BaseException]:
+        """Publish signed messages, each ``(body, routing key, headers, message id)``, to
+        ``role``'s exchange in one write; per message, the instant its confirm came back or why
+        it was not published (see ``trigger_bodies``)."""
+        exchange = self._exchanges[role].name
         sent_at = datetime.now(UTC)
-        messages = [
+        framed = [
             (
                 body,
-                pool,
+                routing_key,
                 Basic.Properties(
-                    headers=dict(self._keyring.sign(Role.TRIGGER, self.namespace, pool, body)),
+                    headers=dict(headers),
                     content_type="application/json",
                     delivery_mode=2,
                     message_id=message_id,
                     timestamp=sent_at,
                 ),
             )
-            for body, pool, message_id in triggers
+            for body, routing_key, headers, message_id in messages
         ]
         try:
             channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
-            confirmations, tags = await _publish_together(channel, exchange, messages)
+            confirmations, tags = await _publish_together(channel, exchange, framed)
         except CONNECT_ERRORS as exc:
-            return [_not_published("triggers", "", exc)] * len(triggers)
+            return [_not_published(role, "", exc)] * len(messages)
         confirmed_at = _ConfirmInstants(len(confirmations))
         for index, confirmation in enumerate(confirmations):
             confirmation.add_done_callback(partial(confirmed_at.note, index))
         try:
             await confirmed_at.all_done.wait()
         finally:
-            _forget_message_ids(channel, messages, tags)
+            _forget_message_ids(channel, framed, tags)
         results: list[datetime | BaseException] = []
         for index, confirmation in enumerate(confirmations):
             failure = confirmation.exception() if not confirmation.cancelled() else asyncio.CancelledError()
             if failure is None:
                 results.append(confirmed_at.at[index])
             else:
-                results.append(_not_published("triggers", messages[index][1], failure))
+                results.append(_not_published(role, framed[index][1], failure))
         return results
 
     async def retry(
@@ -251,12 +270,17 @@ class Publisher:
         await self._publish("retry", body, kept, pool, None)
 
     async def event(self, event: WireMessage) -> None:
-        """Publish a run event or heartbeat on the events exchange under its topic."""
+        """Publish a run event or heartbeat on the events exchange under its topic; returns once
+        the broker confirmed it. Events published concurrently (a worker's runs) go out
+        together, in one write (``_send_together``); each still fails alone."""
         body = event.to_bytes()
         routing_key = event_routing_key(event)
         job = event.job if isinstance(event, JobHeartbeat) else None
         signer = self._keyring.signer(signing_role(event), job)
-        await self._publish("events", body, signer.sign(self.namespace, routing_key, body), routing_key, None)
+        headers = signer.sign(self.namespace, routing_key, body)
+        result = await self._events.submit((body, routing_key, headers, uuid.uuid4().hex))
+        if isinstance(result, BaseException):
+            raise result
 
     async def jobs_changed(self, by: str) -> None:
         """Tell the running schedulers that the jobs changed (``JobsChanged``), signed with a
