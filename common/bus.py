@@ -26,7 +26,7 @@ from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp import encode as pamqp_encode
 
-from common.cancel import stop_if_cancelled
+from common.cancel import cancelling, stop_if_cancelled
 from common.envelope import (
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
@@ -265,6 +265,16 @@ class Publisher:
             ) from exc
         except CONNECT_ERRORS as exc:
             raise BrokerUnavailable(f"publishing to RabbitMQ failed: {exc or type(exc).__name__}") from exc
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            # aiormq cancels the confirm of a publish in flight when it finds the connection dead
+            # (a host cut off: no frame for three heartbeats). Let through, that CancelledError
+            # ended the caller's loop as if asked to stop: a worker's heartbeats, a scheduler's
+            # planning, each stopped for good while the process went on.
+            raise BrokerUnavailable(
+                "publishing to RabbitMQ failed: the connection was lost before the broker confirmed"
+            ) from exc
 
 
 _INT64 = range(-(2**63), 2**63)
