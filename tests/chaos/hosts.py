@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -46,12 +48,12 @@ def refusal() -> str | None:
 
 @dataclass(frozen=True)
 class Host:
-    """One test host: its name (also its hostname), namespace, address and port on the hub."""
+    """One test host: its name (also its hostname), namespace, address, and its port on the hub's
+    bridge (an interface of the hub namespace)."""
 
     name: str
     netns: str
     address: str
-    hub: str
     port: str
 
     def command(self, *argv: str, own_hostname: bool = True) -> list[str]:
@@ -83,9 +85,12 @@ class Host:
 @dataclass
 class Network:
     """Hosts on a bridge in a hub namespace, all named ``PREFIX-...``. ``close`` kills every
-    process left in them and deletes them, whatever happened."""
+    process left in them and deletes them, whatever happened.
 
-    prefix: str
+    The prefix is ``cf<pid>x<random>``: ``sweep_abandoned`` recognises the namespaces of a test
+    process that died before it could close them (killed by a timeout, say)."""
+
+    prefix: str = field(default_factory=lambda: f"cf{os.getpid()}x{uuid.uuid4().hex[:4]}")
     hosts: dict[str, Host] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -101,7 +106,7 @@ class Network:
 
     def add_host(self, name: str, number: int) -> Host:
         """A host ``name`` at ``SUBNET.number``, linked to the hub (loopback up too)."""
-        host = Host(name, f"{self.prefix}-{name}", f"{SUBNET}.{number}", self.hub, f"to-{name}"[:15])
+        host = Host(name, f"{self.prefix}-{name}", f"{SUBNET}.{number}", f"to-{name}"[:15])
         self._add_namespace(host.netns)
         _ip(
             "-n",
@@ -142,6 +147,31 @@ class Network:
         self._namespaces.clear()
 
 
+_OURS = re.compile(r"^cf(\d+)x[0-9a-f]{4}-")
+
+
+def sweep_abandoned() -> list[str]:
+    """Kill what runs in, and delete, the namespaces a ``Network`` of a test process that is
+    gone left behind (its pid is in their name), and remove its databases' directories; returns
+    the namespaces' names."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    abandoned = []
+    for line in listed.stdout.splitlines():
+        name = line.split(" ", 1)[0]
+        found = _OURS.match(name)
+        if found is None or Path(f"/proc/{found.group(1)}").exists():
+            continue
+        _kill_everything_in(name)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        abandoned.append(name)
+    # And the data directories of their databases (``NamespacedPostgres``).
+    for directory in Path(tempfile.gettempdir()).glob("cf*x-pg-*"):
+        found = re.match(r"^cf(\d+)x-pg-", directory.name)
+        if found is not None and not Path(f"/proc/{found.group(1)}").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+    return abandoned
+
+
 def _kill_everything_in(netns: str, patience: float = 10.0) -> None:
     deadline = time.monotonic() + patience
     while time.monotonic() < deadline:
@@ -179,7 +209,7 @@ class NamespacedBroker:
             "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
         }
 
-    def start(self, timeout: float = 90) -> None:
+    def start(self, timeout: float = 60) -> None:
         """Start the node and wait until it has booted; raises TimeoutError if it does not."""
         self.base.mkdir(parents=True, exist_ok=True)
         (self.base / "enabled_plugins").write_text("[].\n")
@@ -229,7 +259,7 @@ class NamespacedPostgres:
 
     def __post_init__(self) -> None:
         # The postgres user must reach it: not under pytest's root-only temporary directory.
-        self.base = Path(tempfile.mkdtemp(prefix="cronfleet-netns-pg-"))
+        self.base = Path(tempfile.mkdtemp(prefix=f"cf{os.getpid()}x-pg-"))
         shutil.chown(self.base, "postgres", "postgres")
 
     @property
