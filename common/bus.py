@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import decimal
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -53,6 +53,23 @@ CONNECT_ERRORS = (
     asyncio.TimeoutError,
     aio_pika.exceptions.AMQPException,
 )
+
+
+@contextlib.contextmanager
+def link_loss_as_error() -> Iterator[None]:
+    """Inside it, the ``CancelledError`` that aiormq raises in every call in flight when it gives
+    up on a dead connection (no frame for three heartbeat intervals: a host cut off) becomes a
+    ``ConnectionError``, one of CONNECT_ERRORS; a cancellation of the task itself stays one.
+
+    Let through, that CancelledError ends the caller's loop as if it were asked to stop, and a
+    task group takes no notice: a worker's heartbeats, the monitor's fleet watch, each stopped
+    for good while the process went on."""
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        if cancelling():
+            raise
+        raise ConnectionError("the connection was lost before RabbitMQ answered") from exc
 
 
 def broker_refusal(what: str, exc: BaseException) -> str:
@@ -256,25 +273,16 @@ class Publisher:
         message_id: str | None,
     ) -> None:
         try:
-            await self._exchanges[role].publish(
-                _message(body, headers, message_id), routing_key=routing_key, mandatory=True
-            )
+            with link_loss_as_error():
+                await self._exchanges[role].publish(
+                    _message(body, headers, message_id), routing_key=routing_key, mandatory=True
+                )
         except aio_pika.exceptions.DeliveryError as exc:
             raise BrokerUnavailable(
                 f"RabbitMQ did not accept the message for {role}/{routing_key or '-'}: {exc}"
             ) from exc
         except CONNECT_ERRORS as exc:
             raise BrokerUnavailable(f"publishing to RabbitMQ failed: {exc or type(exc).__name__}") from exc
-        except asyncio.CancelledError as exc:
-            if cancelling():
-                raise
-            # aiormq cancels the confirm of a publish in flight when it finds the connection dead
-            # (a host cut off: no frame for three heartbeats). Let through, that CancelledError
-            # ended the caller's loop as if asked to stop: a worker's heartbeats, a scheduler's
-            # planning, each stopped for good while the process went on.
-            raise BrokerUnavailable(
-                "publishing to RabbitMQ failed: the connection was lost before the broker confirmed"
-            ) from exc
 
 
 _INT64 = range(-(2**63), 2**63)

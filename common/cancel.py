@@ -6,9 +6,10 @@ own errors, and no ``CancelledError`` follows. A loop that runs "until cancelled
 forever, and whoever cancelled it (a task group, a test's fixture) waits forever for it to end.
 Every such loop calls ``stop_if_cancelled`` once per turn.
 
-The reverse happens too: aiormq cancels the confirm of a publish in flight when it finds its
-connection dead (no frame for three heartbeat intervals), and the publisher's task, which nobody
-cancelled, gets a ``CancelledError``. ``cancelling`` tells the two apart.
+The reverse happens too: aiormq cancels every call in flight (a publish's confirm, a channel
+open, a passive declare) when it finds its connection dead (no frame for three heartbeat
+intervals), and the task that made it, which nobody cancelled, gets a ``CancelledError``.
+``cancelling`` tells the two apart (``common.bus.link_loss_as_error``).
 """
 
 from __future__ import annotations
