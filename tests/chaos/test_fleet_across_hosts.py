@@ -1,5 +1,5 @@
-"""A fleet spread over hosts loses nothing when a worker host's and a scheduler host's links are
-cut mid-run, and comes back to normal by itself once they are restored.
+"""A fleet spread over hosts loses nothing when the links of a worker host, a scheduler host and
+the monitor's host are cut mid-run, and comes back to normal by itself once they are restored.
 
 The hosts are network namespaces of this machine (``tests.chaos.hosts``): the broker (a RabbitMQ
 node of its own) and the database (a PostgreSQL instance of its own) on one, two schedulers,
@@ -8,8 +8,8 @@ is longer than every failure detector of the fleet: the broker's and the clients
 heartbeat (set short in the URL, as ``?heartbeat=N``, to fit the test into a minute), the
 workers' claim lease and the monitor's judgement of a silent worker. So the broker takes the
 cut worker's unacked triggers back and hands them to the others, the other scheduler takes over
-the cut one's unpublished fires, and when the links come back the cut processes reconnect and
-report what they did meanwhile.
+the cut one's unpublished fires, the events wait for the monitor in its queue, and when the
+links come back the cut processes reconnect and report what they did meanwhile.
 
 Counted over every fire due from just before the first cut to just after the last restore:
 *missing*, a fire without a succeeded run; *lost*, a run that ended ``lost`` or is still
@@ -50,6 +50,16 @@ JOBS = 20
 # Each link stays cut this long: past the AMQP heartbeat timeout (both ends give up on the
 # connection), the claim lease and the monitor's patience with a silent worker.
 CUT_SECONDS = 25.0
+# (seconds after the counted window opens, host, cut or restored): the worker first, so that the
+# monitor marks its runs lost before its own link is cut; the cuts overlap.
+TIMELINE = [
+    (3.0, "w1", True),
+    (11.0, "s1", True),
+    (16.0, "mon", True),
+    (3.0 + CUT_SECONDS, "w1", False),
+    (11.0 + CUT_SECONDS, "s1", False),
+    (16.0 + CUT_SECONDS, "mon", False),
+]
 AMQP_HEARTBEAT_SECONDS = 5
 RUN_SECONDS = 0.5
 # A fire counts as late when its first run started more than this after it was due.
@@ -118,13 +128,14 @@ class Processes:
             self.running[host.name] = host.start([cronfleet, *args], self.environment, log, REPO)
 
     async def stop(self) -> None:
-        """SIGTERM each, and SIGKILL those not gone within 20 s."""
+        """SIGTERM each, and SIGKILL those not gone 20 s later."""
         for process in self.running.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
         for process in self.running.values():
             try:
-                await asyncio.to_thread(process.wait, 20)
+                await asyncio.to_thread(process.wait, max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
 
@@ -137,7 +148,7 @@ class Processes:
         return f"{role}@{host.name}:{self.running[host.name].pid}"
 
 
-async def test_links_of_a_worker_host_and_a_scheduler_host_cut_and_restored_lose_nothing(
+async def test_links_of_a_worker_a_scheduler_and_the_monitor_cut_and_restored_lose_nothing(
     hosts: Hosts, tmp_path: Path, counts: Counts
 ) -> None:
     settings = Settings(
@@ -177,16 +188,14 @@ async def test_links_of_a_worker_host_and_a_scheduler_host_cut_and_restored_lose
         await eventually(lambda: _all_ran_since(store, workers, since), timeout=45, every=0.5)
 
         began = datetime.now(UTC)
-        await asyncio.sleep(3)
-        network.cut(on["w1"])
-        await asyncio.sleep(8)
-        network.cut(on["s1"])
-        await asyncio.sleep(CUT_SECONDS - 8)
-        network.restore(on["w1"])
-        w1_back = datetime.now(UTC)
-        await asyncio.sleep(8)
-        network.restore(on["s1"])
-        s1_back = datetime.now(UTC)
+        restored: dict[str, datetime] = {}
+        for at, host, cut in TIMELINE:
+            await asyncio.sleep(max(0.0, at - (datetime.now(UTC) - began).total_seconds()))
+            if cut:
+                network.cut(on[host])
+            else:
+                network.restore(on[host])
+                restored[host] = datetime.now(UTC)
         await asyncio.sleep(5)
         ended = datetime.now(UTC)
 
@@ -203,9 +212,10 @@ async def test_links_of_a_worker_host_and_a_scheduler_host_cut_and_restored_lose
             waiting = [
                 f"{len(set(due) - succeeded)} fire(s) not run",
                 f"{sum(run.status == 'running' for run in runs)} run(s) still running",
-                "w1 runs nothing" if not await _ran_since(store, w1, w1_back) else "",
-                "s1 fires nothing" if not await _claimed_since(store, s1, s1_back) else "",
-                await _fleet_not_up(store, w1, w1_back),
+                "w1 runs nothing" if not await _ran_since(store, w1, restored["w1"]) else "",
+                "s1 fires nothing" if not await _claimed_since(store, s1, restored["s1"]) else "",
+                # Heartbeats of every worker judged since both w1 and the monitor came back.
+                await _fleet_not_up(store, workers, max(restored["w1"], restored["mon"])),
                 ", ".join(f"{host} exited" for host in fleet.exited()),
             ]
             return [what for what in waiting if what and not what.startswith("0 ")]
@@ -250,7 +260,7 @@ async def test_links_of_a_worker_host_and_a_scheduler_host_cut_and_restored_lose
     )
     statuses = Counter(run.status for run in runs)
     counts(
-        f"fleet across hosts: w1 and s1 cut {CUT_SECONDS:g} s each, {len(due)} fires due ({JOBS} jobs "
+        f"fleet across hosts: w1, s1 and mon cut {CUT_SECONDS:g} s each, {len(due)} fires due ({JOBS} jobs "
         f"every second); missing {len(missing)}, lost {len(lost)}, unflagged duplicates {len(unflagged)}, "
         f"flagged duplicates {flagged} (duplicate runs {statuses['duplicate']}, "
         f"redelivered re-executions {flagged - statuses['duplicate']}); late (> {LATE_SECONDS:g} s) {late}; "
@@ -321,14 +331,15 @@ async def _fleet_health(store: Store) -> list[tuple[str, str, str]]:
         return [(str(c), str(s), str(d)) for c, s, d in rows]
 
 
-async def _fleet_not_up(store: Store, worker: str, since: datetime) -> str:
-    """What of the fleet the monitor does not see up ('' when all is), ``worker`` with a
-    heartbeat seen after ``since``."""
+async def _fleet_not_up(store: Store, workers: list[str], since: datetime) -> str:
+    """What of the fleet the monitor does not see up ('' when all is), each of ``workers`` with
+    a heartbeat seen after ``since`` (the monitor's fleet watch goes on)."""
     async with store.session() as session:
         rows = (await session.execute(select(FleetHealthRow))).scalars().all()
     down = [f"{row.component} {row.state} ({row.detail})" for row in rows if row.state != "up"]
     seen = {row.name: row.seen_at for row in rows if row.kind == "worker"}
-    back = seen.get(worker)
-    if back is None or back <= since:
-        down.append(f"no heartbeat of {worker} seen since {since:%H:%M:%S}")
+    for worker in workers:
+        at = seen.get(worker)
+        if at is None or at <= since:
+            down.append(f"no heartbeat of {worker} seen since {since:%H:%M:%S}")
     return "; ".join(down)
