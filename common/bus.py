@@ -9,7 +9,7 @@ import contextlib
 import decimal
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, cast
@@ -31,7 +31,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from common.batching import Batcher
-from common.cancel import stop_if_cancelled
+from common.cancel import cancelling, stop_if_cancelled
 from common.envelope import (
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
@@ -58,6 +58,23 @@ CONNECT_ERRORS = (
     asyncio.TimeoutError,
     aio_pika.exceptions.AMQPException,
 )
+
+
+@contextlib.contextmanager
+def link_loss_as_error() -> Iterator[None]:
+    """Inside it, the ``CancelledError`` that aiormq raises in every call in flight when it gives
+    up on a dead connection (no frame for three heartbeat intervals: a host cut off) becomes a
+    ``ConnectionError``, one of CONNECT_ERRORS; a cancellation of the task itself stays one.
+
+    Let through, that CancelledError ends the caller's loop as if it were asked to stop, and a
+    task group takes no notice: a worker's heartbeats, the monitor's fleet watch, each stopped
+    for good while the process went on."""
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        if cancelling():
+            raise
+        raise ConnectionError("the connection was lost before RabbitMQ answered") from exc
 
 
 def broker_refusal(what: str, exc: BaseException) -> str:
@@ -227,8 +244,9 @@ class Publisher:
             for body, routing_key, headers, message_id in messages
         ]
         try:
-            channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
-            confirmations, tags = await _publish_together(channel, exchange, framed)
+            with link_loss_as_error():
+                channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+                confirmations, tags = await _publish_together(channel, exchange, framed)
         except CONNECT_ERRORS as exc:
             return [_not_published(role, "", exc)] * len(messages)
         confirmed_at = _ConfirmInstants(len(confirmations))
@@ -240,7 +258,10 @@ class Publisher:
             _forget_message_ids(channel, framed, tags)
         results: list[datetime | BaseException] = []
         for index, confirmation in enumerate(confirmations):
-            failure = confirmation.exception() if not confirmation.cancelled() else asyncio.CancelledError()
+            # aiormq cancels the confirms in flight when it gives up on a dead connection.
+            failure = None if confirmation.cancelled() else confirmation.exception()
+            if confirmation.cancelled() or isinstance(failure, asyncio.CancelledError):
+                failure = ConnectionError("the connection was lost before RabbitMQ answered")
             if failure is None:
                 results.append(confirmed_at.at[index])
             else:
@@ -330,9 +351,10 @@ class Publisher:
         message_id: str | None,
     ) -> None:
         try:
-            await self._exchanges[role].publish(
-                _message(body, headers, message_id), routing_key=routing_key, mandatory=True
-            )
+            with link_loss_as_error():
+                await self._exchanges[role].publish(
+                    _message(body, headers, message_id), routing_key=routing_key, mandatory=True
+                )
         except CONNECT_ERRORS as exc:
             raise _not_published(role, routing_key, exc) from exc
 
@@ -416,7 +438,7 @@ def _not_published(role: str, routing_key: str, exc: BaseException) -> BrokerUna
         return BrokerUnavailable(
             f"RabbitMQ did not accept the message for {role}/{routing_key or '-'}: {exc}"
         )
-    return BrokerUnavailable(f"publishing to RabbitMQ failed: {exc or type(exc).__name__}")
+    return BrokerUnavailable(f"publishing to RabbitMQ failed: {str(exc) or type(exc).__name__}")
 
 
 _INT64 = range(-(2**63), 2**63)

@@ -30,6 +30,7 @@ from common.bus import (
     ack_deliveries,
     connect,
     consume_deliveries,
+    link_loss_as_error,
 )
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
@@ -324,12 +325,13 @@ async def wait_until_drained(
         stop_if_cancelled()
         await asyncio.sleep(DRAIN_CHECK_SECONDS)
         try:
-            channel = await connection.channel()
-            try:
-                queue = await channel.declare_queue(topology.monitor_queue, passive=True)
-                waiting = queue.declaration_result.message_count
-            finally:
-                await channel.close()
+            with link_loss_as_error():
+                channel = await connection.channel()
+                try:
+                    queue = await channel.declare_queue(topology.monitor_queue, passive=True)
+                    waiting = queue.declaration_result.message_count
+                finally:
+                    await channel.close()
         except CONNECT_ERRORS as exc:
             log.debug("cannot see the monitor queue yet (%s)", exc)
             quiet = 0

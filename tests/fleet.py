@@ -188,9 +188,9 @@ def worker_process(
     return _service_process(settings, ["worker", "--concurrency", "1", *args], cwd, user)
 
 
-def _service_process(
-    settings: Settings, args: list[str], cwd: Path | None, user: str | None
-) -> subprocess.Popen[bytes]:
+def service_environment(settings: Settings) -> dict[str, str]:
+    """This process's environment with the fleet's settings as CRONFLEET_* variables: what a
+    cronfleet process of its own needs to join the fleet."""
     environment = {
         **os.environ,
         "CRONFLEET_AMQP_URL": settings.amqp_url,
@@ -205,9 +205,15 @@ def _service_process(
     }
     if settings.database_schema:
         environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
+    return environment
+
+
+def _service_process(
+    settings: Settings, args: list[str], cwd: Path | None, user: str | None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "cronfleet"), *args],
-        env=environment,
+        env=service_environment(settings),
         cwd=cwd,
         user=user,
         stdout=subprocess.DEVNULL,
