@@ -153,16 +153,25 @@ async def test_a_node_then_the_leaders_node_stopped_under_load_lose_nothing(
     assert lost == [], f"runs that did not succeed: {lost[:5]}"
     assert tally.unflagged == [], f"fires run twice without a duplicate flag: {tally.unflagged[:5]}"
     assert late_after_recovery == [], f"fires late once the cluster was whole: {late_after_recovery[:5]}"
-    assert consumers[topology.pool_queue("default")] == WORKERS
-    assert consumers[topology.monitor_queue] == 1
+    assert _missing_consumers(consumers, topology) == []
     assert dead_letters == 0
 
 
 def _consumed(cluster: PrivateCluster, topology: Topology) -> bool:
-    """Whether both queues have all their consumers."""
-    consumers = cluster.consumers(topology.namespace)
-    pool = consumers.get(topology.pool_queue("default"))
-    return pool == WORKERS and consumers.get(topology.monitor_queue) == 1
+    """Whether every consumer is there (see ``_missing_consumers``)."""
+    return not _missing_consumers(cluster.consumers(topology.namespace), topology)
+
+
+def _missing_consumers(consumers: dict[str, int], topology: Topology) -> list[str]:
+    """Which consumers of ``consumers`` (queue name -> count) are not there: the workers' on the
+    pool queue, the monitor's on its queue, each scheduler's on its own control queue."""
+    control = sum(1 for name, n in consumers.items() if name.startswith(topology.control_queue("")) and n)
+    expected = {
+        "pool queue": (consumers.get(topology.pool_queue("default"), 0), WORKERS),
+        "monitor queue": (consumers.get(topology.monitor_queue, 0), 1),
+        "control queues": (control, SCHEDULERS),
+    }
+    return [f"{what}: {found} of {wanted}" for what, (found, wanted) in expected.items() if found != wanted]
 
 
 async def _outage(
