@@ -66,7 +66,7 @@ async def test_a_node_then_the_leaders_node_stopped_under_load_lose_nothing(
     settings = settings.model_copy(update={"amqp_url": cluster.url})
     namespace = settings.namespace
     topology = Topology(namespace)
-    jobs = every_second_jobs("cluster", JOBS, "tests.integration.job_functions:renamed", 120)
+    jobs = every_second_jobs("cluster", JOBS, "tests.integration.job_functions:half_a_second", 120)
     await apply_toml(store, jobs)
     await declare_pool(settings, "default")
     members = cluster.members(topology.pool_queue("default"))

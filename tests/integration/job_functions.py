@@ -31,6 +31,12 @@ async def async_job(run: RunContext) -> list[str]:
 
 
 @job_function
+async def half_a_second(run: RunContext) -> None:
+    """Async, on the worker's loop, for half a second: runs are in flight at any instant."""
+    await asyncio.sleep(0.5)
+
+
+@job_function
 def explode(run: RunContext) -> None:
     """Fails the run with its traceback."""
     raise RuntimeError(f"cannot do {run.job}")
