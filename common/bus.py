@@ -101,7 +101,7 @@ async def connect(url: str, name: str, *, wait: bool) -> FailoverConnection:
     each connection attempt, and each reconnection after a loss, goes to the next node of the list
     (``common.failover``). With ``wait``, brokers that do not answer are retried with backoff (and
     logged) until one does; without, it raises BrokerUnavailable once every node has been tried.
-    Once connected, losses and recoveries are logged.
+    Once connected, losses and recoveries are logged. Raises ConfigError for a malformed ``url``.
     """
     urls = amqp_urls(url)
     delay = 0.5

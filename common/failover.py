@@ -17,11 +17,13 @@ from aio_pika.robust_connection import RobustConnection
 from pamqp.common import FieldTable
 from yarl import URL
 
+from common.errors import ConfigError
+
 # The method of aio-pika's RobustConnection that runs each connection attempt (aio-pika 10; its
-# name is private, so a test pins it: tests/integration/test_failover.py).
+# name is private, so a test pins it: tests/integration/test_failover.py). Without it one URL
+# still works; several are refused rather than silently never rotated.
 _ATTEMPT = "_RobustConnection__connect_transport"
-if not hasattr(RobustConnection, _ATTEMPT):
-    raise ImportError(f"aio-pika's RobustConnection has no {_ATTEMPT} for FailoverConnection to rotate")
+ROTATES = hasattr(RobustConnection, _ATTEMPT)
 
 
 class FailoverConnection(RobustConnection):
@@ -42,6 +44,11 @@ class FailoverConnection(RobustConnection):
     ) -> None:
         if not urls:
             raise ValueError("a FailoverConnection needs at least one URL")
+        if len(urls) > 1 and not ROTATES:
+            raise ConfigError(
+                "CRONFLEET_AMQP_URL names several nodes, but this aio-pika cannot rotate between "
+                "them (cronfleet hooks aio-pika 10's RobustConnection): give one URL, or install aio-pika 10"
+            )
         self.urls: tuple[URL, ...] = tuple(make_url(url) for url in urls)
         self.attempts = first
         super().__init__(self.urls[first % len(self.urls)], client_properties=client_properties, **kwargs)

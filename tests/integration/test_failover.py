@@ -19,7 +19,7 @@ from aio_pika.robust_connection import RobustConnection
 
 from common.bus import Delivery, Publisher, connect, consume_deliveries, redact
 from common.errors import BrokerUnavailable, ConfigError
-from common.failover import FailoverConnection
+from common.failover import ROTATES, FailoverConnection
 from common.messages import WorkerHeartbeat
 from common.settings import Settings, amqp_urls
 from common.topology import Topology
@@ -105,6 +105,7 @@ def test_urls_split_only_before_another_amqp_url() -> None:
 
 def test_the_connection_rotation_hook_is_still_there() -> None:
     """FailoverConnection rotates in a private method of aio-pika's RobustConnection."""
+    assert ROTATES
     assert "_RobustConnection__connect_transport" in vars(RobustConnection)
     assert "_RobustConnection__connect_transport" in vars(FailoverConnection)
 
