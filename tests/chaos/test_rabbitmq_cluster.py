@@ -40,9 +40,10 @@ WORKERS = 2
 OUTAGE_SECONDS = 6.0
 # How long the fleet runs on once the cluster is whole again.
 RECOVERED_SECONDS = 8.0
-# Runs at once per worker: about 25 are in flight (50 a second, half a second each), so that a
-# backlog after an outage is worked off rather than queued behind full slots.
-CONCURRENCY = 48
+# Runs at once per worker: about 75 are in flight at any instant (50 a second, 1.5 s each), so
+# that every node that goes down holds deliveries and events in flight, whenever it goes; the
+# slots leave room to work off the backlog an outage leaves.
+CONCURRENCY = 64
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -71,7 +72,7 @@ async def test_a_node_then_the_leaders_node_stopped_under_load_lose_nothing(
     settings = settings.model_copy(update={"amqp_url": cluster.url})
     namespace = settings.namespace
     topology = Topology(namespace)
-    jobs = every_second_jobs("cluster", JOBS, "tests.integration.job_functions:half_a_second", 120)
+    jobs = every_second_jobs("cluster", JOBS, "tests.integration.job_functions:a_second_and_a_half", 120)
     await apply_toml(store, jobs)
     await declare_pool(settings, "default")
     members = cluster.members(topology.pool_queue("default"))

@@ -31,9 +31,9 @@ async def async_job(run: RunContext) -> list[str]:
 
 
 @job_function
-async def half_a_second(run: RunContext) -> None:
-    """Async, on the worker's loop, for half a second: runs are in flight at any instant."""
-    await asyncio.sleep(0.5)
+async def a_second_and_a_half(run: RunContext) -> None:
+    """Async, on the worker's loop, for 1.5 s: a job firing every second is always running."""
+    await asyncio.sleep(1.5)
 
 
 @job_function
