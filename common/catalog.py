@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from sqlalchemy import Table, bindparam, delete, func, insert, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.cron import next_fire
 from common.errors import AlreadyExists, CronfleetError, NotFound
 from common.jobs import JobSpec, fingerprint_of, spec_from_json
 from common.store import JobRemovalRow, JobRow, JobsVersionRow, Store, dialect_insert
@@ -215,7 +214,7 @@ def first_fire(spec: JobSpec, now: datetime, pending: datetime | None = None) ->
     if pending is not None and now - timedelta(seconds=spec.expires_after_seconds) < pending <= now:
         after = pending - _JUST_BEFORE
     try:
-        return next_fire(spec.schedule, spec.zone(), after)
+        return spec.next_fire(after)
     except ValueError as exc:
         log.error("job %s: no next fire after %s (%s)", spec.name, after.isoformat(), exc)
         return None

@@ -7,13 +7,13 @@ pending and is published again until it expires.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple, cast
 
-from sqlalchemy import Table, and_, bindparam, or_, select, update
+from sqlalchemy import Table, and_, delete, or_, select, update
 
 from common.bus import Publisher
 from common.clock import utcnow
@@ -25,11 +25,9 @@ from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 log = logging.getLogger("cronfleet.fires")
 
 _FIRES = cast(Table, FireRow.__table__)
-# Fires published (their confirms awaited) at a time: a burst streams out in bounded batches.
-PUBLISH_BATCH = 1000
-_MARK_PUBLISHED = (
-    update(_FIRES).where(_FIRES.c.trigger_id == bindparam("b_id")).values(published_at=bindparam("b_at"))
-)
+# Fires published (their confirms awaited) at a time: a burst streams out in bounded batches,
+# each written in one go (``Publisher.trigger_bodies``).
+PUBLISH_BATCH = 5000
 
 # A fire claimed this long ago and still unpublished is taken over by another scheduler: its
 # claimer is presumably dead (a live one publishes within milliseconds, renews the claims of a
@@ -51,15 +49,24 @@ class PendingFire(NamedTuple):
 
 
 async def claim(
-    store: Store, triggers: Sequence[Trigger], claimed_by: str, now: datetime
+    store: Store,
+    triggers: Sequence[Trigger],
+    claimed_by: str,
+    now: datetime,
+    due_at: Mapping[str, datetime] | None = None,
 ) -> list[PendingFire]:
-    """Record each trigger's fire unless one exists for its (job, scheduled time).
+    """Record each trigger's fire unless one exists for its (job, scheduled time), with when it
+    was meant to go out (``due_at`` by trigger id; its ``scheduled_at`` when not given).
 
-    Returns the fires this call claimed, in order; the others were claimed before.
+    A fire is claimed as of ``now``, or as of when it is meant to go out when that is later (a
+    fire prepared ahead, see ``scheduler.service``): it counts as pending, for
+    ``publish_pending``, only from then. Returns the fires this call claimed, in order; the
+    others were claimed before.
     """
     if not triggers:
         return []
     fires = [PendingFire(t.id, t.pool, t.to_bytes().decode()) for t in triggers]
+    due = {t.id: (due_at or {}).get(t.id, t.scheduled_at) for t in triggers}
     rows = [
         {
             "trigger_id": t.id,
@@ -67,10 +74,11 @@ async def claim(
             "scheduled_at": t.scheduled_at,
             "expires_at": t.expires_at,
             "claimed_by": claimed_by,
-            "claimed_at": now,
+            "claimed_at": max(now, due[t.id]),
             "pool": t.pool,
             "manual": t.manual,
             "body": fire.body,
+            "due_at": due[t.id],
         }
         for t, fire in zip(triggers, fires, strict=True)
     ]
@@ -97,21 +105,28 @@ async def publish(
     a long burst is not taken for a dead claimer's (``STALE_CLAIM_SECONDS``).
     """
     done = 0
-    for index, batch in enumerate(chunks(fires, PUBLISH_BATCH)):
-        if index and claimed_by is not None:
+    began = time.monotonic()
+    for batch in chunks(fires, PUBLISH_BATCH):
+        # Claims are stale after STALE_CLAIM_SECONDS: a burst that has gone on for a third of it
+        # renews the claims of each batch before sending it.
+        if claimed_by is not None and time.monotonic() - began > STALE_CLAIM_SECONDS / 3:
             await _renew_claims(store, [fire.trigger_id for fire in batch], claimed_by)
-        results = await asyncio.gather(*(_publish_one(publisher, f) for f in batch), return_exceptions=True)
-        confirmed = [
-            {"b_id": fire.trigger_id, "b_at": result}
-            for fire, result in zip(batch, results, strict=True)
-            if isinstance(result, datetime)
-        ]
-        if confirmed:
+        results = await publisher.trigger_bodies([(f.body.encode(), f.pool, f.trigger_id) for f in batch])
+        # Fires confirmed together (one broker ack confirms many) share their instant: one
+        # UPDATE per instant marks them, rather than one parameter set per fire.
+        by_instant: dict[datetime, list[str]] = {}
+        for fire, result in zip(batch, results, strict=True):
+            if isinstance(result, datetime):
+                by_instant.setdefault(result, []).append(fire.trigger_id)
+        if by_instant:
             # Marked before anything else can fail: a confirmed fire left unmarked would be sent again.
             async with store.session() as session, session.begin():
-                for some in chunks(confirmed, IN_LIST_CHUNK):
-                    await session.execute(_MARK_PUBLISHED, list(some))
-            done += len(confirmed)
+                for instant, ids in by_instant.items():
+                    for some in chunks(ids, IN_LIST_CHUNK):
+                        await session.execute(
+                            update(_FIRES).where(_FIRES.c.trigger_id.in_(some)).values(published_at=instant)
+                        )
+            done += sum(len(ids) for ids in by_instant.values())
         for fire, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 if not isinstance(result, BrokerUnavailable):
@@ -166,17 +181,17 @@ async def pending_claimers(store: Store, prefix: str, now: datetime) -> list[str
         return [str(name) for name in (await session.execute(query)).scalars()]
 
 
-async def _publish_one(publisher: Publisher, fire: PendingFire) -> datetime:
-    """Publish one fire; the instant its confirm came back."""
-    await publisher.trigger_body(fire.body.encode(), fire.pool, fire.trigger_id)
-    return utcnow()
-
-
 async def publish_claimed(
-    store: Store, publisher: Publisher, triggers: Sequence[Trigger], claimed_by: str, now: datetime
+    store: Store,
+    publisher: Publisher,
+    triggers: Sequence[Trigger],
+    claimed_by: str,
+    now: datetime,
+    due_at: Mapping[str, datetime] | None = None,
 ) -> list[PendingFire]:
-    """Claim ``triggers`` and publish those this call won. Returns the ones it won."""
-    won = await claim(store, triggers, claimed_by, now)
+    """Claim ``triggers`` (see ``claim`` for ``due_at``) and publish those this call won.
+    Returns the ones it won."""
+    won = await claim(store, triggers, claimed_by, now, due_at)
     await publish(store, publisher, won, claimed_by)
     return won
 
@@ -189,6 +204,7 @@ async def publish_pending(
     *,
     stale_after: float = STALE_CLAIM_SECONDS,
     limit: int = 500,
+    skip: Collection[str] = (),
 ) -> int:
     """Publish fires claimed but never confirmed (a broker outage, a crash) that have not expired.
 
@@ -196,12 +212,15 @@ async def publish_pending(
     claimer left unpublished for ``stale_after`` seconds (it is presumably dead): two callers never
     take the same fire. The caller must not call this while it is publishing fires it claimed
     (the scheduler holds a lock), or those would be published twice. Returns how many were
-    published now.
+    published now. Fires in ``skip`` (the caller's own, prepared ahead and about to be published
+    by it) are left alone.
     """
     # Checked again by the UPDATE itself, so that of two concurrent callers only one takes a fire.
+    # A fire claimed ahead of its time (claimed_at in the future) is not pending before then.
     takeable = and_(
         FireRow.published_at.is_(None),
         FireRow.expires_at > now,
+        FireRow.claimed_at <= now,
         or_(FireRow.claimed_by == claimed_by, FireRow.claimed_at <= now - timedelta(seconds=stale_after)),
     )
     candidates = select(FireRow.trigger_id).where(takeable).order_by(FireRow.claimed_at).limit(limit)
@@ -213,6 +232,25 @@ async def publish_pending(
     )
     async with store.session() as session, session.begin():
         rows = (await session.execute(take)).all()
-    if not rows:
+    taken = [PendingFire(*row) for row in rows if row.trigger_id not in skip]
+    if not taken:
         return 0
-    return await publish(store, publisher, [PendingFire(*row) for row in rows], claimed_by)
+    return await publish(store, publisher, taken, claimed_by)
+
+
+async def withdraw(store: Store, trigger_ids: Sequence[str], claimed_by: str) -> int:
+    """Delete ``claimed_by``'s claims of these fires that are not published yet (fires prepared
+    ahead for a job that changed, was paused or removed before their time), so that they are
+    never sent and may be claimed again. Returns how many were withdrawn."""
+    withdrawn = 0
+    async with store.session() as session, session.begin():
+        for some in chunks(list(trigger_ids), IN_LIST_CHUNK):
+            result = await session.execute(
+                delete(FireRow).where(
+                    FireRow.trigger_id.in_(some),
+                    FireRow.claimed_by == claimed_by,
+                    FireRow.published_at.is_(None),
+                )
+            )
+            withdrawn += int(getattr(result, "rowcount", 0) or 0)
+    return withdrawn

@@ -32,6 +32,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from common.actions import Action
 from common.bounds import (
@@ -44,15 +45,19 @@ from common.bounds import (
     PlainText,
     TimeoutSeconds,
 )
+from common.cron import next_fire as cron_next_fire
 from common.cron import parse_schedule, parse_timezone
 from common.durations import parse_duration
 from common.errors import JobFileError
+from common.intervals import next_interval_fire, parse_interval
+from common.jitter import jitter_offset
 from common.messages import (
     JOB_NAME_PATTERN,
     MAX_ATTEMPTS,
     MAX_RETRY_DELAY_SECONDS,
     JobName,
     OnLost,
+    Overlap,
     PoolName,
     RetryPolicy,
     Trigger,
@@ -61,6 +66,10 @@ from common.messages import (
 
 # More failures in a row than this is not a threshold anyone means.
 MAX_FAILURE_THRESHOLD = 1000
+# Bounds of the scheduling policies (docs/scheduling.md).
+MAX_JITTER_SECONDS = 86400
+MAX_CATCHUP_SECONDS = 7 * 86400
+DEFAULT_CATCHUP_SECONDS = 3600
 
 
 class JobSpec(BaseModel):
@@ -69,7 +78,10 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: JobName
-    schedule: str
+    # --- When it fires: a cron ``schedule`` or an interval ``every``, exactly one of the two
+    # (``every`` first: the check of ``schedule`` sees it). See docs/scheduling.md.
+    every: str | None = None
+    schedule: str | None = Field(default=None, validate_default=True)
     timezone: str = "UTC"
     action: Action | None = None
     pool: PoolName = "default"
@@ -91,10 +103,35 @@ class JobSpec(BaseModel):
     # A run whose worker died: tried again as a new attempt (``retry``) or not (``fail``); unset,
     # its trigger runs again as a redelivery of the same attempt.
     on_lost: Literal["retry", "fail"] | None = None
-    # The job's runs never overlap across workers; the lease outlives a dead worker by
-    # ``exclusive_ttl`` (default: the claim lease, ``CRONFLEET_CLAIM_LEASE_SECONDS``).
+    # Overlap policy (fields kept together): what a fire does while a run of the job is in
+    # flight on any worker: ``allow`` (run anyway; the default), ``skip`` (record a ``skipped``
+    # run naming the run in flight) or ``queue`` (wait for it). ``exclusive = true`` is the
+    # older name of ``queue``, ``false`` of ``allow`` (with ``overlap`` set too, they must
+    # agree). Under ``skip`` and ``queue`` a run holds the job's lease, which outlives a dead
+    # worker by ``exclusive_ttl`` (default: the claim lease, ``CRONFLEET_CLAIM_LEASE_SECONDS``).
+    # None: not set, i.e. ``allow`` unless ``exclusive``; kept apart from ``allow`` so that a
+    # stored job's fingerprint stays the same.
+    overlap: Literal["allow", "skip", "queue"] | None = None
     exclusive: bool = False
     exclusive_ttl: str | None = None
+    # --- Scheduling policies (docs/scheduling.md): a fire goes out at its instant plus a stable
+    # offset in [0, jitter); after downtime, the fires missed are skipped, fired once, or all
+    # fired (those within ``catchup``, at most ``MAX_CATCHUP_FIRES``).
+    jitter: str | None = None
+    misfire: Literal["skip", "once", "all"] = "once"
+    catchup: str | None = None
+
+    @field_validator("exclusive")
+    @classmethod
+    def _exclusive_agrees_with_overlap(cls, value: bool, info: ValidationInfo) -> bool:
+        # Runs only for an ``exclusive`` the job sets (``overlap`` is declared, so read, first).
+        overlap = info.data.get("overlap")
+        if overlap is not None and overlap != (Overlap.QUEUE if value else Overlap.ALLOW):
+            raise ValueError(
+                f'exclusive = {str(value).lower()} contradicts overlap = "{overlap}" '
+                '(exclusive = true is the older name of overlap = "queue"; keep overlap)'
+            )
+        return value
 
     @field_validator("retry_backoff", "retry_max_delay", "exclusive_ttl")
     @classmethod
@@ -112,8 +149,46 @@ class JobSpec(BaseModel):
 
     @field_validator("schedule")
     @classmethod
-    def _valid_schedule(cls, value: str) -> str:
-        return parse_schedule(value).text
+    def _valid_schedule(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if "every" not in info.data:
+            return value  # ``every`` is invalid: that is the problem to report
+        if value is None and info.data["every"] is None:
+            # Reported as a missing field, so that a misspelt ``schedule`` gets its "did you mean".
+            raise PydanticCustomError("missing", "a job needs a schedule (cron) or every (an interval)")
+        if value is not None and info.data["every"] is not None:
+            raise ValueError("give a schedule (cron) or every (an interval), not both")
+        return None if value is None else parse_schedule(value).text
+
+    @field_validator("every")
+    @classmethod
+    def _valid_every(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_interval(value)
+        return value
+
+    @field_validator("jitter")
+    @classmethod
+    def _valid_jitter(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        seconds = parse_duration(value).total_seconds()
+        if seconds > MAX_JITTER_SECONDS:
+            raise ValueError(f"{value!r} is longer than a day (at most 24h)")
+        every = info.data.get("every")
+        if every is not None and seconds > parse_interval(every):
+            raise ValueError(f"{value!r} is longer than the interval (every = {every!r})")
+        return value
+
+    @field_validator("catchup")
+    @classmethod
+    def _valid_catchup(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if parse_duration(value).total_seconds() > MAX_CATCHUP_SECONDS:
+            raise ValueError(f"{value!r} is longer than a week (at most 7d)")
+        if info.data.get("misfire") == "skip":
+            raise ValueError("catchup has no meaning with misfire = 'skip'")
+        return value
 
     @field_validator("timezone")
     @classmethod
@@ -121,23 +196,37 @@ class JobSpec(BaseModel):
         parse_timezone(value)
         return value
 
-    def trigger_at(self, scheduled_at: datetime, published_at: datetime, *, manual: bool = False) -> Trigger:
-        """The trigger of this job's fire at ``scheduled_at``. Raises ValueError without an action."""
+    def trigger_at(
+        self,
+        scheduled_at: datetime,
+        published_at: datetime,
+        *,
+        manual: bool = False,
+        expires_from: datetime | None = None,
+    ) -> Trigger:
+        """The trigger of this job's fire at ``scheduled_at``. It expires ``expires_after_seconds``
+        after the fire was meant to go out (its instant plus its jitter offset), or after
+        ``expires_from`` (a fire caught up after downtime goes out late on purpose). Raises
+        ValueError without an action."""
         if self.action is None:
             raise ValueError(f"job {self.name!r} has no action: it only receives heartbeats")
+        if expires_from is None:
+            expires_from = scheduled_at if manual else self.publish_at(scheduled_at)
         return Trigger(
             id=trigger_id(self.name, scheduled_at),
             job=self.name,
             pool=self.pool,
             scheduled_at=scheduled_at,
             published_at=published_at,
-            expires_at=scheduled_at + timedelta(seconds=self.expires_after_seconds),
+            expires_at=expires_from + timedelta(seconds=self.expires_after_seconds),
             timeout_seconds=self.timeout_seconds,
             action=self.action,
             manual=manual,
             context=self.context,
             retry=self.retry_policy(),
-            exclusive=self.exclusive,
+            # ``queue`` goes as ``exclusive``, which workers from before ``overlap`` also run.
+            overlap=Overlap.SKIP if self.overlap_policy() is Overlap.SKIP else None,
+            exclusive=self.overlap_policy() is Overlap.QUEUE,
             exclusive_ttl_seconds=self.exclusive_ttl_seconds(),
         )
 
@@ -152,12 +241,49 @@ class JobSpec(BaseModel):
             on_lost=None if self.on_lost is None else OnLost(self.on_lost),
         )
 
+    def overlap_policy(self) -> Overlap:
+        """What a fire of this job does while another run of it is in flight."""
+        if self.overlap is not None:
+            return Overlap(self.overlap)
+        return Overlap.QUEUE if self.exclusive else Overlap.ALLOW
+
     def exclusive_ttl_seconds(self) -> float | None:
-        """The lease of an ``exclusive`` job's runs in seconds; None for the worker's claim lease
-        (or when the job is not exclusive)."""
-        if not self.exclusive or self.exclusive_ttl is None:
+        """The lease of the job's runs in seconds under ``skip`` or ``queue``; None for the
+        worker's claim lease (or when runs may overlap)."""
+        if self.overlap_policy() is Overlap.ALLOW or self.exclusive_ttl is None:
             return None
         return parse_duration(self.exclusive_ttl).total_seconds()
+
+    def next_fire(self, after: datetime) -> datetime:
+        """The job's first scheduled instant strictly after ``after`` (aware), in UTC, from its
+        cron schedule or its interval. Raises ValueError when there is none."""
+        if self.every is not None:
+            return next_interval_fire(parse_interval(self.every), after)
+        if self.schedule is None:  # never: validation requires one of the two
+            raise ValueError(f"job {self.name!r} has neither a schedule nor an interval")
+        return cron_next_fire(self.schedule, self.zone(), after)
+
+    def schedule_text(self) -> str:
+        """When the job fires, as its owner wrote it: the cron schedule, or ``every 45s``."""
+        return f"every {self.every}" if self.every is not None else str(self.schedule)
+
+    def jitter_seconds(self) -> float:
+        """The job's jitter window in seconds (0 without jitter)."""
+        return 0.0 if self.jitter is None else parse_duration(self.jitter).total_seconds()
+
+    def publish_at(self, scheduled_at: datetime) -> datetime:
+        """When the fire scheduled at ``scheduled_at`` goes out: that instant plus the job's stable
+        jitter offset (``common.jitter``); the instant itself without jitter."""
+        if self.jitter is None:
+            return scheduled_at
+        return scheduled_at + jitter_offset(self.name, scheduled_at, self.jitter_seconds())
+
+    def catchup_seconds(self) -> float | None:
+        """How far back fires missed during downtime are caught up: the job's ``catchup``; for
+        ``misfire = "all"`` without one, ``DEFAULT_CATCHUP_SECONDS``; None for no limit."""
+        if self.catchup is not None:
+            return parse_duration(self.catchup).total_seconds()
+        return DEFAULT_CATCHUP_SECONDS if self.misfire == "all" else None
 
     def zone(self) -> ZoneInfo:
         """The job's time zone."""
@@ -191,9 +317,15 @@ _UNLESS_SET = frozenset(
         "retry_backoff",
         "retry_max_delay",
         "on_lost",
+        "overlap",
         "exclusive",
         "exclusive_ttl",
         "context",
+        "schedule",
+        "every",
+        "jitter",
+        "misfire",
+        "catchup",
     }
 )
 
@@ -399,7 +531,7 @@ def _first_problem(exc: ValidationError) -> tuple[list[str], str]:
         missing = [_field_path(e["loc"])[-1] for e in errors if e["type"] == "missing"]
         guess = difflib.get_close_matches(path[-1], missing, n=1)
         message = "unknown field" + (f" (did you mean {guess[0]!r}?)" if guess else "")
-    elif error["type"] == "missing":
+    elif error["type"] == "missing" and message == "Field required":
         message = "required field is missing"
     more = len(errors) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from common.actions import Action
 from common.bounds import (
@@ -153,12 +153,23 @@ class RetryPolicy(BaseModel):
     on_lost: OnLost | None = None
 
 
+class Overlap(enum.StrEnum):
+    """What a fire of a job does while another run of the job is in flight (on any worker)."""
+
+    # Run anyway: runs of the job may overlap.
+    ALLOW = "allow"
+    # Do not run: the fire is recorded as a ``skipped`` run naming the run in flight.
+    SKIP = "skip"
+    # Wait for the run in flight to end (while the trigger has not expired), then run.
+    QUEUE = "queue"
+
+
 class Trigger(WireMessage):
     """Run ``job``'s action now: published by the scheduler (or ``cronfleet trigger``).
 
-    ``retry``, ``exclusive`` and ``exclusive_ttl_seconds`` are absent unless the job sets them. A retry of the
-    trigger is the same signed body again, with its attempt number in the ``cronfleet-attempt``
-    header (see ``common.retries``).
+    ``retry``, ``overlap``, ``exclusive`` and ``exclusive_ttl_seconds`` are absent unless the job
+    sets them. A retry of the trigger is the same signed body again, with its attempt number in
+    the ``cronfleet-attempt`` header (see ``common.retries``).
     """
 
     type: Literal["trigger"] = "trigger"
@@ -174,17 +185,33 @@ class Trigger(WireMessage):
     # The job's free-form ``context`` table, handed to what the run executes (absent: none).
     context: JobContext | None = None
     retry: RetryPolicy | None = None
-    # The job's runs never overlap: a run holds the job's lease, which outlives a dead worker by
-    # ``exclusive_ttl_seconds`` (None: by the worker's claim lease).
+    # Overlap policy (``policy``): ``overlap`` says it; ``exclusive: true`` is the older way to
+    # say ``queue`` (what cronfleet's scheduler still sends for it, so that workers from before
+    # ``overlap`` run it). Under ``skip`` and ``queue`` a run holds the job's lease, which
+    # outlives a dead worker by ``exclusive_ttl_seconds`` (None: by the worker's claim lease).
+    overlap: Overlap | None = None
     exclusive: bool = False
     exclusive_ttl_seconds: TimeoutSeconds | None = None
 
     _omitted_at_default: ClassVar[frozenset[str]] = frozenset({"exclusive"})
 
+    @model_validator(mode="after")
+    def _one_overlap_policy(self) -> Trigger:
+        if self.exclusive and self.overlap not in (None, Overlap.QUEUE):
+            raise ValueError(f'exclusive: true means overlap "queue", not "{self.overlap}"')
+        return self
+
     @property
     def attempts(self) -> int:
         """How many attempts this trigger may have in all."""
         return 1 + (self.retry.retries if self.retry else 0)
+
+    @property
+    def policy(self) -> Overlap:
+        """The trigger's overlap policy: ``overlap``, else ``queue`` for ``exclusive``, else allow."""
+        if self.overlap is not None:
+            return self.overlap
+        return Overlap.QUEUE if self.exclusive else Overlap.ALLOW
 
 
 class RunEvent(WireMessage):

@@ -4,8 +4,9 @@ year of a job's history is read in one index range of at most 8,784 hourly or 36
 The monitor adds each batch's finished runs in the batch's own transaction (``add_finished``):
 a redelivered event is not recorded again, so it is not counted again; an upsert adds to a
 bucket, so two monitors recording at once both count. A run counts as a failure when it did not
-succeed; ``duplicate`` runs (repeats that were not executed) are left out, and so are runs the
-monitor marked ``lost`` until they report their real end.
+succeed; ``duplicate`` runs (repeats that were not executed) and ``skipped`` ones (a fire that
+found another run of its job in flight: neither a success nor a failure) are left out, and so
+are runs the monitor marked ``lost`` until they report their real end.
 """
 
 from __future__ import annotations
@@ -68,13 +69,19 @@ class _Sums:
                 self.duration_max = run.duration_seconds
 
 
+# Runs the rollup leaves out (see the module's docstring).
+_NOT_COUNTED = frozenset(
+    {RunStatus.DUPLICATE.value, RunStatus.SKIPPED.value, RunStatus.RUNNING.value, RunStatus.LOST.value}
+)
+
+
 async def add_finished(session: AsyncSession, runs: Iterable[FinishedRun]) -> None:
     """Add ``runs`` (just recorded as finished, each once) to their jobs' hourly and daily
     buckets, inside the caller's transaction: a few upserts, each of a bounded number of rows,
     in key order (two monitors never wait on each other in a cycle)."""
     sums: dict[tuple[str, str, datetime], _Sums] = {}
     for run in runs:
-        if run.status in (RunStatus.DUPLICATE.value, RunStatus.RUNNING.value, RunStatus.LOST.value):
+        if run.status in _NOT_COUNTED:
             continue
         for resolution in RESOLUTIONS:
             key = (run.job, resolution, bucket_of(run.started_at, resolution))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from common.durations import parse_duration
 from common.errors import ConfigError
@@ -55,6 +58,30 @@ _URL_SEPARATOR = re.compile(r",\s*(?=amqps?://)", re.IGNORECASE)
 _AMQP_URL = re.compile(r"amqps?://[^\s]", re.IGNORECASE)
 
 SETTINGS_PREFIX = "CRONFLEET_"
+# Settings that may hold a password, also read from a file named by ``CRONFLEET_<NAME>_FILE``
+# (Docker and Kubernetes secrets, systemd credentials), as the keys are by CRONFLEET_KEYS_FILE.
+FILE_SETTINGS = ("amqp_url", "database_url")
+
+
+class _SettingsFromFiles(PydanticBaseSettingsSource):
+    """``CRONFLEET_AMQP_URL_FILE=/run/secrets/amqp_url``: the setting is that file's content,
+    surrounding white space removed. The variable itself, when set, wins over its file."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # everything is done in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in FILE_SETTINGS:
+            variable = f"{SETTINGS_PREFIX}{name.upper()}_FILE"
+            path = os.environ.get(variable)
+            if not path:
+                continue
+            try:
+                values[name] = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {variable} {path}: {exc.strerror}") from exc
+        return values
 
 
 class Settings(BaseSettings):
@@ -96,6 +123,9 @@ class Settings(BaseSettings):
     retention_check_seconds: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     # The monitor's alert channels and routes (docs/alerts.md); none: every alert goes to the log.
     channels_file: Path | None = None
+    # The monitor tells every alert channel when it has not reached its store for this long
+    # (and again when it is back): nothing is recorded meanwhile, so nobody else could tell.
+    store_outage_alert_seconds: float = Field(default=30.0, gt=0, le=3600)
     # The programs a worker's shell actions may run (worker/allow.py); unset: none.
     allow_commands: str | None = None
 
@@ -107,6 +137,25 @@ class Settings(BaseSettings):
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
         return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment first, then the ``*_FILE`` variants of FILE_SETTINGS. Raises
+        ConfigError when such a file cannot be read."""
+        return (
+            init_settings,
+            env_settings,
+            _SettingsFromFiles(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
 
     @field_validator("retention")
     @classmethod

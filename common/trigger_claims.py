@@ -13,13 +13,19 @@ publish, a redelivery after a lost channel) learns from the claim what to do:
   again, in case its first report was lost).
 - ``CONFLICT``: the id was claimed with another body: a forgery or a bug, refused.
 
+A finished attempt that calls for a retry records, once the broker confirmed it, that the retry
+was published (``retry_published``); a repeat of the attempt publishes it only when it was not
+and the worker that ended the attempt stopped renewing the claim (``take_retry``), so one failed
+attempt is followed by one retry message however often it is delivered.
+
 A retry is claimed under its own key (``common.retries.claim_key``: ``<trigger id>#<attempt>``),
 so that it runs as a new attempt while a repeat of the same attempt is still a duplicate; it runs
 only if the previous attempt's claim ended in a failure that may be retried (``ended``).
 
-An ``exclusive`` job's runs also take the job's lease (``take_lease``), a row of the same table
-keyed ``exclusive:<job>``: while one run holds it no other run of the job starts, on any worker;
-a lease its worker stopped renewing for its ttl is free again.
+The runs of a job whose overlap policy is ``skip`` or ``queue`` (``exclusive``) also take the
+job's lease (``take_lease``), a row of the same table keyed ``exclusive:<job>``: while one run
+holds it no other run of the job starts, on any worker; a lease its worker stopped renewing for
+its ttl is free again.
 
 Leases are compared with each worker's own clock: clocks across hosts must agree to well within
 the lease (``CRONFLEET_CLAIM_LEASE_SECONDS``, 30 s by default).
@@ -67,12 +73,25 @@ class Claim:
 
 
 _CLAIMS = cast(Table, TriggerClaimRow.__table__)
-# One finished claim, executed for many at once.
+# One finished claim, executed for many at once. The lease is renewed: it is now the finishing
+# worker's time to publish the retry the end may call for (``take_retry``).
 _FINISH = (
     update(_CLAIMS)
     .where(_CLAIMS.c.trigger_id == bindparam("b_id"), _CLAIMS.c.run_id == bindparam("b_run"))
-    .values(finished_at=bindparam("b_at"), finished_event=bindparam("b_event"))
+    .values(
+        finished_at=bindparam("b_at"),
+        finished_event=bindparam("b_event"),
+        lease_until=bindparam("b_lease"),
+    )
 )
+
+
+class RetryTurn(enum.Enum):
+    """Who publishes the retry a finished attempt calls for, asked by a repeat of that attempt."""
+
+    PUBLISH = "publish"  # the caller: nobody published it and nobody alive is publishing it
+    PUBLISHED = "published"  # done already (or the claim is gone): nothing to publish
+    BUSY = "busy"  # the worker that ended the attempt may be publishing it now: ask again
 
 
 @dataclass(frozen=True)
@@ -170,8 +189,53 @@ class TriggerClaims:
         The runs that end while one such write is under way are written together in the next
         (``common.batching``): one transaction for many, not one each. Raises StoreUnavailable."""
         await self._finishes.submit(
-            {"b_id": trigger_id, "b_run": run_id, "b_at": now, "b_event": finished_event}
+            {
+                "b_id": trigger_id,
+                "b_run": run_id,
+                "b_at": now,
+                "b_event": finished_event,
+                "b_lease": now + self.lease,
+            }
         )
+
+    async def retry_published(self, trigger_id: str, now: datetime) -> None:
+        """Record that the retry the finished claim on ``trigger_id`` called for was confirmed
+        published, so that no repeat of the attempt publishes it again. Raises StoreUnavailable."""
+        try:
+            async with self.store.session() as session, session.begin():
+                await session.execute(
+                    update(TriggerClaimRow)
+                    .where(TriggerClaimRow.trigger_id == trigger_id)
+                    .values(retry_published_at=now)
+                )
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "record the retry of", trigger_id, exc) from exc
+
+    async def take_retry(self, trigger_id: str, now: datetime) -> RetryTurn:
+        """Whether the caller (handling a repeat of a finished attempt) is the one to publish the
+        retry its end called for: only when it is not published and the lease the end renewed
+        has run out (the worker that ended it died before it published); then the lease is the
+        caller's, so that of many repeats one publishes. Raises StoreUnavailable."""
+        try:
+            async with self.store.session() as session, session.begin():
+                taken = await session.execute(
+                    update(TriggerClaimRow)
+                    .where(
+                        TriggerClaimRow.trigger_id == trigger_id,
+                        TriggerClaimRow.finished_at.is_not(None),
+                        TriggerClaimRow.retry_published_at.is_(None),
+                        TriggerClaimRow.lease_until <= now,
+                    )
+                    .values(lease_until=now + self.lease)
+                )
+                if _rowcount(taken) == 1:
+                    return RetryTurn.PUBLISH
+                row = await session.get(TriggerClaimRow, trigger_id, populate_existing=True)
+                if row is None or row.retry_published_at is not None:
+                    return RetryTurn.PUBLISHED
+                return RetryTurn.BUSY
+        except STORE_OUTAGES as exc:
+            raise _unavailable(self.store, "read the retry of", trigger_id, exc) from exc
 
     async def _insert_many(self, rows: list[dict[str, object]]) -> list[bool]:
         """Insert the claims no one holds; for each row, whether it was this row that went in

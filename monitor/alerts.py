@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import uuid
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, cast
@@ -60,6 +61,8 @@ _ATTEMPTS = cast(Table, AlertAttemptRow.__table__)
 CLAIM_BATCH = 100
 # How long a stopping monitor gives the alerts it holds before it lets go of them.
 CLOSE_GRACE_SECONDS = 2.0
+# Attempts of announced alerts (no flip: the store's own outage) kept while they cannot be stored.
+UNSTORED_LIMIT = 1000
 
 
 def alert_id(fleet: str, flip_id: int) -> str:
@@ -115,9 +118,12 @@ class Alerting:
         self.fleet = fleet
         self.lease = lease
         self.clock = clock
+        self.channels = tuple(channels)
         self.dispatcher = Dispatcher(
             channels, config.routes, config.delivery, on_attempts=self.on_attempts, clock=clock
         )
+        # Attempts of announced alerts not stored yet (the store was down): stored at a later turn.
+        self._unstored: deque[dict[str, Any]] = deque(maxlen=UNSTORED_LIMIT)
         # Flips this monitor holds, and the channels of each still without a final attempt.
         self._open: dict[int, set[str]] = {}
         # Flips with a channel that was not tried (attempt 0): let go of, not done, once settled.
@@ -139,6 +145,18 @@ class Alerting:
                     self._submit(item.id, self._alert(item.job, item.id, item.flip), None)
                 except Exception:
                     log.exception("alerts: cannot submit the alert of flip %d (job %s)", item.id, item.job)
+
+    def announce(self, alert: Alert) -> None:
+        """Deliver ``alert``, which no stored flip backs (the monitor's own store is down), to
+        every channel whatever the routes say; its attempts are stored once the store answers.
+        Never waits, never raises."""
+        if not self.channels:
+            log.error("alerts: no channel to tell: %s", alert.title())
+            return
+        try:
+            self.dispatcher.submit(alert, self.channels)
+        except Exception:
+            log.exception("alerts: cannot submit %s", alert.title())
 
     def _alert(self, job: str, flip_id: int, flip: Flip) -> Alert:
         return Alert.from_flip(flip, job=job, flip_id=alert_id(self.fleet, flip_id), fleet=self.fleet)
@@ -175,10 +193,32 @@ class Alerting:
                 del self._open[flip_id]
                 (let_go if flip_id in self._untried else done).append(flip_id)
                 self._untried.discard(flip_id)
-        rows = [_attempt_values(attempt) for attempt in attempts]
+        await self._store_attempts([_attempt_values(attempt) for attempt in attempts], done, let_go)
+
+    async def _store_attempts(
+        self, rows: list[dict[str, Any]], done: Sequence[int] = (), let_go: Sequence[int] = ()
+    ) -> None:
+        """Store ``rows`` (and the announced alerts' attempts held back) and settle the flips.
+        On a store outage the announced alerts' attempts are held back for a later call (a
+        flip's are not: its alert is delivered again from the flip, still pending)."""
+        held = list(self._unstored)
+        self._unstored.clear()
+        rows = [*held, *rows]
+        try:
+            await self._write_attempts(rows, done, let_go)
+        except STORE_OUTAGES:
+            self._unstored.extend(row for row in rows if row["flip_id"] is None)
+            raise
+
+    async def _write_attempts(
+        self, rows: list[dict[str, Any]], done: Sequence[int], let_go: Sequence[int]
+    ) -> None:
+        if not rows and not done and not let_go:
+            return
         async with self.store.session() as session, session.begin():
-            for some in chunks(rows, rows_per_insert(len(rows[0]))):
-                await session.execute(_ATTEMPTS.insert(), list(some))
+            if rows:
+                for some in chunks(rows, rows_per_insert(len(rows[0]))):
+                    await session.execute(_ATTEMPTS.insert(), list(some))
             if done:
                 await self._settle(session, done, done=True)
             if let_go:
@@ -203,6 +243,8 @@ class Alerting:
             stop_if_cancelled()
             try:
                 await whole(self._renew())
+                if self._unstored:
+                    await whole(self._store_attempts([]))
                 claimed = await whole(self._claim())
                 if claimed:
                     log.info("alerts: resumed %d pending alert(s) nobody held", claimed)

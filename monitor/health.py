@@ -15,7 +15,6 @@ import enum
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from common.cron import next_fire
 from common.jobs import JobSpec
 from common.messages import HeartbeatKind, JobHeartbeat, RunFinished, RunStarted, RunStatus, format_instant
 
@@ -175,16 +174,15 @@ def initial_record(spec: JobSpec, now: datetime) -> HealthRecord:
     _require_aware(now)
     if not spec.enabled:
         return HealthRecord(State.PAUSED, since=now, due_at=None, deadline_at=None)
-    record = HealthRecord(
-        State.NEW, since=now, due_at=next_fire(spec.schedule, spec.zone(), now), deadline_at=None
-    )
+    record = HealthRecord(State.NEW, since=now, due_at=spec.next_fire(now), deadline_at=None)
     return replace(record, deadline_at=next_deadline(record, spec))
 
 
 def next_deadline(record: HealthRecord, spec: JobSpec) -> datetime | None:
     """The instant at which a Tick could change ``record``'s state, or None if only an input can.
 
-    ``new``/``up``: the due time (to ``late``); ``late``: due + grace (to ``down``); a run in
+    ``new``/``up``: the due time (to ``late``); ``late``: due + grace (to ``down``), the due time
+    counted from the end of a jittered job's jitter window (``JobSpec.jitter``); a run in
     progress (``running``, or ``failing`` with a run): its start + timeout + grace (to ``stuck``);
     ``failing`` without a run: due + grace (to ``down``). ``down``, ``stuck``, ``paused``: None.
     For a record that ``advance`` returned, it is None or strictly after ``record.since``.
@@ -197,10 +195,12 @@ def next_deadline(record: HealthRecord, spec: JobSpec) -> datetime | None:
         return record.run_started_at + timedelta(seconds=spec.timeout_seconds) + grace
     if record.due_at is None:
         return None
+    # A jittered job's fire goes out up to its jitter window after the due time, on purpose.
+    due = record.due_at + timedelta(seconds=spec.jitter_seconds())
     if state in (State.NEW, State.UP):
-        return record.due_at
+        return due
     if state in (State.LATE, State.FAILING):
-        return record.due_at + grace
+        return due + grace
     return None
 
 
@@ -352,7 +352,7 @@ class _Machine:
         return record, self.flips
 
     def due_after(self, instant: datetime) -> datetime:
-        return next_fire(self.spec.schedule, self.spec.zone(), instant)
+        return self.spec.next_fire(instant)
 
     def move(self, to: State, at: datetime, reason: str) -> None:
         """Enter ``to`` at ``at`` with a flip, unless the job is already there."""

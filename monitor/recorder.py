@@ -11,7 +11,9 @@ croniter while the answer is the one it gave last for that schedule.
 
 In the same transaction, each new run event and job heartbeat is fed to the job's health machine
 (``monitor.health``): its record is advanced and stored, with its flips. A run finished as
-``duplicate`` (a repeated trigger that was not executed) is recorded but not fed to it. A
+``duplicate`` (a repeated trigger that was not executed) is recorded but not fed to it; one
+finished ``skipped`` is fed to it (neither a success nor a failure) but does not become the job's
+last run in ``job_state``, as a duplicate does not. A
 ``run.finished`` for a run the monitor marked ``lost`` (``monitor.fleet_watch``) is recorded over
 ``lost``: the run did end, and that is what it did. A job
 unknown to the store, or stored with a spec this cronfleet refuses, has no health record; its
@@ -34,7 +36,6 @@ import orjson
 from sqlalchemy import Table, and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.cron import next_fire
 from common.jobs import JobSpec
 from common.messages import (
     Event,
@@ -57,6 +58,11 @@ _HEARTBEAT_STATUS = {HeartbeatKind.SUCCESS: RunStatus.SUCCEEDED, HeartbeatKind.F
 # worker recognised and did not execute. They are recorded like any run, but not fed to the
 # machine.
 _NOT_HEALTH_STATUSES = frozenset({RunStatus.DUPLICATE})
+# Finished runs that are history but not their job's latest run (``job_state``): those above, and
+# ``skipped``, a fire that did not run (another run of the job was in flight, under the overlap
+# policy). The health machine takes a skipped run as neither a success nor a failure; here it
+# neither replaces the run in flight as the job's last run nor counts as a failure.
+_NOT_LATEST_STATUSES = _NOT_HEALTH_STATUSES | {RunStatus.SKIPPED}
 
 
 @dataclass(frozen=True)
@@ -307,11 +313,11 @@ class NextFires:
 
     def after(self, spec: JobSpec, after: datetime) -> datetime:
         """The first fire of ``spec`` strictly after ``after`` (``common.cron.next_fire``)."""
-        key = (spec.schedule, spec.timezone)
+        key = (spec.schedule_text(), spec.timezone)
         known = self._last.get(key)
         if known is not None and known[0] <= after < known[1]:
             return known[1]
-        fire = next_fire(spec.schedule, spec.zone(), after)
+        fire = spec.next_fire(after)
         if len(self._last) >= self.LIMIT:
             self._last.clear()
         self._last[key] = (after, fire)
@@ -446,8 +452,8 @@ def _run_finished(batch: _Batch, event: RunFinished) -> bool | Conflict:
     run.endpoint_request_id = event.endpoint_request_id
     run.attempt = event.attempt
     batch.finished.append(run)
-    if event.status not in _NOT_HEALTH_STATUSES:
-        # A repeat that was not run is history, not the job's latest run.
+    if event.status not in _NOT_LATEST_STATUSES:
+        # A repeat, or a fire skipped, is history, not the job's latest run.
         batch.finish(run, due_after=max(event.scheduled_at, event.finished_at))
     return True
 

@@ -50,6 +50,7 @@ from monitor.http.app import listen, serve_http
 from monitor.http.context import EventCounts, HttpContext
 from monitor.recorder import BatchOutcome, record_batch
 from monitor.retention import purge_forever
+from monitor.store_watch import StoreWatch
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -252,6 +253,14 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 topology.monitor_queue,
                 ", ".join(sorted(channels.channels)),
             )
+            watch = StoreWatch(
+                store,
+                alerting.announce,
+                name=name,
+                fleet=settings.namespace,
+                alert_after=settings.store_outage_alert_seconds,
+                every=min(settings.heartbeat_seconds, 5.0),
+            )
             alerting.start()
             # Bound before consuming starts: once the monitor is ready, its HTTP port answers.
             http_socket = None if options.http is None else _listen(*options.http)
@@ -261,6 +270,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 await wait_until_drained(connection, topology, recorder)
 
             async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(watch.watch_forever())
                 tasks.create_task(recorder.write_forever())
                 tasks.create_task(deadlines.run_forever(drained))
                 tasks.create_task(fleet_watch.run_forever(drained))

@@ -3,7 +3,10 @@
 Two ways to feed it. ``sync`` hands it every spec (small fleets, tests). ``plan`` hands it only a
 job's name, its next fire instant and a plan number (the scheduler passes the job's version in
 the store): nothing is parsed until the job falls due, when ``wanted_specs`` names the specs it
-needs and ``learn`` gives them. Heap entries are small tuples ``(instant, name, plan number)``.
+needs and ``learn`` gives them. Heap entries are small tuples ``(instant to go out, name, plan
+number, scheduled instant)``: the two instants differ by a jittered job's offset (``JobSpec.jitter``),
+applied once the spec is known. A fire reached too late is settled by the job's misfire policy
+(``scheduler.misfire``).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from common.cron import next_fire
 from common.jobs import JobSpec
+from scheduler.misfire import START_TOLERANCE, Misfire, missed_before, settle_backlog
 
 log = logging.getLogger("cronfleet.scheduler")
 
@@ -24,19 +27,20 @@ _JUST_BEFORE = timedelta(microseconds=1)
 # A job planned by name keeps its parsed spec after a fire only when it fires again within this
 # long: the specs held stay few, and a job firing rarely is read again when it falls due.
 SPEC_HORIZON = timedelta(minutes=5)
-# At most this many names of skipped fires are logged in one line (the count is always there).
-_LOGGED_NAMES = 10
+_Entry = tuple[datetime, str, int, datetime]
 
 
 @dataclass(frozen=True)
 class DueFire:
     """``job`` falls due at ``scheduled_at``; planned under ``plan``; its next fire is ``next_at``
-    (None when it has none)."""
+    (None when it has none). ``caught_up``: a fire missed during downtime that its misfire policy
+    sends now."""
 
     job: JobSpec
     scheduled_at: datetime
     plan: int = 0
     next_at: datetime | None = None
+    caught_up: bool = False
 
 
 @dataclass
@@ -55,8 +59,12 @@ class Planner:
     _pending: dict[str, datetime] = field(default_factory=dict)
     # Jobs planned by name without a fire instant yet: their first is computed from their spec.
     _unscheduled: set[str] = field(default_factory=set)
-    _heap: list[tuple[datetime, str, int]] = field(default_factory=list)
+    _heap: list[_Entry] = field(default_factory=list)
     _numbers: itertools.count[int] = field(default_factory=itertools.count)
+    # Backlogs settled by ``pop_due`` since the last ``take_misfires``.
+    _misfires: list[Misfire] = field(default_factory=list)
+    # When the scheduler started planning (``misfire.missed_before``); None: long ago.
+    started_at: datetime | None = None
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -100,7 +108,7 @@ class Planner:
             self._unscheduled.add(name)
         else:
             self._unscheduled.discard(name)
-            heapq.heappush(self._heap, (when, name, plan))
+            heapq.heappush(self._heap, (when, name, plan, when))
         self._compact()
 
     def drop(self, name: str) -> None:
@@ -115,7 +123,7 @@ class Planner:
         """The jobs whose spec the planner needs before ``pop_due(now)``: those due by ``now`` and
         those without a first fire yet, that it does not hold."""
         wanted = set(self._unscheduled)
-        due: list[tuple[datetime, str, int]] = []
+        due: list[_Entry] = []
         while self._heap and self._heap[0][0] <= now:
             entry = heapq.heappop(self._heap)
             if self._is_current(entry):
@@ -154,43 +162,59 @@ class Planner:
         return self._heap[0][0] if self._heap else None
 
     def pop_due(self, now: datetime) -> list[DueFire]:
-        """Every fire due at or before ``now``, each job re-planned after its fire.
+        """Every fire due to go out at or before ``now``, each job re-planned after its fire.
 
-        A fire already older than its job's expiry is not returned (its trigger would be refused):
-        the job is re-planned from ``now`` and the skip is logged. A due job whose spec the
-        planner does not hold (see ``wanted_specs``) stays due.
+        A jittered fire whose offset puts it after ``now`` waits for it. A missed fire (due to
+        go out at or before ``misfire.missed_before``) settles the missed part of the job's backlog by
+        its misfire policy: what it sends comes back ``caught_up``, the settlement itself from
+        ``take_misfires``; the job's later fires, due by ``now`` or not, follow as usual. A due
+        job whose spec the planner does not hold (see ``wanted_specs``) stays due.
         """
         due: list[DueFire] = []
-        waiting: list[tuple[datetime, str, int]] = []
-        skipped: list[str] = []
+        waiting: list[_Entry] = []
         while self._heap and self._heap[0][0] <= now:
             entry = heapq.heappop(self._heap)
             if not self._is_current(entry):
                 continue
-            when, name, plan = entry
+            _at, name, plan, when = entry
             spec = self._jobs.get(name)
             if spec is None:
                 waiting.append(entry)
                 continue
-            if (now - when).total_seconds() >= spec.expires_after_seconds:
-                skipped.append(name)
-                self._push(spec, now)
+            publish_at = spec.publish_at(when)
+            if publish_at > now:
+                waiting.append((publish_at, name, plan, when))
+                continue
+            if self._is_missed(spec, publish_at, now):
+                cutoff = missed_before(spec, self.started_at, now)
+                misfire = settle_backlog(spec, when, cutoff, now)
+                self._misfires.append(misfire)
+                next_at = self._push(spec, min(cutoff, now))
+                due.extend(DueFire(spec, at, plan, next_at, caught_up=True) for at in misfire.fire)
                 continue
             due.append(DueFire(spec, when, plan, self._push(spec, when)))
         for entry in waiting:
             heapq.heappush(self._heap, entry)
-        if skipped:
-            log.warning(
-                "%d fire(s) skipped, the scheduler was too late (re-planned from %s): %s",
-                len(skipped),
-                now.isoformat(),
-                ", ".join(skipped[:_LOGGED_NAMES]) + (", ..." if len(skipped) > _LOGGED_NAMES else ""),
-            )
         return due
+
+    def plan_of(self, name: str) -> int | None:
+        """The plan number job ``name`` is planned under (its store version), or None."""
+        return self._plans.get(name)
+
+    def _is_missed(self, spec: JobSpec, publish_at: datetime, now: datetime) -> bool:
+        """``publish_at <= misfire.missed_before(...)``, cheaply: it runs for every fire."""
+        if (now - publish_at).total_seconds() >= spec.expires_after_seconds:
+            return True
+        return self.started_at is not None and publish_at <= self.started_at - START_TOLERANCE
+
+    def take_misfires(self) -> list[Misfire]:
+        """The backlogs ``pop_due`` settled since the last call (each once)."""
+        taken, self._misfires = self._misfires, []
+        return taken
 
     def _push(self, spec: JobSpec, after: datetime) -> datetime | None:
         try:
-            when = next_fire(spec.schedule, spec.zone(), after)
+            when = spec.next_fire(after)
         except ValueError as exc:
             log.error("job %s: no fire after %s (%s); it is not planned", spec.name, after.isoformat(), exc)
             self.drop(spec.name)
@@ -200,7 +224,7 @@ class Planner:
             self._pending[spec.name] = when
         elif when - after > SPEC_HORIZON:
             self._jobs.pop(spec.name, None)
-        heapq.heappush(self._heap, (when, spec.name, plan))
+        heapq.heappush(self._heap, (spec.publish_at(when), spec.name, plan, when))
         return when
 
     def _compact(self) -> None:
@@ -208,5 +232,5 @@ class Planner:
             self._heap = [entry for entry in self._heap if self._is_current(entry)]
             heapq.heapify(self._heap)
 
-    def _is_current(self, entry: tuple[datetime, str, int]) -> bool:
+    def _is_current(self, entry: _Entry) -> bool:
         return self._plans.get(entry[1]) == entry[2]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -23,18 +26,37 @@ from common.settings import Settings
 from common.signing import Role
 from common.store import STORE_OUTAGES, Store
 from common.topology import Topology
+from scheduler.misfire import Misfire
+from scheduler.missed import log_misfires, record_misfires
 from scheduler.planner import DueFire, Planner
 
 log = logging.getLogger("cronfleet.scheduler")
 
 OUTAGES = (*STORE_OUTAGES, BrokerUnavailable, *CONNECT_ERRORS)
+# Fires are prepared this long before their instant: the job's spec read, its trigger built, its
+# fire claimed in the store (as of its instant, so that no scheduler takes it for pending before
+# then). At the instant only the publish is left, so a second's burst goes out in milliseconds.
+FIRE_AHEAD = timedelta(seconds=2)
+# At most this many fire names in one log line (the count is always there).
+_LOGGED_FIRES = 5
 _OUTAGE_PAUSE = 1.0
-_MISSED_GRACE = 1.0
 _LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+@dataclass(frozen=True)
+class ReadyFire:
+    """A fire claimed ahead of its instant ``at``, waiting to be published: ``job`` planned under
+    ``plan`` when it was prepared."""
+
+    at: datetime
+    fire: fires.PendingFire
+    job: str
+    plan: int
+
+
 class Scheduler:
-    """One scheduler: reloads jobs, sleeps until the next fire, claims and publishes it."""
+    """One scheduler: reloads jobs, prepares (claims) each fire ``FIRE_AHEAD`` before its
+    instant, and publishes it at its instant."""
 
     def __init__(
         self,
@@ -57,6 +79,10 @@ class Scheduler:
         self._reloaded_at: datetime | None = None
         # Triggers whose fire could not be claimed yet (the store was unavailable).
         self._unclaimed: list[Trigger] = []
+        # Fires claimed ahead of their instant, by instant; and their trigger ids.
+        self._ready: list[tuple[datetime, int, ReadyFire]] = []
+        self._ready_ids: set[str] = set()
+        self._ready_numbers = itertools.count()
         # Held while publishing: the outbox sweep must never see this scheduler's in-flight fires
         # as pending, or it would publish them a second time.
         self._publishing = asyncio.Lock()
@@ -70,23 +96,17 @@ class Scheduler:
         job's name and next fire, no spec); declare any new pool's queue."""
         changes = await read_job_changes(self.store, self._version)
         now = self.clock()
+        if self.planner.started_at is None:
+            # Fires due well before this scheduler started were missed; later ones are late.
+            self.planner.started_at = now
         for name in changes.unplanned:
             self.planner.drop(name)
-        # A stored fire this old was missed while no scheduler planned the job: as before next
-        # fires were stored, it is not replayed; the job is planned from now (from its spec).
-        missed_before = now - timedelta(seconds=self.settings.jobs_reload_seconds + _MISSED_GRACE)
-        missed = 0
+        # A stored fire long past was missed while no scheduler ran: planned as it is, the
+        # planner hands its job's backlog to the job's misfire policy when it falls due.
         for name, when, version in changes.planned:
-            if when is not None and when < missed_before:
-                when = None
-                missed += 1
             self.planner.plan(name, when, version)
-        if missed:
-            log.warning(
-                "%d job(s) had a next fire before %s that no scheduler fired: planned from now",
-                missed,
-                missed_before.isoformat(),
-            )
+        if changes.planned or changes.unplanned:
+            await self._withdraw_changed()
         if changes.planned or changes.unplanned or self._version is None:
             # Jobs stored before next fires were: their first is computed from their spec now.
             await self._learn_specs(now, fire_due=False)
@@ -168,29 +188,48 @@ class Scheduler:
         moments = [(self._reloaded_at or now) + timedelta(seconds=reload_every)]
         wakeup = self.planner.next_wakeup()
         if wakeup is not None:
-            moments.append(wakeup)
+            moments.append(wakeup - FIRE_AHEAD)
+        if self._ready:
+            moments.append(self._ready[0][0])
         if self._unclaimed:
             moments.append(now + timedelta(seconds=1))
         return max(0.0, (min(moments) - now).total_seconds())
 
     async def fire_due(self, now: datetime) -> int:
-        """Claim and publish every fire due by ``now``; returns how many this scheduler won.
+        """Publish the prepared fires whose instant has come by ``now``, then prepare those due
+        within ``FIRE_AHEAD`` of it (publishing at once any already due); returns how many this
+        scheduler published.
 
         Fires that cannot be claimed because the store is unavailable are kept and claimed on a
         later call, until their triggers expire (an expired one is logged as lost).
         """
-        await self._learn_specs(now)
-        published_at = self.clock()
-        due = self.planner.pop_due(now)
-        triggers = [*self._unclaimed, *(f.job.trigger_at(f.scheduled_at, published_at) for f in due)]
+        published = await self.publish_ready(now)
+        await self.prepare(now + FIRE_AHEAD, now)
+        return published + await self.publish_ready(now)
+
+    async def prepare(self, until: datetime, now: datetime) -> int:
+        """Claim every fire that goes out by ``until`` and keep the ones won for
+        ``publish_ready``; returns how many were won. Each fire is claimed as of when it goes
+        out: its instant plus its jitter offset, or ``now`` for a fire caught up after downtime
+        (``fires.claim``)."""
+        await self._learn_specs(until)
+        due = self.planner.pop_due(until)
+        await self._record_misfires(self.planner.take_misfires(), now)
+        # When each is meant to go out (jitter, catch-up): its claim counts from then, and its
+        # fire lag; a fire retried after the store failed counts from its instant.
+        due_at = {
+            trigger_id(f.job.name, f.scheduled_at): now if f.caught_up else f.job.publish_at(f.scheduled_at)
+            for f in due
+        }
+        triggers = [
+            *self._unclaimed,
+            *(self._trigger(f, max(now, due_at[trigger_id(f.job.name, f.scheduled_at)])) for f in due),
+        ]
         self._unclaimed = []
         if not triggers:
             return 0
         try:
-            async with self._publishing:
-                won = await fires.publish_claimed(
-                    self.store, self.publisher, triggers, self.name, published_at
-                )
+            won = await fires.claim(self.store, triggers, self.name, now, due_at)
         except (SQLAlchemyError, *STORE_OUTAGES):
             for trigger in triggers:
                 if trigger.expires_at > now:
@@ -198,10 +237,102 @@ class Scheduler:
                 else:
                     log.error("fire %s expired before the store could record it", trigger.id)
             raise
+        plans = {f.job.name: f.plan for f in due}
+        # A trigger says when it is published: the moment its fire goes out.
+        instants = {t.id: t.published_at for t in triggers}
         for fire in won:
-            log.info("fired %s", fire.trigger_id)
+            job = fire.trigger_id.rpartition("@")[0]
+            ready = ReadyFire(instants[fire.trigger_id], fire, job, plans.get(job, -1))
+            heapq.heappush(self._ready, (ready.at, next(self._ready_numbers), ready))
+            self._ready_ids.add(fire.trigger_id)
         await self._record_next_fires(due, {fire.trigger_id for fire in won})
+        log.debug(
+            "prepared fires due by %s: %d claimed here of %d (%s)",
+            until.isoformat(),
+            len(won),
+            len(triggers),
+            ", ".join(sorted({t.id.rpartition("@")[2] for t in triggers})),
+        )
         return len(won)
+
+    async def publish_ready(self, now: datetime) -> int:
+        """Publish the prepared fires whose instant has come by ``now`` (their confirms pipelined,
+        each marked published at its own confirm); returns how many were. One the broker did not
+        confirm stays pending in the store, for ``publish_pending_forever``."""
+        if not self._ready or self._ready[0][0] > now:
+            return 0
+        async with self._publishing:
+            going: list[ReadyFire] = []
+            while self._ready and self._ready[0][0] <= now:
+                going.append(heapq.heappop(self._ready)[2])
+            try:
+                published = await fires.publish(
+                    self.store, self.publisher, [r.fire for r in going], self.name
+                )
+            finally:
+                self._ready_ids.difference_update(r.fire.trigger_id for r in going)
+        names = [r.fire.trigger_id for r in going]
+        log.info(
+            "fired %d: %s%s",
+            len(names),
+            ", ".join(names[:_LOGGED_FIRES]),
+            ", ..." if len(names) > _LOGGED_FIRES else "",
+        )
+        if published < len(going):
+            log.warning("%d fire(s) not confirmed by the broker yet: retried", len(going) - published)
+        return published
+
+    def next_fire_at(self) -> datetime | None:
+        """The instant of this scheduler's next fire (prepared or planned), None without any."""
+        moments = [self._ready[0][0]] if self._ready else []
+        wakeup = self.planner.next_wakeup()
+        if wakeup is not None:
+            moments.append(wakeup)
+        return min(moments, default=None)
+
+    async def _withdraw_changed(self) -> None:
+        """Withdraw the prepared fires of jobs re-planned, paused or removed since they were
+        prepared: a fire goes out as its job is at its instant, never as it was a second before."""
+        stale = [entry for entry in self._ready if self.planner.plan_of(entry[2].job) != entry[2].plan]
+        if not stale:
+            return
+        ids = [entry[2].fire.trigger_id for entry in stale]
+        withdrawn = await fires.withdraw(self.store, ids, self.name)
+        gone = set(ids)
+        self._ready = [entry for entry in self._ready if entry[2].fire.trigger_id not in gone]
+        heapq.heapify(self._ready)
+        self._ready_ids -= gone
+        log.info("withdrew %d prepared fire(s) of jobs that changed: %s", withdrawn, ", ".join(ids[:5]))
+
+    @staticmethod
+    def _trigger(fire: DueFire, published_at: datetime) -> Trigger:
+        """The trigger of ``fire``; a fire caught up after downtime expires counting from now."""
+        return fire.job.trigger_at(
+            fire.scheduled_at, published_at, expires_from=published_at if fire.caught_up else None
+        )
+
+    async def _record_misfires(self, misfires: list[Misfire], now: datetime) -> None:
+        """Log and store the backlogs the misfire policy settled, and the next fire of their jobs
+        (a job whose backlog sent nothing is not re-settled at the next start). The fires go out
+        whatever happens here: a store that fails is logged with the counts."""
+        if not misfires:
+            return
+        log_misfires(misfires)
+        try:
+            await record_misfires(self.store, misfires, self.name, now)
+        except (SQLAlchemyError, *STORE_OUTAGES) as exc:
+            log.error("missed fires of %d job(s) not recorded (%s): see the line above", len(misfires), exc)
+        plans = {m.job: self.planner.plan_of(m.job) for m in misfires}
+        fired = [
+            (m.job, plan, m.next_at)
+            for m in misfires
+            if m.next_at is not None and (plan := plans[m.job]) is not None and plan >= 0
+        ]
+        if fired:
+            try:
+                await record_next_fires(self.store, fired)
+            except (SQLAlchemyError, *STORE_OUTAGES) as exc:
+                log.warning("next fires of %d job(s) not stored (%s)", len(fired), exc)
 
     async def _record_next_fires(self, due: list[DueFire], won: set[str]) -> None:
         """Store the next fire of each job whose fire this scheduler won, so that a scheduler
@@ -239,7 +370,7 @@ class Scheduler:
             try:
                 async with self._publishing:
                     published = await fires.publish_pending(
-                        self.store, self.publisher, self.name, self.clock()
+                        self.store, self.publisher, self.name, self.clock(), skip=self._ready_ids
                     )
             except OUTAGES as exc:
                 log.debug("pending fires not published yet: %s", exc)
@@ -255,7 +386,7 @@ class Scheduler:
                 scheduler=self.name,
                 at=self.clock(),
                 jobs=len(self.planner),
-                next_fire_at=self.planner.next_wakeup(),
+                next_fire_at=self.next_fire_at(),
             )
             with contextlib.suppress(BrokerUnavailable):
                 await self.publisher.event(beat)

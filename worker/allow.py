@@ -45,11 +45,14 @@ class CommandAllowList:
                 "CRONFLEET_ALLOW_COMMANDS to the programs it may run (e.g. /usr/local/bin/*, or * for any)"
             )
         # A path is matched as it resolves (/opt/jobs/../../bin/sh is /bin/sh); a bare name as
-        # written and as found on the worker's PATH.
-        candidates = [os.path.normpath(program)] if "/" in program else [program]
-        if "/" not in program and (found := shutil.which(program)) is not None:
-            candidates.append(found)
-        for pattern in self.patterns:
-            if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in candidates):
-                return None
+        # written, else as found on the worker's PATH (looked up only then: it costs a stat of
+        # each PATH directory, at every run).
+        written = os.path.normpath(program) if "/" in program else program
+        if self._matches(written):
+            return None
+        if "/" not in program and (found := shutil.which(program)) is not None and self._matches(found):
+            return None
         return f"{program!r} is not in this worker's CRONFLEET_ALLOW_COMMANDS"
+
+    def _matches(self, candidate: str) -> bool:
+        return any(fnmatch.fnmatchcase(candidate, pattern) for pattern in self.patterns)

@@ -11,9 +11,11 @@ as one dead letter with its reason; only a broker outage hands a trigger back.
 A run that failed (or timed out) while its job allows more attempts is followed by a retry:
 the same signed trigger, with the next attempt number, through a delay queue
 (``common.retries``); its end is kept in its claim before the retry is published, so a worker
-that dies in between leaves a repeat that publishes it. A trigger whose run was lost with its
-worker (the claim lapsed) follows the job's ``on_lost``. An ``exclusive`` job's run also holds
-the job's lease while it runs.
+that dies in between leaves a repeat that publishes it, and the claim records the retry once
+published, so a repeat of the attempt never publishes a second one. A trigger whose run was lost
+with its worker (the claim lapsed) follows the job's ``on_lost``. Under overlap ``skip`` or
+``queue`` (``exclusive``) a run also holds the job's lease while it runs; a fire that finds it
+held is recorded ``skipped`` (``skip``) or waits (``queue``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from common.errors import BrokerUnavailable, StoreUnavailable
 from common.messages import (
     OUTPUT_TAIL_LIMIT,
     TRIGGER_ADAPTER,
+    Overlap,
     RunFinished,
     RunStarted,
     RunStatus,
@@ -54,7 +57,7 @@ from common.retries import (
 )
 from common.retry import until_done
 from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
-from common.trigger_claims import Claim, ClaimOutcome, Lapsed, TriggerClaims
+from common.trigger_claims import Claim, ClaimOutcome, Lapsed, RetryTurn, TriggerClaims
 from worker.actions import ActionResult, Executor, RunContext
 
 log = logging.getLogger("cronfleet.worker")
@@ -211,7 +214,10 @@ class TriggerHandler:
                         claim.worker,
                     )
                 redelivered = bool(message.redelivered) or taken_over
-                await self._run(message, trigger, attempt, run_id, expires_at, redelivered=redelivered)
+                dead = claim.run_id if taken_over else None
+                await self._run(
+                    message, trigger, attempt, run_id, expires_at, redelivered=redelivered, dead=dead
+                )
 
     async def _claim(
         self, trigger: Trigger, key: str, expires_at: datetime, body_sha256: str, run_id: str
@@ -243,17 +249,21 @@ class TriggerHandler:
         expires_at: datetime,
         *,
         redelivered: bool,
+        dead: str | None = None,
     ) -> None:
         """Announce, execute and report one run of ``trigger`` under its claim, publish its retry
-        if it failed and may be retried, then ack it."""
+        if it failed and may be retried, then ack it. ``dead``: the run of the same trigger that
+        was lost with its worker (its claim taken over), whose lease on the job this run waits
+        out, even under ``skip``."""
         key = claim_key(trigger.id, attempt)
         self._held[key] = run_id
         try:
-            async with self._exclusive(trigger, run_id, expires_at) as blocked:
+            async with self._overlap_guard(trigger, run_id, expires_at, dead) as blocked:
                 # Started once the job's lease (if any) is held: the wait is not part of the run.
                 started = self._start(trigger, run_id, redelivered, attempt)
                 if blocked is not None:
-                    # Never started: the trigger went stale while another run held the job.
+                    # Never started: another run of the job is in flight (``skip``), or the
+                    # trigger went stale while waiting for it (``queue``).
                     skipped = self._finished(started, ActionResult(RunStatus.SKIPPED, error=blocked))
                     await self._end(message, message.body, message.headers, trigger, attempt, run_id, skipped)
                     return
@@ -332,7 +342,8 @@ class TriggerHandler:
         self, body: bytes, headers: Mapping[str, object], trigger: Trigger, attempt: int, status: RunStatus
     ) -> None:
         """Publish the attempt that follows ``attempt`` after it ended with ``status``, if any, to
-        wait its backoff in a delay queue; retried until the broker confirms it."""
+        wait its backoff in a delay queue (retried until the broker confirms it), and record in
+        the attempt's claim that it was published."""
         following = next_attempt(trigger, attempt, status)
         if following is None or trigger.retry is None:
             return
@@ -343,6 +354,13 @@ class TriggerHandler:
             log,
             f"attempt {attempt} of {trigger.id} ended {status.value}; publishing attempt {following}",
         )
+        key = claim_key(trigger.id, attempt)
+        await until_done(
+            lambda: self.claims.retry_published(key, self.clock()),
+            (StoreUnavailable,),
+            log,
+            f"attempt {following} of {trigger.id} published; recording it in the store",
+        )
         log.info(
             "attempt %d of %s ended %s; attempt %d follows in %ds",
             attempt,
@@ -352,14 +370,45 @@ class TriggerHandler:
             step,
         )
 
+    async def _retry_owed(
+        self, body: bytes, headers: Mapping[str, object], trigger: Trigger, attempt: int, status: RunStatus
+    ) -> None:
+        """Handling a repeat of ``attempt``, which ended with ``status``: publish the retry that
+        end calls for only if nobody did and nobody alive is doing it (the worker that ended the
+        attempt died first). Waits, at most about a claim lease, while that worker may still be
+        publishing it."""
+        following = next_attempt(trigger, attempt, status)
+        if following is None:
+            return
+        key = claim_key(trigger.id, attempt)
+        while not await self.claims.exists(claim_key(trigger.id, following)):
+            match await self.claims.take_retry(key, self.clock()):
+                case RetryTurn.PUBLISHED:
+                    return
+                case RetryTurn.PUBLISH:
+                    log.warning(
+                        "attempt %d of %s ended %s and its retry was not published",
+                        attempt,
+                        trigger.id,
+                        status.value,
+                    )
+                    await self._retry_after(body, headers, trigger, attempt, status)
+                    return
+                case RetryTurn.BUSY:
+                    await asyncio.sleep(CLAIM_POLL_SECONDS)
+
     @contextlib.asynccontextmanager
-    async def _exclusive(
-        self, trigger: Trigger, run_id: str, expires_at: datetime
+    async def _overlap_guard(
+        self, trigger: Trigger, run_id: str, expires_at: datetime, dead: str | None = None
     ) -> AsyncIterator[str | None]:
-        """Hold the job's lease around the block (for an ``exclusive`` job), renewed while it
-        runs. Waits while another run holds it; yields None once held (or for a job that is not
-        exclusive), or why the run cannot start when the trigger expired first."""
-        if not trigger.exclusive:
+        """Hold the job's lease around the block under overlap ``skip`` or ``queue``, renewed
+        while it runs. Yields None once held (at once under ``allow``), or why the run does not
+        start: under ``skip`` when another (live) run holds the lease, under ``queue`` when the
+        trigger expired while waiting for it. A lease ``dead`` holds is waited out under both:
+        that run was lost with its worker (this run replaces it), and its lease outlives it by
+        its ttl, on purpose."""
+        policy = trigger.policy
+        if policy is Overlap.ALLOW:
             yield None
             return
         key = exclusive_key(trigger.job)
@@ -373,17 +422,17 @@ class TriggerHandler:
             lease = await self.claims.take_lease(key, run_id, ttl, self.clock())
             if lease.outcome is not ClaimOutcome.HELD:
                 break
+            in_flight = f"run {lease.run_id} of job {trigger.job!r} is in flight on {lease.worker}"
+            if policy is Overlap.SKIP and lease.run_id != dead:
+                log.info("%s skipped: %s", trigger.id, in_flight)
+                yield f'overlap = "skip": {in_flight}'
+                return
             if self.clock() >= expires_at:
-                yield f"exclusive: job {trigger.job!r} was still run by run {lease.run_id} on {lease.worker}"
+                yield f'overlap = "{policy}": the trigger expired while {in_flight}'
                 return
             if not said:
                 said = True
-                log.info(
-                    "job %s is exclusive and run %s on %s holds it; waiting",
-                    trigger.job,
-                    lease.run_id,
-                    lease.worker,
-                )
+                log.info("%s waits (overlap %s): %s", trigger.id, policy, in_flight)
             await asyncio.sleep(CLAIM_POLL_SECONDS)
         if lease.outcome is ClaimOutcome.TAKEN_OVER:
             log.warning(
@@ -482,14 +531,10 @@ class TriggerHandler:
     ) -> None:
         """Record a repeat of a trigger the fleet ran (or is running) as a ``duplicate`` run, after
         reporting the original run's end again in case its first report was lost and publishing
-        the retry that end calls for if nobody has claimed it yet; then ack."""
+        the retry that end calls for if it was never published (``_retry_owed``); then ack."""
         if claim.finished_event is not None:
             original = RunFinished.model_validate_json(claim.finished_event)
-            following = next_attempt(trigger, attempt, original.status)
-            if following is not None and not await self.claims.exists(claim_key(trigger.id, following)):
-                await self._retry_after(
-                    message.body, message.headers or {}, trigger, attempt, original.status
-                )
+            await self._retry_owed(message.body, message.headers or {}, trigger, attempt, original.status)
             await self.publisher.event(original)
         state = "ran" if claim.outcome is ClaimOutcome.DUPLICATE else "is running"
         which = f"attempt {attempt} of this trigger" if attempt > 1 else "this trigger"

@@ -105,7 +105,7 @@ async def jobs(settings: Settings, args: argparse.Namespace) -> int:
     rows = [
         {
             "name": s.name,
-            "schedule": s.schedule,
+            "schedule": s.schedule_text(),
             "timezone": s.timezone,
             "action": s.action.type if s.action else "heartbeat",
             "pool": s.pool,

@@ -1,8 +1,14 @@
-"""``cronfleet doctor``: check the keys, the store and the broker, and say what is wrong plainly."""
+"""``cronfleet doctor``: check the keys, the store and the broker, and say what is wrong plainly.
+
+``--quick`` is the container health check: it only asks whether the keys parse (and, with
+``--role``, fit that process), the store answers at this code's schema and the broker accepts a
+connection, each within ``--timeout``; it reads no job and inspects no queue.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import aio_pika
@@ -11,20 +17,59 @@ from sqlalchemy import func, select
 from common.bus import CONNECT_ERRORS, connect, redact
 from common.catalog import read_jobs
 from common.clock import utcnow
-from common.errors import CronfleetError
-from common.settings import Settings
+from common.errors import BrokerUnavailable, ConfigError, CronfleetError
+from common.settings import Settings, amqp_urls
 from common.signing import Keyring, Role
 from common.store import FireRow, Store
 from common.topology import Topology
 
 Check = Callable[[], Awaitable[str]]
 
+# What each process's keys must do (see each service's start): the roles it signs, and the
+# roles it must be able to verify. A process missing one of them stops at start, or (worker,
+# monitor) refuses every message it receives.
+ROLE_KEYS: dict[str, tuple[tuple[Role, ...], tuple[Role, ...]]] = {
+    "scheduler": ((Role.TRIGGER, Role.EVENT), ()),
+    "worker": ((Role.EVENT,), (Role.TRIGGER,)),
+    "monitor": ((), (Role.EVENT,)),
+    "run": ((Role.TRIGGER, Role.EVENT), (Role.TRIGGER, Role.EVENT)),
+}
+DEFAULT_TIMEOUT = 10.0
+
+
+def add_parser_options(parser: argparse.ArgumentParser) -> None:
+    """``doctor``'s options: ``--quick``, ``--role``, ``--timeout``."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only: keys parse, the store answers at this schema, the broker accepts a connection "
+        "(a container's health check; reads no job, inspects no queue)",
+    )
+    parser.add_argument(
+        "--role",
+        choices=sorted(ROLE_KEYS),
+        help="fail unless the keys can do what this process does "
+        "(sign its messages, verify what it receives)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"each check fails if it has no answer within this (default: {DEFAULT_TIMEOUT:g})",
+    )
+
 
 async def doctor(settings: Settings, args: argparse.Namespace) -> int:
     """Print one line per check (and a WARN line per thing that works but should not stay so,
-    such as a key without a role); exit 1 when any check fails."""
+    such as a key without a role); exit 1 when any check fails or takes longer than
+    ``--timeout``. With ``--quick`` only reachability and the schema are checked (see the
+    module's docstring); with ``--role`` the keys must fit that process."""
     pools: set[str] = {"default"}
     warnings: list[str] = []
+    quick: bool = getattr(args, "quick", False)
+    role: str | None = getattr(args, "role", None)
+    timeout: float = getattr(args, "timeout", DEFAULT_TIMEOUT)
 
     async def keys() -> str:
         keyring = settings.keyring(warn_legacy=False)
@@ -33,7 +78,37 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
                 f"keys: {key.id!r} has no role, so it signs and verifies every message, triggers "
                 "included: replace it with role keys (`cronfleet keys new --role ROLE`)"
             )
-        return f"{len(keyring.keys)} key(s)\n    " + "\n    ".join(_role_line(keyring, role) for role in Role)
+        if role is not None:
+            _require_role_keys(keyring, role)
+        if quick:
+            return f"{len(keyring.keys)} key(s)" + (f", fit for a {role}" if role else "")
+        return f"{len(keyring.keys)} key(s)\n    " + "\n    ".join(_role_line(keyring, each) for each in Role)
+
+    async def store_reachable() -> str:
+        opened = await Store.open(settings.database_url, settings.database_schema)
+        try:
+            revision = (await opened.schema_version()).revision
+        finally:
+            await opened.close()
+        return f"{opened.dialect} at {opened.where}, schema {revision} (head)"
+
+    async def broker_reachable() -> str:
+        # A plain connection: a robust one cancelled mid-handshake keeps reconnecting behind us.
+        # A cluster's nodes (several URLs) are tried in turn: one that answers is enough.
+        failures = []
+        for url in amqp_urls(settings.amqp_url):
+            try:
+                connection = await aio_pika.connect(
+                    url, client_properties={"connection_name": "cronfleet-doctor"}, timeout=timeout
+                )
+            except TimeoutError:
+                raise
+            except CONNECT_ERRORS as exc:
+                failures.append(f"{redact(url)}: {exc or type(exc).__name__}")
+                continue
+            await connection.close()
+            return f"RabbitMQ at {redact(url)} accepts a connection"
+        raise BrokerUnavailable(f"cannot reach RabbitMQ at {'; nor at '.join(failures)}")
 
     async def store() -> str:
         opened = await Store.open(settings.database_url, settings.database_schema)
@@ -90,10 +165,20 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
             await connection.close()
         return f"RabbitMQ at {redact(settings.amqp_url)}\n    " + "\n    ".join(notes)
 
+    checks: tuple[tuple[str, Check], ...] = (
+        (("keys", keys), ("store", store_reachable), ("broker", broker_reachable))
+        if quick
+        else (("keys", keys), ("store", store), ("broker", broker))
+    )
     failures = printed = 0
-    for label, check in (("keys", keys), ("store", store), ("broker", broker)):
+    for label, check in checks:
         try:
-            print(f"ok    {label}: {await check()}")
+            # The broker check bounds its own handshake by ``timeout``; this is the backstop.
+            async with asyncio.timeout(timeout + 1):
+                print(f"ok    {label}: {await check()}")
+        except TimeoutError:
+            failures += 1
+            print(f"FAIL  {label}: no answer within {timeout:g} s")
         except (CronfleetError, *CONNECT_ERRORS) as exc:
             failures += 1
             print(f"FAIL  {label}: {exc}")
@@ -105,6 +190,19 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
     else:
         print("all good" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return 1 if failures else 0
+
+
+def _require_role_keys(keyring: Keyring, process: str) -> None:
+    """Raise ConfigError, in one line, unless ``keyring`` signs and verifies what ``process`` does."""
+    signs, verifies = ROLE_KEYS[process]
+    keyring.require(signs, who=f"a {process}")
+    for role in verifies:
+        if not any(key.serves(role) for key in keyring.keys):
+            enough = " (an ed25519-public key is enough)" if role is Role.TRIGGER else ""
+            raise ConfigError(
+                f"a {process} verifies {role.value} messages and no key here does: add the "
+                f"fleet's {role.value} key to CRONFLEET_KEYS{enough}"
+            )
 
 
 def _role_line(keyring: Keyring, role: Role) -> str:

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", help="DEBUG, INFO, WARNING or ERROR (default: INFO for processes, else WARNING)"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
@@ -113,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     api_keys.add_parser(keys_commands)
     _ping_url_commands(keys_commands)
     command("schema", admin.schema, "print the JSON Schema of every wire message")
-    command("doctor", doctor.doctor, "check the broker, the store and the keys")
+    doctor.add_parser_options(command("doctor", doctor.doctor, "check the broker, the store and the keys"))
     broker.add_parser(commands)
 
     db = commands.add_parser("db", help="the store's schema and history", description="the store's schema")
@@ -132,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("role", help="the PostgreSQL role the workers log in as")
             sub.add_argument("--apply", action="store_true", help="run the GRANTs instead of printing them")
     return parser
+
+
+def installed_version() -> str:
+    """cronfleet's version as its installed package metadata says (``unknown`` when run from a
+    source tree that was never installed)."""
+    try:
+        return metadata.version("cronfleet")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _ping_url_commands(keys_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -190,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = exc.errors(include_url=False)[0]
         field = ".".join(str(p) for p in error["loc"])
         print(f"cronfleet: bad setting CRONFLEET_{field.upper()}: {error['msg']}", file=sys.stderr)
+        return 1
+    except CronfleetError as exc:  # a CRONFLEET_*_FILE that cannot be read
+        print(f"cronfleet: {exc}", file=sys.stderr)
         return 1
     try:
         return asyncio.run(_until_signal(args.handler(settings, args)))

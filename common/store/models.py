@@ -1,5 +1,5 @@
 """Tables: jobs (with their change counter and removals), fires (the scheduler's outbox), runs,
-heartbeats, job state, job health and its flips (with their alerts' outbox), alert attempts, run
+missed fires, heartbeats, job state, job health and its flips (with their alerts' outbox), alert attempts, run
 metrics, leases, trigger claims, fleet health, API keys, ping keys.
 
 Instants are stored as naive UTC and read back as aware UTC, the same on SQLite and PostgreSQL.
@@ -123,12 +123,38 @@ class FireRow(Base):
     pool: Mapped[str] = mapped_column(String(64))
     manual: Mapped[bool] = mapped_column(Boolean, default=False)
     body: Mapped[str] = mapped_column(Text)
+    # When the fire was meant to go out: its instant plus its job's jitter offset, or, for one
+    # caught up after downtime, when it was claimed. None: ``scheduled_at`` (fires claimed before
+    # this column). The fire lag counts from it.
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 # Only the few fires still waiting for the broker: the outbox sweep reads them every second.
 _UNPUBLISHED = text("published_at IS NULL")
 Index("ix_fires_unpublished", FireRow.claimed_at, postgresql_where=_UNPUBLISHED, sqlite_where=_UNPUBLISHED)
 Index("ix_fires_expires", FireRow.expires_at)
+
+
+class MissedFireRow(Base):
+    """A job's fires that no scheduler sent on time (none ran, or none could reach the store or
+    the broker), settled by the job's misfire policy: one row per job and backlog. Two
+    schedulers settling the same backlog write it once (the key is its first missed fire)."""
+
+    __tablename__ = "missed_fires"
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    first_missed: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    last_missed: Mapped[datetime] = mapped_column(UTCDateTime)
+    policy: Mapped[str] = mapped_column(String(8))
+    # Fires of the backlog not sent (a lower bound when not ``counted_all``), and sent late.
+    skipped: Mapped[int] = mapped_column(BigInteger)
+    counted_all: Mapped[bool] = mapped_column(Boolean)
+    caught_up: Mapped[int] = mapped_column(Integer)
+    recorded_by: Mapped[str] = mapped_column(String(200))
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+Index("ix_missed_fires_recorded", MissedFireRow.recorded_at)
 
 
 RUN_SOURCES = ("worker", "heartbeat")
@@ -393,6 +419,10 @@ class TriggerClaimRow(Base):
     # will not deliver it again, and the worker that finds the claim lapsed ends it from these.
     trigger_body: Mapped[str | None] = mapped_column(Text, nullable=True)
     trigger_envelope: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # When the retry this claim's failed run called for was confirmed published. Until then the
+    # lease (renewed by the run's end) says a live worker is publishing it; a repeat of the
+    # attempt publishes it only when neither is so (``TriggerClaims.take_retry``).
+    retry_published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 # Retention deletes claims by their trigger's expiry: after it, a repeat is refused as expired.

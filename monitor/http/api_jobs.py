@@ -74,7 +74,7 @@ def job_out(spec: JobSpec) -> JobOut:
     """``spec`` as the API shows it, secrets masked."""
     return JobOut(
         name=spec.name,
-        schedule=spec.schedule,
+        schedule=spec.schedule_text(),
         timezone=spec.timezone,
         pool=spec.pool,
         enabled=spec.enabled,
@@ -207,8 +207,12 @@ async def update_job(name: JobNameParam, request: Request, context: Context, key
         raise invalid("body", None, "the fields to change are an object")
     if data.get("name", name) != name:
         raise invalid("body", "name", "a job's name is its path: it cannot change")
-    stored = await _stored(context, name)
-    return await _save(context, _validated({**stored.model_dump(mode="json"), **data}), exists=True)
+    current = (await _stored(context, name)).model_dump(mode="json")
+    # A job has a schedule or an interval: a PATCH that gives one of them drops the other.
+    for given, other in (("schedule", "every"), ("every", "schedule")):
+        if data.get(given) is not None and other not in data:
+            current[other] = None
+    return await _save(context, _validated({**current, **data}), exists=True)
 
 
 async def _set_enabled(context: HttpContext, name: str, enabled: bool) -> JobOut:

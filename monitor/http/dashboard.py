@@ -29,6 +29,7 @@ from common.cli.fleet_status import read_fleet
 from common.cron import next_fire
 from common.cron_words import describe_schedule
 from common.errors import BrokerUnavailable, ConfigError, CronfleetError
+from common.jobs import JobSpec
 from common.messages import RunStatus
 from common.signing import Role
 from common.store import JobHealthRow, JobRow, JobStateRow, RunRow
@@ -192,8 +193,8 @@ async def overview(
         jobs.append(
             JobView(
                 name=spec.name,
-                schedule=spec.schedule,
-                schedule_words=describe_schedule(spec.schedule),
+                schedule=spec.schedule_text(),
+                schedule_words=_schedule_words(spec),
                 timezone=spec.timezone,
                 action=spec.action.type if spec.action is not None else "heartbeat",
                 pool=spec.pool,
@@ -205,7 +206,7 @@ async def overview(
                 last_status=None if last is None else last.last_status,
                 last_started_at=None if last is None else last.last_started_at,
                 last_finished_at=None if last is None else last.last_finished_at,
-                next_run_at=_next_run(spec.schedule, spec.zone(), now) if spec.enabled else None,
+                next_run_at=_next_run(spec, now) if spec.enabled else None,
                 consecutive_failures=0 if row is None else row.consecutive_failures,
                 history=history.get(spec.name, []),
             )
@@ -219,11 +220,22 @@ async def overview(
 _UNFINISHED = (RunStatus.RUNNING.value, RunStatus.DUPLICATE.value)
 
 
-def _next_run(schedule: str, zone: Any, now: datetime) -> datetime | None:
+def _schedule_words(spec: JobSpec) -> str:
+    if spec.schedule is None:
+        return spec.schedule_text()
+    words: str = describe_schedule(spec.schedule)
+    return words
+
+
+def _next_run(spec: JobSpec, now: datetime) -> datetime | None:
     # Not through next_fire's cache: keyed by a new instant at every poll, it would never hit
     # and would push out the scheduler's entries (``cronfleet run`` shares the process).
     try:
-        found: datetime = next_fire.__wrapped__(schedule, zone, now)
+        found: datetime = (
+            spec.next_fire(now)
+            if spec.schedule is None
+            else next_fire.__wrapped__(spec.schedule, spec.zone(), now)
+        )
     except ValueError:
         return None
     return found

@@ -39,6 +39,7 @@ from common.store import (
     FleetHealthRow,
     FlipRow,
     JobHealthRow,
+    MissedFireRow,
     RunRow,
 )
 from monitor.http.auth import API_KEY_HEADER, ApiError
@@ -111,6 +112,7 @@ class StoreCollector(Collector):
                 *await _runs(session, since),
                 *await _durations(session, since),
                 *await _fire_lag(session, since),
+                *await missed_fires(session, since),
                 *await _job_health(session),
                 *await _alerts(session, since),
                 *await _fleet(session),
@@ -176,9 +178,11 @@ async def _durations(session: AsyncSession, since: datetime) -> Iterator[Metric]
 
 
 async def _fire_lag(session: AsyncSession, since: datetime) -> Iterator[Metric]:
-    """Scheduled fires (not manual ones) of the runs started in the window: how long after its
-    scheduled instant each fire was confirmed published by the scheduler that claimed it."""
-    lag = cast(_seconds(session, FireRow.published_at, FireRow.scheduled_at), Float)
+    """Scheduled fires (not manual ones) of the runs started in the window: how long after it was
+    meant to go out (its instant plus its jitter offset, ``fires.due_at``) each fire was confirmed
+    published by the scheduler that claimed it."""
+    due = func.coalesce(FireRow.due_at, FireRow.scheduled_at)
+    lag = cast(_seconds(session, FireRow.published_at, due), Float)
     found = await session.execute(
         select(func.count(), func.sum(lag), func.max(lag), *_buckets(lag, LAG_BUCKETS))
         .select_from(RunRow)
@@ -193,8 +197,8 @@ async def _fire_lag(session: AsyncSession, since: datetime) -> Iterator[Metric]:
     count, total, longest, *counts = found.one()
     histogram = GaugeHistogramMetricFamily(
         "cronfleet_fire_lag_seconds_last_hour",
-        f"Scheduled fires whose runs started in {_WINDOW_TEXT}: seconds from the scheduled "
-        "instant to the broker's publish confirm.",
+        f"Scheduled fires whose runs started in {_WINDOW_TEXT}: seconds from the instant each was "
+        "meant to go out (scheduled instant plus jitter offset) to the broker's publish confirm.",
     )
     histogram.add_metric([], _bucket_pairs(LAG_BUCKETS, counts, count or 0), float(total or 0.0))
     worst = GaugeMetricFamily(
@@ -202,6 +206,26 @@ async def _fire_lag(session: AsyncSession, since: datetime) -> Iterator[Metric]:
     )
     worst.add_metric([], float(longest or 0.0))
     return iter([histogram, worst])
+
+
+async def missed_fires(session: AsyncSession, since: datetime) -> Iterator[Metric]:
+    """The fires no scheduler sent on time, by job, as the misfire policies settled them in the
+    window (table ``missed_fires``, by its ``recorded_at`` index): skipped, and caught up late."""
+    found = await session.execute(
+        select(MissedFireRow.job, func.sum(MissedFireRow.skipped), func.sum(MissedFireRow.caught_up))
+        .where(MissedFireRow.recorded_at >= since)
+        .group_by(MissedFireRow.job)
+    )
+    family = GaugeMetricFamily(
+        "cronfleet_missed_fires_last_hour",
+        f"Fires no scheduler sent on time (it was down), settled by the job's misfire policy in "
+        f"{_WINDOW_TEXT}: skipped, or caught_up (sent late).",
+        labels=["job", "outcome"],
+    )
+    for job, skipped, caught_up in found.all():
+        family.add_metric([job, "skipped"], float(skipped or 0))
+        family.add_metric([job, "caught_up"], float(caught_up or 0))
+    return iter([family])
 
 
 async def _job_health(session: AsyncSession) -> Iterator[Metric]:

@@ -11,7 +11,8 @@ processes on a throwaway SQLite store (or ``--postgres-url``'s private schema wi
 postgresql``). Each run is whole: the signature check, the trigger claim in the store,
 ``run.started`` and ``run.finished`` confirmed by the broker, the ack. The rate is counted from
 the first ``run.finished`` to the last, as a bare consumer bound to the events exchange sees them
-(worker start-up is not counted).
+(worker start-up is not counted), and so is the CPU the worker processes spent per run, their own
+and with the jobs they ran (on a busy host the CPU per run is the steadier figure).
 
 The kinds: ``python`` calls a registered no-op function; ``http`` GETs a local server (a
 ``ThreadingHTTPServer`` in a process of its own); ``shell`` runs ``true``.
@@ -107,6 +108,7 @@ class FinishedCounter:
         self.settings = settings
         self.times: list[float] = []
         self.done = asyncio.Event()
+        self.first = asyncio.Event()
         self.failed = 0
 
     async def open(self, n: int) -> None:
@@ -118,6 +120,7 @@ class FinishedCounter:
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             self.times.append(time.perf_counter())
+            self.first.set()
             if b'"status":"succeeded"' not in message.body:
                 self.failed += 1
             await message.ack()
@@ -159,10 +162,25 @@ class Rate:
     runs: int
     seconds: float
     note: str = ""
+    # CPU the worker processes spent per run (their own; with the jobs they waited for), in ms.
+    cpu_ms: float | None = None
+    cpu_with_jobs_ms: float | None = None
 
     @property
     def per_second(self) -> float:
         return (self.runs - 1) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
+    """The CPU time of processes ``pids`` so far: their own, and with their waited-for children
+    (``/proc/<pid>/stat``: utime, stime, cutime, cstime). Less noisy than a rate on a busy host."""
+    own = children = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own += int(fields[11]) + int(fields[12])
+        children += int(fields[13]) + int(fields[14])
+    tick = os.sysconf("SC_CLK_TCK")
+    return own / tick, (own + children) / tick
 
 
 async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, http_url: str) -> Rate:
@@ -184,16 +202,28 @@ async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, ht
             await publish_triggers(settings, action_of(kind, http_url), args.runs)
             await counter.open(args.runs)
             workers = start_workers(settings, processes, args.concurrency)
+            pids = [worker.pid for worker in workers]
+            # CPU is counted from the first run's end (start-up left out) to the last's.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(counter.first.wait(), timeout=args.timeout)
+            first_runs, (first_own, first_all) = len(counter.times), cpu_seconds(pids)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(counter.done.wait(), timeout=args.timeout)
+            own, everything = cpu_seconds(pids)
             times = counter.times
             note = (
                 "" if len(times) >= args.runs else f"only {len(times)} of {args.runs} in {args.timeout:g} s"
             )
             if counter.failed:
                 note += f" {counter.failed} not succeeded"
+            counted = max(len(times) - first_runs, 1)
             return Rate(
-                f"cronfleet {kind}, {processes} process(es)", len(times), times[-1] - times[0], note.strip()
+                f"cronfleet {kind}, {processes} process(es)",
+                len(times),
+                times[-1] - times[0],
+                note.strip(),
+                cpu_ms=1000 * (own - first_own) / counted,
+                cpu_with_jobs_ms=1000 * (everything - first_all) / counted,
             )
         finally:
             for worker in workers:
@@ -377,10 +407,12 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         sink.terminate()
     print()
-    print(f"{'measure':<66} {'runs/s':>10}")
-    print("-" * 77)
+    print(f"{'measure':<56} {'runs/s':>8} {'cpu ms/run':>11} {'+ jobs':>8}")
+    print("-" * 86)
     for rate in rates:
-        print(f"{rate.label:<66} {rate.per_second:>10.0f}{'  (' + rate.note + ')' if rate.note else ''}")
+        cpu = "" if rate.cpu_ms is None else f"{rate.cpu_ms:>11.2f} {rate.cpu_with_jobs_ms or 0:>8.2f}"
+        note = f"  ({rate.note})" if rate.note else ""
+        print(f"{rate.label:<56} {rate.per_second:>8.0f} {cpu:>20}{note}")
     return 0
 
 

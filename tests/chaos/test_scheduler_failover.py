@@ -23,7 +23,7 @@ from common.services import local_prefix
 from common.settings import Settings
 from common.store import FireRow, Store
 from tests.conftest import Counts, Start
-from tests.fleet import declare_pool, scheduler_process, stop_processes
+from tests.fleet import declare_pool, eventually, scheduler_process, stop_processes
 from tests.integration.helpers import FireTally, apply_toml, due_fires, every_second_jobs, trigger_runs
 from worker.actions import RunContext
 from worker.functions import job_function
@@ -70,7 +70,9 @@ async def test_three_schedulers_killed_at_random_lose_and_repeat_nothing_unflagg
     processes = {_name_of(p): p for p in (scheduler_process(settings) for _ in range(3))}
     killed: list[str] = []
     try:
-        await asyncio.sleep(4)  # the schedulers start (imports, store, broker) and plan
+        # The window opens once the schedulers fire: fires due while none had started yet are
+        # not theirs to lose (they are a fleet's start, and its misfire policy's).
+        await eventually(lambda: _published(store), timeout=60)
         began = datetime.now(UTC)
         for _ in range(KILLS):
             await asyncio.sleep(random.uniform(1.5, 3.0))
@@ -108,3 +110,10 @@ async def test_three_schedulers_killed_at_random_lose_and_repeat_nothing_unflagg
     assert tally.missing == [], f"fires never run: {tally.missing[:5]}"
     assert tally.unflagged == [], f"fires run twice without a duplicate flag: {tally.unflagged[:5]}"
     assert late == [], f"fires published more than {LATE_SECONDS:g} s late: {late[:5]}"
+
+
+async def _published(store: Store) -> bool:
+    async with store.session() as session:
+        return (
+            await session.scalar(select(FireRow.trigger_id).where(FireRow.published_at.is_not(None)).limit(1))
+        ) is not None

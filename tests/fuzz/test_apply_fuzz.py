@@ -40,7 +40,6 @@ from common.bounds import (
 from common.catalog import apply_jobs, load_jobs
 from common.cli import admin
 from common.clock import utcnow
-from common.cron import next_fire
 from common.errors import JobFileError
 from common.jobs import JobSpec, load_jobs_file, spec_from_json
 from common.messages import TRIGGER_ADAPTER, RunStatus
@@ -176,6 +175,12 @@ SCHEDULES = ["* * * * *", "*/10 * * * * *", "@daily", "@hourly", "0 0 L * *", "0
 SCHEDULES += ["30 2 * * *", "0 0 29 2 *", "0 0 * MAR,APR THU", "0 0 ? * MON", "0 12 * * L5", " 0  0 * * * "]
 BAD_SCHEDULES = ["R * * * *", "0 R(0-5) * * *", "H * * * *", "", "61 * * * *", "0 0 30 2 *", "x" * 2000]
 BAD_SCHEDULES += ["* * * * * * *", "@reboot", "0 0 LW * *", "\x00", "٣ * * * *", "0 0 * * 1\u00a0"]
+INTERVALS = ["1s", "45s", "15m", "2h", "1d", "366d", "2w"]
+BAD_INTERVALS = ["0s", "367d", "1.5s", "45", "every 5s", "-1m", ""]
+JITTERS = ["1s", "30s", "24h"]
+BAD_JITTERS = ["0s", "25h", "2d", "x"]
+CATCHUPS = ["1m", "1h", "7d"]
+BAD_CATCHUPS = ["8d", "0m", "1 hour"]
 ZONES = [
     "UTC",
     "Europe/Berlin",
@@ -267,6 +272,10 @@ def action_fields() -> dict[str, Pair]:
 ACTION_FIELDS = action_fields()
 JOB_FIELDS: dict[str, Pair] = {
     "schedule": (one_of_strings(SCHEDULES), st.one_of(one_of_strings(BAD_SCHEDULES), wrong_types)),
+    "every": (one_of_strings(INTERVALS), st.one_of(one_of_strings(BAD_INTERVALS), wrong_types)),
+    "jitter": (one_of_strings(JITTERS), st.one_of(one_of_strings(BAD_JITTERS), wrong_types)),
+    "misfire": (one_of_strings(["skip", "once", "all"]), one_of_strings(["never", "ALL", ""])),
+    "catchup": (one_of_strings(CATCHUPS), st.one_of(one_of_strings(BAD_CATCHUPS), wrong_types)),
     "timezone": (one_of_strings(ZONES), st.one_of(one_of_strings(BAD_ZONES), wrong_types)),
     "pool": (one_of_strings(["default", "other"]), one_of_strings(BAD_POOLS)),
     "timeout_seconds": (good_durations(MAX_TIMEOUT_SECONDS), bad_numbers),
@@ -276,7 +285,7 @@ JOB_FIELDS: dict[str, Pair] = {
     "description": (good_strings, st.one_of(bad_strings, st.just(toml_string("d" * 4097)), wrong_types)),
 }
 OPTIONAL = ["timezone", "pool", "timeout_seconds", "expires_after_seconds", "grace_seconds", "enabled"]
-OPTIONAL += ["description"]
+OPTIONAL += ["description", "jitter", "misfire", "catchup"]
 SHELL_FIELDS = ["cwd", "env", "success_exit_codes"]
 HTTP_FIELDS = ["method", "headers", "body", "expect_status"]
 good_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_-]{0,12}", fullmatch=True)
@@ -296,7 +305,8 @@ def job(draw: st.DrawFn, mode: str) -> tuple[str, list[tuple[str, str]], list[tu
         return str(draw(bad_values if bad else good_values))
 
     kind = draw(st.sampled_from(["shell"] * 4 + ["http"] * 3 + ["none"] * 2 + ["odd"]))
-    chosen = ["schedule", *draw(st.lists(st.sampled_from(OPTIONAL), unique=True, max_size=4))]
+    when = draw(st.sampled_from(["schedule"] * 3 + ["every"]))
+    chosen = [when, *draw(st.lists(st.sampled_from(OPTIONAL), unique=True, max_size=4))]
     extra = {"shell": ["argv"], "http": ["url"]}.get(kind, [])
     extra += draw(st.lists(st.sampled_from(SHELL_FIELDS if kind == "shell" else HTTP_FIELDS), unique=True))
     broken = draw(st.sampled_from([*chosen, *extra, "name", "unknown"])) if mode == "one-bad" else None
@@ -367,7 +377,7 @@ def corpus() -> list[tuple[bytes, str]]:
 # -- what must hold of every outcome -------------------------------------------------------------
 
 ONE_LINE = re.compile(r"(?P<file>[^\n]+?):(?P<line>\d+)(?::(?P<column>\d+))?: (?P<reason>[^\n\r]+)")
-FIELD = re.compile(r"job '[^\n]*', field (?P<field>[^:\n]+): \S")
+FIELD = re.compile(r"job '[^\n]*', field (?P<field>[^\n]+?): \S")
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 # Instants to plan from: the epoch, a DST night, now, a century without 29 February, far ahead.
 INSTANTS = [
@@ -404,10 +414,10 @@ def survives(spec: JobSpec) -> None:
     """Every process can read ``spec`` back, plan it, trigger it and judge it."""
     stored = spec.canonical_json()
     assert spec_from_json(stored) == spec
-    zone = spec.zone()
     for after in INSTANTS:
-        fire = next_fire(spec.schedule, zone, after)
+        fire = spec.next_fire(after)
         assert fire > after
+        assert fire <= spec.publish_at(fire) <= fire + timedelta(seconds=spec.jitter_seconds())
         if spec.action is not None:
             trigger = spec.trigger_at(fire, fire + timedelta(seconds=1))
             body = trigger.to_bytes()
@@ -518,7 +528,8 @@ async def a_fleet_runs_them_and_stays_up(
     assert eager, "no accepted job has an action"
     for number, spec in enumerate(eager):
         name = f"e{number}-{spec.name}"[:64]
-        changes = {"name": name, "schedule": "* * * * * *", "pool": "default", "enabled": True}
+        changes = {"name": name, "schedule": "* * * * * *", "every": None, "jitter": None}
+        changes |= {"pool": "default", "enabled": True}
         sample[name] = JobSpec.model_validate({**spec.model_dump(), **changes})
     canary = JobSpec.model_validate(
         {"name": "canary", "schedule": "* * * * * *", "action": {"type": "shell", "argv": ["true"]}}

@@ -97,6 +97,7 @@ async def test_jobs_are_created_changed_paused_triggered_and_deleted_through_the
         for bad, field in (
             ({**JOB, "name": "other", "timeout_seconds": "5"}, "timeout_seconds"),
             ({**JOB, "name": "other", "schedule": "every day"}, "schedule"),
+            ({**JOB, "name": "other", "every": "45s"}, "schedule"),  # not both
             ({**JOB, "name": "other", "timezone": "Mars/Base"}, "timezone"),
             ({**JOB, "name": "other", "grace_secs": 5}, "grace_secs"),
             ({**JOB, "name": "bad name"}, "name"),
@@ -119,6 +120,12 @@ async def test_jobs_are_created_changed_paused_triggered_and_deleted_through_the
         patched = await client.patch("/api/jobs/api-job", headers=writer, json={"timeout_seconds": 30})
         assert patched.status_code == 200 and patched.json()["spec"]["timeout_seconds"] == 30
         assert patched.json()["spec"]["grace_seconds"] == 30  # the other fields kept
+        # A schedule and an interval replace each other.
+        interval = await client.patch("/api/jobs/api-job", headers=writer, json={"every": "45s"})
+        assert interval.status_code == 200, interval.text
+        assert (interval.json()["schedule"], interval.json()["spec"]["schedule"]) == ("every 45s", None)
+        cron = await client.patch("/api/jobs/api-job", headers=writer, json={"schedule": "0 0 1 1 *"})
+        assert cron.status_code == 200 and cron.json()["spec"]["every"] is None
         renamed = await client.patch("/api/jobs/api-job", headers=writer, json={"name": "else"})
         assert renamed.status_code == 422 and renamed.json()["field"] == "name"
         replaced = await client.put(

@@ -89,7 +89,7 @@ def test_apply_prints_the_diff_and_is_idempotent(settings: Settings, tmp_path: P
             ":6: job 'bad', field action.argv: List should have at least 1 item",
         ),
         ('schedule = "* * * * *"\naction = { type = "ftp" }', ":4: job 'bad', field action: "),
-        ("timezone = 'UTC'", ":2: job 'bad', field schedule: required field is missing"),
+        ("timezone = 'UTC'", ":2: job 'bad', field schedule: a job needs a schedule (cron) or every"),
     ],
 )
 def test_a_bad_jobs_file_names_line_job_and_field_and_changes_nothing(

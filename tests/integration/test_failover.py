@@ -24,7 +24,7 @@ from common.messages import WorkerHeartbeat
 from common.settings import Settings, amqp_urls
 from common.topology import Topology
 from tests.conftest import AMQP_URL, keyring
-from tests.fleet import eventually
+from tests.fleet import cronfleet, eventually
 
 
 class Proxy:
@@ -175,3 +175,14 @@ async def test_a_lost_connection_comes_back_on_the_next_node_with_its_publisher_
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_the_quick_doctor_passes_when_one_node_of_several_answers(settings: Settings) -> None:
+    """``cronfleet doctor --quick`` (every container's health check) tries each node in turn."""
+    dead = _dead_url()
+    result = cronfleet(settings, "doctor", "--quick", CRONFLEET_AMQP_URL=f"{dead},{AMQP_URL}")
+    assert result.returncode == 0, result.stdout
+    assert f"ok    broker: RabbitMQ at {redact(AMQP_URL)} accepts a connection" in result.stdout
+    nobody = cronfleet(settings, "doctor", "--quick", CRONFLEET_AMQP_URL=f"{dead},{_dead_url()}")
+    assert nobody.returncode == 1
+    assert "FAIL  broker: cannot reach RabbitMQ at " in nobody.stdout and "; nor at " in nobody.stdout

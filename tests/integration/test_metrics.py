@@ -35,6 +35,7 @@ FAMILIES = {
     "cronfleet_run_duration_seconds_last_hour": "histogram",
     "cronfleet_fire_lag_seconds_last_hour": "histogram",
     "cronfleet_fire_lag_seconds_max_last_hour": "gauge",
+    "cronfleet_missed_fires_last_hour": "gauge",
     "cronfleet_job_state": "gauge",
     "cronfleet_job_consecutive_failures": "gauge",
     "cronfleet_job_last_finished_timestamp_seconds": "gauge",

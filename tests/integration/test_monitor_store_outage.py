@@ -1,11 +1,17 @@
-"""While the store is down the monitor holds what it received: nothing acked, nothing lost."""
+"""While the store is down the monitor holds what it received: nothing acked, nothing lost; and
+when the outage lasts, it tells every alert channel, and again when it ends."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any, cast
 
 import aio_pika
+import orjson
+import pytest
 from aio_pika.abc import AbstractRobustConnection
+from sqlalchemy import make_url, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from common.bus import Delivery, Publisher
@@ -13,11 +19,19 @@ from common.clock import utcnow
 from common.messages import HeartbeatKind, JobHeartbeat
 from common.settings import Settings
 from common.signing import Role
-from common.store import Store
+from common.store import AlertAttemptRow, Store
 from common.topology import Topology, event_routing_key
 from monitor.service import EventRecorder
-from tests.fleet import eventually
+from monitor.store_watch import STORE_ALERT_JOB
+from tests.conftest import POSTGRES_URL
+from tests.fleet import Fleet, eventually
+from tests.integration import test_alert_channels as receivers
 from tests.integration.helpers import runs_of
+from tests.integration.test_alert_channels import SECRET, Receiver
+from tests.tcp_proxy import TcpProxy
+
+# The real HTTP receiver of the channels' own tests.
+receiver_fixture = pytest.fixture(name="receiver")(receivers.receiver.__wrapped__)
 
 
 async def test_events_are_held_while_the_store_is_down_and_recorded_when_it_is_back(
@@ -64,3 +78,57 @@ async def test_events_are_held_while_the_store_is_down_and_recorded_when_it_is_b
     check = await amqp.channel()
     left = await check.declare_queue(queue.name, passive=True)
     assert left.declaration_result.message_count == 0, "the event was recorded but never acked"
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="needs PostgreSQL (CRONFLEET_TEST_DATABASE_URL) to cut")
+@pytest.mark.parametrize("settings", ["postgresql"], indirect=True)
+async def test_a_long_store_outage_is_told_to_every_channel_and_so_is_its_end(
+    settings: Settings, store: Store, receiver: Receiver, tmp_path: Path
+) -> None:
+    # The monitor reaches PostgreSQL through a proxy the test cuts: a real outage of a real store.
+    target = make_url(settings.database_url)
+    proxy = await TcpProxy(target.host or "127.0.0.1", target.port or 5432).start()
+    through_proxy = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    channels = tmp_path / "channels.toml"
+    channels.write_text(
+        f'[channels.ops]\ntype = "webhook"\nurl = "{receiver.url("/ops")}"\nsecret = "{SECRET}"\n'
+        "[delivery]\nattempts = 3\nfirst_delay_seconds = 0.1\nmax_delay_seconds = 0.2\n"
+        # No job's alert goes to ops: the store's own alerts go to every channel regardless.
+        "[routes]\ndefault = []\n"
+    )
+    monitor_settings = settings.model_copy(
+        update={"database_url": through_proxy, "channels_file": channels, "store_outage_alert_seconds": 1.0}
+    )
+    fleet = Fleet(monitor_settings)
+    await fleet.start("monitor")
+
+    def told(kind: str) -> dict[str, Any] | None:
+        for request in receiver.seen("/ops"):
+            data = orjson.loads(request.body)["data"]
+            if data["job"] == STORE_ALERT_JOB and data["kind"] == kind:
+                return cast(dict[str, Any], data)
+        return None
+
+    try:
+        await proxy.cut()
+        alarm = await eventually(lambda: asyncio.sleep(0, told("alarm")), timeout=30)
+        assert alarm["to_state"] == "down"
+        assert "cannot reach its store" in alarm["reason"]
+        assert told("recovery") is None, "recovered while the store was still cut"
+
+        await proxy.start()
+        recovery = await eventually(lambda: asyncio.sleep(0, told("recovery")), timeout=30)
+        assert recovery["recovered_from"] == "down" and recovery["id"] != alarm["id"]
+
+        async def stored() -> list[AlertAttemptRow] | None:
+            async with store.session() as session:
+                query = select(AlertAttemptRow).where(AlertAttemptRow.job == STORE_ALERT_JOB)
+                rows = list((await session.execute(query)).scalars())
+            return rows if {row.kind for row in rows if row.delivered} == {"alarm", "recovery"} else None
+
+        # The alarm's attempt could not be stored when it was made: it is stored once the store is back.
+        rows = await eventually(stored, timeout=30)
+        assert {row.alert_id for row in rows} == {alarm["id"], recovery["id"]}
+    finally:
+        await fleet.stop()
+        await proxy.cut()

@@ -157,10 +157,8 @@ async def test_a_repeated_attempt_is_a_duplicate_and_a_forged_attempt_is_refused
     assert reasons == ["bad_attempt", "bad_attempt", "malformed"]
     assert not ran.exists()
 
-    # The first attempt published twice: one run and one duplicate; then one retry, final. (The
-    # duplicate, seeing attempt 1 failed and attempt 2 not claimed yet, may publish the retry
-    # again while the first copy waits in its delay queue: that copy is a duplicate of attempt 2,
-    # flagged, never a third run.)
+    # The first attempt published twice: one run and one duplicate; then one retry, final (the
+    # duplicate publishes no second retry: ``test_overlap`` counts them).
     await asyncio.gather(_publish(amqp, settings, body), _publish(amqp, settings, body))
     runs = await eventually(lambda: _executed(store, "twice", 2), timeout=40)
     assert [(run.status, run.attempt) for run in runs] == [("failed", 1), ("failed", 2)]

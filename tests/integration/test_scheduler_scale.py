@@ -74,12 +74,22 @@ async def test_more_jobs_than_a_statement_has_parameters_start_and_fire(
             select(func.count()).select_from(FireRow).where(FireRow.scheduled_at == due)
         )
         unpublished = await session.scalar(
-            select(func.count()).select_from(FireRow).where(FireRow.published_at.is_(None))
+            select(func.count())
+            .select_from(FireRow)
+            .where(FireRow.published_at.is_(None), FireRow.scheduled_at <= due)
         )
+        # Fires due within a second after were prepared ahead: claimed as of their own instant
+        # (no scheduler takes them for pending before then), not published yet.
+        ahead = (
+            await session.execute(
+                select(FireRow.scheduled_at, FireRow.claimed_at).where(FireRow.published_at.is_(None))
+            )
+        ).all()
         # Each fire is marked with its own confirm's instant, not one instant for the burst.
         instants = await session.scalar(select(func.count(func.distinct(FireRow.published_at))))
     assert burst_fires == BURST
     assert unpublished == 0
+    assert all(scheduled > due and claimed == scheduled for scheduled, claimed in ahead)
     assert instants is not None and instants > 1
 
     channel = await amqp.channel()

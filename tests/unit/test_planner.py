@@ -1,4 +1,5 @@
-"""The timer heap: each fire once, in order, re-planned on change, skipped when hopelessly late."""
+"""The timer heap: each fire once, in order, re-planned on change, settled by the misfire policy
+when reached too late."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.cron import next_fire
 from common.jobs import JobSpec, parse_jobs
 from scheduler.planner import Planner
 
@@ -63,19 +63,47 @@ def test_every_fire_comes_once_and_in_order() -> None:
     assert times == sorted(times)
 
 
-def test_a_late_tick_catches_up_on_fires_that_have_not_expired() -> None:
+def test_a_tick_a_little_late_catches_up_on_every_fire() -> None:
     planner = Planner()
     planner.sync(parse_jobs(JOBS), T0)
-    due = planner.pop_due(T0 + timedelta(seconds=35))
-    assert [f.scheduled_at for f in due] == [T0 + timedelta(seconds=s) for s in (10, 20, 30)]
+    planner.pop_due(T0 + timedelta(seconds=10))
+    due = planner.pop_due(T0 + timedelta(seconds=24))  # 4 s late: late, not missed
+    assert [f.scheduled_at for f in due] == [T0 + timedelta(seconds=20)]
+    assert planner.take_misfires() == []
 
 
-def test_fires_older_than_the_expiry_are_skipped_not_replayed() -> None:
+def test_after_downtime_the_missed_fires_are_settled_by_the_misfire_policy() -> None:
     planner = Planner()
     planner.sync(parse_jobs(JOBS), T0)
-    due = planner.pop_due(T0 + timedelta(hours=1, seconds=5))
-    assert due == []  # all expired (5 minutes by default): re-planned from now instead
+    now = T0 + timedelta(hours=1, seconds=3)
+    planner.started_at = now  # a scheduler starting after an hour without one
+    due = planner.pop_due(now)
+    # The default policy, once: the latest missed instant goes out, flagged; a fire due less
+    # than START_TOLERANCE before the start is late, not missed, and goes out as usual.
+    assert sorted((f.job.name, f.scheduled_at, f.caught_up) for f in due) == [
+        ("fast", T0 + timedelta(seconds=3590), True),
+        ("fast", T0 + timedelta(seconds=3600), False),
+        ("slow", T0 + timedelta(seconds=3540), True),
+        ("slow", T0 + timedelta(seconds=3600), False),
+    ]
+    skipped = {m.job: (m.skipped, m.first_missed, m.last_missed) for m in planner.take_misfires()}
+    assert skipped == {
+        "fast": (358, T0 + timedelta(seconds=10), T0 + timedelta(seconds=3590)),
+        "slow": (58, T0 + timedelta(minutes=1), T0 + timedelta(seconds=3540)),
+    }
+    assert planner.take_misfires() == []
     assert planner.next_wakeup() == T0 + timedelta(hours=1, seconds=10)
+
+
+def test_a_live_scheduler_far_behind_sends_what_has_not_expired_and_settles_the_rest() -> None:
+    planner = Planner()
+    planner.sync(parse_jobs(JOBS), T0)
+    planner.started_at = T0
+    now = T0 + timedelta(minutes=10)  # stalled ten minutes (the store was out); expiry is 5
+    due = [(f.scheduled_at - T0).total_seconds() for f in planner.pop_due(now) if f.job.name == "fast"]
+    assert due == [300.0, *range(310, 601, 10)]  # the latest expired one once, then every other
+    [fast] = [m for m in planner.take_misfires() if m.job == "fast"]
+    assert (fast.skipped, fast.fire) == (29, (T0 + timedelta(seconds=300),))
 
 
 def test_changing_or_removing_a_job_replans_it() -> None:
@@ -173,7 +201,18 @@ def test_a_job_that_fires_rarely_is_not_kept_parsed() -> None:
     assert planner.specs_held == 0
 
 
-SCHEDULES = ["*/7 * * * * *", "*/10 * * * * *", "30 * * * * *", "* * * * *", "*/2 * * * *", "15,45 * * * * *"]
+SCHEDULES: list[dict[str, str]] = [
+    {"schedule": "*/7 * * * * *"},
+    {"schedule": "*/10 * * * * *"},
+    {"schedule": "30 * * * * *"},
+    {"schedule": "* * * * *"},
+    {"schedule": "*/2 * * * *"},
+    {"schedule": "15,45 * * * * *"},
+    {"every": "7s"},
+    {"every": "20s", "jitter": "15s"},
+    {"schedule": "* * * * *", "jitter": "30s", "misfire": "all"},
+    {"every": "3s", "misfire": "skip"},
+]
 
 
 @settings(max_examples=60, deadline=None)
@@ -182,24 +221,53 @@ SCHEDULES = ["*/7 * * * * *", "*/10 * * * * *", "30 * * * * *", "* * * * *", "*/
     steps=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30),
 )
 def test_planning_by_name_fires_exactly_what_planning_by_spec_fires(
-    chosen: list[str], steps: list[int]
+    chosen: list[dict[str, str]], steps: list[int]
 ) -> None:
     action = {"type": "shell", "argv": ["true"]}
     specs = [
-        JobSpec.model_validate({"name": f"j{i}", "schedule": s, "action": action})
-        for i, s in enumerate(chosen)
+        JobSpec.model_validate({"name": f"j{i}", **fields, "action": action})
+        for i, fields in enumerate(chosen)
     ]
     by_spec, by_name = Planner(), Planner()
     by_spec.sync(specs, T0)
     for version, spec in enumerate(specs):
-        by_name.plan(spec.name, next_fire(spec.schedule, spec.zone(), T0), version)
+        by_name.plan(spec.name, spec.next_fire(T0), version)
     known = {spec.name: spec for spec in specs}
     now, fired_by_spec, fired_by_name = T0, [], []
     for step in steps:  # ticks at irregular intervals, as a loaded event loop gives them
         now += timedelta(seconds=step)
-        fired_by_spec += sorted((f.job.name, f.scheduled_at) for f in by_spec.pop_due(now))
+        due = by_spec.pop_due(now)
+        # Never before it is due to go out (a backlog caught up after downtime goes at once).
+        assert all(f.caught_up or f.job.publish_at(f.scheduled_at) <= now for f in due)
+        fired_by_spec += sorted((f.job.name, f.scheduled_at, f.caught_up) for f in due)
         wanted = by_name.wanted_specs(now)
         by_name.learn([known[name] for name in wanted], now, wanted)
-        fired_by_name += sorted((f.job.name, f.scheduled_at) for f in by_name.pop_due(now))
-        assert by_spec.next_wakeup() == by_name.next_wakeup()
+        fired_by_name += sorted((f.job.name, f.scheduled_at, f.caught_up) for f in by_name.pop_due(now))
+        # Planned by name, a jittered job wakes at its instant and learns its offset then.
+        spec_wakeup, name_wakeup = by_spec.next_wakeup(), by_name.next_wakeup()
+        assert spec_wakeup is not None and name_wakeup is not None and name_wakeup <= spec_wakeup
     assert fired_by_name == fired_by_spec
+    assert len({(name, at) for name, at, _ in fired_by_spec}) == len(fired_by_spec)  # each once
+
+
+def test_a_jittered_fire_waits_for_its_offset_and_keeps_its_instant() -> None:
+    spec = JobSpec.model_validate(
+        {"name": "spread", "every": "1m", "jitter": "30s", "action": {"type": "shell", "argv": ["true"]}}
+    )
+    nominal = T0 + timedelta(minutes=1)
+    out = spec.publish_at(nominal)
+    assert nominal < out < nominal + timedelta(seconds=30)
+    planner = Planner()
+    planner.sync([spec], T0)
+    assert planner.next_wakeup() == out
+    assert planner.pop_due(out - timedelta(microseconds=1)) == []
+    assert [(f.scheduled_at, f.caught_up) for f in planner.pop_due(out)] == [(nominal, False)]
+    # Planned by name (from the store's next fire, the nominal instant): the offset is applied
+    # once the spec is read, and the fire waits for it.
+    named = Planner()
+    named.plan("spread", nominal, 4)
+    assert named.next_wakeup() == nominal
+    named.learn([spec], nominal, named.wanted_specs(nominal))
+    assert named.pop_due(nominal) == []
+    assert named.next_wakeup() == out
+    assert [f.scheduled_at for f in named.pop_due(out)] == [nominal]

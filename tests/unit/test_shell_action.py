@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import grp
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -10,7 +21,7 @@ import pytest
 from common.actions import ShellAction
 from common.messages import RunStatus
 from worker.actions import RunContext
-from worker.actions.shell import ShellExecutor
+from worker.actions.shell import Launcher, ShellExecutor, find_setpriv
 
 RUN = RunContext(
     run_id="run-1",
@@ -64,3 +75,112 @@ async def test_the_run_and_its_context_reach_the_job_as_variables_the_job_cannot
     assert variables["CRONFLEET_ATTEMPT"] == "2"
     assert orjson.loads(variables["CRONFLEET_CONTEXT"]) == {"days": 30, "tables": ["a", "b"], "note": "x y"}
     assert variables["JOB_VAR"] == "given"
+
+
+LAUNCHERS = pytest.mark.parametrize("launcher", ["setpriv", "fork"])
+
+
+@LAUNCHERS
+async def test_both_launchers_run_a_job_alike(launcher: Launcher, tmp_path: Path) -> None:
+    executor = ShellExecutor(launcher=launcher)
+    action = ShellAction(argv=["sh", "-c", 'echo "$0 $1 $(pwd)"; exit 3', "zero", "one"], cwd=str(tmp_path))
+    result = await executor.run(action, 10, RUN)
+    assert (result.status, result.exit_code) == (RunStatus.FAILED, 3)
+    assert result.output_tail == f"zero one {tmp_path}\n"  # the job's own argv, in its cwd
+    for missing in ("/no/such/program", "no-such-program-anywhere", "./here"):
+        result = await executor.run(ShellAction(argv=[missing]), 10, RUN)
+        assert result.status is RunStatus.FAILED and f"cannot start {missing!r}" in (result.error or "")
+    (tmp_path / "here").write_text("not a program")  # found, but cannot be executed
+    result = await executor.run(ShellAction(argv=["./here"], cwd=str(tmp_path)), 10, RUN)
+    assert result.status is RunStatus.FAILED and "cannot start './here'" in (result.error or ""), result
+
+
+@LAUNCHERS
+def test_a_job_dies_with_its_worker_even_when_the_worker_is_killed(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    # A stand-in worker: runs one long job, then is killed with SIGKILL (no clean-up of its own).
+    script = f"""
+import asyncio
+from tests.unit.test_shell_action import RUN
+from common.actions import ShellAction
+from worker.actions.shell import Launcher, ShellExecutor, find_setpriv
+action = ShellAction(argv=["sh", "-c", "echo $$ > {pid_file}; exec sleep 60"])
+asyncio.run(ShellExecutor(launcher={launcher!r}).run(action, 120, RUN))
+"""
+    worker = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        job = int(_eventually(lambda: pid_file.exists() and pid_file.read_text().strip()))
+        worker.kill()
+        worker.wait(10)
+        assert _eventually(lambda: _gone(job)), f"job {job} outlived its worker"
+    finally:
+        worker.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(job, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (gone, or a zombie nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _eventually(check: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+    return result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a job as another account needs root")
+@LAUNCHERS
+async def test_run_as_gives_the_job_exactly_the_accounts_user_group_and_groups(launcher: Launcher) -> None:
+    nobody = pwd.getpwnam("nobody")
+    daemon = grp.getgrnam("daemon").gr_gid
+    probe = ["sh", "-c", "id -u; id -g; id -G"]
+    for run_as, gid in (("nobody", nobody.pw_gid), ("nobody:daemon", daemon)):
+        action = ShellAction(argv=probe, run_as=run_as)
+        result = await ShellExecutor(launcher=launcher).run(action, 10, RUN)
+        uid_line, gid_line, groups_line = (result.output_tail or "").splitlines()
+        assert (int(uid_line), int(gid_line)) == (nobody.pw_uid, gid), run_as
+        assert {int(g) for g in groups_line.split()} == {*os.getgrouplist("nobody", gid)}, run_as
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or find_setpriv() is None, reason="needs root to become another account"
+)
+@LAUNCHERS
+def test_a_worker_that_is_not_root_runs_a_job_whose_run_as_names_itself(launcher: Launcher) -> None:
+    script = f"""
+import asyncio
+from tests.unit.test_shell_action import RUN
+from common.actions import ShellAction
+from worker.actions.shell import ShellExecutor
+action = ShellAction(argv=["id", "-un"], run_as="nobody")
+result = asyncio.run(ShellExecutor(launcher={launcher!r}).run(action, 10, RUN))
+print(result.status.value, result.output_tail.strip(), result.error)
+"""
+    root = Path(__file__).resolve().parents[2]
+    as_nobody = [
+        "setpriv",
+        "--reuid",
+        "nobody",
+        "--regid",
+        str(pwd.getpwnam("nobody").pw_gid),
+        "--clear-groups",
+    ]
+    done = subprocess.run(
+        [*as_nobody, "--", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.split() == ["succeeded", "nobody", "None"], done.stderr[-2000:]
