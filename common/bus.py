@@ -25,7 +25,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq.abc import ChannelFrame, DeliveredMessage
-from aiormq.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError
+from aiormq.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError, DeliveryError
 from pamqp import encode as pamqp_encode
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
@@ -42,9 +42,11 @@ from common.envelope import (
     one_line,
 )
 from common.errors import BrokerUnavailable, ConfigError
+from common.failover import FailoverConnection
 from common.messages import JOBS_CHANGED_ROUTING_KEY, JobHeartbeat, JobsChanged, WireMessage
 from common.retries import ATTEMPT_HEADER, DELAY_HEADER
 from common.roles import signing_role
+from common.settings import amqp_urls, split_urls
 from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
 from common.topology import Topology, event_routing_key
 
@@ -77,6 +79,18 @@ def link_loss_as_error() -> Iterator[None]:
         raise ConnectionError("the connection was lost before RabbitMQ answered") from exc
 
 
+# The connection (not the broker's will) failed: the same call may succeed once it is back.
+CONNECTION_LOST = (
+    OSError,
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+    asyncio.TimeoutError,
+)
+# How long a publish whose connection was lost waits for it to come back (on this node, or on
+# the next one of a cluster) before raising BrokerUnavailable.
+PUBLISH_RECONNECT_SECONDS = 15.0
+
+
 def broker_refusal(what: str, exc: BaseException) -> str:
     """One line: ``what``, then what the broker said (``ACCESS_REFUSED - access to exchange
     ...``, ``NOT_FOUND - no queue ...``), with a hint when a name does not exist yet."""
@@ -88,7 +102,12 @@ def broker_refusal(what: str, exc: BaseException) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``, safe for logs and error lines."""
+    """``url`` (one AMQP URL, or several separated by commas) with each password replaced by
+    ``***``, safe for logs and error lines."""
+    return ",".join(_redact_one(one) for one in split_urls(url))
+
+
+def _redact_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -97,22 +116,36 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}{port}"))
 
 
-async def connect(url: str, name: str, *, wait: bool) -> AbstractRobustConnection:
+async def connect(url: str, name: str, *, wait: bool) -> FailoverConnection:
     """A robust connection to ``url``, named ``name`` in the broker's connection list.
 
-    With ``wait``, an unreachable broker is retried with backoff (and logged) until it answers;
-    without, it raises BrokerUnavailable at once. Once connected, losses and recoveries are logged.
+    ``url`` may name several nodes of a cluster, separated by commas (``common.settings.amqp_urls``):
+    each connection attempt, and each reconnection after a loss, goes to the next node of the list
+    (``common.failover``). With ``wait``, brokers that do not answer are retried with backoff (and
+    logged) until one does; without, it raises BrokerUnavailable once every node has been tried.
+    Once connected, losses and recoveries are logged. Raises ConfigError for a malformed ``url``.
     """
+    urls = amqp_urls(url)
     delay = 0.5
+    attempt = 0
+    failures: list[str] = []
     while True:
         stop_if_cancelled()
+        connection = FailoverConnection(urls, first=attempt, client_properties={"connection_name": name})
+        node = redact(str(connection.upcoming()))
+        attempt += 1
         try:
-            connection = await aio_pika.connect_robust(
-                url, client_properties={"connection_name": name}, timeout=10
-            )
+            await connection.connect(timeout=10)
             break
         except CONNECT_ERRORS as exc:
-            reason = f"cannot reach RabbitMQ at {redact(url)}: {exc or type(exc).__name__}"
+            with contextlib.suppress(*CONNECT_ERRORS):
+                await connection.close()
+            failures.append(f"{node}: {exc or type(exc).__name__}")
+            if attempt % len(urls):
+                log.warning("cannot reach RabbitMQ at %s; trying the next node", failures[-1])
+                continue
+            reason = f"cannot reach RabbitMQ at {'; nor at '.join(failures)}"
+            failures.clear()
             if not wait:
                 raise BrokerUnavailable(reason) from exc
             log.warning("%s; retrying in %.1fs", reason, delay)
@@ -128,8 +161,8 @@ def _report_loss(_connection: object, exc: BaseException | None = None) -> None:
         log.warning("lost the connection to RabbitMQ (%s); reconnecting", exc)
 
 
-def _report_recovery(_connection: object) -> None:
-    log.warning("reconnected to RabbitMQ")
+def _report_recovery(connection: object) -> None:
+    log.warning("reconnected to RabbitMQ at %s", connection)
 
 
 def _message(body: bytes, headers: Mapping[str, Any], message_id: str | None) -> aio_pika.Message:
@@ -248,7 +281,9 @@ class Publisher:
                 channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
                 confirmations, tags = await _publish_together(channel, exchange, framed)
         except CONNECT_ERRORS as exc:
-            return [_not_published(role, "", exc)] * len(messages)
+            failed = _not_published(role, "", exc)
+            failed.__cause__ = exc
+            return [failed] * len(messages)
         confirmed_at = _ConfirmInstants(len(confirmations))
         for index, confirmation in enumerate(confirmations):
             confirmation.add_done_callback(partial(confirmed_at.note, index))
@@ -265,7 +300,9 @@ class Publisher:
             if failure is None:
                 results.append(confirmed_at.at[index])
             else:
-                results.append(_not_published(role, framed[index][1], failure))
+                refused = _not_published(role, framed[index][1], failure)
+                refused.__cause__ = failure
+                results.append(refused)
         return results
 
     async def retry(
@@ -299,9 +336,19 @@ class Publisher:
         job = event.job if isinstance(event, JobHeartbeat) else None
         signer = self._keyring.signer(signing_role(event), job)
         headers = signer.sign(self.namespace, routing_key, body)
-        result = await self._events.submit((body, routing_key, headers, uuid.uuid4().hex))
-        if isinstance(result, BaseException):
-            raise result
+        message = (body, routing_key, headers, uuid.uuid4().hex)
+        # As ``_publish``: an event whose connection was lost before its confirm goes again once
+        # the connection is back (the monitor records an event once, whatever its copies).
+        give_up = asyncio.get_running_loop().time() + PUBLISH_RECONNECT_SECONDS
+        while True:
+            result = await self._events.submit(message)
+            if not isinstance(result, BaseException):
+                return
+            lost = isinstance(result.__cause__, CONNECTION_LOST)
+            if not lost or asyncio.get_running_loop().time() >= give_up:
+                raise result
+            log.debug("publishing event %s again once reconnected (%s)", routing_key, result)
+            await asyncio.sleep(0.2)
 
     async def jobs_changed(self, by: str) -> None:
         """Tell the running schedulers that the jobs changed (``JobsChanged``), signed with a
@@ -350,13 +397,24 @@ class Publisher:
         routing_key: str,
         message_id: str | None,
     ) -> None:
-        try:
-            with link_loss_as_error():
-                await self._exchanges[role].publish(
-                    _message(body, headers, message_id), routing_key=routing_key, mandatory=True
-                )
-        except CONNECT_ERRORS as exc:
-            raise _not_published(role, routing_key, exc) from exc
+        # A publish whose connection is lost before its confirm may or may not have been routed:
+        # it is published again once the connection is back (on another node of a cluster), so
+        # that nothing the broker may hold (a run.started, say) is left without its sequel. Every
+        # consumer takes a message twice as once (events by id, triggers by their claim).
+        give_up = asyncio.get_running_loop().time() + PUBLISH_RECONNECT_SECONDS
+        while True:
+            try:
+                with link_loss_as_error():
+                    await self._exchanges[role].publish(
+                        _message(body, headers, message_id), routing_key=routing_key, mandatory=True
+                    )
+                return
+            except CONNECT_ERRORS as exc:
+                lost = isinstance(exc, CONNECTION_LOST)
+                if not lost or asyncio.get_running_loop().time() >= give_up:
+                    raise _not_published(role, routing_key, exc) from exc
+                log.debug("publishing to %s/%s again once reconnected (%s)", role, routing_key, exc)
+                await asyncio.sleep(0.2)
 
 
 # Confirms that arrive within this long of one another (the callbacks of one broker ack that

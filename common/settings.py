@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,30 @@ def normalise_database_url(url: str) -> str:
             return driver + url[len(plain) :]
     return url
 
+
+def amqp_urls(value: str) -> list[str]:
+    """The broker URLs of ``CRONFLEET_AMQP_URL``: one URL, or the nodes of a cluster separated by
+    commas (``amqp://u:p@node1/,amqp://u:p@node2/``). A comma splits only where an ``amqp://``
+    or ``amqps://`` URL follows it, so a password may hold one. Raises ConfigError for an empty
+    entry or one that is not an AMQP URL."""
+    urls = split_urls(value)
+    for url in urls:
+        if not _AMQP_URL.match(url) or url.endswith(","):
+            raise ConfigError(
+                f"CRONFLEET_AMQP_URL: {url.split('@')[-1]!r} is not an amqp:// or amqps:// URL "
+                "(the nodes of a cluster are separated by single commas)"
+            )
+    return urls
+
+
+def split_urls(value: str) -> list[str]:
+    """``value`` split where an ``amqp://`` or ``amqps://`` URL follows a comma, each stripped
+    (``amqp_urls`` without its checks)."""
+    return [url.strip() for url in _URL_SEPARATOR.split(value.strip())]
+
+
+_URL_SEPARATOR = re.compile(r",\s*(?=amqps?://)", re.IGNORECASE)
+_AMQP_URL = re.compile(r"amqps?://[^\s]", re.IGNORECASE)
 
 SETTINGS_PREFIX = "CRONFLEET_"
 # Settings that may hold a password, also read from a file named by ``CRONFLEET_<NAME>_FILE``
@@ -64,6 +89,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=SETTINGS_PREFIX, extra="ignore", frozen=True)
 
+    # One broker URL, or the nodes of a cluster separated by commas (``amqp_urls``): each
+    # (re)connection goes to the next node of the list.
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     database_url: str = "sqlite+aiosqlite:///cronfleet.db"
     database_schema: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
@@ -101,6 +128,15 @@ class Settings(BaseSettings):
     store_outage_alert_seconds: float = Field(default=30.0, gt=0, le=3600)
     # The programs a worker's shell actions may run (worker/allow.py); unset: none.
     allow_commands: str | None = None
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_urls(cls, value: str) -> str:
+        try:
+            amqp_urls(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
 
     @classmethod
     def settings_customise_sources(

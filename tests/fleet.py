@@ -7,16 +7,16 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
-
+from common.bus import connect
 from common.cli.main import main
 from common.services import ServiceOptions, load_service
 from common.settings import SETTINGS_PREFIX, Settings
@@ -63,8 +63,9 @@ class Fleet:
 
 
 async def declare_pool(settings: Settings, pool: str) -> None:
-    """Declare ``pool``'s queue (and the shared topology) as a scheduler does."""
-    connection = await aio_pika.connect(settings.amqp_url)
+    """Declare ``pool``'s queue (and the shared topology) as a scheduler does (on the first node
+    of ``amqp_url`` that answers)."""
+    connection = await connect(settings.amqp_url, "test-declare-pool", wait=False)
     async with connection:
         await Topology(settings.namespace).declare_pool(await connection.channel(), pool)
 
@@ -177,6 +178,24 @@ def scheduler_process(settings: Settings) -> subprocess.Popen[bytes]:
     """``cronfleet scheduler`` as a process of its own on the fleet's settings (a test may kill
     it); its output is dropped."""
     return _service_process(settings, ["scheduler"], None, None)
+
+
+def monitor_process(settings: Settings) -> subprocess.Popen[bytes]:
+    """``cronfleet monitor`` (no HTTP) as a process of its own on the fleet's settings (a test
+    may kill it); its output is dropped."""
+    return _service_process(settings, ["monitor"], None, None)
+
+
+async def stop_processes(processes: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process, then wait for each (30 s at most, then SIGKILL)."""
+    processes = list(processes)
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            await asyncio.to_thread(process.wait, 30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def worker_process(

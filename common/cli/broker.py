@@ -11,7 +11,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from common.broker_permissions import BrokerPermissions, Role, permissions
 from common.errors import BrokerUnavailable, ConfigError
-from common.settings import Settings
+from common.settings import Settings, split_urls
 
 # What rabbitmqctl takes as a user name without mistaking it for an option or splitting it.
 USER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
@@ -126,8 +126,9 @@ async def _run(argv: list[str], user: str, *, secret: str | None) -> None:
 
 
 def vhost_of(amqp_url: str) -> str:
-    """The virtual host an AMQP URL names: its path, unquoted; ``/`` when it has none."""
-    path = urlsplit(amqp_url).path
+    """The virtual host an AMQP URL names (the first of several): its path, unquoted; ``/`` when
+    it has none."""
+    path = urlsplit(split_urls(amqp_url)[0]).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
@@ -139,7 +140,12 @@ def default_user(namespace: str, role: Role, pools: list[str]) -> str:
 
 
 def role_url(amqp_url: str, user: str, password: str, vhost: str) -> str:
-    """``amqp_url`` (scheme, host, port, TLS options) for ``user`` in ``vhost``."""
+    """``amqp_url`` (scheme, host, port, TLS options; each node of several) for ``user`` in
+    ``vhost``."""
+    return ",".join(_node_url(url, user, password, vhost) for url in split_urls(amqp_url))
+
+
+def _node_url(amqp_url: str, user: str, password: str, vhost: str) -> str:
     parts = urlsplit(amqp_url)
     host = parts.hostname or "localhost"
     if ":" in host:

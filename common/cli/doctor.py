@@ -18,7 +18,7 @@ from common.bus import CONNECT_ERRORS, connect, redact
 from common.catalog import read_jobs
 from common.clock import utcnow
 from common.errors import BrokerUnavailable, ConfigError, CronfleetError
-from common.settings import Settings
+from common.settings import Settings, amqp_urls
 from common.signing import Keyring, Role
 from common.store import FireRow, Store
 from common.topology import Topology
@@ -94,18 +94,21 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
 
     async def broker_reachable() -> str:
         # A plain connection: a robust one cancelled mid-handshake keeps reconnecting behind us.
-        try:
-            connection = await aio_pika.connect(
-                settings.amqp_url, client_properties={"connection_name": "cronfleet-doctor"}, timeout=timeout
-            )
-        except TimeoutError:
-            raise
-        except CONNECT_ERRORS as exc:
-            raise BrokerUnavailable(
-                f"cannot reach RabbitMQ at {redact(settings.amqp_url)}: {exc or type(exc).__name__}"
-            ) from exc
-        await connection.close()
-        return f"RabbitMQ at {redact(settings.amqp_url)} accepts a connection"
+        # A cluster's nodes (several URLs) are tried in turn: one that answers is enough.
+        failures = []
+        for url in amqp_urls(settings.amqp_url):
+            try:
+                connection = await aio_pika.connect(
+                    url, client_properties={"connection_name": "cronfleet-doctor"}, timeout=timeout
+                )
+            except TimeoutError:
+                raise
+            except CONNECT_ERRORS as exc:
+                failures.append(f"{redact(url)}: {exc or type(exc).__name__}")
+                continue
+            await connection.close()
+            return f"RabbitMQ at {redact(url)} accepts a connection"
+        raise BrokerUnavailable(f"cannot reach RabbitMQ at {'; nor at '.join(failures)}")
 
     async def store() -> str:
         opened = await Store.open(settings.database_url, settings.database_schema)

@@ -88,6 +88,22 @@ class PrivateBroker:
         raise TimeoutError(f"private RabbitMQ node {self.name} did not start within {timeout}s")
 
 
+def node_environment(base: Path, name: str, port: int) -> dict[str, str]:
+    """The environment of RabbitMQ node ``name`` listening on ``port``, its files under ``base``
+    (``enabled_plugins`` and ``rabbitmq.conf`` there are the caller's to write)."""
+    return {
+        **os.environ,
+        "RABBITMQ_NODENAME": name,
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(_free_port()),
+        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(base / "log"),
+        "RABBITMQ_PID_FILE": str(base / "pid"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+    }
+
+
 @pytest.fixture(scope="module")
 def private_broker(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -103,17 +119,7 @@ def private_broker(
     (base / "rabbitmq.conf").write_text(
         "loopback_users = none\n" + getattr(request.module, "RABBITMQ_CONF", "")
     )
-    environment = {
-        **os.environ,
-        "RABBITMQ_NODENAME": name,
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(_free_port()),
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_PID_FILE": str(base / "pid"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-        "RABBITMQ_CONFIG_FILE": str(Path(base / "rabbitmq")),
-    }
+    environment = node_environment(base, name, port)
     advanced = getattr(request.module, "RABBITMQ_ADVANCED", None)
     if advanced is not None:
         (base / "advanced.config").write_text(advanced)

@@ -15,18 +15,16 @@ import random
 import signal
 import subprocess
 import time
-from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from common.messages import trigger_id
 from common.services import local_prefix
 from common.settings import Settings
-from common.store import FireRow, RunRow, Store
+from common.store import FireRow, Store
 from tests.conftest import Counts, Start
-from tests.fleet import declare_pool, eventually, scheduler_process
-from tests.integration.helpers import apply_toml
+from tests.fleet import declare_pool, eventually, scheduler_process, stop_processes
+from tests.integration.helpers import FireTally, apply_toml, due_fires, every_second_jobs, trigger_runs
 from worker.actions import RunContext
 from worker.functions import job_function
 
@@ -65,15 +63,7 @@ def _name_of(process: subprocess.Popen[bytes]) -> str:
 async def test_three_schedulers_killed_at_random_lose_and_repeat_nothing_unflagged(
     settings: Settings, store: Store, fleet: Start, counts: Counts
 ) -> None:
-    jobs = "\n".join(
-        f"""
-        [jobs.every-second-{i:02d}]
-        schedule = "* * * * * *"
-        expires_after_seconds = 60
-        action = {{ type = "python", function = "tests.chaos.test_scheduler_failover:tick" }}
-        """
-        for i in range(JOBS)
-    )
+    jobs = every_second_jobs("every-second", JOBS, "tests.chaos.test_scheduler_failover:tick", 60)
     await apply_toml(store, jobs)
     await declare_pool(settings, "default")
     await fleet("monitor", "worker", concurrency=32)
@@ -94,48 +84,31 @@ async def test_three_schedulers_killed_at_random_lose_and_repeat_nothing_unflagg
         ended = datetime.now(UTC)
         # Every fire due in the window has had time to be taken over, published and run.
         deadline = time.monotonic() + 30
-        due = [
-            (trigger_id(f"every-second-{i:02d}", at), at)
-            for second in range(int(began.timestamp()) + 1, int(ended.timestamp()) + 1)
-            for at in [datetime.fromtimestamp(second, UTC)]
-            for i in range(JOBS)
-        ]
+        due = due_fires("every-second", JOBS, began, ended)
         while True:
-            runs = await _runs(store, [fire_id for fire_id, _at in due])
+            runs = await trigger_runs(store, [fire_id for fire_id, _at in due])
             executed = {t for t, status, _started in runs if status != "duplicate"}
             if all(fire_id in executed for fire_id, _at in due) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
     finally:
-        for process in processes.values():
-            process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                await asyncio.to_thread(process.wait, 30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        await stop_processes(processes.values())
 
-    ran = Counter(t for t, status, _started in runs if status != "duplicate")
-    flagged = Counter(t for t, status, _started in runs if status == "duplicate")
-    missing = [fire_id for fire_id, _at in due if ran[fire_id] == 0]
-    unflagged = [fire_id for fire_id, n in ran.items() if n > 1]
-    started: dict[str, datetime] = {}
-    for fire_id, status, at in runs:
-        if status != "duplicate" and (fire_id not in started or at < started[fire_id]):
-            started[fire_id] = at
+    tally = FireTally.of(due, runs)
     late = [
         fire_id
         for fire_id, at in due
-        if fire_id in started and started[fire_id] - at > timedelta(seconds=LATE_SECONDS)
+        if fire_id in tally.started and tally.started[fire_id] - at > timedelta(seconds=LATE_SECONDS)
     ]
     counts(
         f"scheduler failover: {len(killed)} SIGKILLs of the latest claimer, {len(due)} fires due "
-        f"({JOBS} jobs every second); missing {len(missing)}, late (> {LATE_SECONDS:g} s) {len(late)}, "
-        f"run twice unflagged {len(unflagged)}; repeats flagged as duplicate {sum(flagged.values())}"
+        f"({JOBS} jobs every second); missing {len(tally.missing)}, late (> {LATE_SECONDS:g} s) "
+        f"{len(late)}, run twice unflagged {len(tally.unflagged)}; repeats flagged as duplicate "
+        f"{sum(tally.flagged.values())}"
     )
     assert len(killed) == KILLS
-    assert missing == [], f"fires never run: {missing[:5]}"
-    assert unflagged == [], f"fires run twice without a duplicate flag: {unflagged[:5]}"
+    assert tally.missing == [], f"fires never run: {tally.missing[:5]}"
+    assert tally.unflagged == [], f"fires run twice without a duplicate flag: {tally.unflagged[:5]}"
     assert late == [], f"fires published more than {LATE_SECONDS:g} s late: {late[:5]}"
 
 
@@ -144,16 +117,3 @@ async def _published(store: Store) -> bool:
         return (
             await session.scalar(select(FireRow.trigger_id).where(FireRow.published_at.is_not(None)).limit(1))
         ) is not None
-
-
-async def _runs(store: Store, trigger_ids: list[str]) -> list[tuple[str, str, datetime]]:
-    """The runs of these triggers: (trigger id, status, started_at)."""
-    runs: list[tuple[str, str, datetime]] = []
-    async with store.session() as session:
-        for first in range(0, len(trigger_ids), 500):
-            some = trigger_ids[first : first + 500]
-            rows = await session.execute(
-                select(RunRow.trigger_id, RunRow.status, RunRow.started_at).where(RunRow.trigger_id.in_(some))
-            )
-            runs.extend((str(t), str(status), at) for t, status, at in rows)
-    return runs

@@ -31,6 +31,12 @@ async def async_job(run: RunContext) -> list[str]:
 
 
 @job_function
+async def a_second_and_a_half(run: RunContext) -> None:
+    """Async, on the worker's loop, for 1.5 s: a job firing every second is always running."""
+    await asyncio.sleep(1.5)
+
+
+@job_function
 def explode(run: RunContext) -> None:
     """Fails the run with its traceback."""
     raise RuntimeError(f"cannot do {run.job}")

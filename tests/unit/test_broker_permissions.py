@@ -306,6 +306,7 @@ def test_the_vhost_comes_from_the_amqp_url() -> None:
     assert vhost_of("amqp://u:p@h/%2F") == "/"
     assert vhost_of("amqps://u:p@h:5671/prod?cafile=/ca.pem") == "prod"
     assert vhost_of("amqp://h/my%20vhost") == "my vhost"
+    assert vhost_of("amqp://u:p@node1/prod,amqp://u:p@node2/prod") == "prod"
 
 
 def test_a_role_url_keeps_host_port_and_tls_options() -> None:
@@ -313,6 +314,9 @@ def test_a_role_url_keeps_host_port_and_tls_options() -> None:
     assert url == "amqps://cf-ping:s3@rabbit.example:5671/prod?cafile=/etc/ca.pem"
     assert role_url("amqp://h", "u", "p", "/") == "amqp://u:p@h/"
     assert role_url("amqp://h/", "u", "p@:/", "a b") == "amqp://u:p%40%3A%2F@h/a%20b"
+    assert role_url("amqp://g:g@node1/,amqp://g:g@node2:5673/", "u", "p", "v") == (
+        "amqp://u:p@node1/v,amqp://u:p@node2:5673/v"
+    )
 
 
 def test_default_user_names() -> None:
