@@ -15,7 +15,7 @@ It measures, against the RabbitMQ at ``--amqp-url`` and a throwaway SQLite store
 2. **Fire lag.** The real scheduler (``scheduler.service.serve``) plans ``--fire-jobs`` jobs, all
    on ``* * * * * *``, for ``--seconds`` seconds, with the worker and monitor consuming. The lag
    is ``fires.published_at - fires.scheduled_at`` from the fires table; beside it, the confirmed
-   lag (when the broker confirmed the trigger, from a wrapper around ``Publisher.trigger_body``),
+   lag (when the broker confirmed the trigger, from wrappers around ``Publisher.trigger_body(ies)``),
    the dispatch lag ``runs.started_at - runs.scheduled_at``, and how many triggers were published
    and run more than once.
 3. **The ceiling.** A bare aio-pika loop with the same message size and headers: publish with
@@ -344,27 +344,40 @@ async def trigger_throughput(
 class ConfirmLog:
     """Instrumentation only: when each trigger's publish returned, i.e. the broker confirmed it.
 
-    ``Publisher.trigger_body`` returns once the confirm is in, so wrapping it gives the instant
-    the fire really left the scheduler (``fires.published_at`` is set before the claim).
+    ``Publisher.trigger_body`` returns once the confirm is in, and ``Publisher.trigger_bodies``
+    (the scheduler's path) returns each trigger's own confirm instant: wrapping both gives the
+    instant each fire really left the scheduler.
     """
 
     def __init__(self) -> None:
         self.times: dict[str, list[datetime]] = defaultdict(list)
-        self._original: Any = None
+        self._originals: tuple[Any, Any] | None = None
 
     def __enter__(self) -> ConfirmLog:
-        original = self._original = Publisher.trigger_body
+        one, many = Publisher.trigger_body, Publisher.trigger_bodies
+        self._originals = (one, many)
         times = self.times
 
         async def trigger_body(publisher: Publisher, body: bytes, pool: str, message_id: str) -> None:
-            await original(publisher, body, pool, message_id)
+            await one(publisher, body, pool, message_id)
             times[message_id].append(utcnow())
 
-        Publisher.trigger_body = trigger_body  # type: ignore[method-assign]
+        async def trigger_bodies(
+            publisher: Publisher, triggers: Sequence[tuple[bytes, str, str]]
+        ) -> list[datetime | BaseException]:
+            results = await many(publisher, triggers)
+            for (_body, _pool, message_id), result in zip(triggers, results, strict=True):
+                if isinstance(result, datetime):
+                    times[message_id].append(result)
+            return results
+
+        Publisher.trigger_body = trigger_body  # type: ignore[method-assign,assignment]
+        Publisher.trigger_bodies = trigger_bodies  # type: ignore[method-assign,assignment]
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        Publisher.trigger_body = self._original  # type: ignore[method-assign]
+        assert self._originals is not None
+        Publisher.trigger_body, Publisher.trigger_bodies = self._originals  # type: ignore[method-assign]
 
 
 @dataclass
