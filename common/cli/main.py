@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from common.cli import admin, alerts, api_keys, broker, database, doctor, fleet, flips, ping_keys
 from common.errors import CronfleetError, JobFileError
@@ -265,6 +266,12 @@ def _one_line(exc: BaseException) -> str:
         return str(found)
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
+    if isinstance(exc, OperationalError | InterfaceError):
+        # The database refused or was not there (down, locked by another writer for longer than
+        # the busy timeout): not a bug of this command, and the driver's first line says why.
+        said = str(exc.orig if exc.orig is not None else exc).strip()
+        reason = said.splitlines()[0] if said else type(exc).__name__
+        return f"the store is unavailable: {reason} (try the command again once it answers)"
     return f"unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
 
 
