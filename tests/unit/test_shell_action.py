@@ -174,6 +174,19 @@ print(result.status.value, result.output_tail.strip(), result.error)
         str(pwd.getpwnam("nobody").pw_gid),
         "--clear-groups",
     ]
+    # "nobody" must reach this checkout and its virtualenv: a clone under a private directory
+    # (a fresh CI clone in mktemp's 0700 directory) cannot be run by another account at all.
+    reach = subprocess.run(
+        [*as_nobody, "--", sys.executable, "-c", "import tests.unit.test_shell_action, worker.actions.shell"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=60,
+        check=False,
+    )
+    if reach.returncode != 0:
+        pytest.skip(f"nobody cannot run this checkout's Python: {reach.stderr.strip().splitlines()[-1:]}")
     done = subprocess.run(
         [*as_nobody, "--", sys.executable, "-c", script],
         capture_output=True,
