@@ -30,7 +30,9 @@ async def _signal_a_worker_mid_run(
     await fleet("monitor")
     worker = worker_process(settings)
     try:
-        assert cronfleet(settings, "trigger", job).returncode == 0
+        # Off the event loop: the monitor runs in it, and a write transaction it has open when the
+        # loop blocks would hold SQLite's lock until the command gave up (database is locked).
+        assert (await asyncio.to_thread(cronfleet, settings, "trigger", job)).returncode == 0
         await eventually(lambda: runs_of(store, job, status="running"), timeout=30)
         worker.send_signal(sig)
         return await asyncio.to_thread(worker.wait, 30)
