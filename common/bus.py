@@ -337,18 +337,14 @@ class Publisher:
         signer = self._keyring.signer(signing_role(event), job)
         headers = signer.sign(self.namespace, routing_key, body)
         message = (body, routing_key, headers, uuid.uuid4().hex)
-        # As ``_publish``: an event whose connection was lost before its confirm goes again once
-        # the connection is back (the monitor records an event once, whatever its copies).
-        give_up = asyncio.get_running_loop().time() + PUBLISH_RECONNECT_SECONDS
-        while True:
+
+        async def once() -> None:
             result = await self._events.submit(message)
-            if not isinstance(result, BaseException):
-                return
-            lost = isinstance(result.__cause__, CONNECTION_LOST)
-            if not lost or asyncio.get_running_loop().time() >= give_up:
+            if isinstance(result, BaseException):
                 raise result
-            log.debug("publishing event %s again once reconnected (%s)", routing_key, result)
-            await asyncio.sleep(0.2)
+
+        # The monitor records an event once, whatever its copies.
+        await _until_reconnected(once, f"event {routing_key}")
 
     async def jobs_changed(self, by: str) -> None:
         """Tell the running schedulers that the jobs changed (``JobsChanged``), signed with a
@@ -397,24 +393,39 @@ class Publisher:
         routing_key: str,
         message_id: str | None,
     ) -> None:
-        # A publish whose connection is lost before its confirm may or may not have been routed:
-        # it is published again once the connection is back (on another node of a cluster), so
-        # that nothing the broker may hold (a run.started, say) is left without its sequel. Every
-        # consumer takes a message twice as once (events by id, triggers by their claim).
-        give_up = asyncio.get_running_loop().time() + PUBLISH_RECONNECT_SECONDS
-        while True:
+        exchange = self._exchanges[role]
+
+        async def once() -> None:
             try:
                 with link_loss_as_error():
-                    await self._exchanges[role].publish(
+                    await exchange.publish(
                         _message(body, headers, message_id), routing_key=routing_key, mandatory=True
                     )
-                return
             except CONNECT_ERRORS as exc:
-                lost = isinstance(exc, CONNECTION_LOST)
-                if not lost or asyncio.get_running_loop().time() >= give_up:
-                    raise _not_published(role, routing_key, exc) from exc
-                log.debug("publishing to %s/%s again once reconnected (%s)", role, routing_key, exc)
-                await asyncio.sleep(0.2)
+                raise _not_published(role, routing_key, exc) from exc
+
+        await _until_reconnected(once, f"to {role}/{routing_key or '-'}")
+
+
+async def _until_reconnected(send: Callable[[], Awaitable[None]], what: str) -> None:
+    """``send()``, again each time it fails because the connection was lost (a BrokerUnavailable
+    caused by one of CONNECTION_LOST), for up to PUBLISH_RECONNECT_SECONDS; then its error.
+
+    A publish whose connection is lost before its confirm may or may not have been routed: it
+    is published again once the connection is back (on another node of a cluster), so that
+    nothing the broker may hold (a run.started, say) is left without its sequel. Every consumer
+    takes a message twice as once (events by id, triggers by their claim)."""
+    give_up = asyncio.get_running_loop().time() + PUBLISH_RECONNECT_SECONDS
+    while True:
+        try:
+            await send()
+            return
+        except BrokerUnavailable as exc:
+            lost = isinstance(exc.__cause__, CONNECTION_LOST)
+            if not lost or asyncio.get_running_loop().time() >= give_up:
+                raise
+            log.debug("publishing %s again once reconnected (%s)", what, exc)
+            await asyncio.sleep(0.2)
 
 
 # Confirms that arrive within this long of one another (the callbacks of one broker ack that

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
@@ -79,7 +80,7 @@ class StoreWatch:
             async with asyncio.timeout(max(self.every, 1.0)):
                 async with self.store.engine.connect() as connection:
                     await connection.execute(text("SELECT 1"))
-        except (*STORE_OUTAGES, TimeoutError) as exc:
+        except (*STORE_OUTAGES, TimeoutError, SQLAlchemyError) as exc:  # whatever keeps it from answering
             stop_if_cancelled()
             self.unreachable(exc)
             return False

@@ -217,14 +217,10 @@ class Scheduler:
         await self._record_misfires(self.planner.take_misfires(), now)
         # When each is meant to go out (jitter, catch-up): its claim counts from then, and its
         # fire lag; a fire retried after the store failed counts from its instant.
-        due_at = {
-            trigger_id(f.job.name, f.scheduled_at): now if f.caught_up else f.job.publish_at(f.scheduled_at)
-            for f in due
-        }
-        triggers = [
-            *self._unclaimed,
-            *(self._trigger(f, max(now, due_at[trigger_id(f.job.name, f.scheduled_at)])) for f in due),
-        ]
+        goes_at = [now if f.caught_up else f.job.publish_at(f.scheduled_at) for f in due]
+        fresh = [self._trigger(f, max(now, at)) for f, at in zip(due, goes_at, strict=True)]
+        due_at = {trigger.id: at for trigger, at in zip(fresh, goes_at, strict=True)}
+        triggers = [*self._unclaimed, *fresh]
         self._unclaimed = []
         if not triggers:
             return 0
@@ -247,11 +243,7 @@ class Scheduler:
             self._ready_ids.add(fire.trigger_id)
         await self._record_next_fires(due, {fire.trigger_id for fire in won})
         log.debug(
-            "prepared fires due by %s: %d claimed here of %d (%s)",
-            until.isoformat(),
-            len(won),
-            len(triggers),
-            ", ".join(sorted({t.id.rpartition("@")[2] for t in triggers})),
+            "prepared fires due by %s: %d claimed here of %d", until.isoformat(), len(won), len(triggers)
         )
         return len(won)
 
