@@ -93,7 +93,8 @@ def cronfleet(
     ``main`` sees the fleet's CRONFLEET_* variables with ``env`` over them and no other
     CRONFLEET_* variable, and what it prints is captured. The test blocks meanwhile, as it did
     waiting for a child; raises subprocess.TimeoutExpired when the command has not ended within
-    COMMAND_TIMEOUT seconds."""
+    COMMAND_TIMEOUT seconds. An async test whose loop runs services calls ``run_cronfleet``
+    instead."""
     variables = {
         "CRONFLEET_AMQP_URL": settings.amqp_url,
         "CRONFLEET_DATABASE_URL": settings.database_url,
@@ -115,8 +116,8 @@ def cronfleet(
     with (
         _cronfleet_environment({**variables, **env}),
         contextlib.chdir(cwd or os.getcwd()),
-        contextlib.redirect_stdout(stdout),
-        contextlib.redirect_stderr(stderr),
+        contextlib.redirect_stdout(_ThreadStream(sys.stdout, stdout, command)),
+        contextlib.redirect_stderr(_ThreadStream(sys.stderr, stderr, command)),
         _logging_as_in_a_new_process(),
     ):
         command.start()
@@ -124,6 +125,40 @@ def cronfleet(
     if not ended:
         raise subprocess.TimeoutExpired(argv, COMMAND_TIMEOUT, stdout.getvalue(), stderr.getvalue())
     return subprocess.CompletedProcess(argv, ended[0], stdout.getvalue(), stderr.getvalue())
+
+
+async def run_cronfleet(
+    settings: Settings, *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``cronfleet(settings, *args)`` while this event loop goes on: the services a test runs in
+    it keep working. Blocked, a service caught inside a SQLite write transaction would hold the
+    lock the command waits for, and the command would fail after the busy timeout with
+    "database is locked"."""
+    return await asyncio.to_thread(cronfleet, settings, *args, cwd=cwd, **env)
+
+
+class _ThreadStream(io.TextIOBase):
+    """sys.stdout or sys.stderr while a command runs: what the command's thread writes is
+    captured, what any other thread writes (the services of the test's loop) goes where it went
+    before, so a service's log line never shows up in the command's output."""
+
+    def __init__(self, before: Any, captured: io.StringIO, command: threading.Thread) -> None:
+        self._before, self._captured, self._command = before, captured, command
+
+    def write(self, text: str) -> int:
+        """Write ``text`` to the capture when the command's thread writes it, else as before."""
+        if threading.current_thread() is self._command:
+            return self._captured.write(text)
+        return int(self._before.write(text) or 0)
+
+    def flush(self) -> None:
+        """Flush the stream written to last by the calling thread."""
+        if threading.current_thread() is not self._command:
+            self._before.flush()
+
+    def isatty(self) -> bool:
+        """Never a terminal: the command's output is captured."""
+        return False
 
 
 def _exit_status(args: tuple[str, ...]) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from common.settings import Settings
 from common.store import Store
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually, worker_process
+from tests.fleet import eventually, run_cronfleet, worker_process
 from tests.integration.helpers import apply_toml, runs_of
 
 
@@ -32,7 +32,7 @@ async def _signal_a_worker_mid_run(
     try:
         # Off the event loop: the monitor runs in it, and a write transaction it has open when the
         # loop blocks would hold SQLite's lock until the command gave up (database is locked).
-        assert (await asyncio.to_thread(cronfleet, settings, "trigger", job)).returncode == 0
+        assert (await run_cronfleet(settings, "trigger", job)).returncode == 0
         await eventually(lambda: runs_of(store, job, status="running"), timeout=30)
         worker.send_signal(sig)
         return await asyncio.to_thread(worker.wait, 30)

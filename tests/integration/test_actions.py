@@ -3,6 +3,7 @@ action: through the real fleet (scheduler, worker, monitor) on the real broker a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -233,5 +234,7 @@ async def test_an_application_runs_its_own_worker_with_its_functions(
         [run, *_] = await eventually(lambda: runs_of(store, "app-report", status="succeeded"), timeout=30)
     finally:
         worker.terminate()
-        worker.wait(30)
+        # Off the loop: the in-process services must go on, or one caught inside a SQLite write
+        # would hold the lock the stopping worker needs to end its runs.
+        await asyncio.to_thread(worker.wait, 30)
     assert orjson.loads(run.result or "null") == {"job": "app-report", "owner": "billing"}

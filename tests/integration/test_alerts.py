@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from common.settings import Settings
 from common.store import AlertAttemptRow, FlipRow, JobHealthRow, Store
-from tests.fleet import Fleet, cronfleet, eventually
+from tests.fleet import Fleet, eventually, run_cronfleet
 from tests.integration import test_alert_channels as receivers
 from tests.integration.helpers import apply_toml, runs_of
 from tests.integration.test_alert_channels import (
@@ -62,9 +62,9 @@ def with_channels(settings: Settings, tmp_path: Path, text: str) -> Settings:
     return settings.model_copy(update={"channels_file": path})
 
 
-def run(settings: Settings, *args: str) -> Any:
-    """``cronfleet ARGS`` with the settings' channels file."""
-    return cronfleet(settings, *args, CRONFLEET_CHANNELS_FILE=str(settings.channels_file))
+async def run(settings: Settings, *args: str) -> Any:
+    """``cronfleet ARGS`` with the settings' channels file, while the test's loop goes on."""
+    return await run_cronfleet(settings, *args, CRONFLEET_CHANNELS_FILE=str(settings.channels_file))
 
 
 def bodies(receiver: Receiver, path: str) -> list[dict[str, Any]]:
@@ -136,7 +136,7 @@ async def test_a_missed_run_and_its_recovery_reach_every_channel_and_nothing_wai
         assert message["X-Cronfleet-Flip"] == alarm["data"]["id"]
 
         # A successful run: the recovery follows, on the same channels.
-        assert run(alerting, "ping", "nightly").returncode == 0
+        assert (await run(alerting, "ping", "nightly")).returncode == 0
         recovery = await eventually(
             lambda: _value([b for b in bodies(receiver, "/hook") if b["kind"] == "recovery"])
         )
@@ -173,7 +173,7 @@ async def test_a_missed_run_and_its_recovery_reach_every_channel_and_nothing_wai
 
     # Every attempt is listed by `cronfleet alerts --json`, newest first.
     stored = await attempts_of(store)
-    listed = run(alerting, "alerts", "--json", "--limit", "10000")
+    listed = await run(alerting, "alerts", "--json", "--limit", "10000")
     assert listed.returncode == 0, listed.stderr
     rows = orjson.loads(listed.stdout)
     assert len(rows) == len(stored)
@@ -182,9 +182,9 @@ async def test_a_missed_run_and_its_recovery_reach_every_channel_and_nothing_wai
     )
     assert [r["at"] for r in rows] == sorted((r["at"] for r in rows), reverse=True)
     assert {"hook", "broken", "stalled", "mail"} <= {r["channel"] for r in rows}
-    one_job = orjson.loads(run(alerting, "alerts", "nightly", "--json", "--limit", "2").stdout)
+    one_job = orjson.loads((await run(alerting, "alerts", "nightly", "--json", "--limit", "2")).stdout)
     assert len(one_job) == 2 and all(r["job"] == "nightly" for r in one_job)
-    table = run(alerting, "alerts", "--limit", "3")
+    table = await run(alerting, "alerts", "--limit", "3")
     assert table.returncode == 0 and table.stdout.startswith("AT ")
     assert SECRET not in listed.stdout + table.stdout
 
@@ -236,7 +236,7 @@ async def test_alerts_test_sends_one_test_alert_and_refuses_an_unknown_channel_i
     settings: Settings, store: Store, receiver: Receiver, tmp_path: Path
 ) -> None:
     alerting = with_channels(settings, tmp_path, webhook("hook", receiver, "/hook"))
-    sent = run(alerting, "alerts", "test", "hook")
+    sent = await run(alerting, "alerts", "test", "hook")
     assert sent.returncode == 0, sent.stderr
     assert sent.stdout.strip() == "test alert delivered to channel 'hook'"
     [request] = receiver.seen("/hook")
@@ -252,15 +252,15 @@ async def test_alerts_test_sends_one_test_alert_and_refuses_an_unknown_channel_i
         None,
     )
     assert stored.alert_id == body["data"]["id"]
-    listed = orjson.loads(run(alerting, "alerts", "--json").stdout)
+    listed = orjson.loads((await run(alerting, "alerts", "--json")).stdout)
     assert [(r["kind"], r["channel"], r["delivered"]) for r in listed] == [("test", "hook", True)]
 
-    unknown = run(alerting, "alerts", "test", "nope")
+    unknown = await run(alerting, "alerts", "test", "nope")
     assert unknown.returncode == 1
     assert unknown.stderr == "cronfleet: no channel called 'nope' (channels: hook, log)\n"
 
     receiver.plan["/hook"] = [404]
-    failed = run(alerting, "alerts", "test", "hook")
+    failed = await run(alerting, "alerts", "test", "hook")
     assert failed.returncode == 1
     assert failed.stderr.startswith("cronfleet: test alert to channel 'hook' failed: ")
     assert len(failed.stderr.splitlines()) == 1
@@ -269,7 +269,7 @@ async def test_alerts_test_sends_one_test_alert_and_refuses_an_unknown_channel_i
         settings, tmp_path, f'[channels.hook]\ntype = "webhook"\nurl = "ftp://x"\nsecret = "{SECRET}"\n'
     )
     for args in (("alerts", "test", "hook"), ("monitor",)):
-        refused = run(bad, *args)
+        refused = await run(bad, *args)
         assert refused.returncode == 1
         assert refused.stderr.endswith(
             "channels.toml:3: channel 'hook', field url: an http:// or https:// URL with a host\n"
@@ -287,9 +287,9 @@ async def test_a_failure_threshold_makes_a_job_failing_after_that_many_failures(
     monitor = Fleet(alerting)
     try:
         await monitor.start("monitor")
-        assert run(alerting, "ping", "flaky", "--fail").returncode == 0
+        assert (await run(alerting, "ping", "flaky", "--fail")).returncode == 0
         await eventually(lambda: runs_of(store, "flaky"))
-        assert run(alerting, "ping", "flaky", "--fail").returncode == 0
+        assert (await run(alerting, "ping", "flaky", "--fail")).returncode == 0
         failing = await eventually(
             lambda: _value([b for b in bodies(receiver, "/hook") if b["kind"] == "alarm"])
         )
@@ -348,5 +348,5 @@ async def test_a_fleet_alarm_and_its_recovery_are_alerted_like_a_jobs(
         assert (sent[1]["job"], sent[1]["to_state"], sent[1]["kind"]) == ("@scheduler", "up", "recovery")
     finally:
         await fleet.stop()
-    listed = orjson.loads(run(alerting, "alerts", "@scheduler", "--json").stdout)
+    listed = orjson.loads((await run(alerting, "alerts", "@scheduler", "--json")).stdout)
     assert [row["delivered"] for row in listed] == [True, True]

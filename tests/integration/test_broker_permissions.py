@@ -44,7 +44,7 @@ from common.settings import Settings
 from common.store import Store
 from common.topology import Topology
 from tests.conftest import AMQP_URL, TEST_KEYS, keyring
-from tests.fleet import Fleet, cronfleet, eventually
+from tests.fleet import Fleet, cronfleet, eventually, run_cronfleet
 
 pytestmark = pytest.mark.skipif(
     shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl on the shared broker's host"
@@ -249,7 +249,7 @@ async def test_a_ping_user_publishes_job_heartbeats_and_nothing_else(vhost: Priv
     ping = vhost.add_user("ping")
     configure, _write, read = granted(vhost, vhost.users[-1])
     assert (configure, read) == ("^$", "^$")  # it can neither declare, delete nor read anything
-    sent = cronfleet(ping, "ping", "backup")
+    sent = await run_cronfleet(ping, "ping", "backup")
     assert sent.returncode == 0, sent.stderr
     topology = vhost.topology
     await refused(ping, delete_queue(topology.monitor_queue))
@@ -273,8 +273,8 @@ async def test_a_ping_user_publishes_job_heartbeats_and_nothing_else(vhost: Priv
 async def test_a_ping_user_narrowed_to_jobs_cannot_ping_another(vhost: PrivateVhost) -> None:
     await declare_everything(vhost)
     ping = vhost.add_user("ping", "--job", "backup")
-    assert cronfleet(ping, "ping", "backup").returncode == 0
-    other = cronfleet(ping, "ping", "report")
+    assert (await run_cronfleet(ping, "ping", "backup")).returncode == 0
+    other = await run_cronfleet(ping, "ping", "report")
     assert other.returncode == 1
     assert "ACCESS_REFUSED" in other.stderr and "job.heartbeat.report" in other.stderr, other.stderr
     assert len(other.stderr.strip().splitlines()) == 1, other.stderr
@@ -378,12 +378,12 @@ async def test_an_admin_may_trigger_and_ping(vhost: PrivateVhost) -> None:
 
 async def test_apply_fails_in_one_line_without_rabbitmqctl_or_without_the_user(vhost: PrivateVhost) -> None:
     command = ["broker", "permissions", "--role", "ping", "--apply"]
-    missing = cronfleet(vhost.settings, *command, "--rabbitmqctl", "/nonexistent/rabbitmqctl")
+    missing = await run_cronfleet(vhost.settings, *command, "--rabbitmqctl", "/nonexistent/rabbitmqctl")
     assert missing.returncode == 1
     assert missing.stderr.startswith("cronfleet: cannot run '/nonexistent/rabbitmqctl'"), missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
     nobody = f"test-perm-nobody-{uuid.uuid4().hex[:8]}"
-    absent = cronfleet(vhost.settings, *command, "--user", nobody)
+    absent = await run_cronfleet(vhost.settings, *command, "--user", nobody)
     assert absent.returncode == 1
     assert f"rabbitmqctl set_permissions for user {nobody!r} failed" in absent.stderr, absent.stderr
     assert "does not exist" in absent.stderr

@@ -15,7 +15,7 @@ from common.settings import Settings
 from common.signing import Keyring, Role, SignatureCheck
 from common.store import Store
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually
+from tests.fleet import cronfleet, eventually, run_cronfleet
 from tests.integration.helpers import runs_of
 
 JOBS = """
@@ -126,20 +126,20 @@ async def test_trigger_runs_a_job_now_and_runs_and_status_show_it(
     jobs.write_text(
         '[jobs.manual]\nschedule = "0 0 1 1 *"\naction = { type = "shell", argv = ["sh", "-c", "exit 7"] }\n'
     )
-    assert cronfleet(settings, "apply", str(jobs)).returncode == 0
+    assert (await run_cronfleet(settings, "apply", str(jobs))).returncode == 0
     await fleet("monitor", "worker")
-    triggered = cronfleet(settings, "trigger", "manual")
+    triggered = await run_cronfleet(settings, "trigger", "manual")
     assert triggered.returncode == 0, triggered.stderr
     assert triggered.stdout.startswith("triggered manual@")
     await eventually(lambda: runs_of(store, "manual", status="failed"))
 
-    runs = orjson.loads(cronfleet(settings, "runs", "manual", "--json").stdout)
+    runs = orjson.loads((await run_cronfleet(settings, "runs", "manual", "--json")).stdout)
     assert runs[0]["status"] == "failed" and runs[0]["exit_code"] == 7
-    status = cronfleet(settings, "status", "--json")
+    status = await run_cronfleet(settings, "status", "--json")
     assert status.returncode == 1  # a failing job makes `status` fail, for scripts and probes
     assert orjson.loads(status.stdout)["jobs"][0]["health"] == "failing"
 
-    unknown = cronfleet(settings, "trigger", "nope")
+    unknown = await run_cronfleet(settings, "trigger", "nope")
     assert (
         unknown.returncode == 1
         and unknown.stderr.strip() == "cronfleet: no job called 'nope' (see `cronfleet jobs`)"
@@ -148,12 +148,12 @@ async def test_trigger_runs_a_job_now_and_runs_and_status_show_it(
 
 async def test_ping_publishes_a_signed_heartbeat(settings: Settings, store: Store, fleet: Start) -> None:
     await fleet("monitor")
-    assert cronfleet(settings, "ping", "outside", "--start").returncode == 0
-    result = cronfleet(settings, "ping", "outside", "--exit-code", "4", "--message", "disk full")
+    assert (await run_cronfleet(settings, "ping", "outside", "--start")).returncode == 0
+    result = await run_cronfleet(settings, "ping", "outside", "--exit-code", "4", "--message", "disk full")
     assert result.returncode == 0 and result.stdout.strip() == "sent fail heartbeat for outside"
     runs = await eventually(lambda: runs_of(store, "outside", status="failed"))
     assert runs[0].exit_code == 4 and runs[0].output_tail == "disk full"
-    bad = cronfleet(settings, "ping", "no spaces allowed")
+    bad = await run_cronfleet(settings, "ping", "no spaces allowed")
     assert bad.returncode == 1
     no_traceback(bad)
 

@@ -5,7 +5,6 @@ it learned from the control message, not from its poll."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from common.messages import JOBS_CHANGED_ROUTING_KEY, JobsChanged
 from common.settings import Settings
 from common.store import FireRow, Store
 from common.topology import Topology
-from tests.fleet import Fleet, cronfleet, eventually
+from tests.fleet import Fleet, eventually, run_cronfleet
 from tests.integration.test_poison import DeadLetters
 
 SLOW_POLL = 60.0
@@ -50,14 +49,14 @@ async def test_an_apply_reaches_a_running_scheduler_before_its_next_poll(
     fleet = Fleet(slow)
     try:
         await fleet.start("scheduler")
-        applied = await asyncio.to_thread(cronfleet, slow, "apply", str(_jobs_file(tmp_path, enabled=True)))
+        applied = await run_cronfleet(slow, "apply", str(_jobs_file(tmp_path, enabled=True)))
         assert applied.returncode == 0, applied.stderr
         assert "not told" not in applied.stderr
         # A new every-second job fires long before the scheduler's next poll (60 s away).
         await eventually(lambda: _fires_since(store, utcnow() - timedelta(minutes=1)), timeout=15)
 
         # Paused (enabled = false) the same way: it stops firing, again well before a poll.
-        paused = await asyncio.to_thread(cronfleet, slow, "apply", str(_jobs_file(tmp_path, enabled=False)))
+        paused = await run_cronfleet(slow, "apply", str(_jobs_file(tmp_path, enabled=False)))
         assert paused.returncode == 0, paused.stderr
         after = utcnow() + timedelta(seconds=3)
 

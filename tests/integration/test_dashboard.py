@@ -17,7 +17,7 @@ import pytest
 
 from common.settings import Settings
 from common.store import Store
-from tests.fleet import Fleet, cronfleet, eventually
+from tests.fleet import Fleet, eventually, run_cronfleet
 from tests.integration.helpers import apply_toml, runs_of
 from tests.integration.test_http_server import free_port
 
@@ -43,8 +43,8 @@ def chromium() -> str | None:
     return None
 
 
-def new_key(settings: Settings, name: str, *flags: str) -> str:
-    made = cronfleet(settings, "keys", "api", "new", name, *flags)
+async def new_key(settings: Settings, name: str, *flags: str) -> str:
+    made = await run_cronfleet(settings, "keys", "api", "new", name, *flags)
     assert made.returncode == 0, made.stderr
     return made.stdout.splitlines()[-1]
 
@@ -53,8 +53,8 @@ async def test_the_dashboard_json_takes_a_key_and_never_carries_a_secret(
     settings: Settings, store: Store
 ) -> None:
     await apply_toml(store, MISSED + HELLO + CALLS_OUT)
-    reader_key = new_key(settings, "viewer", "--read-only")
-    writer_key = new_key(settings, "ops")
+    reader_key = await new_key(settings, "viewer", "--read-only")
+    writer_key = await new_key(settings, "ops")
     port = free_port()
     fleet = Fleet(settings)
     try:
@@ -108,7 +108,7 @@ async def test_in_a_browser_a_job_goes_down_and_run_now_shows_its_run(
     from playwright.async_api import async_playwright, expect
 
     await apply_toml(store, MISSED + HELLO)
-    key = new_key(settings, "ops")
+    key = await new_key(settings, "ops")
     port = free_port()
     fleet = Fleet(settings)
     try:
@@ -148,9 +148,9 @@ async def test_in_a_browser_a_job_goes_down_and_run_now_shows_its_run(
                 await expect(hello.locator("svg.spark rect")).to_have_count(1)
 
                 # A key the monitor no longer knows sends the page back to the form.
-                assert cronfleet(settings, "keys", "api", "revoke", "ops").returncode == 0
+                assert (await run_cronfleet(settings, "keys", "api", "revoke", "ops")).returncode == 0
                 await expect(page.locator("#login")).to_be_visible(timeout=20_000)
-                await page.fill("#key", new_key(settings, "viewer", "--read-only"))
+                await page.fill("#key", await new_key(settings, "viewer", "--read-only"))
                 await page.click("#login button[type=submit]")
                 await expect(page.locator("#who")).to_have_text("key viewer (read-only)")
                 await expect(hello).to_be_visible()
@@ -160,7 +160,7 @@ async def test_in_a_browser_a_job_goes_down_and_run_now_shows_its_run(
                 if screenshot:
                     # A few more runs, so that the duration history shows something.
                     for _ in range(5):
-                        assert cronfleet(settings, "trigger", "hello").returncode == 0
+                        assert (await run_cronfleet(settings, "trigger", "hello")).returncode == 0
                     await hello.click()
                     await expect(page.locator('#runs .run[data-status="succeeded"]')).to_have_count(
                         6, timeout=20_000

@@ -22,7 +22,7 @@ from common.topology import Topology
 from monitor.fleet_watch import FleetWatch, fleet_policy
 from monitor.recorder import record_batch
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually, worker_process
+from tests.fleet import eventually, run_cronfleet, worker_process
 from tests.integration.helpers import apply_toml, runs_of
 
 ACTION_JOB = """
@@ -57,11 +57,11 @@ async def test_no_scheduler_is_down_and_starting_one_brings_it_up(
     await apply_toml(store, ACTION_JOB)
     await fleet("monitor")
     await eventually(lambda: component_is(store, "@scheduler", "down"))
-    status = cronfleet(settings, "status", "--json")
+    status = await run_cronfleet(settings, "status", "--json")
     assert status.returncode == 1  # a fleet component down makes `status` fail
     [scheduler] = [row for row in orjson.loads(status.stdout)["fleet"] if row["kind"] == "scheduler"]
     assert scheduler["state"] == "down" and "no scheduler heartbeat" in scheduler["detail"]
-    text = cronfleet(settings, "status").stdout
+    text = (await run_cronfleet(settings, "status")).stdout
     assert text.index("@scheduler") < text.index("nightly")  # the fleet comes above the jobs
 
     await fleet("scheduler")
@@ -72,7 +72,7 @@ async def test_no_scheduler_is_down_and_starting_one_brings_it_up(
             select(FlipRow).where(FlipRow.job == "@scheduler", FlipRow.to_state == "up")
         )
     assert recovery is not None and recovery.recovered_from == "down"
-    listed = orjson.loads(cronfleet(settings, "flips", "@scheduler", "--json").stdout)
+    listed = orjson.loads((await run_cronfleet(settings, "flips", "@scheduler", "--json")).stdout)
     assert [row["to_state"] for row in listed] == ["up", "down"]
 
 
@@ -84,7 +84,7 @@ async def test_a_heartbeat_only_fleet_needs_no_scheduler(
     await eventually(lambda: component_is(store, "@dead-letters", "up"))
     record = await eventually(lambda: component(store, "@scheduler"))
     assert record.state == "new" and record.detail == "no enabled job has an action"
-    assert cronfleet(settings, "status").returncode == 0
+    assert (await run_cronfleet(settings, "status")).returncode == 0
 
 
 async def test_a_trigger_waiting_in_a_pool_with_no_worker_makes_the_pool_down_until_a_worker_comes(
@@ -93,11 +93,11 @@ async def test_a_trigger_waiting_in_a_pool_with_no_worker_makes_the_pool_down_un
     await apply_toml(store, ACTION_JOB)
     await fleet("monitor", "scheduler")
     await eventually(lambda: component_is(store, "@pool:default", "up"))
-    assert cronfleet(settings, "trigger", "nightly").returncode == 0
+    assert (await run_cronfleet(settings, "trigger", "nightly")).returncode == 0
 
     down = await eventually(lambda: component_is(store, "@pool:default", "down"))
     assert down.count == 1 and down.detail == "1 waiting, 0 consumer(s)"
-    assert cronfleet(settings, "status").returncode == 1
+    assert (await run_cronfleet(settings, "status")).returncode == 1
 
     await fleet("worker")
     await eventually(lambda: component_is(store, "@pool:default", "up"))
@@ -120,7 +120,7 @@ async def test_a_worker_killed_mid_run_goes_down_and_its_run_becomes_lost(
     await fleet("monitor")
     worker = worker_process(settings)
     try:
-        assert cronfleet(settings, "trigger", "slow").returncode == 0
+        assert (await run_cronfleet(settings, "trigger", "slow")).returncode == 0
         [run] = await eventually(lambda: runs_of(store, "slow", status="running"), timeout=30)
         assert run.worker is not None
         await eventually(lambda: component_is(store, f"@worker:{run.worker}", "up"))
@@ -143,7 +143,7 @@ async def test_a_worker_killed_mid_run_goes_down_and_its_run_becomes_lost(
     assert "1 run(s) of it marked lost" in flip.reason
     # The lost run is fed to the job's health: no longer running.
     assert health is not None and health.run_id is None
-    status = orjson.loads(cronfleet(settings, "status", "--json").stdout)
+    status = orjson.loads((await run_cronfleet(settings, "status", "--json")).stdout)
     assert {row["component"]: row["state"] for row in status["fleet"]}[key] == "down"
 
 
@@ -162,7 +162,7 @@ async def test_a_dead_lettered_message_raises_the_dead_letters_alarm(
     down = await eventually(lambda: component_is(store, "@dead-letters", "down"))
     assert down.count == 1
     assert await flips_of(store, "@dead-letters") == [("new", "up"), ("up", "down")]
-    assert cronfleet(settings, "status").returncode == 1
+    assert (await run_cronfleet(settings, "status")).returncode == 1
 
 
 def _watch(settings: Settings, store: Store, amqp: AbstractRobustConnection) -> FleetWatch:

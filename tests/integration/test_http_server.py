@@ -11,7 +11,7 @@ import orjson
 from common.services import ServiceOptions, parse_listen_address
 from common.settings import Settings
 from common.store import Store
-from tests.fleet import Fleet, cronfleet
+from tests.fleet import Fleet, cronfleet, run_cronfleet
 
 
 def free_port() -> int:
@@ -51,14 +51,16 @@ def test_a_bad_http_address_is_refused_in_one_line(settings: Settings) -> None:
 async def test_api_keys_are_made_listed_and_revoked_and_the_api_refuses_anything_else(
     settings: Settings, store: Store
 ) -> None:
-    made = cronfleet(settings, "keys", "api", "new", "grafana", "--read-only")
+    made = await run_cronfleet(settings, "keys", "api", "new", "grafana", "--read-only")
     assert made.returncode == 0, made.stderr
     key = made.stdout.splitlines()[-1]
     assert key.startswith("cfk_") and "shown only now" in made.stdout
-    assert cronfleet(settings, "keys", "api", "new", "grafana").returncode == 1  # the name is taken
-    listed = orjson.loads(cronfleet(settings, "keys", "api", "list", "--json").stdout)
+    assert (
+        await run_cronfleet(settings, "keys", "api", "new", "grafana")
+    ).returncode == 1  # the name is taken
+    listed = orjson.loads((await run_cronfleet(settings, "keys", "api", "list", "--json")).stdout)
     assert [(k["name"], k["access"], k["revoked_at"]) for k in listed] == [("grafana", "read-only", None)]
-    assert key.split("_")[-1] not in cronfleet(settings, "keys", "api", "list").stdout
+    assert key.split("_")[-1] not in (await run_cronfleet(settings, "keys", "api", "list")).stdout
 
     port = free_port()
     fleet = Fleet(settings)
@@ -71,9 +73,9 @@ async def test_api_keys_are_made_listed_and_revoked_and_the_api_refuses_anything
                 headers = {} if wrong is None else {"X-API-Key": wrong}
                 refused = await client.get("/api/key", headers=headers)
                 assert (refused.status_code, refused.json()) == (401, {"error": "unauthorized"}), wrong
-            assert cronfleet(settings, "keys", "api", "revoke", "grafana").returncode == 0
+            assert (await run_cronfleet(settings, "keys", "api", "revoke", "grafana")).returncode == 0
             revoked = await client.get("/api/key", headers={"X-API-Key": key})
             assert (revoked.status_code, revoked.json()) == (401, {"error": "unauthorized"})
     finally:
         await fleet.stop()
-    assert cronfleet(settings, "keys", "api", "revoke", "nobody").returncode == 1
+    assert (await run_cronfleet(settings, "keys", "api", "revoke", "nobody")).returncode == 1

@@ -24,7 +24,7 @@ from monitor.health import Flip, State
 from monitor.health_store import JobFlip, store_flips
 from monitor.recorder import feeds_health, record_batch
 from tests.conftest import Start
-from tests.fleet import Fleet, cronfleet, eventually
+from tests.fleet import Fleet, eventually, run_cronfleet
 from tests.integration.helpers import apply_toml, runs_of
 
 EVERY_SECOND = """
@@ -116,7 +116,7 @@ async def test_a_run_that_does_not_come_turns_its_job_down_and_a_run_brings_it_b
     assert moves(flips) == [("new", "late"), ("late", "down")]
     assert re.fullmatch(r"no run since it was due at \S+Z \(1s grace\)", flips[-1].reason)
     assert down.since == flips[-1].at and down.deadline_at is None and down.open_alarm == "down"
-    status = cronfleet(settings, "status", "--json")
+    status = await run_cronfleet(settings, "status", "--json")
     assert status.returncode == 1  # a job down makes `status` fail
     [row] = orjson.loads(status.stdout)["jobs"]
     assert row["health"] == "down" and row["reason"] == flips[-1].reason
@@ -136,30 +136,30 @@ async def test_a_heartbeat_only_job_follows_the_same_machine(
     settings: Settings, store: Store, fleet: Start
 ) -> None:
     await apply_toml(store, '[jobs.outside]\nschedule = "@daily"\n')
-    before = cronfleet(settings, "status", "--json")
+    before = await run_cronfleet(settings, "status", "--json")
     assert before.returncode == 0
     assert orjson.loads(before.stdout)["jobs"][0]["health"] == "new"  # no monitor has seen it yet
     await fleet("monitor")
     await eventually(lambda: state_is(store, "outside", "new"))
 
-    assert cronfleet(settings, "ping", "outside", "--start").returncode == 0
-    assert cronfleet(settings, "ping", "outside").returncode == 0
+    assert (await run_cronfleet(settings, "ping", "outside", "--start")).returncode == 0
+    assert (await run_cronfleet(settings, "ping", "outside")).returncode == 0
     up = await eventually(lambda: state_is(store, "outside", "up"))
     assert moves(await flips_of(store, "outside")) == [("new", "running"), ("running", "up")]
     last = (await flips_of(store, "outside"))[-1]
     assert re.fullmatch(r"heartbeat \w+ reported success after \d+(ms|s)", last.reason), last.reason
     assert up.run_id is None and up.consecutive_failures == 0 and up.due_at is not None
 
-    assert cronfleet(settings, "ping", "outside", "--fail").returncode == 0
+    assert (await run_cronfleet(settings, "ping", "outside", "--fail")).returncode == 0
     await eventually(lambda: state_is(store, "outside", "failing"))
     last = (await flips_of(store, "outside"))[-1]
     assert re.fullmatch(r"last run failed: heartbeat \w+ reported failure", last.reason), last.reason
-    status = cronfleet(settings, "status", "--json")
+    status = await run_cronfleet(settings, "status", "--json")
     assert status.returncode == 1
     assert orjson.loads(status.stdout)["jobs"][0]["health"] == "failing"
 
     # A heartbeat for a job the store does not know is recorded as a run, with no health.
-    assert cronfleet(settings, "ping", "stranger").returncode == 0
+    assert (await run_cronfleet(settings, "ping", "stranger")).returncode == 0
     await eventually(lambda: runs_of(store, "stranger"))
     assert await health_of(store, "stranger") is None
 
@@ -244,7 +244,7 @@ async def test_the_monitor_learns_that_a_job_was_paused_resumed_changed_or_remov
     paused = await eventually(lambda: state_is(store, "outside", "paused"))
     assert paused.due_at is None and paused.deadline_at is None
     assert (await flips_of(store, "outside"))[-1].reason == "paused: the job was disabled"
-    status = cronfleet(settings, "status", "--json")
+    status = await run_cronfleet(settings, "status", "--json")
     assert status.returncode == 0 and orjson.loads(status.stdout)["jobs"][0]["health"] == "paused"
 
     await apply_toml(store, '[jobs.outside]\nschedule = "@daily"\n')
@@ -271,17 +271,17 @@ async def test_flips_lists_the_stored_flips_newest_first(
     await apply_toml(store, EVERY_SECOND + '[jobs.outside]\nschedule = "@daily"\n')
     await fleet("monitor")
     await eventually(lambda: state_is(store, "every", "down"))
-    assert cronfleet(settings, "ping", "outside", "--fail").returncode == 0
+    assert (await run_cronfleet(settings, "ping", "outside", "--fail")).returncode == 0
     await eventually(lambda: state_is(store, "outside", "failing"))
 
-    listed = cronfleet(settings, "flips", "--json")
+    listed = await run_cronfleet(settings, "flips", "--json")
     assert listed.returncode == 0, listed.stderr
     rows = orjson.loads(listed.stdout)
     assert [(r["job"], r["from_state"], r["to_state"]) for r in rows[:1]] == [("outside", "new", "failing")]
     assert [r["at"] for r in rows] == sorted((r["at"] for r in rows), reverse=True)
-    one = orjson.loads(cronfleet(settings, "flips", "every", "--limit", "1", "--json").stdout)
+    one = orjson.loads((await run_cronfleet(settings, "flips", "every", "--limit", "1", "--json")).stdout)
     assert [(r["job"], r["from_state"], r["to_state"]) for r in one] == [("every", "late", "down")]
-    table = cronfleet(settings, "flips", "every")
+    table = await run_cronfleet(settings, "flips", "every")
     assert table.returncode == 0 and table.stdout.splitlines()[0].split() == [
         "AT",
         "JOB",
@@ -289,7 +289,7 @@ async def test_flips_lists_the_stored_flips_newest_first(
         "TO_STATE",
         "REASON",
     ]
-    assert cronfleet(settings, "flips", "nobody").stdout.strip() == "(none)"
+    assert (await run_cronfleet(settings, "flips", "nobody")).stdout.strip() == "(none)"
 
 
 def test_a_duplicate_run_is_no_input_of_the_health_machine() -> None:

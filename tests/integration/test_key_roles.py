@@ -30,7 +30,7 @@ from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role, new_e
 from common.store import Store
 from common.topology import Topology
 from tests.conftest import TEST_KEYS
-from tests.fleet import Fleet, cronfleet, eventually
+from tests.fleet import Fleet, eventually, run_cronfleet
 from tests.integration.helpers import apply_toml, runs_of
 
 Fleets = Callable[..., Awaitable[Fleet]]
@@ -196,11 +196,11 @@ async def test_a_ping_key_for_one_job_cannot_report_another(
     dead = await DeadLetters.open(amqp, settings)
 
     # `cronfleet ping` with that key alone reports its job ...
-    sent = cronfleet(settings, "ping", "backup", CRONFLEET_KEYS=limited)
+    sent = await run_cronfleet(settings, "ping", "backup", CRONFLEET_KEYS=limited)
     assert sent.returncode == 0, sent.stderr
     await eventually(lambda: runs_of(store, "backup", status="succeeded"))
     # ... and refuses, in one line and before publishing, to sign for another.
-    refused = cronfleet(settings, "ping", "report", CRONFLEET_KEYS=limited)
+    refused = await run_cronfleet(settings, "ping", "report", CRONFLEET_KEYS=limited)
     assert refused.returncode == 1
     assert refused.stderr.strip() == (
         "cronfleet: `cronfleet ping` signs heartbeats of job 'report', and no signing key may "
@@ -220,7 +220,7 @@ async def test_a_ping_key_for_one_job_cannot_report_another(
     )
     assert await runs_of(store, "report") == []
     # An unlimited ping key reports any job.
-    assert cronfleet(settings, "ping", "report").returncode == 0
+    assert (await run_cronfleet(settings, "ping", "report")).returncode == 0
     await eventually(lambda: runs_of(store, "report", status="succeeded"))
 
 
@@ -296,16 +296,16 @@ async def test_an_ed25519_fleet_runs_triggers_whose_workers_cannot_sign_one(
     assert (trigger.headers or {})[KEY_ID_HEADER] == "t-ed"
     assert len(str((trigger.headers or {})[SIGNATURE_HEADER])) == 128
     # So does `cronfleet trigger` with the private key.
-    manual = cronfleet(settings, "trigger", "by-hand", CRONFLEET_KEYS=scheduler_keys)
+    manual = await run_cronfleet(settings, "trigger", "by-hand", CRONFLEET_KEYS=scheduler_keys)
     assert manual.returncode == 0, manual.stderr
     await eventually(lambda: runs_of(store, "by-hand", status="succeeded"))
 
     # What a worker holds cannot sign a trigger: not in the command line, not in a scheduler.
     with pytest.raises(ConfigError, match="ed25519-public key only verifies"):
         Keyring.parse(worker_keys).signer(Role.TRIGGER)
-    forged = cronfleet(settings, "trigger", "by-hand", CRONFLEET_KEYS=worker_keys)
+    forged = await run_cronfleet(settings, "trigger", "by-hand", CRONFLEET_KEYS=worker_keys)
     assert forged.returncode == 1 and "no trigger key that can sign" in forged.stderr
-    no_key = cronfleet(settings, "scheduler", CRONFLEET_KEYS=worker_keys)
+    no_key = await run_cronfleet(settings, "scheduler", CRONFLEET_KEYS=worker_keys)
     assert no_key.returncode == 1
     assert no_key.stderr.strip().startswith(
         "cronfleet: a scheduler signs trigger messages and has no trigger key that can sign "
@@ -360,8 +360,8 @@ async def test_each_roles_key_rotates_and_the_retired_key_is_refused(
         holding the same keys: the key ids that signed the trigger, its run events, the ping."""
         await restart(keys, "monitor", "worker")
         await signed.clear()
-        assert cronfleet(settings, "trigger", "rotated", CRONFLEET_KEYS=keys).returncode == 0
-        assert cronfleet(settings, "ping", "pinged", CRONFLEET_KEYS=keys).returncode == 0
+        assert (await run_cronfleet(settings, "trigger", "rotated", CRONFLEET_KEYS=keys)).returncode == 0
+        assert (await run_cronfleet(settings, "ping", "pinged", CRONFLEET_KEYS=keys)).returncode == 0
 
         async def recorded() -> bool:
             ran = await runs_of(store, "rotated", status="succeeded")
@@ -373,11 +373,11 @@ async def test_each_roles_key_rotates_and_the_retired_key_is_refused(
     assert await stage(stages["before"], 1) == ["t-old", "e-old", "p-old"]
     assert await stage(stages["added"], 2) == ["t-old", "e-old", "p-old"]
     # Added but not signing yet, the new keys are accepted from a producer already on them.
-    assert cronfleet(settings, "ping", "early", CRONFLEET_KEYS=stages["switched"]).returncode == 0
+    assert (await run_cronfleet(settings, "ping", "early", CRONFLEET_KEYS=stages["switched"])).returncode == 0
     await eventually(lambda: runs_of(store, "early"))
     assert await stage(stages["switched"], 3) == ["t-new", "e-new", "p-new"]
     # Switched, the old keys still verify: a producer not switched yet is accepted.
-    assert cronfleet(settings, "ping", "late", CRONFLEET_KEYS=stages["added"]).returncode == 0
+    assert (await run_cronfleet(settings, "ping", "late", CRONFLEET_KEYS=stages["added"])).returncode == 0
     await eventually(lambda: runs_of(store, "late"))
     assert await stage(stages["retired"], 4) == ["t-new", "e-new", "p-new"]
     assert await dead.wait_for(0) == [], "nothing was refused while rotating"
@@ -386,8 +386,8 @@ async def test_each_roles_key_rotates_and_the_retired_key_is_refused(
     stale = stages["added"]  # a user who never updated: signs with the old keys
     marker = tmp_path / "ran"
     marker.unlink()
-    assert cronfleet(settings, "trigger", "rotated", CRONFLEET_KEYS=stale).returncode == 0
-    assert cronfleet(settings, "ping", "stale-ping", CRONFLEET_KEYS=stale).returncode == 0
+    assert (await run_cronfleet(settings, "trigger", "rotated", CRONFLEET_KEYS=stale)).returncode == 0
+    assert (await run_cronfleet(settings, "ping", "stale-ping", CRONFLEET_KEYS=stale)).returncode == 0
     await dead.wait_for(2)
     assert sorted(dead.reasons()) == [("unknown_key", "p-old"), ("unknown_key", "t-old")]
     assert not marker.exists() and await runs_of(store, "stale-ping") == []
@@ -395,7 +395,9 @@ async def test_each_roles_key_rotates_and_the_retired_key_is_refused(
     # the trigger (it holds the new trigger key too), but its report is refused.
     await restart(stages["retired"], "monitor")
     await fleets(stale, "worker")
-    assert cronfleet(settings, "trigger", "rotated", CRONFLEET_KEYS=stages["retired"]).returncode == 0
+    assert (
+        await run_cronfleet(settings, "trigger", "rotated", CRONFLEET_KEYS=stages["retired"])
+    ).returncode == 0
 
     async def run_events_refused() -> list[AbstractIncomingMessage]:
         letters = await dead.wait_for(0)
@@ -429,8 +431,8 @@ async def test_a_fleet_on_a_legacy_key_still_works_and_says_to_give_it_a_role(
     )
     with caplog.at_level(logging.WARNING, logger="cronfleet.keys"):
         await fleets(legacy, "monitor", "worker")
-    assert cronfleet(settings, "trigger", "old-style", CRONFLEET_KEYS=legacy).returncode == 0
-    assert cronfleet(settings, "ping", "old-ping", CRONFLEET_KEYS=legacy).returncode == 0
+    assert (await run_cronfleet(settings, "trigger", "old-style", CRONFLEET_KEYS=legacy)).returncode == 0
+    assert (await run_cronfleet(settings, "ping", "old-ping", CRONFLEET_KEYS=legacy)).returncode == 0
     await eventually(lambda: runs_of(store, "old-style", status="succeeded"))
     await eventually(lambda: runs_of(store, "old-ping", status="succeeded"))
     assert marker.exists()

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, event
 
 from common.settings import Settings
 from common.store import Store
-from tests.fleet import Fleet, cronfleet, eventually
+from tests.fleet import Fleet, eventually, run_cronfleet
 from tests.integration.helpers import apply_toml, runs_of
 from tests.integration.test_http_server import free_port
 from tests.integration.test_query_rules import _FULL_SCAN, FULL_SCANS_ALLOWED
@@ -71,14 +71,14 @@ def value(samples: list[Sample], name: str, **labels: str) -> float | None:
 
 async def test_metrics_read_the_store_and_take_a_bearer_key(settings: Settings, store: Store) -> None:
     await apply_toml(store, JOBS)
-    made = cronfleet(settings, "keys", "api", "new", "prometheus", "--read-only")
+    made = await run_cronfleet(settings, "keys", "api", "new", "prometheus", "--read-only")
     key = made.stdout.splitlines()[-1]
     port = free_port()
     fleet = Fleet(settings)
     try:
         await fleet.start("monitor", http=("127.0.0.1", port))
         await fleet.start("scheduler", "worker")
-        assert cronfleet(settings, "trigger", "broken").returncode == 0
+        assert (await run_cronfleet(settings, "trigger", "broken")).returncode == 0
         await eventually(lambda: runs_of(store, "broken", status="failed"))
         await eventually(_at_least(store, "tick", 2))
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
@@ -135,7 +135,9 @@ async def test_a_scrape_and_the_dashboard_read_the_store_by_its_indexes(
     settings: Settings, store: Store
 ) -> None:
     await apply_toml(store, JOBS)
-    key = cronfleet(settings, "keys", "api", "new", "prometheus", "--read-only").stdout.splitlines()[-1]
+    key = (
+        await run_cronfleet(settings, "keys", "api", "new", "prometheus", "--read-only")
+    ).stdout.splitlines()[-1]
     port = free_port()
     fleet = Fleet(settings)
     captured: dict[str, Any] = {}

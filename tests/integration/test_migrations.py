@@ -33,7 +33,7 @@ from common.store.schema import BASELINE, SchemaState, head_revision
 from monitor.health import ALARM_STATES as MACHINE_ALARM_STATES
 from monitor.health import State
 from tests.conftest import AMQP_URL, POSTGRES_URL, STORES, TEST_KEYS
-from tests.fleet import cronfleet
+from tests.fleet import run_cronfleet
 
 T0 = datetime(2026, 11, 1, 12, 0)  # naive UTC, as the columns hold instants
 
@@ -285,19 +285,19 @@ async def test_db_commands_show_upgrade_and_refuse_in_one_line(blank: Store) -> 
         amqp_url=AMQP_URL, database_url=blank.url, database_schema=blank.schema_name, keys=TEST_KEYS
     )
     env: dict[str, str] = {}
-    empty = cronfleet(settings, "db", "current", **env)
+    empty = await run_cronfleet(settings, "db", "current", **env)
     assert empty.returncode == 1 and empty.stdout.startswith("empty (this cronfleet's head is ")
     assert empty.stderr.strip().endswith("has no cronfleet tables yet: run `cronfleet db upgrade`")
-    refused = cronfleet(settings, "jobs", **env)
+    refused = await run_cronfleet(settings, "jobs", **env)
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert "run `cronfleet db upgrade`" in refused.stderr and "Traceback" not in refused.stderr
 
-    upgraded = cronfleet(settings, "db", "upgrade", **env)
+    upgraded = await run_cronfleet(settings, "db", "upgrade", **env)
     assert upgraded.returncode == 0, upgraded.stderr
     assert upgraded.stdout.strip() == f"upgraded from empty to revision {head_revision()} (head)"
-    assert cronfleet(settings, "db", "upgrade", **env).stdout.strip() == (
+    assert (await run_cronfleet(settings, "db", "upgrade", **env)).stdout.strip() == (
         f"already at revision {head_revision()} (head)"
     )
-    current = cronfleet(settings, "db", "current", **env)
+    current = await run_cronfleet(settings, "db", "current", **env)
     assert current.returncode == 0 and current.stdout.strip() == f"{head_revision()} (head)"
-    assert cronfleet(settings, "jobs", **env).returncode == 0
+    assert (await run_cronfleet(settings, "jobs", **env)).returncode == 0

@@ -24,7 +24,7 @@ from common.settings import Settings
 from common.store import RunRow, Store
 from common.trigger_claims import RetryTurn, TriggerClaims
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually, worker_process
+from tests.fleet import eventually, run_cronfleet, worker_process
 from tests.integration.helpers import apply_toml, runs_of, state_of
 from tests.integration.test_retries import _claim, _duplicates, _ended, _job, _publish, _waiting_retries
 
@@ -71,10 +71,10 @@ async def test_a_skip_job_fired_while_it_runs_records_skipped_runs_naming_the_ru
     # one that ran; the API and ``cronfleet runs`` list the skipped runs.
     state = await state_of(store, "long")
     assert state is not None and state.last_status == "succeeded" and state.consecutive_failures == 0
-    listed = orjson.loads(cronfleet(settings, "runs", "long", "--json", "--limit", "100").stdout)
+    listed = orjson.loads((await run_cronfleet(settings, "runs", "long", "--json", "--limit", "100")).stdout)
     assert sorted(r["status"] for r in listed) == sorted(r.status for r in runs)
     assert {r["error"] for r in listed if r["status"] == "skipped"} == {r.error for r in skipped}
-    status = orjson.loads(cronfleet(settings, "status", "--json").stdout)["jobs"]
+    status = orjson.loads((await run_cronfleet(settings, "status", "--json")).stdout)["jobs"]
     [row] = [row for row in status if row["job"] == "long"]
     assert row["health"] == "up"
 
@@ -145,7 +145,7 @@ async def test_a_skip_jobs_trigger_whose_worker_died_runs_again_and_is_not_skipp
     await fleet("monitor")
     worker = worker_process(settings)
     try:
-        assert cronfleet(settings, "trigger", "lonely").returncode == 0
+        assert (await run_cronfleet(settings, "trigger", "lonely")).returncode == 0
         [dead] = await eventually(lambda: runs_of(store, "lonely", status="running"), timeout=30)
         worker.send_signal(signal.SIGKILL)
         await asyncio.to_thread(worker.wait, 30)

@@ -31,7 +31,7 @@ from common.store import HeartbeatRow, RunRow, Store
 from common.topology import Topology, event_routing_key
 from monitor.http.pings import MESSAGE_CHARACTERS
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually
+from tests.fleet import eventually, run_cronfleet
 from tests.integration.helpers import runs_of
 
 
@@ -64,7 +64,7 @@ async def monitor(fleet: Start) -> AsyncIterator[Monitor]:
 async def _cronfleet(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """``cronfleet ARGS``, in a thread: this loop runs the monitor meanwhile (blocked, a monitor
     in the middle of a SQLite write would hold the lock the command waits for)."""
-    return await asyncio.to_thread(cronfleet, settings, *args)
+    return await run_cronfleet(settings, *args)
 
 
 async def _key(store: Store, *jobs: str) -> str:

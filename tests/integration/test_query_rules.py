@@ -28,7 +28,7 @@ from common.store.database import MAX_STATEMENT_PARAMETERS, statement_parameters
 from common.store.retention import purge
 from common.topology import Topology
 from tests.conftest import Start
-from tests.fleet import Fleet, cronfleet, eventually
+from tests.fleet import Fleet, cronfleet, eventually, run_cronfleet
 from tests.integration.helpers import apply_toml, runs_of
 from tests.integration.test_http_server import free_port
 
@@ -176,8 +176,8 @@ async def test_every_query_of_the_running_fleet_uses_an_index(
         await fleet("monitor", http=("127.0.0.1", port))
         await fleet("worker", "scheduler")
         await eventually(lambda: runs_of(store, "every", status=RunStatus.SUCCEEDED.value))
-        assert cronfleet(settings, "ping", "outside", "--start").returncode == 0
-        assert cronfleet(settings, "ping", "outside").returncode == 0
+        assert (await run_cronfleet(settings, "ping", "outside", "--start")).returncode == 0
+        assert (await run_cronfleet(settings, "ping", "outside")).returncode == 0
         await eventually(lambda: runs_of(store, "outside", status=RunStatus.SUCCEEDED.value))
         for command in (
             ["runs"],
@@ -188,7 +188,7 @@ async def test_every_query_of_the_running_fleet_uses_an_index(
             ["jobs"],
             ["db", "purge", "--older-than", "1d"],
         ):
-            assert cronfleet(settings, *command).returncode in (0, 1), command
+            assert (await run_cronfleet(settings, *command)).returncode in (0, 1), command
         await _use_the_api(store, port)
     finally:
         event.remove(Engine, "before_cursor_execute", capture)

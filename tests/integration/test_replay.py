@@ -22,7 +22,7 @@ from common.store import RunRow, Store, TriggerClaimRow
 from common.topology import Topology
 from common.trigger_claims import ClaimOutcome, TriggerClaims
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually
+from tests.fleet import eventually, run_cronfleet
 from tests.integration.helpers import apply_toml, runs_of, state_of
 
 
@@ -76,12 +76,12 @@ async def test_a_trigger_published_five_times_to_two_workers_runs_once_and_four_
     state = await state_of(store, "replayed")
     assert state is not None and state.last_run_id == executed.run_id and state.last_status == "succeeded"
 
-    listed = orjson.loads(cronfleet(settings, "runs", "replayed", "--json").stdout)
+    listed = orjson.loads((await run_cronfleet(settings, "runs", "replayed", "--json")).stdout)
     assert sorted(run["status"] for run in listed) == ["duplicate"] * 4 + ["succeeded"]
-    status = orjson.loads(cronfleet(settings, "status", "--json").stdout)["jobs"]
+    status = orjson.loads((await run_cronfleet(settings, "status", "--json")).stdout)["jobs"]
     [row] = [row for row in status if row["job"] == "replayed"]
     assert row["duplicates_24h"] == 4 and row["health"] == "up"
-    assert "DUPLICATES_24H" in cronfleet(settings, "status").stdout
+    assert "DUPLICATES_24H" in (await run_cronfleet(settings, "status")).stdout
 
 
 async def test_a_trigger_replayed_after_its_run_is_not_run_again(

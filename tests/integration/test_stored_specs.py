@@ -12,7 +12,7 @@ from common.messages import RunStatus
 from common.settings import Settings
 from common.store import JobRow, Store
 from tests.conftest import Start
-from tests.fleet import cronfleet, eventually
+from tests.fleet import cronfleet, eventually, run_cronfleet
 from tests.integration.helpers import apply_toml, runs_of
 
 JOBS = """
@@ -46,20 +46,20 @@ async def test_a_stored_spec_this_cronfleet_refuses_is_named_and_stops_nothing(
     await fleet("monitor", "worker", "scheduler")
     await eventually(lambda: runs_of(store, "fine", status=RunStatus.SUCCEEDED.value))
 
-    status = cronfleet(settings, "status", "--json")
+    status = await run_cronfleet(settings, "status", "--json")
     assert status.returncode == 1 and "Traceback" not in status.stderr
     rows = {row["job"]: row for row in orjson.loads(status.stdout)["jobs"]}
     assert rows["rotten"]["health"] == "invalid" and "apply it again" in rows["rotten"]["reason"]
     assert rows["fine"]["health"] in ("up", "running", "late")  # due every second
-    listed = cronfleet(settings, "jobs", "--json")
+    listed = await run_cronfleet(settings, "jobs", "--json")
     assert listed.returncode == 1
     assert {row["name"]: row["action"] for row in orjson.loads(listed.stdout)} == {
         "fine": "shell",
         "rotten": "invalid",
     }
-    doctor = cronfleet(settings, "doctor")
+    doctor = await run_cronfleet(settings, "doctor")
     assert doctor.returncode == 1 and "job(s) stored with a spec this cronfleet refuses" in doctor.stdout
-    trigger = cronfleet(settings, "trigger", "rotten")
+    trigger = await run_cronfleet(settings, "trigger", "rotten")
     assert trigger.returncode == 1 and trigger.stderr.count("\n") == 1 and "apply it again" in trigger.stderr
     assert await runs_of(store, "rotten") == []
 

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from common.settings import Settings
 from common.store import Store
 from tests.conftest import Start
-from tests.fleet import Fleet, cronfleet, eventually
+from tests.fleet import Fleet, eventually, run_cronfleet
 from tests.integration.helpers import apply_toml, runs_of
 
 pytestmark = pytest.mark.both_stores
@@ -23,17 +23,17 @@ async def test_a_worker_under_its_granted_role_runs_triggers_and_cannot_touch_jo
     settings: Settings, store: Store, fleet: Start
 ) -> None:
     if store.dialect != "postgresql":
-        assert cronfleet(settings, "db", "grant-worker", "someone").returncode == 1
+        assert (await run_cronfleet(settings, "db", "grant-worker", "someone")).returncode == 1
         pytest.skip("PostgreSQL only: SQLite has no roles (its variant checks the refusal above)")
     role = f"cfw_{uuid.uuid4().hex[:10]}"
     async with store.engine.begin() as connection:
         await connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
     worker_fleet = None
     try:
-        printed = cronfleet(settings, "db", "grant-worker", role)
+        printed = await run_cronfleet(settings, "db", "grant-worker", role)
         assert printed.returncode == 0 and f'TO "{role}"' in printed.stdout, printed.stderr
         assert "trigger_claims" in printed.stdout and "fires" not in printed.stdout
-        assert cronfleet(settings, "db", "grant-worker", role, "--apply").returncode == 0
+        assert (await run_cronfleet(settings, "db", "grant-worker", role, "--apply")).returncode == 0
 
         as_worker = settings.model_copy(
             update={
@@ -51,7 +51,7 @@ async def test_a_worker_under_its_granted_role_runs_triggers_and_cannot_touch_jo
         await fleet("monitor")
         worker_fleet = Fleet(as_worker)
         await worker_fleet.start("worker")
-        assert cronfleet(settings, "trigger", "granted").returncode == 0
+        assert (await run_cronfleet(settings, "trigger", "granted")).returncode == 0
         await eventually(lambda: runs_of(store, "granted", status="succeeded"))
 
         # A role the database refuses stops the worker at once with one line; it does not wait.
@@ -62,7 +62,7 @@ async def test_a_worker_under_its_granted_role_runs_triggers_and_cannot_touch_jo
                 .render_as_string(False)
             }
         )
-        refused = cronfleet(stranger, "worker")
+        refused = await run_cronfleet(stranger, "worker")
         assert (
             refused.returncode == 1 and "refused us" in refused.stderr and "Traceback" not in refused.stderr
         )

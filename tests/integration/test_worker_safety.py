@@ -7,6 +7,7 @@ as root, runs jobs under the account they name (``run_as``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 from pathlib import Path
@@ -93,7 +94,9 @@ async def test_a_job_cannot_read_the_workers_keys_from_proc_or_its_keys_file(
         [run, *_] = await eventually(lambda: runs_of(store, "probe", status="succeeded"), timeout=30)
     finally:
         worker.terminate()
-        worker.wait(30)
+        # Off the loop: the in-process services must go on, or one caught inside a SQLite write
+        # would hold the lock the stopping worker needs to end its runs.
+        await asyncio.to_thread(worker.wait, 30)
         await fleet.stop()
     output = run.output_tail or ""
     assert "probe-done" in output, output
