@@ -10,6 +10,7 @@ import decimal
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, cast
@@ -27,6 +28,8 @@ from aio_pika.abc import (
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from aiormq.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError, DeliveryError
 from pamqp import encode as pamqp_encode
+from pamqp import frame as pamqp_frame
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
@@ -246,13 +249,34 @@ class Publisher:
 
         The burst path of the scheduler: the frames of every trigger go out in one write
         (``_publish_together``), not one system call and one task per message."""
-        return await self._send_together(
-            "triggers",
-            [
-                (body, pool, self._keyring.sign(Role.TRIGGER, self.namespace, pool, body), message_id)
-                for body, pool, message_id in triggers
-            ],
-        )
+        now = datetime.now(UTC)
+        return await self.send_triggers(self.frame_triggers([(*t, now) for t in triggers]))
+
+    def frame_triggers(self, triggers: Sequence[tuple[bytes, str, str, datetime]]) -> list[FramedMessage]:
+        """Sign and marshal triggers, each ``(body, pool, message id, instant it goes out)``, for
+        this publisher's channel as it is now, so that ``send_triggers`` has only the write
+        left: the scheduler frames each fire while it prepares it, before its instant. A
+        message framed for a channel that has since been replaced is framed again when sent."""
+        exchange = self._exchanges["triggers"].name
+        number = self._channel_number()
+        return [
+            _framed(
+                exchange,
+                body,
+                pool,
+                self._keyring.sign(Role.TRIGGER, self.namespace, pool, body),
+                message_id,
+                at,
+                number,
+            )
+            for body, pool, message_id, at in triggers
+        ]
+
+    async def send_triggers(self, framed: Sequence[FramedMessage]) -> list[datetime | BaseException]:
+        """Publish triggers framed by ``frame_triggers``, all in one write, with pipelined
+        confirms; per trigger, in order, the instant its confirm came back or why it was not
+        published (see ``trigger_bodies``)."""
+        return await self._send_framed("triggers", framed)
 
     async def _send_together(
         self, role: str, messages: Sequence[tuple[bytes, str, Mapping[str, Any], str]]
@@ -262,28 +286,31 @@ class Publisher:
         it was not published (see ``trigger_bodies``)."""
         exchange = self._exchanges[role].name
         sent_at = datetime.now(UTC)
+        number = self._channel_number()
         framed = [
-            (
-                body,
-                routing_key,
-                Basic.Properties(
-                    headers=dict(headers),
-                    content_type="application/json",
-                    delivery_mode=2,
-                    message_id=message_id,
-                    timestamp=sent_at,
-                ),
-            )
+            _framed(exchange, body, routing_key, headers, message_id, sent_at, number)
             for body, routing_key, headers, message_id in messages
         ]
+        return await self._send_framed(role, framed)
+
+    def _channel_number(self) -> int:
+        """The number of the channel this publisher writes on now; 0 while it has none."""
+        underlay = cast(Any, self.channel)._channel  # aio-pika keeps the open aiormq channel here
+        return int(underlay.channel.number) if underlay is not None else 0
+
+    async def _send_framed(
+        self, role: str, framed: Sequence[FramedMessage]
+    ) -> list[datetime | BaseException]:
+        """Publish ``framed`` messages in one write and wait for every confirm; per message, the
+        instant its confirm came back or why it was not published."""
         try:
             with link_loss_as_error():
                 channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
-                confirmations, tags = await _publish_together(channel, exchange, framed)
+                confirmations, tags = await _publish_together(channel, framed)
         except CONNECT_ERRORS as exc:
             failed = _not_published(role, "", exc)
             failed.__cause__ = exc
-            return [failed] * len(messages)
+            return [failed] * len(framed)
         confirmed_at = _ConfirmInstants(len(confirmations))
         for index, confirmation in enumerate(confirmations):
             confirmation.add_done_callback(partial(confirmed_at.note, index))
@@ -300,7 +327,7 @@ class Publisher:
             if failure is None:
                 results.append(confirmed_at.at[index])
             else:
-                refused = _not_published(role, framed[index][1], failure)
+                refused = _not_published(role, framed[index].routing_key, failure)
                 refused.__cause__ = failure
                 results.append(refused)
         return results
@@ -455,14 +482,72 @@ class _ConfirmInstants:
             self.all_done.set()
 
 
+@dataclass(frozen=True, slots=True)
+class FramedMessage:
+    """A signed message marshalled into its AMQP frames for one channel (``payload``): sending it
+    is one write. ``channel_number`` 0 means it is not framed for any channel yet."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: Basic.Properties
+    channel_number: int
+    payload: bytes
+
+    def for_channel(self, number: int) -> bytes:
+        """This message's frames on channel ``number``: as framed when it is the same channel,
+        framed anew otherwise (the channel was replaced after a reconnect)."""
+        if number == self.channel_number:
+            return self.payload
+        return _marshal(self.exchange, self.routing_key, self.body, self.properties, number)
+
+
+def _framed(
+    exchange: str,
+    body: bytes,
+    routing_key: str,
+    headers: Mapping[str, Any],
+    message_id: str,
+    sent_at: datetime,
+    channel_number: int,
+) -> FramedMessage:
+    """A persistent JSON message with ``headers``, marshalled for ``channel_number`` (unless 0)."""
+    properties = Basic.Properties(
+        headers=dict(headers),
+        content_type="application/json",
+        delivery_mode=2,
+        message_id=message_id,
+        timestamp=sent_at,
+    )
+    payload = _marshal(exchange, routing_key, body, properties, channel_number) if channel_number else b""
+    return FramedMessage(exchange, routing_key, body, properties, channel_number, payload)
+
+
+def _marshal(
+    exchange: str, routing_key: str, body: bytes, properties: Basic.Properties, number: int
+) -> bytes:
+    """The frames of one mandatory publish on channel ``number``: method, header, and body
+    frames small enough for any frame size a broker may negotiate."""
+    frames: list[Any] = [
+        Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True),
+        ContentHeader(properties=properties, body_size=len(body)),
+    ]
+    frames.extend(ContentBody(body[i : i + _BODY_FRAME]) for i in range(0, len(body), _BODY_FRAME))
+    return b"".join(pamqp_frame.marshal(frame, number) for frame in frames)
+
+
+# Body frames of at most this size: under the smallest frame_max a broker may negotiate (4 KiB
+# is AMQP's minimum) less the frame's 8 bytes of overhead.
+_BODY_FRAME = 4096 - 8
+
+
 async def _publish_together(
-    channel: aiormq.Channel, exchange: str, messages: Sequence[tuple[bytes, str, Basic.Properties]]
+    channel: aiormq.Channel, messages: Sequence[FramedMessage]
 ) -> tuple[list[asyncio.Future[Any]], list[int]]:
-    """Publish ``messages``, each ``(body, routing key, properties)``, mandatory, to
-    ``exchange`` on a confirming ``channel``, all their frames in one write; returns each one's
-    confirmation future (an unroutable message's fails with a delivery error) and delivery tag,
-    in order. The caller forgets their message ids once they are settled
-    (``_forget_message_ids``).
+    """Publish ``messages``, each mandatory, on a confirming ``channel``, all their frames in
+    one write; returns each one's confirmation future (an unroutable message's fails with a
+    delivery error) and delivery tag, in order. The caller forgets their message ids once they
+    are settled (``_forget_message_ids``).
 
     This is aiormq's own ``basic_publish`` (7.x) for many messages at once: under the channel's
     lock, each takes the next delivery tag, its confirmation is registered under that tag and
@@ -471,31 +556,30 @@ async def _publish_together(
     if channel.is_closed:
         raise ChannelInvalidStateError(f"{channel!r} closed")
     async with channel.lock:
-        frames: list[Any] = []
+        payloads: list[bytes] = []
         confirmations: list[asyncio.Future[Any]] = []
         tags: list[int] = []
-        for body, routing_key, properties in messages:
+        number = channel.number
+        for message in messages:
             channel.delivery_tag += 1
             tag = channel.delivery_tag
             confirmation = channel.create_future()
             channel.confirmations[tag] = confirmation
-            channel.message_id_delivery_tag[cast(str, properties.message_id)] = tag
-            frames.append(Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True))
-            frames.append(ContentHeader(properties=properties, body_size=len(body)))
-            frames.extend(channel._split_body(body))
+            channel.message_id_delivery_tag[cast(str, message.properties.message_id)] = tag
+            payloads.append(message.for_channel(number))
             confirmations.append(confirmation)
             tags.append(tag)
-        await channel.write_queue.put(ChannelFrame.marshall(channel_number=channel.number, frames=frames))
+        await channel.write_queue.put(ChannelFrame(payload=b"".join(payloads), should_close=False))
     return confirmations, tags
 
 
 def _forget_message_ids(
-    channel: aiormq.Channel, messages: Sequence[tuple[bytes, str, Basic.Properties]], tags: Sequence[int]
+    channel: aiormq.Channel, messages: Sequence[FramedMessage], tags: Sequence[int]
 ) -> None:
     """Drop the message-id entries ``_publish_together`` made (a later publish may own one)."""
     known = channel.message_id_delivery_tag
-    for (_body, _key, properties), tag in zip(messages, tags, strict=True):
-        message_id = cast(str, properties.message_id)
+    for message, tag in zip(messages, tags, strict=True):
+        message_id = cast(str, message.properties.message_id)
         if known.get(message_id) == tag:
             del known[message_id]
 

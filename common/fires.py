@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple, cast
 
 from sqlalchemy import Table, and_, delete, or_, select, update
 
-from common.bus import Publisher
+from common.bus import FramedMessage, Publisher
 from common.clock import utcnow
 from common.errors import BrokerUnavailable
 from common.messages import Trigger
@@ -94,7 +94,12 @@ async def claim(
 
 
 async def publish(
-    store: Store, publisher: Publisher, fires: Sequence[PendingFire], claimed_by: str | None = None
+    store: Store,
+    publisher: Publisher,
+    fires: Sequence[PendingFire],
+    claimed_by: str | None = None,
+    *,
+    framed: Mapping[str, FramedMessage] | None = None,
 ) -> int:
     """Publish claimed fires with pipelined confirms, ``PUBLISH_BATCH`` in flight at a time.
 
@@ -102,8 +107,11 @@ async def publish(
     (the first fires of a burst are marked while later ones are still going out), and returns
     how many were. A fire the broker did not confirm stays pending for ``publish_pending``.
     With ``claimed_by``, the claims of each later batch are renewed before it goes out, so that
-    a long burst is not taken for a dead claimer's (``STALE_CLAIM_SECONDS``).
+    a long burst is not taken for a dead claimer's (``STALE_CLAIM_SECONDS``). Fires in
+    ``framed`` (by trigger id) go out as framed ahead (``Publisher.frame_triggers``); the
+    others are signed and framed now.
     """
+    framed = framed or {}
     done = 0
     began = time.monotonic()
     for batch in chunks(fires, PUBLISH_BATCH):
@@ -111,7 +119,12 @@ async def publish(
         # renews the claims of each batch before sending it.
         if claimed_by is not None and time.monotonic() - began > STALE_CLAIM_SECONDS / 3:
             await _renew_claims(store, [fire.trigger_id for fire in batch], claimed_by)
-        results = await publisher.trigger_bodies([(f.body.encode(), f.pool, f.trigger_id) for f in batch])
+        now = datetime.now(UTC)
+        unframed = [(f.body.encode(), f.pool, f.trigger_id, now) for f in batch if f.trigger_id not in framed]
+        fresh = iter(publisher.frame_triggers(unframed))
+        results = await publisher.send_triggers(
+            [framed[f.trigger_id] if f.trigger_id in framed else next(fresh) for f in batch]
+        )
         # Fires confirmed together (one broker ack confirms many) share their instant: one
         # UPDATE per instant marks them, rather than one parameter set per fire.
         by_instant: dict[datetime, list[str]] = {}

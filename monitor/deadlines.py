@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
+from common.collector import collector_paused
 from common.retry import until_done
 from common.store import STORE_OUTAGES, Store
 from monitor import health_store
@@ -37,22 +37,6 @@ log = logging.getLogger("cronfleet.monitor")
 
 # Jobs ticked per transaction: many jobs falling due at the same instant share a transaction.
 TICK_BATCH = 5000
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector inside the block (as it was after it). A herd's
-    tick allocates a few objects per job, so the collector would walk every object of the process
-    several times during one tick: a quarter to a third of its time, and most of its spread from
-    run to run (``tests/bench/bench_ticks.py``). What becomes garbage meanwhile is collected after;
-    the block is bounded by the batches due at one instant."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class DeadlineHeap:

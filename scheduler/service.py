@@ -15,9 +15,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.exc import SQLAlchemyError
 
 from common import fires
-from common.bus import CONNECT_ERRORS, Publisher, connect, consume_forever, settle
+from common.bus import CONNECT_ERRORS, FramedMessage, Publisher, connect, consume_forever, settle
 from common.catalog import load_jobs, planned_pools, read_job_changes, record_next_fires
 from common.clock import Clock, utcnow
+from common.collector import collector_paused
 from common.envelope import Accepted, open_envelope
 from common.errors import BrokerUnavailable
 from common.messages import CONTROL_ADAPTER, SchedulerHeartbeat, Trigger, trigger_id
@@ -52,6 +53,7 @@ class ReadyFire:
     fire: fires.PendingFire
     job: str
     plan: int
+    framed: FramedMessage
 
 
 class Scheduler:
@@ -236,9 +238,13 @@ class Scheduler:
         plans = {f.job.name: f.plan for f in due}
         # A trigger says when it is published: the moment its fire goes out.
         instants = {t.id: t.published_at for t in triggers}
-        for fire in won:
+        # Signed and framed now, so that at its instant only the write is left.
+        framed = self.publisher.frame_triggers(
+            [(fire.body.encode(), fire.pool, fire.trigger_id, instants[fire.trigger_id]) for fire in won]
+        )
+        for fire, frames in zip(won, framed, strict=True):
             job = fire.trigger_id.rpartition("@")[0]
-            ready = ReadyFire(instants[fire.trigger_id], fire, job, plans.get(job, -1))
+            ready = ReadyFire(instants[fire.trigger_id], fire, job, plans.get(job, -1), frames)
             heapq.heappush(self._ready, (ready.at, next(self._ready_numbers), ready))
             self._ready_ids.add(fire.trigger_id)
         await self._record_next_fires(due, {fire.trigger_id for fire in won})
@@ -253,16 +259,23 @@ class Scheduler:
         confirm stays pending in the store, for ``publish_pending_forever``."""
         if not self._ready or self._ready[0][0] > now:
             return 0
+        # A full collection (100 ms and more in a scheduler of thousands of jobs) must not fall
+        # between an instant and its fires' write: it waits until they are out.
         async with self._publishing:
-            going: list[ReadyFire] = []
-            while self._ready and self._ready[0][0] <= now:
-                going.append(heapq.heappop(self._ready)[2])
-            try:
-                published = await fires.publish(
-                    self.store, self.publisher, [r.fire for r in going], self.name
-                )
-            finally:
-                self._ready_ids.difference_update(r.fire.trigger_id for r in going)
+            with collector_paused():
+                going: list[ReadyFire] = []
+                while self._ready and self._ready[0][0] <= now:
+                    going.append(heapq.heappop(self._ready)[2])
+                try:
+                    published = await fires.publish(
+                        self.store,
+                        self.publisher,
+                        [r.fire for r in going],
+                        self.name,
+                        framed={r.fire.trigger_id: r.framed for r in going},
+                    )
+                finally:
+                    self._ready_ids.difference_update(r.fire.trigger_id for r in going)
         names = [r.fire.trigger_id for r in going]
         log.info(
             "fired %d: %s%s",

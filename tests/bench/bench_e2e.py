@@ -58,7 +58,7 @@ import scheduler.service
 import worker.service
 from common import fires
 from common.actions import AnyAction, ShellAction
-from common.bus import Publisher, connect
+from common.bus import FramedMessage, Publisher, connect
 from common.catalog import apply_jobs
 from common.clock import utcnow
 from common.jobs import JobSpec
@@ -164,6 +164,8 @@ class Fleet:
     _procs: list[tuple[Any, ProcessEvent]] = field(default_factory=list)
 
     async def start(self) -> None:
+        if self.mode == "none":
+            return  # the scheduler alone: its triggers wait in the pool's queue
         for name in ("monitor", "worker"):
             if self.mode == "inproc":
                 self._tasks.append(await start_service(name, self.settings, self.concurrency))
@@ -344,9 +346,9 @@ async def trigger_throughput(
 class ConfirmLog:
     """Instrumentation only: when each trigger's publish returned, i.e. the broker confirmed it.
 
-    ``Publisher.trigger_body`` returns once the confirm is in, and ``Publisher.trigger_bodies``
-    (the scheduler's path) returns each trigger's own confirm instant: wrapping both gives the
-    instant each fire really left the scheduler.
+    ``Publisher.trigger_body`` returns once the confirm is in, and ``Publisher.send_triggers``
+    (the scheduler's path, ``trigger_bodies`` included) returns each trigger's own confirm
+    instant: wrapping both gives the instant each fire really left the scheduler.
     """
 
     def __init__(self) -> None:
@@ -354,7 +356,7 @@ class ConfirmLog:
         self._originals: tuple[Any, Any] | None = None
 
     def __enter__(self) -> ConfirmLog:
-        one, many = Publisher.trigger_body, Publisher.trigger_bodies
+        one, many = Publisher.trigger_body, Publisher.send_triggers
         self._originals = (one, many)
         times = self.times
 
@@ -362,22 +364,22 @@ class ConfirmLog:
             await one(publisher, body, pool, message_id)
             times[message_id].append(utcnow())
 
-        async def trigger_bodies(
-            publisher: Publisher, triggers: Sequence[tuple[bytes, str, str]]
+        async def send_triggers(
+            publisher: Publisher, framed: Sequence[FramedMessage]
         ) -> list[datetime | BaseException]:
-            results = await many(publisher, triggers)
-            for (_body, _pool, message_id), result in zip(triggers, results, strict=True):
+            results = await many(publisher, framed)
+            for message, result in zip(framed, results, strict=True):
                 if isinstance(result, datetime):
-                    times[message_id].append(result)
+                    times[str(message.properties.message_id)].append(result)
             return results
 
         Publisher.trigger_body = trigger_body  # type: ignore[method-assign,assignment]
-        Publisher.trigger_bodies = trigger_bodies  # type: ignore[method-assign,assignment]
+        Publisher.send_triggers = send_triggers  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *_exc: object) -> None:
         assert self._originals is not None
-        Publisher.trigger_body, Publisher.trigger_bodies = self._originals  # type: ignore[method-assign]
+        Publisher.trigger_body, Publisher.send_triggers = self._originals  # type: ignore[method-assign]
 
 
 @dataclass
@@ -395,6 +397,7 @@ class FireLag:
     duplicate_runs: int
     stop_seconds: float
     drained: bool
+    by_second: list[tuple[float, float, float]] = field(default_factory=list)
 
 
 async def settle_runs(store: Store, triggers: int, *, stall: float = 30.0) -> bool:
@@ -469,22 +472,32 @@ async def fire_lag(settings: Settings, jobs: int, seconds: float, fleet: Fleet) 
             recorded.append(((published or ended) - at).total_seconds())
             confirmed.append(((confirm[0] if confirm else ended) - at).total_seconds())
         in_window = len(due) - unpublished
+        # Each second's first, median and last fire: where in a second the lag builds up.
+        by_second = [
+            (min(chunk), percentile(chunk, 50), max(chunk))
+            for start in range(0, len(recorded), len(specs))
+            for chunk in [recorded[start : start + len(specs)]]
+        ]
         # Let the worker and the monitor drain what was published, then read the dispatch lag.
-        drained = await settle_runs(store, len(confirms.times))
+        drained = fleet.mode == "none" or await settle_runs(store, len(confirms.times))
         await fleet.stop()
         async with store.session() as session:
             runs = (
-                await session.execute(
-                    select(
-                        RunRow.trigger_id,
-                        func.min(RunRow.scheduled_at),
-                        func.min(RunRow.started_at),
-                        func.count(),
+                []
+                if fleet.mode == "none"
+                else (
+                    await session.execute(
+                        select(
+                            RunRow.trigger_id,
+                            func.min(RunRow.scheduled_at),
+                            func.min(RunRow.started_at),
+                            func.count(),
+                        )
+                        .where(RunRow.status == SUCCEEDED)
+                        .group_by(RunRow.trigger_id)
                     )
-                    .where(RunRow.status == SUCCEEDED)
-                    .group_by(RunRow.trigger_id)
-                )
-            ).all()
+                ).all()
+            )
         window = (ended - began).total_seconds()
         return FireLag(
             jobs=jobs,
@@ -498,6 +511,7 @@ async def fire_lag(settings: Settings, jobs: int, seconds: float, fleet: Fleet) 
             per_second=in_window / slots,
             stop_seconds=stopping,
             drained=drained,
+            by_second=by_second,
             duplicate_publishes=sum(1 for times in confirms.times.values() if len(times) > 1),
             duplicate_runs=sum(1 for *_rest, n in runs if n > 1),
         )
@@ -680,8 +694,12 @@ async def run(args: argparse.Namespace) -> int:
             for jobs in args.fire_jobs:
                 database = f"sqlite+aiosqlite:///{Path(tmp) / f'scheduler-{jobs}.db'}"
                 settings = make_settings(args.amqp_url, database, keys, namespaces[1])
-                fleet = Fleet(settings, args.mode, args.concurrency, args.log_level)
-                print(f"[2] scheduler: {jobs} jobs every second for {args.seconds:g} s ...", flush=True)
+                mode = "none" if args.scheduler_alone else args.mode
+                fleet = Fleet(settings, mode, args.concurrency, args.log_level)
+                alone = " alone (nothing consumes its pool)" if args.scheduler_alone else ""
+                print(
+                    f"[2] scheduler{alone}: {jobs} jobs every second for {args.seconds:g} s ...", flush=True
+                )
                 lag = await fire_lag(settings, jobs, args.seconds, fleet)
                 lags.append(lag)
                 print(
@@ -742,6 +760,13 @@ def print_table(
             ("  triggers published more than once", str(lag.duplicate_publishes)),
             ("  triggers run more than once", str(lag.duplicate_runs)),
         ]
+        for second, (first, median, last) in enumerate(lag.by_second):
+            rows.append(
+                (
+                    f"  second {second}: lag first / median / last",
+                    f"{first * 1000:.0f}/{median * 1000:.0f}/{last * 1000:.0f} ms",
+                )
+            )
         if not lag.drained:
             rows.append(("  (runs stalled before all were recorded: partial)", "!"))
         for label, value in rows:
@@ -767,6 +792,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seconds", type=float, default=8.0, help="how long the scheduler runs")
     parser.add_argument("--mode", choices=["inproc", "procs"], default="inproc")
+    parser.add_argument(
+        "--scheduler-alone",
+        action="store_true",
+        help="fire lag with no worker or monitor sharing the machine (the triggers wait in the queue)",
+    )
     parser.add_argument(
         "--bare-queue-types", nargs="*", default=["quorum", "classic"], choices=["quorum", "classic"]
     )

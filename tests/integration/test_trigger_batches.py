@@ -3,6 +3,7 @@ each is signed and confirmed on its own, an unroutable one fails alone, and the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from aio_pika.abc import AbstractRobustConnection
@@ -58,4 +59,48 @@ async def test_each_trigger_of_a_batch_is_signed_confirmed_and_refused_on_its_ow
         assert message.message_id == opened.message.id
         seen.append(opened.message.id)
     assert seen == [triggers[i].id for i in (0, 1, 2, 4, 0)]
+    await channel.close()
+
+
+async def test_triggers_framed_ahead_go_out_as_framed_or_framed_again_for_a_new_channel(
+    settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    # The scheduler frames each fire while it prepares it (``frame_triggers``) and only writes it
+    # at its instant. Framed for a channel since replaced (a reconnect), it must be framed again:
+    # the stale payload here is garbage that would make the broker close the connection.
+    topology = Topology(settings.namespace)
+    keyring = settings.keyring()
+    publisher = await Publisher.open(amqp, topology, keyring)
+    await topology.declare_pool(publisher.channel, "default")
+    now = utcnow()
+    spec = JobSpec(
+        name="framed",
+        schedule="* * * * * *",
+        action=ShellAction(argv=["echo", "x" * 9000]),  # a body over two 4 KiB body frames
+    )
+    triggers = [spec.trigger_at(now + timedelta(seconds=i), now) for i in range(3)]
+    framed = publisher.frame_triggers([(t.to_bytes(), "default", t.id, now) for t in triggers])
+    assert all(message.payload for message in framed)
+    framed[1] = replace(framed[1], channel_number=framed[1].channel_number + 1, payload=b"\x00garbage")
+
+    results = await publisher.send_triggers(framed)
+
+    assert all(isinstance(r, datetime) for r in results), results
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(topology.pool_queue("default"), passive=True)
+    bodies = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        opened = open_envelope(
+            message.body,
+            message.headers,
+            keyring,
+            TRIGGER_ADAPTER,
+            utcnow(),
+            namespace=settings.namespace,
+            routing_key=message.routing_key or "",
+            consumed_pool="default",
+        )
+        assert isinstance(opened, Accepted), opened
+        bodies.append(message.body)
+    assert bodies == [t.to_bytes() for t in triggers]
     await channel.close()

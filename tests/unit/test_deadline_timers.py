@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from monitor.deadlines import DeadlineHeap, collector_paused
+from common.collector import collector_paused
+from monitor.deadlines import DeadlineHeap
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
