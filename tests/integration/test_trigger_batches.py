@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from common.actions import ShellAction
 from common.bus import Publisher
@@ -41,25 +41,8 @@ async def test_each_trigger_of_a_batch_is_signed_confirmed_and_refused_on_its_ow
     again = await publisher.trigger_bodies([batch[0]])
     assert isinstance(again[0], datetime)
 
-    channel = await amqp.channel()
-    queue = await channel.declare_queue(topology.pool_queue("default"), passive=True)
-    seen = []
-    while (message := await queue.get(no_ack=True, fail=False)) is not None:
-        opened = open_envelope(
-            message.body,
-            message.headers,
-            keyring,
-            TRIGGER_ADAPTER,
-            utcnow(),
-            namespace=settings.namespace,
-            routing_key=message.routing_key or "",
-            consumed_pool="default",
-        )
-        assert isinstance(opened, Accepted), opened
-        assert message.message_id == opened.message.id
-        seen.append(opened.message.id)
-    assert seen == [triggers[i].id for i in (0, 1, 2, 4, 0)]
-    await channel.close()
+    seen = await _received(settings, amqp)
+    assert [message.message_id for message in seen] == [triggers[i].id for i in (0, 1, 2, 4, 0)]
 
 
 async def test_triggers_framed_ahead_go_out_as_framed_or_framed_again_for_a_new_channel(
@@ -86,14 +69,20 @@ async def test_triggers_framed_ahead_go_out_as_framed_or_framed_again_for_a_new_
     results = await publisher.send_triggers(framed)
 
     assert all(isinstance(r, datetime) for r in results), results
+    assert [message.body for message in await _received(settings, amqp)] == [t.to_bytes() for t in triggers]
+
+
+async def _received(settings: Settings, amqp: AbstractRobustConnection) -> list[AbstractIncomingMessage]:
+    """Every trigger waiting in the ``default`` pool, in order; each must verify as sent (its
+    signature, namespace and pool) and carry its trigger id as its message id."""
     channel = await amqp.channel()
-    queue = await channel.declare_queue(topology.pool_queue("default"), passive=True)
-    bodies = []
+    queue = await channel.declare_queue(Topology(settings.namespace).pool_queue("default"), passive=True)
+    seen = []
     while (message := await queue.get(no_ack=True, fail=False)) is not None:
         opened = open_envelope(
             message.body,
             message.headers,
-            keyring,
+            settings.keyring(),
             TRIGGER_ADAPTER,
             utcnow(),
             namespace=settings.namespace,
@@ -101,6 +90,7 @@ async def test_triggers_framed_ahead_go_out_as_framed_or_framed_again_for_a_new_
             consumed_pool="default",
         )
         assert isinstance(opened, Accepted), opened
-        bodies.append(message.body)
-    assert bodies == [t.to_bytes() for t in triggers]
+        assert message.message_id == opened.message.id
+        seen.append(message)
     await channel.close()
+    return seen
