@@ -41,6 +41,9 @@ FIRE_AHEAD = timedelta(seconds=2)
 # At most this many fire names in one log line (the count is always there).
 _LOGGED_FIRES = 5
 _OUTAGE_PAUSE = 1.0
+# A pending sweep does not start this close to a prepared instant, for at most this many rounds.
+_SWEEP_CLEARANCE = 0.2
+_SWEEPS_YIELDED = 3
 _LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -287,6 +290,10 @@ class Scheduler:
             log.warning("%d fire(s) not confirmed by the broker yet: retried", len(going) - published)
         return published
 
+    def _instant_within(self, seconds: float) -> bool:
+        """Whether prepared fires go out within ``seconds`` from now."""
+        return bool(self._ready) and (self._ready[0][0] - self.clock()).total_seconds() < seconds
+
     def next_fire_at(self) -> datetime | None:
         """The instant of this scheduler's next fire (prepared or planned), None without any."""
         moments = [self._ready[0][0]] if self._ready else []
@@ -370,8 +377,18 @@ class Scheduler:
             )
 
     async def publish_pending_forever(self, every: float = fires.PENDING_EVERY_SECONDS) -> None:
-        """Keep publishing fires the broker has not confirmed yet (after an outage or a crash)."""
+        """Keep publishing fires the broker has not confirmed yet (after an outage or a crash).
+
+        A sweep holds the publishing lock while it reads the store: one about to collide with a
+        prepared instant waits for the next round (at most ``_SWEEPS_YIELDED`` rounds in a row,
+        so that fires prepared all the time never keep the pending ones waiting)."""
+        yielded = 0
         while True:
+            if yielded < _SWEEPS_YIELDED and self._instant_within(_SWEEP_CLEARANCE):
+                yielded += 1
+                await asyncio.sleep(every)
+                continue
+            yielded = 0
             try:
                 async with self._publishing:
                     published = await fires.publish_pending(
