@@ -731,8 +731,11 @@ def print_beats(lags: list[FireLag], beats: list[dict[str, Any]]) -> None:
             ),
             ("  lag p50 (cronfleet: published_at; beat: arrival)", *_both(lag.lag, beat["lag"], 50)),
             ("  lag p99", *_both(lag.lag, beat["lag"], 99)),
-            ("  confirmed lag p50 / p99 (cronfleet)", _ms(percentile(lag.confirmed, 50)), ""),
-            ("", _ms(percentile(lag.confirmed, 99)), ""),
+            (
+                "  confirmed lag p50 / p99 (cronfleet)",
+                f"{1000 * percentile(lag.confirmed, 50):.0f}/{1000 * percentile(lag.confirmed, 99):.0f} ms",
+                "",
+            ),
             (
                 "  CPU of the bench process (procs: scheduler) / of beat",
                 f"{lag.cpu_seconds:.2f} s",
