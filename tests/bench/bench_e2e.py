@@ -23,6 +23,8 @@ It measures, against the RabbitMQ at ``--amqp-url`` and a throwaway SQLite store
 
 ``--mode inproc`` (the default) runs the worker and the monitor as tasks in this event loop, as
 ``cronfleet run`` does; ``--mode procs`` runs each in its own process, as a real deployment does.
+``--celery-beat`` runs Celery beat after each fire-lag run, on as many ``schedule(1.0)`` entries
+for as long (``ref_celery_beat.py``), and prints both side by side.
 Every queue and exchange it creates is deleted at the end.
 """
 
