@@ -228,18 +228,20 @@ async def run_celery_beat(jobs_file: Path, amqp_url: str, burst: int, *, start: 
     spawn to its first tick having computed every entry, RSS, idle CPU; then the burst."""
     from tests.bench import ref_celery_beat as beat
 
+    # Each beat's schedule file (tens of MB at 100k entries), log and record go with its directory.
     result: dict[str, Any] = {}
     if start:
-        result = await _celery_beat_start(jobs_file, amqp_url)
+        with tempfile.TemporaryDirectory(prefix="beat-") as directory:
+            result = await _celery_beat_start(jobs_file, amqp_url, Path(directory))
     if burst:
-        result |= await beat.burst(amqp_url, burst, Path(tempfile.mkdtemp(prefix="beat-")))
+        with tempfile.TemporaryDirectory(prefix="beat-") as directory:
+            result |= await beat.burst(amqp_url, burst, Path(directory))
     return result
 
 
-async def _celery_beat_start(jobs_file: Path, amqp_url: str) -> dict[str, Any]:
+async def _celery_beat_start(jobs_file: Path, amqp_url: str, directory: Path) -> dict[str, Any]:
     from tests.bench import ref_celery_beat as beat
 
-    directory = Path(tempfile.mkdtemp(prefix="beat-"))
     queue = f"bench-beat-{directory.name}"
     async with beat.Arrivals(amqp_url, queue) as arrivals:
         log = directory / "start.log"
