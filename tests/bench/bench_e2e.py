@@ -23,6 +23,8 @@ It measures, against the RabbitMQ at ``--amqp-url`` and a throwaway SQLite store
 
 ``--mode inproc`` (the default) runs the worker and the monitor as tasks in this event loop, as
 ``cronfleet run`` does; ``--mode procs`` runs each in its own process, as a real deployment does.
+``--celery-beat`` runs Celery beat after each fire-lag run, on as many ``schedule(1.0)`` entries
+for as long (``ref_celery_beat.py``), and prints both side by side.
 Every queue and exchange it creates is deleted at the end.
 """
 
@@ -70,6 +72,7 @@ from common.store import FireRow, RunRow, Store
 from common.topology import Topology
 from worker.actions import ActionResult, Executor, RunContext
 
+ROOT = str(Path(__file__).resolve().parents[2])
 POOL = "default"
 SUCCEEDED = RunStatus.SUCCEEDED.value
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -400,6 +403,7 @@ class FireLag:
     by_second: list[tuple[float, float, float]] = field(default_factory=list)
     steady: list[float] = field(default_factory=list)
     warmup: int = 0
+    cpu_seconds: float = 0.0
 
 
 async def settle_runs(store: Store, triggers: int, *, stall: float = 30.0) -> bool:
@@ -442,9 +446,9 @@ async def fire_lag(settings: Settings, jobs: int, seconds: float, fleet: Fleet, 
         await fleet.start()
         with ConfirmLog() as confirms:
             task = await start_service("scheduler", settings, 1)
-            began = utcnow()
+            began, cpu = utcnow(), time.process_time()
             await asyncio.sleep(seconds)
-            ended = utcnow()
+            ended, cpu = utcnow(), time.process_time() - cpu
             await stop_task(task)
             stopping = (utcnow() - ended).total_seconds()
         # A service cancelled mid-transaction can leave its SQLite connection (and the write
@@ -521,6 +525,7 @@ async def fire_lag(settings: Settings, jobs: int, seconds: float, fleet: Fleet, 
             warmup=warmup,
             duplicate_publishes=sum(1 for times in confirms.times.values() if len(times) > 1),
             duplicate_runs=sum(1 for *_rest, n in runs if n > 1),
+            cpu_seconds=cpu,
         )
     finally:
         await fleet.stop()
@@ -668,6 +673,7 @@ async def run(args: argparse.Namespace) -> int:
     results: list[Throughput] = []
     lags: list[FireLag] = []
     ceilings: list[Ceiling] = []
+    beats: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cronfleet-bench-") as tmp:
         try:
             sample: Trigger | None = None
@@ -717,10 +723,63 @@ async def run(args: argparse.Namespace) -> int:
                     f"scheduler stopped in {lag.stop_seconds:.1f} s",
                     flush=True,
                 )
+                if args.celery_beat:
+                    print(f"[2] Celery beat: {jobs} entries @1/s for {args.seconds:g} s ...", flush=True)
+                    beats.append(await celery_beat_lag(args.amqp_url, jobs, args.seconds, Path(tmp)))
         finally:
             await cleanup(args.amqp_url, namespaces, bare_queues)
     print_table(results, lags, ceilings, args)
+    print_beats(lags, beats)
     return 0
+
+
+async def celery_beat_lag(amqp_url: str, jobs: int, seconds: float, tmp: Path) -> dict[str, Any]:
+    """The Celery beat reference of the fire-lag run (``tests/bench/ref_celery_beat.py``)."""
+    sys.path.insert(0, ROOT)
+    from tests.bench import ref_celery_beat
+
+    directory = Path(tempfile.mkdtemp(prefix="beat-", dir=tmp))
+    return await ref_celery_beat.sustained(amqp_url, jobs, seconds, directory)
+
+
+def print_beats(lags: list[FireLag], beats: list[dict[str, Any]]) -> None:
+    """cronfleet's fire-lag rows beside Celery beat's, run after run."""
+    if not beats:
+        return
+    print(f"\n{'every-second jobs, side by side':<58} {'cronfleet':>14} {'Celery beat':>14}")
+    print("-" * 88)
+    for lag, beat in zip(lags, beats, strict=True):
+        rows = [
+            (f"{lag.jobs} jobs: window", f"{lag.seconds:.1f} s", f"{beat['seconds']:.1f} s"),
+            (
+                "  fires sent / due on the 1-s grid",
+                f"{lag.published_due}/{lag.due}",
+                f"{beat['sent_due']}/{beat['grid_due']}",
+            ),
+            ("  lag p50 (cronfleet: published_at; beat: arrival)", *_both(lag.lag, beat["lag"], 50)),
+            ("  lag p99", *_both(lag.lag, beat["lag"], 99)),
+            (
+                "  confirmed lag p50 / p99 (cronfleet)",
+                f"{1000 * percentile(lag.confirmed, 50):.0f}/{1000 * percentile(lag.confirmed, 99):.0f} ms",
+                "",
+            ),
+            (
+                "  CPU of the bench process (procs: scheduler) / of beat",
+                f"{lag.cpu_seconds:.2f} s",
+                f"{beat['cpu_s']:.2f} s",
+            ),
+            (
+                "  CPU per fire sent",
+                _ms(lag.cpu_seconds / max(1, lag.fires)),
+                _ms(beat["cpu_s"] / max(1, beat["sent_due"])),
+            ),
+        ]
+        for label, ours, theirs in rows:
+            print(f"{label:<58} {ours:>14} {theirs:>14}")
+
+
+def _both(ours: Sequence[float], theirs: Sequence[float], p: float) -> tuple[str, str]:
+    return _ms(percentile(ours, p)), _ms(percentile(theirs, p))
 
 
 def print_table(
@@ -819,6 +878,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--amqp-url", default=os.environ.get("CRONFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     )
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--celery-beat",
+        action="store_true",
+        help="after each fire-lag run, Celery beat on as many every-second entries (pip install celery)",
+    )
     args = parser.parse_args(argv)
     if min(args.triggers) < 1 or args.batch < 1 or args.jobs < 1 or args.concurrency < 1 or args.rounds < 1:
         parser.error("--triggers, --batch, --jobs and --concurrency must be positive")

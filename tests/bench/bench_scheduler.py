@@ -10,6 +10,8 @@ It generates ``--jobs`` jobs (seeded: the same set every run): nine kinds of cro
 (fixed times, minute and hour steps, weekday names and ranges, days of month, month names, lists
 and ranges, and 6-field expressions with seconds in {0, 20, 40}) over twenty time zones, Lord
 Howe and Kathmandu included. No job fires in seconds 6-16 of any minute: that is the idle window.
+``--references apscheduler,celery`` (the default) picks the references run beside cronfleet;
+``--burst-only`` skips everything but the burst phase.
 
 For each store (``--stores sqlite,postgresql``; PostgreSQL in a private schema of
 ``--postgres-url``, dropped at the end), cronfleet:
@@ -36,6 +38,13 @@ in a child process: start to planning is from the spawn to the moment ``start()`
 every job's next run time computed; RSS and idle CPU are measured the same way. It persists
 nothing and sends nothing. Note: APScheduler's day-of-month/weekday rule is AND where cron's is
 OR; no generated expression restricts both, so both schedulers fire the same instants.
+
+Celery beat 5 (``ref_celery_beat.py``: a real ``celery beat`` process, its default persistent
+scheduler, publishing to a private quorum queue on the same RabbitMQ) gets the same jobs as
+crontab entries, each in its own zone, seconds fields dropped (see that module for the mapping):
+start to planning is from the spawn to the end of its first tick, which computes every entry's
+next run; RSS and idle CPU as above; the burst is ``--burst`` entries on ``crontab()`` (every
+minute), from the minute to the last message's arrival at a consumer that only records arrivals.
 """
 
 from __future__ import annotations
@@ -212,6 +221,49 @@ def run_apscheduler(jobs_file: Path) -> Process:
     finally:
         proc.terminate()
         proc.wait()
+
+
+async def run_celery_beat(jobs_file: Path, amqp_url: str, burst: int, *, start: bool) -> dict[str, Any]:
+    """A real ``celery beat`` on the same jobs (``ref_celery_beat.py``), measured as the others:
+    spawn to its first tick having computed every entry, RSS, idle CPU; then the burst."""
+    from tests.bench import ref_celery_beat as beat
+
+    # Each beat's schedule file (tens of MB at 100k entries), log and record go with its directory.
+    result: dict[str, Any] = {}
+    if start:
+        with tempfile.TemporaryDirectory(prefix="beat-") as directory:
+            result = await _celery_beat_start(jobs_file, amqp_url, Path(directory))
+    if burst:
+        with tempfile.TemporaryDirectory(prefix="beat-") as directory:
+            result |= await beat.burst(amqp_url, burst, Path(directory))
+    return result
+
+
+async def _celery_beat_start(jobs_file: Path, amqp_url: str, directory: Path) -> dict[str, Any]:
+    from tests.bench import ref_celery_beat as beat
+
+    queue = f"bench-beat-{directory.name}"
+    async with beat.Arrivals(amqp_url, queue) as arrivals:
+        log = directory / "start.log"
+        started = time.perf_counter()
+        proc = beat.spawn(beat.environ(amqp_url, queue, BENCH_CELERY_JOBS=str(jobs_file)), directory, log)
+        try:
+            measured = await asyncio.to_thread(_measure, proc, log, "planned ", started)
+            planned = beat.planned_line(log)
+            sent = len(arrivals.at)
+        finally:
+            proc.kill()  # nothing to read from it: not the minutes of syncing 100k entries to its shelve
+            await asyncio.to_thread(proc.wait)
+    assert planned is not None
+    result = {
+        "start_s": measured.start_seconds,
+        "starting_s": planned[1],
+        "rss_mb": measured.rss_mb,
+        "idle_cpu": measured.idle_cpu,
+        "sent": sent,
+    }
+    print(f"celery beat: {result}", flush=True)
+    return result
 
 
 async def _tell_schedulers(amqp_url: str, namespace: str) -> bool:
@@ -451,6 +503,12 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=10_000, help="jobs due in one second (0: skip)")
     parser.add_argument("--rows-only", type=int, metavar="N", help="only: N job rows, one start, PostgreSQL")
     parser.add_argument("--apscheduler-child", metavar="JOBS_FILE")
+    parser.add_argument("--burst-only", action="store_true", help="only the burst phase, for every store")
+    parser.add_argument(
+        "--references",
+        default="apscheduler,celery",
+        help="which references run beside cronfleet: apscheduler, celery (Celery beat), or none",
+    )
     args = parser.parse_args()
     if args.rows_only:
         asyncio.run(run_rows_only(args.postgres_url, args.rows_only))
@@ -460,6 +518,8 @@ def main() -> None:
         return
     import apscheduler
 
+    references = {r for r in args.references.split(",") if r}
+    amqp_url = os.environ.get("CRONFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     jobs = generate(args.jobs, args.seed)
     jobs_file = Path(tempfile.mkstemp(suffix=".json")[1])
     jobs_file.write_text(json.dumps(jobs))
@@ -472,31 +532,45 @@ def main() -> None:
     )
     rows = []
     for kind in [s for s in args.stores.split(",") if s]:
-        rows.append(asyncio.run(run_cronfleet(kind, args.postgres_url, jobs)))
+        measured = {"store": kind}
+        if not args.burst_only:
+            measured = asyncio.run(run_cronfleet(kind, args.postgres_url, jobs))
+        rows.append(measured)
         if args.burst:
             rows[-1] |= asyncio.run(run_burst(kind, args.postgres_url, args.burst))
         print(rows[-1], flush=True)
-    peer = run_apscheduler(jobs_file)
-    print(f"apscheduler: {peer}", flush=True)
+    if "apscheduler" in references and not args.burst_only:
+        peer = run_apscheduler(jobs_file)
+        print(f"apscheduler: {peer}", flush=True)
+        rows.append({"store": "APScheduler 3.11", **vars(peer)} | {"start_s": peer.start_seconds})
+    if "celery" in references:
+        import celery
+
+        beat = asyncio.run(run_celery_beat(jobs_file, amqp_url, args.burst, start=not args.burst_only))
+        rows.append({"store": f"Celery beat {celery.__version__}"} | beat)
     print()
-    print("| figure | " + " | ".join(f"cronfleet ({r['store']})" for r in rows) + " | APScheduler 3.11 |")
-    print("| --- | " + " | ".join("---" for _ in rows) + " | --- |")
+    names = [r["store"] if r["store"][0].isupper() else f"cronfleet ({r['store']})" for r in rows]
+    print("| figure | " + " | ".join(names) + " |")
+    print("| --- | " + " | ".join("---" for _ in rows) + " |")
 
-    def row(label: str, key: str, unit: str, peer_value: float | None, scale: float = 1.0) -> None:
-        ours = " | ".join(f"{scale * r[key]:.{2 if unit == 's' else 1}f} {unit}" for r in rows)
-        theirs = "—" if peer_value is None else f"{scale * peer_value:.{2 if unit == 's' else 1}f} {unit}"
-        print(f"| {label} | {ours} | {theirs} |")
+    def row(label: str, key: str, unit: str, scale: float = 1.0) -> None:
+        digits = {"s": 2, "": 0}.get(unit, 1)
+        cells = ["—" if key not in r else f"{scale * r[key]:.{digits}f} {unit}".strip() for r in rows]
+        print(f"| {label} | {' | '.join(cells)} |")
 
-    row("start to planning (spawn to log line)", "start_s", "s", peer.start_seconds)
-    row("RSS after planning", "rss_mb", "MB", peer.rss_mb)
-    row("CPU while idle (10 s)", "idle_cpu", "%", peer.idle_cpu, 100)
-    row("parse specs (not in apply)", "parse_s", "s", None)
-    row("apply into an empty store", "apply_s", "s", None)
-    row("re-apply, one job changed", "reapply_s", "s", None)
-    row("same, scheduler running", "reapply_running_s", "s", None)
-    row("change picked up (apply end to first fire)", "pickup_s", "s", None)
+    row("start to planning (spawn to log line)", "start_s", "s")
+    row("  Celery: 'beat: Starting...' to its first tick's end", "starting_s", "s")
+    row("RSS after planning", "rss_mb", "MB")
+    row("CPU while idle (10 s)", "idle_cpu", "%", 100)
+    row("parse specs (not in apply)", "parse_s", "s")
+    row("apply into an empty store", "apply_s", "s")
+    row("re-apply, one job changed", "reapply_s", "s")
+    row("same, scheduler running", "reapply_running_s", "s")
+    row("change picked up (apply end to first fire)", "pickup_s", "s")
     if args.burst:
-        row(f"{args.burst} jobs due in one second: last confirmed", "burst_last_s", "s", None)
+        row(f"{args.burst} jobs due in one second: last confirmed (Celery: arrived)", "burst_last_s", "s")
+        row("  Celery: of them arrived within 60 s", "burst_arrived", "")
+        row("  Celery: when it stopped waiting", "burst_by_s", "s")
 
 
 if __name__ == "__main__":
