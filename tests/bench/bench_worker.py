@@ -14,8 +14,10 @@ the first ``run.finished`` to the last, as a bare consumer bound to the events e
 (worker start-up is not counted), and so is the CPU the worker processes spent per run, their own
 and with the jobs they ran (on a busy host the CPU per run is the steadier figure).
 
-The kinds: ``python`` calls a registered no-op function; ``http`` GETs a local server (a
-``ThreadingHTTPServer`` in a process of its own); ``shell`` runs ``true``.
+The kinds: ``python`` calls a registered no-op function declared non-blocking (called on the
+worker's loop), ``python-thread`` the same no-op as a plain sync function (called in a
+thread); ``http`` GETs a local server (a ``ThreadingHTTPServer`` in a process of its own);
+``shell`` runs ``true``.
 
 Beside it, in the same run: **Celery** (``-P solo``, one process, a no-op task, no result
 backend: what Celery does with no events and no confirms), drained from a pre-filled queue; and
@@ -62,9 +64,14 @@ PUBLISH_BATCH = 500
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@job_function
+@job_function(blocking=False)
 def noop(run: RunContext) -> None:
-    """The python kind's action: nothing."""
+    """The python kind's action: nothing (declared non-blocking: called on the worker's loop)."""
+
+
+@job_function
+def noop_in_thread(run: RunContext) -> None:
+    """The python-thread kind's action: nothing, called in a thread like any sync function."""
 
 
 # --- cronfleet's workers ----------------------------------------------------------------------
@@ -73,6 +80,8 @@ def noop(run: RunContext) -> None:
 def action_of(kind: str, http_url: str) -> ShellAction | HttpAction | PythonAction:
     if kind == "python":
         return PythonAction(function="tests.bench.bench_worker:noop")
+    if kind == "python-thread":
+        return PythonAction(function="tests.bench.bench_worker:noop_in_thread")
     if kind == "http":
         return HttpAction(url=http_url, expect_status=[200])  # type: ignore[arg-type]
     return ShellAction(argv=["true"])
@@ -420,7 +429,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=3000)
     parser.add_argument(
-        "--kinds", nargs="+", default=["python", "http", "shell"], choices=["python", "http", "shell"]
+        "--kinds",
+        nargs="+",
+        default=["python", "http", "shell"],
+        choices=["python", "python-thread", "http", "shell"],
     )
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--concurrency", type=int, default=64, help="each worker's --concurrency")
