@@ -14,7 +14,7 @@ import asyncio
 import bisect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 import aiormq
@@ -31,33 +31,30 @@ log = logging.getLogger("cronfleet.bus")
 _Settlement = tuple[int, bool, bool]
 
 
-class ChannelAcks:
-    """The settlements of one channel's deliveries, written together (see the module)."""
+class Outstanding:
+    """The deliveries of one channel not yet covered by a multiple ack, and the frames that
+    settle some of them (pure: no I/O)."""
 
-    def __init__(self, channel: aiormq.Channel) -> None:
-        self.channel = channel
+    def __init__(self) -> None:
         # Delivered and not yet covered by a multiple ack, in tag order; ``_settled`` holds those
         # among them already acked alone or nacked.
-        self._outstanding: deque[int] = deque()
+        self._tags: deque[int] = deque()
         self._settled: set[int] = set()
-        self._batches: Batcher[_Settlement, bool] = Batcher(self._write, limit=10_000)
+
+    def __len__(self) -> int:
+        return len(self._tags)
 
     def delivered(self, tag: int) -> None:
         """Note delivery ``tag`` as outstanding (call it as deliveries arrive)."""
-        if not self._outstanding or tag > self._outstanding[-1]:
-            self._outstanding.append(tag)
+        if not self._tags or tag > self._tags[-1]:
+            self._tags.append(tag)
         else:
-            position = bisect.bisect_left(self._outstanding, tag)
-            self._outstanding.insert(position, tag)
+            self._tags.insert(bisect.bisect_left(self._tags, tag), tag)
 
-    async def settle(self, tag: int, *, ack: bool = True, requeue: bool = False) -> bool:
-        """Ack (or nack, requeued or not) delivery ``tag`` once; returns once it is written, True,
-        or False when the channel is gone (the broker then requeues it by itself)."""
-        return await self._batches.submit((tag, ack, requeue))
-
-    def _frames(self, settlements: list[_Settlement]) -> list[Any]:
-        """The frames that settle ``settlements``: nacks first, then one multiple ack up to the
-        newest of them with no unsettled delivery before it, then the other acks alone."""
+    def frames(self, settlements: Iterable[_Settlement]) -> list[Any]:
+        """The frames that settle ``settlements`` (each delivered, each settled once): nacks
+        first, then one multiple ack up to the newest of them with no unsettled delivery before
+        it, then the other acks one by one."""
         frames: list[Any] = []
         acks: set[int] = set()
         for tag, ack, requeue in settlements:
@@ -67,15 +64,15 @@ class ChannelAcks:
                 frames.append(Basic.Nack(delivery_tag=tag, multiple=False, requeue=requeue))
                 self._settled.add(tag)
         covered_to: int | None = None
-        while self._outstanding:
-            head = self._outstanding[0]
+        while self._tags:
+            head = self._tags[0]
             if head in acks:
                 covered_to = head
             elif head in self._settled:
                 self._settled.discard(head)
             else:
                 break
-            self._outstanding.popleft()
+            self._tags.popleft()
         if covered_to is not None:
             frames.append(Basic.Ack(delivery_tag=covered_to, multiple=True))
         for tag in sorted(acks):
@@ -84,8 +81,22 @@ class ChannelAcks:
                 self._settled.add(tag)
         return frames
 
+
+class ChannelAcks:
+    """The settlements of one channel's deliveries, written together (see the module)."""
+
+    def __init__(self, channel: aiormq.Channel) -> None:
+        self.channel = channel
+        self.outstanding = Outstanding()
+        self._batches: Batcher[_Settlement, bool] = Batcher(self._write, limit=10_000)
+
+    async def settle(self, tag: int, *, ack: bool = True, requeue: bool = False) -> bool:
+        """Ack (or nack, requeued or not) delivery ``tag`` once; returns once it is written, True,
+        or False when the channel is gone (the broker then requeues it by itself)."""
+        return await self._batches.submit((tag, ack, requeue))
+
     async def _write(self, settlements: list[_Settlement]) -> list[bool]:
-        frames = self._frames(settlements)
+        frames = self.outstanding.frames(settlements)
         channel = self.channel
         try:
             if channel.is_closed:
@@ -95,14 +106,26 @@ class ChannelAcks:
                 ChannelFrame.marshall(channel_number=channel.number, frames=frames, drain_future=written)
             )
             await written
-        except CONNECT_ERRORS as exc:
-            log.warning(
-                "could not settle %d deliveries (%s); the broker will redeliver them",
-                len(settlements),
-                exc or type(exc).__name__,
-            )
-            return [False] * len(settlements)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            # The channel closed under the write and cancelled its futures: not ours to stop.
+            return self._unsettled(settlements, ConnectionError("the channel closed"))
+        except Exception as exc:  # whatever the closing channel failed the write with
+            return self._unsettled(settlements, exc)
         return [True] * len(settlements)
+
+    @staticmethod
+    def _unsettled(settlements: list[_Settlement], exc: BaseException) -> list[bool]:
+        """Say that ``settlements`` were not written; the broker requeues them by itself."""
+        log.warning(
+            "could not settle %d deliveries (%s); the broker will redeliver them",
+            len(settlements),
+            exc or type(exc).__name__,
+            exc_info=None if isinstance(exc, CONNECT_ERRORS) else exc,
+        )
+        return [False] * len(settlements)
 
 
 class AckedDelivery(Delivery):
@@ -113,7 +136,7 @@ class AckedDelivery(Delivery):
     def __init__(self, raw: DeliveredMessage, acks: ChannelAcks) -> None:
         super().__init__(raw)
         self._acks = acks
-        acks.delivered(self.tag)
+        acks.outstanding.delivered(self.tag)
 
     @property
     def processed(self) -> bool:
