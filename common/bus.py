@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import decimal
+import itertools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -179,6 +180,21 @@ def _message(body: bytes, headers: Mapping[str, Any], message_id: str | None) ->
     )
 
 
+class Received(Protocol):
+    """What a refused message is dead-lettered from: aio-pika's message or a ``Delivery``."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, Any]: ...
+    @property
+    def routing_key(self) -> str | None: ...
+    @property
+    def exchange(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+
+
 class Publisher:
     """Signs and publishes messages of one fleet (``namespace``), each confirmed by the broker
     before returning.
@@ -200,6 +216,9 @@ class Publisher:
         self.namespace = namespace
         self._exchanges = exchanges
         self._keyring = keyring
+        # Event message ids: unique without a call to the system's random source per event.
+        self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
+        self._ids = itertools.count()
         self._events: Batcher[tuple[bytes, str, Mapping[str, Any], str], datetime | BaseException] = Batcher(
             partial(self._send_together, "events")
         )
@@ -354,16 +373,17 @@ class Publisher:
                 raise BrokerUnavailable(broker_refusal("cannot find the retry exchange", exc)) from exc
         await self._publish("retry", body, kept, pool, None)
 
-    async def event(self, event: WireMessage) -> None:
+    async def event(self, event: WireMessage, body: bytes | None = None) -> None:
         """Publish a run event or heartbeat on the events exchange under its topic; returns once
-        the broker confirmed it. Events published concurrently (a worker's runs) go out
-        together, in one write (``_send_together``); each still fails alone."""
-        body = event.to_bytes()
+        the broker confirmed it. ``body``: ``event.to_bytes()``, when the caller has it already.
+        Events published concurrently (a worker's runs) go out together, in one write
+        (``_send_together``); each still fails alone."""
+        body = event.to_bytes() if body is None else body
         routing_key = event_routing_key(event)
         job = event.job if isinstance(event, JobHeartbeat) else None
         signer = self._keyring.signer(signing_role(event), job)
         headers = signer.sign(self.namespace, routing_key, body)
-        message = (body, routing_key, headers, uuid.uuid4().hex)
+        message = (body, routing_key, headers, f"{self._id_prefix}{next(self._ids):x}")
 
         async def once() -> None:
             result = await self._events.submit(message)
@@ -398,9 +418,7 @@ class Publisher:
             return str(exc) or type(exc).__name__
         return None
 
-    async def dead_letter(
-        self, message: AbstractIncomingMessage, rejected: Rejected, rejected_by: str
-    ) -> None:
+    async def dead_letter(self, message: Received, rejected: Rejected, rejected_by: str) -> None:
         """Keep a refused ``message`` on the dead-letter queue, unchanged, with why in its headers.
 
         The body is kept byte for byte; so are the headers (see ``kept_headers``)."""
@@ -729,6 +747,14 @@ class Delivery:
     @property
     def tag(self) -> int:
         return self.raw.delivery_tag or 0
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self.raw.redelivered)
+
+    @property
+    def exchange(self) -> str:
+        return self.raw.exchange or ""
 
     def incoming(self) -> AbstractIncomingMessage:
         """The same delivery as aio-pika's message (to dead-letter a copy of it)."""

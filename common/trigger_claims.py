@@ -34,10 +34,11 @@ the lease (``CRONFLEET_CLAIM_LEASE_SECONDS``, 30 s by default).
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import Table, bindparam, delete, select, update
@@ -86,6 +87,17 @@ _FINISH = (
 )
 
 
+@functools.cache
+def _claim_insert(dialect: str) -> Any:
+    """The INSERT of new claims in ``dialect``, for many rows at once: skips a trigger id someone
+    holds, and returns the ids that went in."""
+    return (
+        dialect_insert(dialect, _CLAIMS)
+        .on_conflict_do_nothing(index_elements=["trigger_id"])
+        .returning(_CLAIMS.c.trigger_id)
+    )
+
+
 class RetryTurn(enum.Enum):
     """Who publishes the retry a finished attempt calls for, asked by a repeat of that attempt."""
 
@@ -102,12 +114,12 @@ class TriggerClaims:
     store: Store
     worker: str
     lease: timedelta
-    _finishes: Batcher[dict[str, object], None] = field(init=False, repr=False, compare=False)
-    _inserts: Batcher[dict[str, object], bool] = field(init=False, repr=False, compare=False)
+    # New claims and finished ones, written together: one transaction for the runs that start
+    # and end while the previous one is being written.
+    _writes: Batcher[tuple[bool, dict[str, object]], bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_finishes", Batcher(self._finish_many))
-        object.__setattr__(self, "_inserts", Batcher(self._insert_many))
+        object.__setattr__(self, "_writes", Batcher(self._write_many))
 
     async def claim(
         self, trigger_id: str, body_sha256: str, run_id: str, expires_at: datetime, now: datetime
@@ -127,7 +139,7 @@ class TriggerClaims:
             "trigger_expires_at": expires_at,
         }
         # The common case, nobody had it: inserted together with the claims made meanwhile.
-        if await self._inserts.submit(row):
+        if await self._writes.submit((True, row)):
             return Claim(ClaimOutcome.RUN, run_id, self.worker)
         try:
             async with self.store.session() as session, session.begin():
@@ -188,14 +200,17 @@ class TriggerClaims:
 
         The runs that end while one such write is under way are written together in the next
         (``common.batching``): one transaction for many, not one each. Raises StoreUnavailable."""
-        await self._finishes.submit(
-            {
-                "b_id": trigger_id,
-                "b_run": run_id,
-                "b_at": now,
-                "b_event": finished_event,
-                "b_lease": now + self.lease,
-            }
+        await self._writes.submit(
+            (
+                False,
+                {
+                    "b_id": trigger_id,
+                    "b_run": run_id,
+                    "b_at": now,
+                    "b_event": finished_event,
+                    "b_lease": now + self.lease,
+                },
+            )
         )
 
     async def retry_published(self, trigger_id: str, now: datetime) -> None:
@@ -237,38 +252,34 @@ class TriggerClaims:
         except STORE_OUTAGES as exc:
             raise _unavailable(self.store, "read the retry of", trigger_id, exc) from exc
 
-    async def _insert_many(self, rows: list[dict[str, object]]) -> list[bool]:
-        """Insert the claims no one holds; for each row, whether it was this row that went in
-        (of two rows for one trigger id, the first)."""
-        statement = (
-            dialect_insert(self.store.dialect, _CLAIMS)
-            .on_conflict_do_nothing(index_elements=["trigger_id"])
-            .returning(_CLAIMS.c.trigger_id)
-        )
+    async def _write_many(self, writes: list[tuple[bool, dict[str, object]]]) -> list[bool]:
+        """Write new claims (``(True, row)``) and finished ones (``(False, row)``) in one
+        transaction; for each, whether it went in (a new claim: of two rows for one trigger id,
+        the first; a finished one: always True)."""
+        claims = [row for is_claim, row in writes if is_claim]
+        finishes = [row for is_claim, row in writes if not is_claim]
         inserted: set[str] = set()
         try:
-            async with self.store.session() as session, session.begin():
-                for some in chunks(rows, rows_per_insert(len(rows[0]))):
-                    inserted.update((await session.execute(statement, list(some))).scalars())
+            async with self.store.engine.begin() as connection:
+                if claims:
+                    insert = _claim_insert(self.store.dialect)
+                    for some in chunks(claims, rows_per_insert(len(claims[0]))):
+                        inserted.update((await connection.execute(insert, list(some))).scalars())
+                for some in chunks(finishes, IN_LIST_CHUNK):
+                    await connection.execute(_FINISH, list(some))
         except STORE_OUTAGES as exc:
-            what = f"{len(rows)} trigger(s), {rows[0]['trigger_id']} first"
-            raise _unavailable(self.store, "claim", what, exc) from exc
+            first = claims[0]["trigger_id"] if claims else finishes[0]["b_id"]
+            what = f"{len(claims)} claim(s) and {len(finishes)} end(s) of runs, {first} first"
+            raise _unavailable(self.store, "write", what, exc) from exc
         won = []
-        for row in rows:
+        for is_claim, row in writes:
+            if not is_claim:
+                won.append(True)
+                continue
             key = str(row["trigger_id"])
             won.append(key in inserted)
             inserted.discard(key)
         return won
-
-    async def _finish_many(self, rows: list[dict[str, object]]) -> list[None]:
-        try:
-            async with self.store.session() as session, session.begin():
-                for some in chunks(rows, IN_LIST_CHUNK):
-                    await session.execute(_FINISH, list(some))
-        except STORE_OUTAGES as exc:
-            what = f"{len(rows)} run(s), {rows[0]['b_id']} first"
-            raise _unavailable(self.store, "finish the claims of", what, exc) from exc
-        return [None] * len(rows)
 
     async def release(self, trigger_id: str, run_id: str) -> None:
         """Give up ``run_id``'s claim on ``trigger_id`` before its job started, so that the next

@@ -29,10 +29,10 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timedelta
 
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from common.bus import Publisher, settle
+from common.acks import AckedDelivery
+from common.bus import Publisher
 from common.clock import Clock, utcnow
 from common.envelope import Rejected, RejectionReason, internal_error, one_line, open_envelope
 from common.errors import BrokerUnavailable, StoreUnavailable
@@ -107,7 +107,7 @@ class TriggerHandler:
         # The claims this worker holds (trigger id -> run id), renewed by ``keep_claims``.
         self._held: dict[str, str] = {}
 
-    async def handle(self, message: AbstractIncomingMessage) -> None:
+    async def handle(self, message: AckedDelivery) -> None:
         """Process one delivery to its ack; never raises.
 
         Once a job has started it is never handed back: its end is reported (retried until the
@@ -123,7 +123,7 @@ class TriggerHandler:
                 return
             log.warning("could not take %s (%s); it will be delivered again", message.message_id, exc)
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
-            await settle(message, ack=False, requeue=True)
+            await message.settle(ack=False, requeue=True)
         except Exception as exc:
             # A bug must neither kill the worker nor loop the trigger through redeliveries.
             log.exception("unexpected error handling %s; dead-lettered", message.message_id)
@@ -150,7 +150,7 @@ class TriggerHandler:
             else:
                 said = ""
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: AckedDelivery) -> None:
         # Verified against this fleet's namespace and the routing key the trigger came with: a
         # trigger signed for another pool or fleet does not verify, and one whose body names
         # another pool than its routing key, or than the pool consumed here, is refused
@@ -242,7 +242,7 @@ class TriggerHandler:
 
     async def _run(
         self,
-        message: AbstractIncomingMessage,
+        message: AckedDelivery,
         trigger: Trigger,
         attempt: int,
         run_id: str,
@@ -277,7 +277,7 @@ class TriggerHandler:
                 # A long run's trigger is acked now, not at its end (RabbitMQ's consumer_timeout):
                 # its claim keeps the trigger, so that should this worker die, the worker that
                 # finds the claim lapsed ends the run (``recover_lapsed``).
-                settling: AbstractIncomingMessage | None = message
+                settling: AckedDelivery | None = message
                 if self._acks_early(trigger):
                     envelope = _envelope(message)
                     await until_done(
@@ -286,9 +286,11 @@ class TriggerHandler:
                         log,
                         f"run {run_id} started; keeping its trigger before acking it",
                     )
-                    await settle(message)
+                    await message.settle()
                     settling = None
-                log.info(
+                # One line per run, at its end; a long run's start is worth a line of its own.
+                log.log(
+                    logging.INFO if settling is None else logging.DEBUG,
                     "run %s of %s started%s%s",
                     run_id,
                     trigger.id,
@@ -313,7 +315,7 @@ class TriggerHandler:
 
     async def _end(
         self,
-        message: AbstractIncomingMessage | None,
+        message: AckedDelivery | None,
         body: bytes,
         headers: Mapping[str, object] | None,
         trigger: Trigger,
@@ -327,16 +329,17 @@ class TriggerHandler:
         # The claim keeps the end before it is reported: a repeat of the trigger reports it
         # again rather than running the job a second time (and publishes the retry if need be).
         key = claim_key(trigger.id, attempt)
+        body_of_end = finished.to_bytes()
         await until_done(
-            lambda: self.claims.finish(key, run_id, finished.to_bytes().decode(), self.clock()),
+            lambda: self.claims.finish(key, run_id, body_of_end.decode(), self.clock()),
             (StoreUnavailable,),
             log,
             f"run {run_id} ended; recording its end in the store",
         )
         await self._retry_after(body, headers or {}, trigger, attempt, finished.status)
-        await self._report(finished)
+        await self._report(finished, body_of_end)
         if message is not None:
-            await settle(message)
+            await message.settle()
 
     async def _retry_after(
         self, body: bytes, headers: Mapping[str, object], trigger: Trigger, attempt: int, status: RunStatus
@@ -467,7 +470,7 @@ class TriggerHandler:
                 log.warning("%s; the run goes on, renewing again in %gs", exc, every)
 
     async def _lost(
-        self, message: AbstractIncomingMessage, trigger: Trigger, attempt: int, run_id: str, claim: Claim
+        self, message: AckedDelivery, trigger: Trigger, attempt: int, run_id: str, claim: Claim
     ) -> None:
         """The trigger came back after its run was lost with its worker (the claim lapsed): the
         lost run's end is recorded (``lost``) and, under ``on_lost = "retry"`` with attempts left,
@@ -527,7 +530,7 @@ class TriggerHandler:
         await self._end(None, lapsed.body, headers, trigger, attempt, run_id, finished)
 
     async def _report_duplicate(
-        self, message: AbstractIncomingMessage, trigger: Trigger, attempt: int, claim: Claim
+        self, message: AckedDelivery, trigger: Trigger, attempt: int, claim: Claim
     ) -> None:
         """Record a repeat of a trigger the fleet ran (or is running) as a ``duplicate`` run, after
         reporting the original run's end again in case its first report was lost and publishing
@@ -545,7 +548,7 @@ class TriggerHandler:
             trigger, f"{key}#duplicate-{uuid.uuid4().hex[:12]}", bool(message.redelivered), attempt
         )
         await self.publisher.event(self._finished(repeat, ActionResult(RunStatus.DUPLICATE, error=why)))
-        await settle(message)
+        await message.settle()
 
     def _refusal(self, trigger: Trigger) -> str | None:
         """Why this worker will not run ``trigger``'s action at all (``not_allowed``), or None."""
@@ -566,7 +569,7 @@ class TriggerHandler:
             log.exception("the %s executor raised on %s", trigger.action.type, trigger.id)
             return ActionResult(RunStatus.FAILED, error=f"internal_error: {type(exc).__name__}: {exc}")
 
-    async def _refuse(self, message: AbstractIncomingMessage, rejected: Rejected, attempt: int = 1) -> None:
+    async def _refuse(self, message: AckedDelivery, rejected: Rejected, attempt: int = 1) -> None:
         """Dead-letter a refused trigger with its reason; an expired one is also reported as a run
         (of ``attempt``)."""
         log.warning("refused trigger %s: %s (%s)", message.message_id, rejected.reason.value, rejected.detail)
@@ -586,9 +589,9 @@ class TriggerHandler:
                     started, ActionResult(outcome, error=f"{rejected.reason.value}: {rejected.detail}")
                 )
             )
-        await settle(message)
+        await message.settle()
 
-    async def _give_up(self, message: AbstractIncomingMessage, rejected: Rejected) -> None:
+    async def _give_up(self, message: AckedDelivery, rejected: Rejected) -> None:
         """Dead-letter ``message`` after an unexpected failure, so that it is never delivered again."""
         if message.processed:
             return  # already acked: what failed came after
@@ -597,14 +600,14 @@ class TriggerHandler:
         except BrokerUnavailable as exc:
             log.warning("could not dead-letter %s (%s); it will be delivered again", message.message_id, exc)
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
-            await settle(message, ack=False, requeue=True)
+            await message.settle(ack=False, requeue=True)
             return
         except Exception:
             # Even the copy failed: let the broker dead-letter it (without our reason headers).
             log.exception("could not dead-letter %s; the broker dead-letters it", message.message_id)
-            await settle(message, ack=False, requeue=False)
+            await message.settle(ack=False, requeue=False)
             return
-        await settle(message)
+        await message.settle()
 
     def _start(self, trigger: Trigger, run_id: str, redelivered: bool, attempt: int) -> RunStarted:
         return RunStarted(
@@ -619,10 +622,10 @@ class TriggerHandler:
             started_at=self.clock(),
         )
 
-    async def _report(self, event: RunFinished) -> None:
-        """Publish the end of a run, retried until the broker confirms it."""
+    async def _report(self, event: RunFinished, body: bytes) -> None:
+        """Publish the end of a run (``body``: its bytes), retried until the broker confirms it."""
         await until_done(
-            lambda: self.publisher.event(event),
+            lambda: self.publisher.event(event, body),
             (BrokerUnavailable,),
             log,
             f"run {event.run_id} ended; its report is not confirmed yet",
@@ -669,7 +672,7 @@ def _wire_text(text: str | None, *, keep_end: bool = False) -> str | None:
     return cleaned[-OUTPUT_TAIL_LIMIT:] if keep_end else cleaned[:OUTPUT_TAIL_LIMIT]
 
 
-def _envelope(message: AbstractIncomingMessage) -> str:
+def _envelope(message: AckedDelivery) -> str:
     """What besides its body verifies a delivered trigger: its signature headers and routing key
     (JSON, kept in the claim of a run whose trigger is acked early)."""
     headers = message.headers or {}

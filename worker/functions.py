@@ -33,6 +33,8 @@ from common.errors import ConfigError
 F = TypeVar("F", bound=Callable[..., Any])
 
 _registered: dict[str, Callable[..., Any]] = {}
+# The sync functions registered with ``blocking=False``: called on the worker's event loop.
+_on_loop: set[str] = set()
 
 
 @overload
@@ -40,23 +42,39 @@ def job_function(function: F) -> F: ...
 
 
 @overload
-def job_function(*, name: str) -> Callable[[F], F]: ...
+def job_function(*, name: str | None = None, blocking: bool = True) -> Callable[[F], F]: ...
 
 
-def job_function(function: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+def job_function(
+    function: F | None = None, *, name: str | None = None, blocking: bool = True
+) -> F | Callable[[F], F]:
     """Register ``function`` so that ``python`` actions may call it, as ``module:function`` (its
     own module and name) or as ``name`` when given (``module:function`` too). Returns it
-    unchanged. Sync functions run in a thread, async ones on the worker's loop; each is called
-    with the run's ``RunContext``."""
+    unchanged. Each is called with the run's ``RunContext``.
+
+    Async functions run on the worker's event loop. Sync functions run in a thread, so that one
+    that blocks (I/O, sleeps, heavy work) never stalls the worker; one declared
+    ``blocking=False`` (it returns at once and waits for nothing) is called on the loop instead,
+    saving the hand-over to a thread, and cannot be timed out while it runs."""
 
     def register(target: F) -> F:
         key = name or f"{target.__module__}:{target.__qualname__}"
         if key in _registered and _registered[key] is not target:
             raise ValueError(f"{key} is already registered for another function")
         _registered[key] = target
+        if blocking:
+            _on_loop.discard(key)
+        else:
+            _on_loop.add(key)
         return target
 
     return register if function is None else register(function)
+
+
+def runs_on_loop(name: str) -> bool:
+    """Whether the sync function registered as ``name`` said it does not block
+    (``job_function(blocking=False)``): it is called on the worker's loop, not in a thread."""
+    return name in _on_loop
 
 
 def registered(name: str) -> Callable[..., Any] | None:

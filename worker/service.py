@@ -13,7 +13,8 @@ import httpx
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from common.bus import CONNECT_ERRORS, Publisher, broker_refusal, connect, consume_forever
+from common.acks import consume_acked
+from common.bus import CONNECT_ERRORS, Publisher, broker_refusal, connect
 from common.clock import utcnow
 from common.errors import BrokerUnavailable, ConfigError, StoreUnavailable
 from common.messages import WorkerHeartbeat
@@ -85,7 +86,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                     tasks.create_task(_heartbeat_forever(settings, options, publisher, handler, name))
                     tasks.create_task(handler.keep_claims())
                     tasks.create_task(handler.recover_lapsed())
-                    await consume_forever(
+                    await consume_acked(
                         connection,
                         lambda channel: topology.find_pool(channel, options.pool),
                         options.concurrency,

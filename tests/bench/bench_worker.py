@@ -7,20 +7,24 @@ Not a test (pytest does not collect ``bench_*.py``). Run it from the repository 
 For each action kind and number of worker processes it pre-publishes ``--runs`` signed triggers
 (the scheduler's path: ``Publisher.trigger_body``, confirmed) to a fresh namespace's pool, then
 starts that many real ``cronfleet worker --concurrency C --import tests.bench.bench_worker``
-processes on a throwaway SQLite store (or ``--postgres-url``'s private schema with ``--store
+processes (under cProfile with ``BENCH_WORKER_PROFILE=PATH``: ``PATH.<n>`` per process) on a
+throwaway SQLite store (or ``--postgres-url``'s private schema with ``--store
 postgresql``). Each run is whole: the signature check, the trigger claim in the store,
 ``run.started`` and ``run.finished`` confirmed by the broker, the ack. The rate is counted from
 the first ``run.finished`` to the last, as a bare consumer bound to the events exchange sees them
 (worker start-up is not counted), and so is the CPU the worker processes spent per run, their own
 and with the jobs they ran (on a busy host the CPU per run is the steadier figure).
 
-The kinds: ``python`` calls a registered no-op function; ``http`` GETs a local server (a
-``ThreadingHTTPServer`` in a process of its own); ``shell`` runs ``true``.
+The kinds: ``python`` calls a registered no-op function declared non-blocking (called on the
+worker's loop), ``python-thread`` the same no-op as a plain sync function (called in a
+thread); ``http`` GETs a local server (a ``ThreadingHTTPServer`` in a process of its own);
+``shell`` runs ``true``.
 
 Beside it, in the same run: **Celery** (``-P solo``, one process, a no-op task, no result
 backend: what Celery does with no events and no confirms), drained from a pre-filled queue; and
 **a bare aio-pika loop** doing per message what a worker does on the wire and nothing else:
-consume, publish two confirmed messages of an event's size, ack.
+consume, publish two confirmed messages of an event's size, ack; in as many processes of their
+own as the workers (``--processes``), with their CPU per message.
 """
 
 from __future__ import annotations
@@ -60,11 +64,17 @@ from worker.functions import job_function
 POOL = "default"
 PUBLISH_BATCH = 500
 ROOT = Path(__file__).resolve().parents[2]
+THIS_FILE = Path(__file__).resolve()
+
+
+@job_function(blocking=False)
+def noop(run: RunContext) -> None:
+    """The python kind's action: nothing (declared non-blocking: called on the worker's loop)."""
 
 
 @job_function
-def noop(run: RunContext) -> None:
-    """The python kind's action: nothing."""
+def noop_in_thread(run: RunContext) -> None:
+    """The python-thread kind's action: nothing, called in a thread like any sync function."""
 
 
 # --- cronfleet's workers ----------------------------------------------------------------------
@@ -73,6 +83,8 @@ def noop(run: RunContext) -> None:
 def action_of(kind: str, http_url: str) -> ShellAction | HttpAction | PythonAction:
     if kind == "python":
         return PythonAction(function="tests.bench.bench_worker:noop")
+    if kind == "python-thread":
+        return PythonAction(function="tests.bench.bench_worker:noop_in_thread")
     if kind == "http":
         return HttpAction(url=http_url, expect_status=[200])  # type: ignore[arg-type]
     return ShellAction(argv=["true"])
@@ -147,13 +159,34 @@ def start_workers(settings: Settings, processes: int, concurrency: int) -> list[
     if settings.database_schema:
         environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
     command = [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", str(concurrency)]
+    profile = os.environ.get("BENCH_WORKER_PROFILE")
+    if profile is not None:
+        # cProfile of each worker, written when it exits (start-up included): PROFILE.<n>.
+        command = [sys.executable, "-m", "cProfile", "-o", f"{profile}.{{n}}", *command]
     command += ["--import", "tests.bench.bench_worker"]
     log = os.environ.get("BENCH_WORKER_LOG")
     output: Any = subprocess.DEVNULL if log is None else open(log, "ab")  # noqa: SIM115
     return [
-        subprocess.Popen(command, env=environment, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=output)
-        for _ in range(processes)
+        subprocess.Popen(
+            [part.replace("{n}", str(n)) for part in command],
+            env=environment,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=output,
+        )
+        for n in range(processes)
     ]
+
+
+def stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM ``processes``, wait up to 30 s for each, kill those still there."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 @dataclass
@@ -226,13 +259,7 @@ async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, ht
                 cpu_with_jobs_ms=1000 * (everything - first_all) / counted,
             )
         finally:
-            for worker in workers:
-                worker.send_signal(signal.SIGTERM)
-            for worker in workers:
-                try:
-                    worker.wait(30)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
+            stop(workers)
             if counter.times or hasattr(counter, "connection"):
                 await counter.close()
             await cleanup(settings, schema)
@@ -278,12 +305,14 @@ def http_sink() -> tuple[subprocess.Popen[bytes], str]:
 # --- references ---------------------------------------------------------------------------------
 
 
-async def bare_rate(args: argparse.Namespace) -> Rate:
-    """consume -> two confirmed publishes (an event's size) -> ack, at the worker's prefetch."""
+async def bare_rate(args: argparse.Namespace, processes: int) -> Rate:
+    """consume -> two confirmed publishes (an event's size) -> ack, at the worker's prefetch, in
+    ``processes`` processes of their own (``--bare-consumer``), timed as the worker is: from the
+    first second publish to arrive to the last, with their CPU over that span."""
     queue_name = f"benchw-bare-{uuid.uuid4().hex[:8]}"
-    body, event = b"x" * 300, b"y" * 420
+    body = b"x" * 300
     producer = await aio_pika.connect_robust(args.amqp_url)
-    consumer = await aio_pika.connect_robust(args.amqp_url)
+    consumers: list[subprocess.Popen[bytes]] = []
     try:
         channel = await producer.channel(publisher_confirms=True)
         await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
@@ -297,29 +326,66 @@ async def bare_rate(args: argparse.Namespace) -> Rate:
                     for _ in range(first, min(args.runs, first + PUBLISH_BATCH))
                 )
             )
-        work = await consumer.channel()
-        await work.set_qos(prefetch_count=args.concurrency)
-        events = await consumer.channel(publisher_confirms=True)
-        sink = await events.declare_queue(exclusive=True)
+        listening = await producer.channel()
+        await listening.set_qos(prefetch_count=1000)
+        sink = await listening.declare_queue(exclusive=True)
         times: list[float] = []
-        done = asyncio.Event()
+        done, first_seen = asyncio.Event(), asyncio.Event()
+
+        async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            if message.body.startswith(b"2"):  # the second of a delivery's two publishes
+                times.append(time.perf_counter())
+                first_seen.set()
+                if len(times) >= args.runs:
+                    done.set()
+            await message.ack()
+
+        await sink.consume(on_event)
+        command = [sys.executable, str(THIS_FILE), "--amqp-url", args.amqp_url]
+        command += ["--concurrency", str(args.concurrency), "--bare-consumer", queue_name, sink.name]
+        consumers = [subprocess.Popen(command, cwd=ROOT) for _ in range(processes)]  # noqa: ASYNC220
+        pids = [consumer.pid for consumer in consumers]
+        await asyncio.wait_for(first_seen.wait(), timeout=args.timeout)
+        first_runs, (first_own, _) = len(times), cpu_seconds(pids)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout=args.timeout)
+        own, _ = cpu_seconds(pids)
+        note = "" if len(times) >= args.runs else f"only {len(times)} of {args.runs}"
+        return Rate(
+            f"bare aio-pika loop, {processes} process(es)",
+            len(times),
+            times[-1] - times[0],
+            note,
+            cpu_ms=1000 * (own - first_own) / max(len(times) - first_runs, 1),
+        )
+    finally:
+        stop(consumers)
+        with contextlib.suppress(Exception):
+            await (await producer.channel()).queue_delete(queue_name)
+        await producer.close()
+
+
+async def bare_consumer(args: argparse.Namespace, queue_name: str, sink: str) -> None:
+    """The bare loop of one process, until SIGTERM: per delivery, two confirmed publishes to
+    ``sink`` (an event's size; the second starts with ``2``), then the ack."""
+    connection = await aio_pika.connect_robust(args.amqp_url)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        work = await connection.channel()
+        await work.set_qos(prefetch_count=args.concurrency)
+        events = await connection.channel(publisher_confirms=True)
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            for _ in range(2):
-                await events.default_exchange.publish(aio_pika.Message(event), routing_key=sink.name)
+            for marker in (b"1", b"2"):
+                await events.default_exchange.publish(aio_pika.Message(marker + b"y" * 419), routing_key=sink)
             await message.ack()
-            times.append(time.perf_counter())
-            if len(times) >= args.runs:
-                done.set()
 
         queue = await work.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
         await queue.consume(on_message)
-        await asyncio.wait_for(done.wait(), timeout=args.timeout)
-        await work.queue_delete(queue_name)
-        return Rate("bare aio-pika: consume, 2 confirmed publishes, ack", len(times), times[-1] - times[0])
+        await stop.wait()
     finally:
-        await producer.close()
-        await consumer.close()
+        await connection.close()
 
 
 CELERY_APP = "tests.bench.bench_worker_celery"
@@ -400,8 +466,9 @@ async def run(args: argparse.Namespace) -> int:
                 rates.append(await cronfleet_rate(args, kind, processes, http_url))
                 print(f"    {rates[-1].per_second:.0f} runs/s {rates[-1].note}", flush=True)
         if not args.no_references:
-            print("[reference] bare aio-pika ...", flush=True)
-            rates.append(await bare_rate(args))
+            for processes in args.processes:
+                print(f"[reference] bare aio-pika, {processes} process(es) ...", flush=True)
+                rates.append(await bare_rate(args, processes))
             print("[reference] Celery ...", flush=True)
             rates.append(await celery_rate(args))
     finally:
@@ -420,13 +487,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=3000)
     parser.add_argument(
-        "--kinds", nargs="+", default=["python", "http", "shell"], choices=["python", "http", "shell"]
+        "--kinds",
+        nargs="+",
+        default=["python", "http", "shell"],
+        choices=["python", "python-thread", "http", "shell"],
     )
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--concurrency", type=int, default=64, help="each worker's --concurrency")
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up on a measure after this long")
     parser.add_argument("--no-references", action="store_true")
+    parser.add_argument("--bare-consumer", nargs=2, metavar=("QUEUE", "SINK"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--amqp-url", default=os.environ.get("CRONFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     )
@@ -438,7 +509,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return asyncio.run(run(parse_args(argv)))
+    args = parse_args(argv)
+    if args.bare_consumer:
+        asyncio.run(bare_consumer(args, *args.bare_consumer))
+        return 0
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Call a registered Python function (``worker.functions``): async ones on the worker's loop,
-sync ones in a thread; its return value is the run's result, an exception fails the run with
-the tail of its traceback.
+sync ones in a thread (those registered ``blocking=False`` on the loop, without the hand-over);
+its return value is the run's result, an exception fails the run with the tail of its traceback.
 
 A sync function still running at its timeout is reported ``timed_out`` but cannot be stopped:
 Python has no way to kill a thread. Its thread finishes in the background and what it returns
@@ -19,7 +19,7 @@ from common.actions import AnyAction, PythonAction
 from common.bounds import MAX_RESULT_BYTES, json_size
 from common.messages import OUTPUT_TAIL_LIMIT, RunStatus
 from worker.actions.base import ActionResult, RunContext
-from worker.functions import registered
+from worker.functions import registered, runs_on_loop
 
 
 class PythonExecutor:
@@ -46,6 +46,8 @@ class PythonExecutor:
             async with asyncio.timeout(timeout):
                 if inspect.iscoroutinefunction(function):
                     value = await function(context)
+                elif runs_on_loop(action.function):
+                    value = function(context)
                 else:
                     value = await asyncio.to_thread(function, context)
         except TimeoutError:
