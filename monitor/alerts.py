@@ -29,13 +29,13 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, cast
 
-import httpx
 from sqlalchemy import Table, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.cancel import stop_if_cancelled
 from common.cli.alerts import attempt_fields
 from common.clock import Clock, utcnow
+from common.http_client import open_session
 from common.settings import Settings
 from common.store import STORE_OUTAGES, AlertAttemptRow, FlipRow, Store
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
@@ -337,9 +337,9 @@ async def send_test_alert(settings: Settings, channel: str) -> dict[str, Any]:
     return it as ``cronfleet alerts`` shows it. Raises ConfigError for a bad channels file and
     NotFound for an unknown channel, each in one line."""
     config = load_channels(settings.channels_file, os.environ)
-    async with httpx.AsyncClient() as client:
+    async with open_session(1, user_agent="cronfleet-alerts/1") as http:
         attempt = await send_test(
-            build_channels(config, client),
+            build_channels(config, http),
             channel,
             fleet=settings.namespace,
             flip_id=f"{settings.namespace}/test-{uuid.uuid4().hex[:16]}",

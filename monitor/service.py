@@ -20,7 +20,6 @@ import socket
 from collections.abc import Callable
 from datetime import datetime
 
-import httpx
 from aio_pika.abc import AbstractRobustConnection
 
 from common.bus import (
@@ -36,6 +35,7 @@ from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
 from common.errors import BrokerUnavailable, ConfigError
+from common.http_client import open_session
 from common.messages import EVENT_ADAPTER, Event
 from common.services import ServiceOptions
 from common.settings import Settings
@@ -57,6 +57,8 @@ log = logging.getLogger("cronfleet.monitor")
 
 BATCH_LIMIT = 500
 PREFETCH = 2 * BATCH_LIMIT
+# Connections the HTTP alert channels hold at most, all channels together.
+ALERT_CONNECTIONS = 100
 # How often a starting monitor asks whether its queue is drained.
 DRAIN_CHECK_SECONDS = 0.2
 
@@ -230,7 +232,8 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
     store = await Store.open(settings.database_url, settings.database_schema)
     try:
         connection = await connect(settings.amqp_url, name, wait=True)
-        http = httpx.AsyncClient()
+        # One session for every HTTP channel; its connections are kept alive between alerts.
+        http = open_session(ALERT_CONNECTIONS, user_agent="cronfleet-alerts/1")
         alerting = Alerting(store, channels, build_channels(channels, http), settings.namespace)
         try:
             publisher = await Publisher.open(connection, topology, keyring)
@@ -298,7 +301,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                 # deliver stays pending in the store for the next monitor.
                 await alerting.close()
             finally:
-                await http.aclose()
+                await http.close()
                 await connection.close()
     finally:
         await store.close()

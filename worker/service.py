@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any, TypeVar
 
-import httpx
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
@@ -17,6 +16,7 @@ from common.acks import consume_acked
 from common.bus import CONNECT_ERRORS, Publisher, broker_refusal, connect
 from common.clock import utcnow
 from common.errors import BrokerUnavailable, ConfigError, StoreUnavailable
+from common.http_client import open_session
 from common.messages import WorkerHeartbeat
 from common.retry import until_done
 from common.services import ServiceOptions
@@ -60,7 +60,8 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
         await store.close()
         raise
     try:
-        async with httpx.AsyncClient(follow_redirects=False) as client:
+        # One session for every http run: at most one connection per run at a time.
+        async with open_session(options.concurrency, user_agent="cronfleet-worker/1") as session:
             publisher = await _until_ready(
                 lambda: Publisher.open(connection, topology, keyring, declare=False)
             )
@@ -68,7 +69,7 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
             handler = TriggerHandler(
                 publisher,
                 keyring,
-                executors(client, commands),
+                executors(session, commands),
                 claims,
                 pool=options.pool,
                 early_ack_seconds=settings.early_ack_seconds,

@@ -4,7 +4,7 @@ job goes where, and delivery in the background with retries. ``docs/alerts.md`` 
 The monitor's face of this package::
 
     config = load_channels(path, os.environ)              # ConfigError, one line
-    channels = build_channels(config, http_client)
+    channels = build_channels(config, session)  # an aiohttp.ClientSession (common.http_client)
     async with Dispatcher(channels, config.routes, config.delivery, on_attempt) as dispatcher:
         if needs_alert(flip):
             dispatcher.submit(Alert.from_flip(flip, job=..., flip_id=..., fleet=...))

@@ -62,9 +62,9 @@ from common.bounds import MAX_URL_LENGTH
 from common.errors import ConfigError, JobFileError
 from common.jobs import _line_of, _one_line, _read_toml
 from common.messages import JOB_NAME_PATTERN
+from common.webhooks import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, webhook_key
 from monitor.channels.log import Level
 from monitor.channels.policy import LOG_CHANNEL, ChannelName, RetryPolicy, Routes
-from monitor.channels.webhook import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, webhook_key
 
 ENV_PREFIX = "CRONFLEET_CHANNEL_"
 DEFAULT_ROUTE_VARIABLE = "CRONFLEET_ALERTS_DEFAULT_ROUTE"

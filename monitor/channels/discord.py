@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from common.messages import format_instant
@@ -63,10 +63,10 @@ class DiscordChannel:
 
     type = "discord"
 
-    def __init__(self, name: str, url: str, client: httpx.AsyncClient, *, timeout: float = 10.0) -> None:
+    def __init__(self, name: str, url: str, session: aiohttp.ClientSession, *, timeout: float = 10.0) -> None:
         self.name = name
         self._url = url
-        self._client = client
+        self._session = session
         self._timeout = timeout
 
     def __repr__(self) -> str:
@@ -74,4 +74,4 @@ class DiscordChannel:
 
     async def send(self, alert: Alert) -> None:
         """Post ``alert``. Raises DeliveryFailed."""
-        await post_json(self._client, self._url, orjson.dumps(discord_message(alert)), timeout=self._timeout)
+        await post_json(self._session, self._url, orjson.dumps(discord_message(alert)), timeout=self._timeout)

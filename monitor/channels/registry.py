@@ -7,9 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from common.clock import Clock, utcnow
+from common.webhooks import webhook_key
 from monitor.channels.base import Channel
 from monitor.channels.config import (
     ChannelsConfig,
@@ -23,30 +24,30 @@ from monitor.channels.discord import DiscordChannel
 from monitor.channels.email import EmailChannel, SmtpServer
 from monitor.channels.log import LogChannel
 from monitor.channels.slack import SlackChannel
-from monitor.channels.webhook import WebhookChannel, webhook_key
+from monitor.channels.webhook import WebhookChannel
 
 
-def _webhook(name: str, s: WebhookSettings, client: httpx.AsyncClient, clock: Clock) -> Channel:
+def _webhook(name: str, s: WebhookSettings, session: aiohttp.ClientSession, clock: Clock) -> Channel:
     return WebhookChannel(
         name,
         s.url.get_secret_value(),
         webhook_key(s.secret.get_secret_value()),
-        client,
+        session,
         headers={k: v.get_secret_value() for k, v in s.headers.items()},
         timeout=s.timeout_seconds,
         clock=clock,
     )
 
 
-def _slack(name: str, s: SlackSettings, client: httpx.AsyncClient, clock: Clock) -> Channel:
-    return SlackChannel(name, s.url.get_secret_value(), client, timeout=s.timeout_seconds)
+def _slack(name: str, s: SlackSettings, session: aiohttp.ClientSession, clock: Clock) -> Channel:
+    return SlackChannel(name, s.url.get_secret_value(), session, timeout=s.timeout_seconds)
 
 
-def _discord(name: str, s: DiscordSettings, client: httpx.AsyncClient, clock: Clock) -> Channel:
-    return DiscordChannel(name, s.url.get_secret_value(), client, timeout=s.timeout_seconds)
+def _discord(name: str, s: DiscordSettings, session: aiohttp.ClientSession, clock: Clock) -> Channel:
+    return DiscordChannel(name, s.url.get_secret_value(), session, timeout=s.timeout_seconds)
 
 
-def _email(name: str, s: EmailSettings, client: httpx.AsyncClient, clock: Clock) -> Channel:
+def _email(name: str, s: EmailSettings, session: aiohttp.ClientSession, clock: Clock) -> Channel:
     server = SmtpServer(
         host=s.host,
         port=s.port,
@@ -59,11 +60,11 @@ def _email(name: str, s: EmailSettings, client: httpx.AsyncClient, clock: Clock)
     return EmailChannel(name, server, s.sender, tuple(s.to))
 
 
-def _log(name: str, s: LogSettings, client: httpx.AsyncClient, clock: Clock) -> Channel:
+def _log(name: str, s: LogSettings, session: aiohttp.ClientSession, clock: Clock) -> Channel:
     return LogChannel(name, level=s.level)
 
 
-BUILDERS: dict[str, Callable[[str, Any, httpx.AsyncClient, Clock], Channel]] = {
+BUILDERS: dict[str, Callable[[str, Any, aiohttp.ClientSession, Clock], Channel]] = {
     "webhook": _webhook,
     "slack": _slack,
     "discord": _discord,
@@ -73,7 +74,8 @@ BUILDERS: dict[str, Callable[[str, Any, httpx.AsyncClient, Clock], Channel]] = {
 
 
 def build_channels(
-    config: ChannelsConfig, client: httpx.AsyncClient, *, clock: Clock = utcnow
+    config: ChannelsConfig, client: aiohttp.ClientSession, *, clock: Clock = utcnow
 ) -> dict[str, Channel]:
-    """One sender per configured channel, by name; the HTTP ones share ``client``."""
+    """One sender per configured channel, by name; the HTTP ones share ``client`` (a session
+    of ``common.http_client``)."""
     return {name: BUILDERS[s.type](name, s, client, clock) for name, s in config.channels.items()}

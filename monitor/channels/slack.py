@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from monitor.channels.base import Alert
@@ -62,10 +62,10 @@ class SlackChannel:
 
     type = "slack"
 
-    def __init__(self, name: str, url: str, client: httpx.AsyncClient, *, timeout: float = 10.0) -> None:
+    def __init__(self, name: str, url: str, session: aiohttp.ClientSession, *, timeout: float = 10.0) -> None:
         self.name = name
         self._url = url
-        self._client = client
+        self._session = session
         self._timeout = timeout
 
     def __repr__(self) -> str:
@@ -73,4 +73,4 @@ class SlackChannel:
 
     async def send(self, alert: Alert) -> None:
         """Post ``alert``. Raises DeliveryFailed."""
-        await post_json(self._client, self._url, orjson.dumps(slack_message(alert)), timeout=self._timeout)
+        await post_json(self._session, self._url, orjson.dumps(slack_message(alert)), timeout=self._timeout)

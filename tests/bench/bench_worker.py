@@ -17,8 +17,15 @@ and with the jobs they ran (on a busy host the CPU per run is the steadier figur
 
 The kinds: ``python`` calls a registered no-op function declared non-blocking (called on the
 worker's loop), ``python-thread`` the same no-op as a plain sync function (called in a
-thread); ``http`` GETs a local server (a ``ThreadingHTTPServer`` in a process of its own);
-``shell`` runs ``true``.
+thread); ``http`` POSTs a small JSON body, signed the Standard Webhooks way with the job's secret,
+to a local endpoint that answers JSON with a ``requestId`` (``tests/bench/http_sink.py``:
+``--sink-processes`` asyncio processes sharing one port with ``SO_REUSEPORT``, so that the bench
+measures the worker, not the sink; ``--sink threading`` is the ``ThreadingHTTPServer`` used
+before); ``shell`` runs ``true``. The CPU the sink spent per run is printed too.
+
+``--profile DIR`` runs each worker under ``py-spy record`` (raw collapsed stacks in ``DIR``; the
+worker is left dumpable for it, which a real worker is not); ``BENCH_WORKER_PROFILE=PATH`` runs
+each under cProfile instead (``PATH.<n>``, written when it exits).
 
 Beside it, in the same run: **Celery** (``-P solo``, one process, a no-op task, no result
 backend: what Celery does with no events and no confirms), drained from a pre-filled queue; and
@@ -31,12 +38,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import os
 import platform
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -80,13 +89,25 @@ def noop_in_thread(run: RunContext) -> None:
 # --- cronfleet's workers ----------------------------------------------------------------------
 
 
+# The http kind's job: a signed POST of a small JSON body (issue 17's shape of a call).
+HTTP_SECRET = "whsec_" + base64.b64encode(b"the bench's webhook key, 32 bytes").decode()
+HTTP_BODY = '{"event": "tick", "source": "cronfleet-bench"}'
+
+
 def action_of(kind: str, http_url: str) -> ShellAction | HttpAction | PythonAction:
     if kind == "python":
         return PythonAction(function="tests.bench.bench_worker:noop")
     if kind == "python-thread":
         return PythonAction(function="tests.bench.bench_worker:noop_in_thread")
     if kind == "http":
-        return HttpAction(url=http_url, expect_status=[200])  # type: ignore[arg-type]
+        return HttpAction(
+            url=http_url,  # type: ignore[arg-type]
+            method="POST",
+            body=HTTP_BODY,
+            headers={"Content-Type": "application/json"},
+            webhook_secret=HTTP_SECRET,
+            expect_status=[200],
+        )
     return ShellAction(argv=["true"])
 
 
@@ -145,9 +166,19 @@ class FinishedCounter:
         await self.connection.close()
 
 
-def start_workers(settings: Settings, processes: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
+# ``cronfleet`` with the worker left dumpable, so that py-spy may read its memory.
+DUMPABLE_CRONFLEET = (
+    "import sys, worker.hardening as h; h.protect_secrets = lambda: False; "
+    "from common.cli.main import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def start_workers(
+    settings: Settings, processes: int, concurrency: int, profile: str | None = None, label: str = ""
+) -> list[subprocess.Popen[bytes]]:
     """``processes`` real ``cronfleet worker`` processes on ``settings``; their output is dropped
-    (appended to the file ``BENCH_WORKER_LOG`` names, when set)."""
+    (appended to the file ``BENCH_WORKER_LOG`` names, when set). With ``profile`` (a directory),
+    each runs under ``py-spy record``, its samples in ``DIR/<label>-<n>.txt``."""
     environment = {
         **os.environ,
         "CRONFLEET_AMQP_URL": settings.amqp_url,
@@ -158,23 +189,32 @@ def start_workers(settings: Settings, processes: int, concurrency: int) -> list[
     }
     if settings.database_schema:
         environment["CRONFLEET_DATABASE_SCHEMA"] = settings.database_schema
-    command = [str(Path(sys.executable).parent / "cronfleet"), "worker", "--concurrency", str(concurrency)]
-    profile = os.environ.get("BENCH_WORKER_PROFILE")
-    if profile is not None:
-        # cProfile of each worker, written when it exits (start-up included): PROFILE.<n>.
-        command = [sys.executable, "-m", "cProfile", "-o", f"{profile}.{{n}}", *command]
-    command += ["--import", "tests.bench.bench_worker"]
+    arguments = ["worker", "--concurrency", str(concurrency), "--import", "tests.bench.bench_worker"]
     log = os.environ.get("BENCH_WORKER_LOG")
     output: Any = subprocess.DEVNULL if log is None else open(log, "ab")  # noqa: SIM115
+    cronfleet = str(Path(sys.executable).parent / "cronfleet")
+    commands = [[cronfleet, *arguments]] * processes
+    cprofile = os.environ.get("BENCH_WORKER_PROFILE")
+    if cprofile is not None:
+        # cProfile of each worker, written when it exits (start-up included): PATH.<n>.
+        commands = [
+            [sys.executable, "-m", "cProfile", "-o", f"{cprofile}.{n}", cronfleet, *arguments]
+            for n in range(processes)
+        ]
+    if profile is not None:
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        spy = str(Path(sys.executable).parent / "py-spy")
+        commands = [
+            [
+                *(spy, "record", "--format", "raw", "--rate", "200"),
+                *("--output", f"{profile}/{label}-{n}.txt"),
+                *("--", sys.executable, "-c", DUMPABLE_CRONFLEET, *arguments),
+            ]
+            for n in range(processes)
+        ]
     return [
-        subprocess.Popen(
-            [part.replace("{n}", str(n)) for part in command],
-            env=environment,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=output,
-        )
-        for n in range(processes)
+        subprocess.Popen(command, env=environment, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=output)
+        for command in commands
     ]
 
 
@@ -198,6 +238,8 @@ class Rate:
     # CPU the worker processes spent per run (their own; with the jobs they waited for), in ms.
     cpu_ms: float | None = None
     cpu_with_jobs_ms: float | None = None
+    # CPU the http sink's processes spent per run, in ms (http runs only).
+    sink_cpu_ms: float | None = None
 
     @property
     def per_second(self) -> float:
@@ -216,7 +258,17 @@ def cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
     return own / tick, (own + children) / tick
 
 
-async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, http_url: str) -> Rate:
+def process_tree(pids: Sequence[int]) -> list[int]:
+    """``pids`` and their children (a worker under py-spy is py-spy's child)."""
+    found = list(pids)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            found += process_tree([int(child) for child in children])
+    return found
+
+
+async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, sink: Sink) -> Rate:
     namespace = f"benchw-{uuid.uuid4().hex[:8]}"
     keys = ",".join(f"{role}:b-{role}:{secrets.token_hex(16)}" for role in ("trigger", "event", "ping"))
     with tempfile.TemporaryDirectory(prefix="cronfleet-benchw-") as tmp:
@@ -232,17 +284,22 @@ async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, ht
         workers: list[subprocess.Popen[bytes]] = []
         try:
             # Declares the topology, then fills the pool; the counter listens before any worker.
-            await publish_triggers(settings, action_of(kind, http_url), args.runs)
+            await publish_triggers(settings, action_of(kind, sink.url), args.runs)
             await counter.open(args.runs)
-            workers = start_workers(settings, processes, args.concurrency)
+            label = f"{kind}-{processes}p"
+            workers = start_workers(settings, processes, args.concurrency, args.profile, label)
             pids = [worker.pid for worker in workers]
             # CPU is counted from the first run's end (start-up left out) to the last's.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(counter.first.wait(), timeout=args.timeout)
+            if args.profile is not None:  # the workers are py-spy's children: count those
+                pids = [pid for pid in process_tree(pids) if pid not in pids]
             first_runs, (first_own, first_all) = len(counter.times), cpu_seconds(pids)
+            first_sink = cpu_seconds(sink.pids)[0]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(counter.done.wait(), timeout=args.timeout)
             own, everything = cpu_seconds(pids)
+            sink_cpu = cpu_seconds(sink.pids)[0] - first_sink
             times = counter.times
             note = (
                 "" if len(times) >= args.runs else f"only {len(times)} of {args.runs} in {args.timeout:g} s"
@@ -257,9 +314,21 @@ async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, ht
                 note.strip(),
                 cpu_ms=1000 * (own - first_own) / counted,
                 cpu_with_jobs_ms=1000 * (everything - first_all) / counted,
+                sink_cpu_ms=1000 * sink_cpu / counted if kind == "http" else None,
             )
         finally:
-            stop(workers)
+            # Under py-spy, the workers (its children) are stopped: py-spy then writes and ends.
+            for pid in process_tree([worker.pid for worker in workers]) if args.profile else []:
+                if pid not in (worker.pid for worker in workers):
+                    os.kill(pid, signal.SIGTERM)
+            if args.profile:
+                for worker in workers:
+                    try:
+                        worker.wait(30)
+                    except subprocess.TimeoutExpired:
+                        worker.kill()
+            else:
+                stop(workers)
             if counter.times or hasattr(counter, "connection"):
                 await counter.close()
             await cleanup(settings, schema)
@@ -281,25 +350,48 @@ async def cleanup(settings: Settings, schema: str | None) -> None:
             await store.close()
 
 
-def http_sink() -> tuple[subprocess.Popen[bytes], str]:
-    """A local HTTP server in a process of its own; its URL."""
-    port = 18000 + os.getpid() % 1000
-    sink = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "http.server",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            tempfile.gettempdir(),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+@dataclass
+class Sink:
+    """The local endpoint of the http runs: its processes and its URL."""
+
+    processes: list[subprocess.Popen[bytes]]
+    url: str
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(10)
+
+
+def start_sink(kind: str, processes: int) -> Sink:
+    """``tests/bench/http_sink.py`` in ``processes`` processes of their own (one for
+    ``threading``), all on one port, answering once it accepts connections."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "tests.bench.http_sink", "--port", str(port), "--kind", kind]
+    count = 1 if kind == "threading" else processes
+    sink = Sink(
+        [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL) for _ in range(count)],
+        f"http://127.0.0.1:{port}/hook",
     )
-    time.sleep(1.0)
-    return sink, f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in sink.processes):
+                sink.stop()
+                raise RuntimeError("the http sink did not start") from None
+            time.sleep(0.05)
+    time.sleep(0.3)  # the other processes bind their sockets
+    return sink
 
 
 # --- references ---------------------------------------------------------------------------------
@@ -458,12 +550,12 @@ async def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     rates: list[Rate] = []
-    sink, http_url = http_sink()
+    sink = start_sink(args.sink, args.sink_processes)
     try:
         for kind in args.kinds:
             for processes in args.processes:
                 print(f"[cronfleet] {kind}, {processes} worker process(es) ...", flush=True)
-                rates.append(await cronfleet_rate(args, kind, processes, http_url))
+                rates.append(await cronfleet_rate(args, kind, processes, sink))
                 print(f"    {rates[-1].per_second:.0f} runs/s {rates[-1].note}", flush=True)
         if not args.no_references:
             for processes in args.processes:
@@ -472,14 +564,16 @@ async def run(args: argparse.Namespace) -> int:
             print("[reference] Celery ...", flush=True)
             rates.append(await celery_rate(args))
     finally:
-        sink.terminate()
+        sink.stop()
     print()
-    print(f"{'measure':<56} {'runs/s':>8} {'cpu ms/run':>11} {'+ jobs':>8}")
-    print("-" * 86)
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; sink {args.sink}")
+    print(f"{'measure':<56} {'runs/s':>8} {'cpu ms/run':>11} {'+ jobs':>8} {'sink':>6}")
+    print("-" * 93)
     for rate in rates:
         cpu = "" if rate.cpu_ms is None else f"{rate.cpu_ms:>11.2f} {rate.cpu_with_jobs_ms or 0:>8.2f}"
+        sink_cpu = "" if rate.sink_cpu_ms is None else f" {rate.sink_cpu_ms:>6.2f}"
         note = f"  ({rate.note})" if rate.note else ""
-        print(f"{rate.label:<56} {rate.per_second:>8.0f} {cpu:>20}{note}")
+        print(f"{rate.label:<56} {rate.per_second:>8.0f} {cpu:>20}{sink_cpu}{note}")
     return 0
 
 
@@ -498,6 +592,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=300.0, help="give up on a measure after this long")
     parser.add_argument("--no-references", action="store_true")
     parser.add_argument("--bare-consumer", nargs=2, metavar=("QUEUE", "SINK"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sink", choices=["asyncio", "threading"], default="asyncio", help="the http runs' endpoint"
+    )
+    parser.add_argument("--sink-processes", type=int, default=2, help="asyncio sink processes on one port")
+    parser.add_argument("--profile", metavar="DIR", help="run each worker under py-spy, samples in DIR")
     parser.add_argument(
         "--amqp-url", default=os.environ.get("CRONFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     )

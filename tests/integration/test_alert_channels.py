@@ -27,7 +27,7 @@ from pathlib import Path
 from subprocess import PIPE
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 import pytest
 from aiosmtpd.controller import Controller
@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from common.errors import NotFound
+from common.http_client import open_session
 from monitor.channels import (
     Alert,
     Attempt,
@@ -143,8 +144,8 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(trust_env=False) as http:
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with open_session(10) as http:
         yield http
 
 
@@ -161,7 +162,7 @@ class Recorder:
         return [a for a in self.attempts if a.channel == channel]
 
 
-def channels_for(receiver: Receiver, client: httpx.AsyncClient, **paths: str) -> dict[str, Channel]:
+def channels_for(receiver: Receiver, client: aiohttp.ClientSession, **paths: str) -> dict[str, Channel]:
     """Channels named after their kind (webhook, slack, discord; ``NAME=/path``) sending to the receiver."""
     tables = []
     for name, path in paths.items():
@@ -194,7 +195,7 @@ def spec_verify(
 
 
 async def test_a_webhook_is_signed_so_that_a_receiver_verifies_it(
-    receiver: Receiver, client: httpx.AsyncClient
+    receiver: Receiver, client: aiohttp.ClientSession
 ) -> None:
     recorder = Recorder()
     channels = channels_for(receiver, client, webhook="/hook")
@@ -233,7 +234,7 @@ def _docs_block(language: str) -> str:
 
 
 async def test_the_verifiers_in_the_docs_accept_a_real_delivery_and_refuse_a_changed_one(
-    receiver: Receiver, client: httpx.AsyncClient
+    receiver: Receiver, client: aiohttp.ClientSession
 ) -> None:
     recorder = Recorder()
     channels = channels_for(receiver, client, webhook="/hook")
@@ -273,7 +274,7 @@ async def _async(value: Any) -> Any:
 
 
 async def test_slack_and_discord_get_their_payload_shapes_in_order(
-    receiver: Receiver, client: httpx.AsyncClient
+    receiver: Receiver, client: aiohttp.ClientSession
 ) -> None:
     recorder = Recorder()
     channels = channels_for(receiver, client, slack="/slack", discord="/discord")
@@ -312,7 +313,7 @@ async def test_slack_and_discord_get_their_payload_shapes_in_order(
 
 
 async def test_a_failing_receiver_is_retried_with_backoff_while_the_others_go_on(
-    receiver: Receiver, client: httpx.AsyncClient
+    receiver: Receiver, client: aiohttp.ClientSession
 ) -> None:
     receiver.plan["/flaky"] = [500, 503]  # then 200
     recorder = Recorder()
@@ -344,7 +345,7 @@ async def test_a_failing_receiver_is_retried_with_backoff_while_the_others_go_on
 
 
 async def test_a_dead_receiver_ends_with_every_attempt_reported_as_an_error(
-    receiver: Receiver, client: httpx.AsyncClient
+    receiver: Receiver, client: aiohttp.ClientSession
 ) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
@@ -387,7 +388,7 @@ async def test_a_dead_receiver_ends_with_every_attempt_reported_as_an_error(
 
 
 async def test_delivery_goes_on_when_recording_an_attempt_fails(
-    receiver: Receiver, client: httpx.AsyncClient
+    receiver: Receiver, client: aiohttp.ClientSession
 ) -> None:
     stored: list[Attempt] = []
     failed: list[Attempt] = []
@@ -410,7 +411,7 @@ async def test_delivery_goes_on_when_recording_an_attempt_fails(
 
 
 async def test_closing_reports_what_was_left_undelivered(
-    receiver: Receiver, client: httpx.AsyncClient
+    receiver: Receiver, client: aiohttp.ClientSession
 ) -> None:
     recorder = Recorder()
     channels = channels_for(receiver, client, hung="/hang")
@@ -430,7 +431,7 @@ async def test_closing_reports_what_was_left_undelivered(
 
 
 async def test_a_full_queue_refuses_and_records_instead_of_growing(
-    receiver: Receiver, client: httpx.AsyncClient
+    receiver: Receiver, client: aiohttp.ClientSession
 ) -> None:
     recorder = Recorder()
     channels = channels_for(receiver, client, hung="/hang")
@@ -451,7 +452,7 @@ async def test_a_full_queue_refuses_and_records_instead_of_growing(
 
 
 async def test_a_channel_delivers_several_jobs_at_once_and_each_jobs_alerts_in_order(
-    receiver: Receiver, client: httpx.AsyncClient
+    receiver: Receiver, client: aiohttp.ClientSession
 ) -> None:
     stored: list[list[Attempt]] = []
 
@@ -675,7 +676,7 @@ async def test_a_slow_smtp_server_does_not_block_the_event_loop(tmp_path: Path) 
 
 
 async def test_a_test_alert_is_sent_once_and_its_outcome_returned(
-    receiver: Receiver, client: httpx.AsyncClient
+    receiver: Receiver, client: aiohttp.ClientSession
 ) -> None:
     receiver.plan["/broken"] = [500]
     channels = channels_for(receiver, client, slack="/slack", broken="/broken")

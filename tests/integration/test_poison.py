@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import httpx
 import orjson
 import pytest
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -27,6 +26,7 @@ from common.actions import AnyAction, HttpAction, ShellAction
 from common.bounds import MAX_MESSAGE_BYTES
 from common.clock import utcnow
 from common.envelope import REJECTED_BY_HEADER, REJECTION_DETAIL_HEADER, REJECTION_HEADER
+from common.http_client import open_session
 from common.messages import (
     Event,
     HeartbeatKind,
@@ -539,7 +539,7 @@ async def test_executors_turn_what_the_kernel_or_http_refuses_into_a_failed_resu
         body=None,
         expect_status=[200],
     )
-    async with httpx.AsyncClient() as client:
-        result = await HttpExecutor(client).run(http, 5, _RUN)
+    async with open_session(1) as session:
+        result = await HttpExecutor(session).run(http, 5, _RUN)
     assert result.status is RunStatus.FAILED and result.error
     assert not (tmp_path / "x").exists()

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.errors import ConfigError
+from common.webhooks import sign, signed_headers, webhook_key
 from monitor.alerts import alert_id, flip_of
 from monitor.channels import (
     Alert,
@@ -29,7 +30,7 @@ from monitor.channels.email import email_message
 from monitor.channels.http import retry_after_seconds
 from monitor.channels.log import LogChannel, log_line
 from monitor.channels.slack import slack_message
-from monitor.channels.webhook import sign, signed_headers, webhook_body, webhook_key
+from monitor.channels.webhook import webhook_body
 from monitor.health import Flip, State
 
 NOW = datetime(2026, 3, 1, 3, 1, 0, tzinfo=UTC)

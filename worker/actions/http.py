@@ -3,23 +3,26 @@
 The run's id goes along as ``X-Request-Id``. A job with a ``webhook_secret`` has every request
 signed as Standard Webhooks define it (https://www.standardwebhooks.com/): ``webhook-id`` (the run
 id, the same on every retry of that run), ``webhook-timestamp`` (Unix seconds) and
-``webhook-signature`` (``v1,`` + base64 HMAC-SHA256 of ``id.timestamp.body`` under the secret),
-signed with the ``standardwebhooks`` library. An endpoint that answers JSON with a ``requestId``
-has it stored on the run.
+``webhook-signature`` (``v1,`` + base64 HMAC-SHA256 of ``id.timestamp.body`` under the secret;
+``common.webhooks``). An endpoint that answers JSON with a ``requestId`` has it stored on the run.
+Requests go out on the worker's one aiohttp session (``common.http_client``); no redirect is
+followed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import datetime
 
-import httpx
+import aiohttp
 import orjson
-from standardwebhooks import Webhook
 
 from common.actions import AnyAction, HttpAction
 from common.clock import utcnow
+from common.http_client import error_name
 from common.messages import IDENTIFIER_LENGTH, RunStatus
+from common.webhooks import SECRET_PREFIX, signed_headers
 from worker.actions.base import ActionResult, OutputTail, RunContext
 
 # The header that carries the run's id to the endpoint.
@@ -31,14 +34,9 @@ WEBHOOK_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
 def webhook_headers(secret: str, message_id: str, at: datetime, body: bytes) -> dict[str, str]:
     """The three Standard Webhooks headers of a request carrying ``body``, signed with
-    ``secret`` (``whsec_...``) at ``at``."""
-    timestamp = datetime.fromtimestamp(int(at.timestamp()), tz=at.tzinfo)
-    signature = Webhook(secret).sign(message_id, timestamp, body.decode())
-    return {
-        "webhook-id": message_id,
-        "webhook-timestamp": str(int(timestamp.timestamp())),
-        "webhook-signature": signature,
-    }
+    ``secret`` (``whsec_...``, as the jobs file accepts it) at ``at`` (whole seconds)."""
+    key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+    return signed_headers(key, message_id, int(at.timestamp()), body)
 
 
 def answered_request_id(content_type: str | None, body: bytes) -> str | None:
@@ -60,14 +58,14 @@ def answered_request_id(content_type: str | None, body: bytes) -> str | None:
 
 
 class HttpExecutor:
-    """Runs ``http`` actions on a shared client (connection pooling across runs)."""
+    """Runs ``http`` actions on a shared session (connections kept alive across runs)."""
 
     # A JSON answer is read whole (to find its requestId) up to this size; the run keeps only
     # the tail of any answer.
     ANSWER_LIMIT = 64 * 1024
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self._client = client
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
 
     async def run(self, action: AnyAction, timeout: float, context: RunContext) -> ActionResult:
         """Send the request; time out after ``timeout`` seconds in all (connect, send, read). The
@@ -85,26 +83,27 @@ class HttpExecutor:
         try:
             async with (
                 asyncio.timeout(timeout),
-                self._client.stream(
+                self._session.request(
                     action.method,
                     str(action.url),
                     headers=headers,
-                    content=body if action.body is not None else None,
-                    timeout=timeout,
+                    data=body if action.body is not None else None,
+                    allow_redirects=False,
                 ) as response,
             ):
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.content.iter_any():
                     tail.feed(chunk)
                     if len(head) <= self.ANSWER_LIMIT:
                         head += chunk
-        except (TimeoutError, httpx.TimeoutException):
+        except TimeoutError:
             return ActionResult(RunStatus.TIMED_OUT, error=f"no complete response within {timeout:g}s")
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-            # InvalidURL and encoding errors (a header h11 cannot send) are not HTTPErrors.
+        except (aiohttp.ClientError, ValueError, UnicodeError) as exc:
+            # ValueError and UnicodeError: a header the client cannot send (a line break, a
+            # character outside Latin-1 or UTF-8), a URL it refuses.
             return ActionResult(
-                RunStatus.FAILED, error=f"{type(exc).__name__}: {exc or 'connection failed'}"[:1000]
+                RunStatus.FAILED, error=f"{error_name(exc)}: {exc or 'connection failed'}"[:1000]
             )
-        code = response.status_code
+        code = response.status
         request_id = None
         if len(head) <= self.ANSWER_LIMIT:
             request_id = answered_request_id(response.headers.get("content-type"), bytes(head))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 
 from worker.actions.base import Executor
 from worker.actions.http import HttpExecutor
@@ -11,7 +11,7 @@ from worker.actions.shell import ShellExecutor
 from worker.allow import CommandAllowList
 
 
-def executors(client: httpx.AsyncClient, commands: CommandAllowList) -> dict[str, Executor]:
-    """One executor per action type; HTTP ones share ``client``; shell ones run only the
+def executors(session: aiohttp.ClientSession, commands: CommandAllowList) -> dict[str, Executor]:
+    """One executor per action type; HTTP ones share ``session``; shell ones run only the
     programs ``commands`` allows."""
-    return {"shell": ShellExecutor(commands), "http": HttpExecutor(client), "python": PythonExecutor()}
+    return {"shell": ShellExecutor(commands), "http": HttpExecutor(session), "python": PythonExecutor()}
