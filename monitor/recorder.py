@@ -282,8 +282,15 @@ class _Batch:
         return True
 
     def finish(self, run: _Run, due_after: datetime) -> None:
-        """Make ``run`` its job's last run, unless a later one has already begun."""
+        """Make ``run`` its job's last run, unless a later one has already begun; either way,
+        its end moves the job's next expected time on (never back)."""
         if not self.start(run):
+            # A later run began before this one's end was recorded (overlapping runs, or events
+            # recorded out of order): this run is history, but a job whose runs always overlap
+            # must still get a next expected time.
+            state = self.states[run.job]
+            if state.next_expected_at is None or state.next_expected_at <= due_after:
+                self.due_after[run.job] = max(self.due_after.get(run.job, due_after), due_after)
             return
         state = self.states[run.job]
         state.last_finished_at = run.finished_at

@@ -18,7 +18,7 @@ from common.clock import utcnow
 from common.jobs import JobSpec
 from common.messages import HeartbeatKind, JobHeartbeat, RunFinished, RunStarted, RunStatus, WireMessage
 from common.settings import Settings
-from common.store import FlipRow, JobHealthRow, Store
+from common.store import FlipRow, JobHealthRow, JobStateRow, Store
 from common.topology import Topology
 from monitor.health import Flip, State
 from monitor.health_store import JobFlip, store_flips
@@ -385,3 +385,41 @@ async def test_a_herd_of_flips_stored_at_once_gets_each_its_own_row_and_id(store
             None if item.flip.recovered_from is None else item.flip.recovered_from.value,
         )
         assert row.alert == ("pending" if item.alert else None)
+
+
+async def test_a_job_whose_runs_overlap_still_gets_its_next_expected_time(store: Store) -> None:
+    # Each run's end is recorded after the next run began (a job longer than its period, or
+    # events recorded out of order): every run's end is history, and the job must still be
+    # expected at its next fire, moving on with each end, never back.
+    await apply_toml(store, EVERY_SECOND)
+    start = utcnow().replace(microsecond=0)
+    runs: dict[str, Any] = {"job": "every", "pool": "default", "worker": "w"}
+
+    def started(n: int) -> RunStarted:
+        at = start + timedelta(seconds=n)
+        return RunStarted(**runs, run_id=f"r-{n}", trigger_id=f"every@{n}", scheduled_at=at, started_at=at)
+
+    def finished(n: int) -> RunFinished:
+        at = start + timedelta(seconds=n)
+        return RunFinished(
+            **runs,
+            run_id=f"r-{n}",
+            trigger_id=f"every@{n}",
+            scheduled_at=at,
+            started_at=at,
+            finished_at=at + timedelta(seconds=1.5),
+            duration_seconds=1.5,
+            status=RunStatus.SUCCEEDED,
+        )
+
+    expected = []
+    for n in range(3):
+        batch = [started(n + 1), finished(n)] if n else [started(0), started(1), finished(0)]
+        async with store.session() as session, session.begin():
+            await record_batch(session, batch, start + timedelta(seconds=n + 2))
+        async with store.session() as session:
+            state = await session.get(JobStateRow, "every")
+        assert state is not None and state.last_run_id == f"r-{n + 1}"
+        expected.append(state.next_expected_at)
+    # The first fire after each end (n + 1.5 s): n + 2 s.
+    assert expected == [start + timedelta(seconds=n + 2) for n in range(3)], expected
