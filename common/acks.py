@@ -122,7 +122,7 @@ class ChannelAcks:
         log.warning(
             "could not settle %d deliveries (%s); the broker will redeliver them",
             len(settlements),
-            exc or type(exc).__name__,
+            str(exc) or type(exc).__name__,
             exc_info=None if isinstance(exc, CONNECT_ERRORS) else exc,
         )
         return [False] * len(settlements)

@@ -17,6 +17,7 @@ from sqlalchemy import Table, and_, delete, or_, select, update
 
 from common.bus import FramedMessage, Publisher
 from common.clock import utcnow
+from common.collector import collector_paused
 from common.errors import BrokerUnavailable
 from common.messages import Trigger
 from common.store import FireRow, Store, dialect_insert
@@ -122,9 +123,12 @@ async def publish(
         now = datetime.now(UTC)
         unframed = [(f.body.encode(), f.pool, f.trigger_id, now) for f in batch if f.trigger_id not in framed]
         fresh = iter(publisher.frame_triggers(unframed))
-        results = await publisher.send_triggers(
-            [framed[f.trigger_id] if f.trigger_id in framed else next(fresh) for f in batch]
-        )
+        messages = [framed[f.trigger_id] if f.trigger_id in framed else next(fresh) for f in batch]
+        # A full collection (100 ms and more in a scheduler of thousands of jobs) must not fall
+        # between the fires' instant and their write or their confirms: it runs once they are
+        # confirmed (or failed), before the store is told.
+        with collector_paused():
+            results = await publisher.send_triggers(messages)
         # Fires confirmed together (one broker ack confirms many) share their instant: one
         # UPDATE per instant marks them, rather than one parameter set per fire.
         by_instant: dict[datetime, list[str]] = {}

@@ -18,7 +18,6 @@ from common import fires
 from common.bus import CONNECT_ERRORS, FramedMessage, Publisher, connect, consume_forever, settle
 from common.catalog import load_jobs, planned_pools, read_job_changes, record_next_fires
 from common.clock import Clock, utcnow
-from common.collector import collector_paused
 from common.envelope import Accepted, open_envelope
 from common.errors import BrokerUnavailable
 from common.messages import CONTROL_ADAPTER, SchedulerHeartbeat, Trigger, trigger_id
@@ -262,23 +261,20 @@ class Scheduler:
         confirm stays pending in the store, for ``publish_pending_forever``."""
         if not self._ready or self._ready[0][0] > now:
             return 0
-        # A full collection (100 ms and more in a scheduler of thousands of jobs) must not fall
-        # between an instant and its fires' write: it waits until they are out.
         async with self._publishing:
-            with collector_paused():
-                going: list[ReadyFire] = []
-                while self._ready and self._ready[0][0] <= now:
-                    going.append(heapq.heappop(self._ready)[2])
-                try:
-                    published = await fires.publish(
-                        self.store,
-                        self.publisher,
-                        [r.fire for r in going],
-                        self.name,
-                        framed={r.fire.trigger_id: r.framed for r in going},
-                    )
-                finally:
-                    self._ready_ids.difference_update(r.fire.trigger_id for r in going)
+            going: list[ReadyFire] = []
+            while self._ready and self._ready[0][0] <= now:
+                going.append(heapq.heappop(self._ready)[2])
+            try:
+                published = await fires.publish(
+                    self.store,
+                    self.publisher,
+                    [r.fire for r in going],
+                    self.name,
+                    framed={r.fire.trigger_id: r.framed for r in going},
+                )
+            finally:
+                self._ready_ids.difference_update(r.fire.trigger_id for r in going)
         names = [r.fire.trigger_id for r in going]
         log.info(
             "fired %d: %s%s",
