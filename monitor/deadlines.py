@@ -181,17 +181,12 @@ class Deadlines:
         log.info("monitor timers rebuilt: %d deadline(s)", len(stored))
 
     async def _tick_due(self, now: datetime) -> None:
-        # A herd due at once is ticked batch after batch; its alerts are handed over once every
-        # batch has committed, so delivering the first ones does not slow the ticks of the rest.
-        told: list[Advanced] = []
-        try:
-            with collector_paused():
-                await self._tick_batches(now, told)
-        finally:
-            for advanced in told:  # what committed before a failure is told too
-                self._tell(advanced)
+        # A herd due at once is ticked batch after batch, each batch's alerts handed over as it
+        # commits: a channel sends them grouped, a few messages a batch, while the next is ticked.
+        with collector_paused():
+            await self._tick_batches(now)
 
-    async def _tick_batches(self, now: datetime, told: list[Advanced]) -> None:
+    async def _tick_batches(self, now: datetime) -> None:
         while due := self.heap.pop_due(now, TICK_BATCH):
             try:
                 advanced = await whole(tick(self.store, [job for job, _at in due], now))
@@ -201,7 +196,7 @@ class Deadlines:
                 raise
             self.ticks += len(due)
             log_flips(advanced)
-            told.append(advanced)
+            self._tell(advanced)
             for job, _at in due:
                 deadline = advanced.deadlines.get(job)
                 if deadline is None:

@@ -1,13 +1,16 @@
 """What every alert channel shares: the alert it is given, the one method it has, and how it fails.
 
 An ``Alert`` is one flip of one job's health (``monitor.health.Flip``) as people are told about it.
-Every channel says the same facts (``Alert.facts``) in its own format. A channel either delivers
-or raises ``DeliveryFailed`` with a reason that is safe to store and show: it never contains a
-channel's URL, secret or password.
+Every channel says the same facts (``Alert.facts``) in its own format. A channel delivers up to
+its ``group`` alerts in one message (a herd of jobs turning ``down`` together is one Slack
+message or one email, not ten thousand), or raises ``DeliveryFailed`` for all of them, with a
+reason that is safe to store and show: it never contains a channel's URL, secret or password.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -95,13 +98,17 @@ class Alert:
 
     def title(self) -> str:
         """One line saying what happened, for a subject or a chat message."""
+        return one_line(f"[{self.fleet}] {self.headline()}")
+
+    def headline(self) -> str:
+        """What happened, without the fleet: ``backup is DOWN (was late)``; one line."""
         if self.test:
             text = "test alert: if you read this, the channel works"
         elif self.recovered_from is not None:
             text = f"{self.job} recovered: {self.to_state} again after {self.recovered_from}"
         else:
             text = f"{self.job} is {self.to_state.upper()} (was {self.from_state})"
-        return one_line(f"[{self.fleet}] {text}")
+        return one_line(text)
 
     def facts(self) -> list[tuple[str, str]]:
         """The facts every channel tells, as (label, value) pairs, in this order."""
@@ -143,7 +150,8 @@ class Alert:
 
 
 class Channel(Protocol):
-    """Somewhere alerts go. ``name``: its name in the channels file; ``type``: its kind."""
+    """Somewhere alerts go. ``name``: its name in the channels file; ``type``: its kind;
+    ``group``: the most alerts one message of it carries (1: every alert alone)."""
 
     @property
     def name(self) -> str: ...
@@ -151,9 +159,25 @@ class Channel(Protocol):
     @property
     def type(self) -> str: ...
 
-    async def send(self, alert: Alert) -> None:
-        """Deliver ``alert`` once, without blocking the event loop. Raises DeliveryFailed."""
+    @property
+    def group(self) -> int: ...
+
+    async def send(self, alerts: Sequence[Alert]) -> None:
+        """Deliver ``alerts`` (one to ``group`` of them) once, in one message, without blocking
+        the event loop. Raises DeliveryFailed: then none of them counts as delivered."""
         ...
+
+
+def group_title(alerts: Sequence[Alert]) -> str:
+    """One line saying what a group of alerts is about: the alert's own title for one, else
+    ``[fleet] 12 alerts: 10 DOWN, 1 FAILING, 1 recovered`` (counts by state, most first)."""
+    if len(alerts) == 1:
+        return alerts[0].title()
+    counts = Counter(
+        "recovered" if a.kind == "recovery" else "test" if a.test else a.to_state.upper() for a in alerts
+    )
+    parts = ", ".join(f"{n} {what}" for what, n in counts.most_common())
+    return one_line(f"[{alerts[0].fleet}] {len(alerts)} alerts: {parts}")
 
 
 def one_line(text: str, limit: int = 1000) -> str:

@@ -138,6 +138,8 @@ class WebhookSettings(_Channel):
     url: SecretUrl
     secret: WebhookSecret
     headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict, max_length=50)
+    # Alerts per POST; above 1, every POST is a group (``cronfleet.alerts``), even of one.
+    group: int = Field(default=1, ge=1, le=1000)
 
     @field_validator("headers")
     @classmethod
@@ -158,6 +160,7 @@ class SlackSettings(_Channel):
 
     type: Literal["slack"]
     url: SecretUrl
+    group: int = Field(default=20, ge=1, le=45)  # alerts per message
 
     def target(self) -> str:
         """Where it sends, without the secret parts."""
@@ -169,6 +172,7 @@ class DiscordSettings(_Channel):
 
     type: Literal["discord"]
     url: SecretUrl
+    group: int = Field(default=10, ge=1, le=10)  # alerts per message (one embed each)
 
     def target(self) -> str:
         """Where it sends, without the secret parts."""
@@ -189,6 +193,7 @@ class EmailSettings(_Channel):
     to: list[EmailAddress] = Field(min_length=1, max_length=100)
     ca_file: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
     timeout_seconds: Timeout = 30.0
+    group: int = Field(default=50, ge=1, le=500)  # alerts per message
 
     @model_validator(mode="after")
     def _both_credentials(self) -> EmailSettings:
@@ -206,6 +211,7 @@ class LogSettings(_Channel):
 
     type: Literal["log"]
     level: Level = "warning"
+    group: int = Field(default=100, ge=1, le=1000)  # alerts taken at once (one line each)
 
     def target(self) -> str:
         """Where it writes."""
@@ -234,6 +240,7 @@ ENV_FIELDS: dict[str, Callable[[str], Any]] = {
     "ca_file": str,
     "timeout_seconds": float,
     "level": str,
+    "group": int,
 }
 
 

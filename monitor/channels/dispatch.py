@@ -2,10 +2,12 @@
 and every attempt reported.
 
 ``Dispatcher.submit`` returns at once: it routes the alert and puts it on the queue of each of its
-channels. Each channel delivers up to ``RetryPolicy.concurrency`` alerts at once (a herd of jobs
-turning ``down`` together is not told one round trip after another), the alerts of one job one
-after another, in the order submitted (so a recovery never overtakes the alarm it ends), trying
-each up to ``RetryPolicy.attempts`` times. A channel that fails or hangs delays only its own
+channels. Each channel has ``RetryPolicy.concurrency`` delivery tasks; each takes every alert
+waiting, up to the channel's ``group``, and sends them in one message (a herd of jobs turning
+``down`` together is a few messages, not one round trip after another). The alerts of one job go
+one after another, in the order submitted (so a recovery never overtakes the alarm it ends, and
+never shares its message). A message is tried up to ``RetryPolicy.attempts`` times; each of its
+alerts gets its own attempt, with the message's outcome. A channel that fails or hangs delays only its own
 alerts, never another channel's, never the caller. Every attempt, delivered or not, reaches
 ``on_attempt`` (through one reporting task, in order), so the monitor can store it; given
 ``on_attempts`` instead, the reporting task hands over every attempt waiting at that moment (at
@@ -22,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -87,9 +89,9 @@ class Dispatcher:
         self._attempt_timeout = attempt_timeout
         self._clock = clock
         self._queues: dict[str, asyncio.Queue[Alert]] = {name: asyncio.Queue() for name in self._channels}
-        # The alert each of a channel's delivery tasks is trying, by task.
-        self._current: dict[str, list[Alert | None]] = {
-            name: [None] * policy.concurrency for name in self._channels
+        # The alerts each of a channel's delivery tasks is trying (one message), by task.
+        self._current: dict[str, list[list[Alert]]] = {
+            name: [[] for _ in range(policy.concurrency)] for name in self._channels
         }
         # Per channel, the jobs with an alert being tried, each with its alerts taken from the
         # queue since: the task trying the job's alert tries them next, in order.
@@ -143,7 +145,7 @@ class Dispatcher:
     def backlog(self) -> dict[str, int]:
         """How many alerts each channel has still to deliver (those being tried included)."""
         return {
-            name: self._waiting(name) + sum(alert is not None for alert in self._current[name])
+            name: self._waiting(name) + sum(len(alerts) for alerts in self._current[name])
             for name in self._queues
         }
 
@@ -174,12 +176,11 @@ class Dispatcher:
         self._workers.clear()
         left: list[tuple[Alert, str]] = []
         for name, queue in self._queues.items():
-            slots = self._current[name]
-            for slot, current in enumerate(slots):
-                if current is not None:
-                    left.append((current, name))
-                    slots[slot] = None
+            for current in self._current[name]:
+                for alert in current:
+                    left.append((alert, name))
                     queue.task_done()
+                current.clear()
             for later in self._jobs[name].values():
                 for alert in later:
                     left.append((alert, name))
@@ -208,33 +209,56 @@ class Dispatcher:
         )
 
     async def _deliver_loop(self, name: str, channel: Channel, slot: int) -> None:
-        queue, slots, jobs = self._queues[name], self._current[name], self._jobs[name]
+        queue, current = self._queues[name], self._current[name][slot]
+        limit = max(1, channel.group)
+        group: list[Alert] = []
         while True:
-            alert = await queue.get()
-            later = jobs.get(alert.job)
-            if later is not None:
-                later.append(alert)  # the task trying this job's alert tries it next
-                continue
-            jobs[alert.job] = later = deque()
-            while True:
-                slots[slot] = alert
-                # Cancelled mid-delivery, the alert stays current: ``close`` reports it undelivered.
-                await self._deliver(name, channel, alert)
-                slots[slot] = None
-                queue.task_done()
-                if not later:
-                    del jobs[alert.job]
-                    break
-                alert = later.popleft()
+            if not group:
+                self._take(name, await queue.get(), group)
+            while len(group) < limit and not queue.empty():
+                self._take(name, queue.get_nowait(), group)
+            if not group:
+                continue  # each alert taken joined its job's, in another task
+            # Cancelled mid-delivery, the group stays current: ``close`` reports it undelivered.
+            current[:] = group
+            await self._deliver(name, channel, group)
+            current.clear()
+            group = self._next_of_jobs(name, group)
 
-    async def _deliver(self, name: str, channel: Channel, alert: Alert) -> None:
-        """Try ``alert`` on ``channel`` until delivered, refused for good, or out of attempts."""
+    def _take(self, name: str, alert: Alert, group: list[Alert]) -> None:
+        """Add ``alert`` to ``group``, unless an alert of its job is being tried (in this group
+        or another task's): then it waits behind it, and the task trying that one takes it next."""
+        jobs = self._jobs[name]
+        later = jobs.get(alert.job)
+        if later is not None:
+            later.append(alert)
+        else:
+            jobs[alert.job] = deque()
+            group.append(alert)
+
+    def _next_of_jobs(self, name: str, done: list[Alert]) -> list[Alert]:
+        """After ``done`` was tried: mark each of them done and return the next alert of each of
+        their jobs that has one (the jobs without one are let go of)."""
+        queue, jobs = self._queues[name], self._jobs[name]
+        following = []
+        for alert in done:
+            queue.task_done()
+            later = jobs[alert.job]
+            if later:
+                following.append(later.popleft())
+            else:
+                del jobs[alert.job]
+        return following
+
+    async def _deliver(self, name: str, channel: Channel, alerts: list[Alert]) -> None:
+        """Try ``alerts`` on ``channel`` in one message until delivered, refused for good, or out
+        of attempts; each attempt is reported once per alert."""
         for number in range(1, self._policy.attempts + 1):
             started = self._clock()
             retryable, retry_after = True, None
             try:
                 async with asyncio.timeout(self._attempt_timeout):
-                    await channel.send(alert)
+                    await channel.send(alerts)
             except DeliveryFailed as exc:
                 error, retryable, retry_after = exc.reason, exc.retryable, exc.retry_after
             except TimeoutError:
@@ -243,21 +267,20 @@ class Dispatcher:
                 error = f"unexpected {type(exc).__name__} in the {channel.type} channel"
                 log.error("alerts: channel %s: %s", name, error)
             else:
-                self._reports.put_nowait(
-                    Attempt(alert, name, number, started, delivered=True, error=None, final=True)
-                )
+                for alert in alerts:
+                    self._reports.put_nowait(
+                        Attempt(alert, name, number, started, delivered=True, error=None, final=True)
+                    )
                 return
             final = not retryable or number == self._policy.attempts
             delay = None if final else retry_delay(self._policy, number, retry_after)
             retry_at = None if delay is None else self._clock() + timedelta(seconds=delay)
-            self._reports.put_nowait(
-                Attempt(
-                    alert, name, number, started, delivered=False, error=error, final=final, retry_at=retry_at
-                )
-            )
+            for alert in alerts:
+                failed = Attempt(alert, name, number, started, False, error, final, retry_at)
+                self._reports.put_nowait(failed)
             log.warning(
-                "alerts: job %s, channel %s, attempt %d failed: %s%s",
-                alert.job,
+                "alerts: %s, channel %s, attempt %d failed: %s%s",
+                _jobs_of(alerts),
                 name,
                 number,
                 error,
@@ -307,7 +330,15 @@ async def send_test(
     started = clock()
     alert = Alert.for_test(name, fleet=fleet, at=started, flip_id=flip_id)
     try:
-        await channel.send(alert)
+        await channel.send([alert])
     except DeliveryFailed as exc:
         return Attempt(alert, name, 1, started, delivered=False, error=exc.reason, final=True)
     return Attempt(alert, name, 1, started, delivered=True, error=None, final=True)
+
+
+def _jobs_of(alerts: Sequence[Alert], shown: int = 3) -> str:
+    """``job backup`` for one alert; ``5 alerts (jobs a, b, c...)`` for a group."""
+    if len(alerts) == 1:
+        return f"job {alerts[0].job}"
+    jobs = [alert.job for alert in alerts[:shown]]
+    return f"{len(alerts)} alerts (jobs {', '.join(jobs)}{'...' if len(alerts) > shown else ''})"

@@ -3,7 +3,9 @@
 ``starttls`` (port 587) upgrades the connection with STARTTLS and refuses a server that does not
 offer it; ``tls`` (port 465) speaks TLS from the first byte. The server's certificate is verified
 (against the system's authorities, or ``ca_file``), then AUTH logs in when a username is set.
-smtplib blocks, so every delivery runs in a worker thread, never on the event loop.
+smtplib blocks, so every delivery runs in a worker thread, never on the event loop. Several
+alerts waiting together (up to the channel's ``group``) go in one message: the subject counts
+them, the body gives each alert's facts in turn.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -18,7 +21,7 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Literal
 
-from monitor.channels.base import Alert, DeliveryFailed, one_line
+from monitor.channels.base import Alert, DeliveryFailed, group_title, one_line
 
 Security = Literal["starttls", "tls"]
 
@@ -36,27 +39,38 @@ class SmtpServer:
     timeout: float = 30.0
 
 
-def email_message(alert: Alert, sender: str, recipients: tuple[str, ...]) -> EmailMessage:
-    """The message for ``alert``: the title as subject, every fact in the plain-text body."""
+def email_message(alerts: Sequence[Alert], sender: str, recipients: tuple[str, ...]) -> EmailMessage:
+    """The message for ``alerts``: for one, its title as subject and every fact in the
+    plain-text body; for several, a subject counting them and each alert's facts in turn. The
+    ``X-Cronfleet-Flip`` header lists every alert's id, space-separated."""
     message = EmailMessage(policy=SMTP)
     message["From"] = sender
     message["To"] = ", ".join(recipients)
-    message["Subject"] = alert.title()
-    message["Date"] = format_datetime(alert.at)
+    message["Subject"] = group_title(alerts)
+    message["Date"] = format_datetime(max(alert.at for alert in alerts))
     message["Message-ID"] = make_msgid("cronfleet", domain=sender.rpartition("@")[2] or "cronfleet.invalid")
-    message["X-Cronfleet-Flip"] = one_line(alert.flip_id)
-    message["X-Cronfleet-Kind"] = alert.kind
-    message.set_content(alert.text())
+    message["X-Cronfleet-Flip"] = " ".join(one_line(alert.flip_id) for alert in alerts)
+    message["X-Cronfleet-Kind"] = " ".join(sorted({alert.kind for alert in alerts}))
+    if len(alerts) == 1:
+        message.set_content(alerts[0].text())
+    else:
+        parts = [f"{len(alerts)} alerts, in the order they happened.\n"]
+        parts += [f"{number}. {alert.text()}" for number, alert in enumerate(alerts, 1)]
+        message.set_content("\n".join(parts))
     return message
 
 
 class EmailChannel:
-    """Mails each alert from ``sender`` to ``recipients`` through ``server``."""
+    """Mails alerts from ``sender`` to ``recipients`` through ``server``, up to ``group`` in one
+    message."""
 
     type = "email"
 
-    def __init__(self, name: str, server: SmtpServer, sender: str, recipients: tuple[str, ...]) -> None:
+    def __init__(
+        self, name: str, server: SmtpServer, sender: str, recipients: tuple[str, ...], *, group: int = 1
+    ) -> None:
         self.name = name
+        self.group = group
         self._server = server
         self._sender = sender
         self._recipients = recipients
@@ -64,9 +78,9 @@ class EmailChannel:
     def __repr__(self) -> str:
         return f"EmailChannel({self.name!r})"
 
-    async def send(self, alert: Alert) -> None:
-        """Mail ``alert`` (in a worker thread). Raises DeliveryFailed."""
-        message = email_message(alert, self._sender, self._recipients)
+    async def send(self, alerts: Sequence[Alert]) -> None:
+        """Mail ``alerts`` in one message (in a worker thread). Raises DeliveryFailed."""
+        message = email_message(alerts, self._sender, self._recipients)
         await asyncio.to_thread(deliver, self._server, message)
 
 

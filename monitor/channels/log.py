@@ -7,6 +7,7 @@ same fields ride on the record (``record.alert``) for a JSON log handler. It nev
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Literal
 
 import orjson
@@ -42,19 +43,24 @@ def _value(text: str) -> str:
 
 
 class LogChannel:
-    """Writes each alert to ``logger``: alarms at ``level``, recoveries and tests at INFO."""
+    """Writes each alert to ``logger``, one line each, however many it is given at once: alarms
+    at ``level``, recoveries and tests at INFO."""
 
     type = "log"
 
-    def __init__(self, name: str, *, level: Level = "warning", logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, name: str, *, level: Level = "warning", logger: logging.Logger | None = None, group: int = 1
+    ) -> None:
         self.name = name
+        self.group = group
         self._level = LEVELS[level]
         self._logger = logger or logging.getLogger("cronfleet.alerts")
 
     def __repr__(self) -> str:
         return f"LogChannel({self.name!r})"
 
-    async def send(self, alert: Alert) -> None:
-        """Log ``alert``."""
-        level = self._level if alert.kind == "alarm" else logging.INFO
-        self._logger.log(level, "%s", log_line(alert), extra={"alert": alert.payload()})
+    async def send(self, alerts: Sequence[Alert]) -> None:
+        """Log ``alerts``, one line each."""
+        for alert in alerts:
+            level = self._level if alert.kind == "alarm" else logging.INFO
+            self._logger.log(level, "%s", log_line(alert), extra={"alert": alert.payload()})

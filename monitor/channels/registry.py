@@ -35,16 +35,17 @@ def _webhook(name: str, s: WebhookSettings, session: aiohttp.ClientSession, cloc
         session,
         headers={k: v.get_secret_value() for k, v in s.headers.items()},
         timeout=s.timeout_seconds,
+        group=s.group,
         clock=clock,
     )
 
 
 def _slack(name: str, s: SlackSettings, session: aiohttp.ClientSession, clock: Clock) -> Channel:
-    return SlackChannel(name, s.url.get_secret_value(), session, timeout=s.timeout_seconds)
+    return SlackChannel(name, s.url.get_secret_value(), session, timeout=s.timeout_seconds, group=s.group)
 
 
 def _discord(name: str, s: DiscordSettings, session: aiohttp.ClientSession, clock: Clock) -> Channel:
-    return DiscordChannel(name, s.url.get_secret_value(), session, timeout=s.timeout_seconds)
+    return DiscordChannel(name, s.url.get_secret_value(), session, timeout=s.timeout_seconds, group=s.group)
 
 
 def _email(name: str, s: EmailSettings, session: aiohttp.ClientSession, clock: Clock) -> Channel:
@@ -57,11 +58,11 @@ def _email(name: str, s: EmailSettings, session: aiohttp.ClientSession, clock: C
         ca_file=None if s.ca_file is None else Path(s.ca_file),
         timeout=s.timeout_seconds,
     )
-    return EmailChannel(name, server, s.sender, tuple(s.to))
+    return EmailChannel(name, server, s.sender, tuple(s.to), group=s.group)
 
 
 def _log(name: str, s: LogSettings, session: aiohttp.ClientSession, clock: Clock) -> Channel:
-    return LogChannel(name, level=s.level)
+    return LogChannel(name, level=s.level, group=s.group)
 
 
 BUILDERS: dict[str, Callable[[str, Any, aiohttp.ClientSession, Clock], Channel]] = {

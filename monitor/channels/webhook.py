@@ -6,11 +6,19 @@ receiver drops duplicates), ``webhook-timestamp`` (Unix seconds of this attempt)
 ``<id>.<timestamp>.<body>``). The secret is written ``whsec_<base64 of the key bytes>``, so the
 Standard Webhooks libraries verify it as they are (signing: ``common.webhooks``).
 ``docs/alerts.md`` shows a receiver in Python and in Node.
+
+With ``group`` above 1 the channel sends every alert as a member of a group, one or many:
+``{"type": "cronfleet.alerts", "data": {"alerts": [...]}}``. The body's shape then never depends
+on how many alerts were waiting, so a receiver written for it meets that shape on its first alert,
+not for the first time on the night a herd of jobs goes down. A group's ``webhook-id`` is a digest
+of its alerts' ids (the same on every retry of that group); receivers drop duplicates by each
+alert's own ``id``, since after a monitor restart an alert may travel in another group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -33,8 +41,26 @@ def webhook_body(alert: Alert) -> bytes:
     return orjson.dumps(document)
 
 
+def group_body(alerts: Sequence[Alert]) -> bytes:
+    """The JSON body of a group: ``{"type": "cronfleet.alerts", "timestamp": <the latest alert's
+    instant>, "data": {"alerts": [<each alert's data>, ...]}}``, in the order given."""
+    document: dict[str, Any] = {
+        "type": "cronfleet.alerts",
+        "timestamp": format_instant(max(alert.at for alert in alerts)),
+        "data": {"alerts": [alert.payload() for alert in alerts]},
+    }
+    return orjson.dumps(document)
+
+
+def group_id(alerts: Sequence[Alert]) -> str:
+    """The ``webhook-id`` of a group: ``<fleet>/alerts-<digest of the alerts' ids>``."""
+    digest = hashlib.sha256("\n".join(alert.flip_id for alert in alerts).encode()).hexdigest()
+    return f"{alerts[0].fleet}/alerts-{digest[:32]}"
+
+
 class WebhookChannel:
-    """POSTs each alert to ``url``, signed with ``key``, plus the configured ``headers``."""
+    """POSTs each alert to ``url``, signed with ``key``, plus the configured ``headers``; with
+    ``group`` above 1, POSTs groups of up to ``group`` alerts (see the module)."""
 
     type = "webhook"
 
@@ -47,9 +73,11 @@ class WebhookChannel:
         *,
         headers: Mapping[str, str] | None = None,
         timeout: float = 10.0,
+        group: int = 1,
         clock: Clock = utcnow,
     ) -> None:
         self.name = name
+        self.group = group
         self._url = url
         self._key = key
         self._session = session
@@ -60,9 +88,13 @@ class WebhookChannel:
     def __repr__(self) -> str:
         return f"WebhookChannel({self.name!r})"
 
-    async def send(self, alert: Alert) -> None:
-        """POST ``alert``, signed at this instant. Raises DeliveryFailed."""
-        body = webhook_body(alert)
+    async def send(self, alerts: Sequence[Alert]) -> None:
+        """POST ``alerts`` (one, or a group), signed at this instant. Raises DeliveryFailed."""
+        if self.group > 1:
+            body, message_id = group_body(alerts), group_id(alerts)
+        else:
+            [alert] = alerts
+            body, message_id = webhook_body(alert), alert.flip_id
         timestamp = int(self._clock().timestamp())
-        headers = {**self._headers, **signed_headers(self._key, alert.flip_id, timestamp, body)}
+        headers = {**self._headers, **signed_headers(self._key, message_id, timestamp, body)}
         await post_json(self._session, self._url, body, timeout=self._timeout, headers=headers)

@@ -376,13 +376,14 @@ def _receive(port_out: Any, received: Any, results: Any, stop: Any) -> None:
                 body = await reader.readexactly(length)
                 now = time.time()
                 data = orjson.loads(body)["data"]
-                key = (str(data["job"]), str(data["to_state"]))
-                if key not in arrived:
-                    arrived[key] = now
-                    # Counted: the bench's jobs turning down (not the fleet's own alarms).
-                    if key[1] == "down" and key[0].startswith("dl-"):
-                        with received.get_lock():
-                            received.value += 1
+                for alert in data.get("alerts", [data]):  # a group, or one alert
+                    key = (str(alert["job"]), str(alert["to_state"]))
+                    if key not in arrived:
+                        arrived[key] = now
+                        # Counted: the bench's jobs turning down (not the fleet's own alarms).
+                        if key[1] == "down" and key[0].startswith("dl-"):
+                            with received.get_lock():
+                                received.value += 1
                 writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
@@ -427,15 +428,16 @@ class Receiver:
         return arrived
 
 
-def channels_file(path: Path, port: int, concurrency: int | None = None) -> Path:
+def channels_file(path: Path, port: int, concurrency: int | None = None, group: int = 1) -> Path:
     """A channels file routing every alert to the bench receiver's webhook (delivering
-    ``concurrency`` alerts at once, if given)."""
+    ``concurrency`` messages at once, if given, of up to ``group`` alerts each)."""
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     path.write_text(
         "[channels.bench-hook]\n"
         'type = "webhook"\n'
         f'url = "http://127.0.0.1:{port}/alerts"\n'
         f'secret = "{secret}"\n'
+        f"group = {group}\n"
         "\n[routes]\n"
         'default = ["bench-hook"]\n'
         + ("" if concurrency is None else f"\n[delivery]\nconcurrency = {concurrency}\n")
@@ -644,7 +646,10 @@ async def run(args: argparse.Namespace) -> int:
                         receiver = Receiver()
                         receiver.start()
                         channels = channels_file(
-                            Path(tmp) / f"channels-{place.label}.toml", receiver.port, args.alert_concurrency
+                            Path(tmp) / f"channels-{place.label}.toml",
+                            receiver.port,
+                            args.alert_concurrency,
+                            args.group,
                         )
                     settings = Settings(
                         amqp_url=args.amqp_url,
@@ -660,7 +665,8 @@ async def run(args: argparse.Namespace) -> int:
                         print(
                             f"[3] {place.label}: {args.deadline_jobs} jobs due "
                             f"{f'over {args.spread} s' if args.spread else 'at once'}, "
-                            f"grace {args.grace:g} s, alerts on the {args.channel} channel ...",
+                            f"grace {args.grace:g} s, alerts on the {args.channel} channel "
+                            f"(group {args.group}) ...",
                             flush=True,
                         )
                         lag = await deadlines(
@@ -738,6 +744,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--alert-concurrency", type=int, help="the webhook's [delivery] concurrency (default: the monitor's)"
+    )
+    parser.add_argument(
+        "--group",
+        type=int,
+        default=1,
+        help="the webhook's group: alerts per POST (default 1: each alone, the webhook's default)",
     )
     parser.add_argument("--stall", type=float, default=60.0, help="give up when nothing moves this long")
     parser.add_argument(

@@ -162,12 +162,16 @@ class Recorder:
         return [a for a in self.attempts if a.channel == channel]
 
 
-def channels_for(receiver: Receiver, client: aiohttp.ClientSession, **paths: str) -> dict[str, Channel]:
-    """Channels named after their kind (webhook, slack, discord; ``NAME=/path``) sending to the receiver."""
+def channels_for(
+    receiver: Receiver, client: aiohttp.ClientSession, group: int | None = None, **paths: str
+) -> dict[str, Channel]:
+    """Channels named after their kind (webhook, slack, discord; ``NAME=/path``) sending to the
+    receiver, each with its default group or ``group``."""
     tables = []
     for name, path in paths.items():
         kind = name if name in ("webhook", "slack", "discord") else "webhook"
         extra = f'secret = "{SECRET}"\n' if kind == "webhook" else ""
+        extra += "" if group is None else f"group = {group}\n"
         tables.append(
             f'[channels.{name}]\ntype = "{kind}"\nurl = "{receiver.url(path)}"\n{extra}timeout_seconds = 5\n'
         )
@@ -399,7 +403,7 @@ async def test_delivery_goes_on_when_recording_an_attempt_fails(
             failed.append(attempt)
             raise RuntimeError("the store is down")
 
-    channels = channels_for(receiver, client, slack="/slack")
+    channels = channels_for(receiver, client, group=1, slack="/slack")  # a message each
     async with Dispatcher(channels, Routes(default=["slack"]), FAST, flaky_store) as dispatcher:
         dispatcher.submit(an_alert("first"))
         dispatcher.submit(an_alert("second"))
@@ -477,6 +481,102 @@ async def test_a_channel_delivers_several_jobs_at_once_and_each_jobs_alerts_in_o
     assert ids.index("a-alarm") < ids.index("a-recovery")
     attempts = [attempt for batch in stored for attempt in batch]
     assert sorted(a.alert.flip_id for a in attempts if a.delivered) == ["a-alarm", "a-recovery", "b-alarm"]
+
+
+# Groups: a herd of alerts in a few messages ------------------------------------------------------
+
+
+async def test_a_herd_goes_out_in_signed_groups_each_alert_once_and_each_jobs_in_order(
+    receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    stored: list[Attempt] = []
+
+    async def store_all(attempts: list[Attempt]) -> None:
+        stored.extend(attempts)
+
+    channels = channels_for(receiver, client, group=10, webhook="/hook")
+    herd = [an_alert(f"job-{n:03}", flip_id=f"prod/flip-{n}") for n in range(95)]
+    # job-007's recovery, submitted with the herd: after its alarm, never in the same message.
+    recovery = an_alert("job-007", to_state="up", recovered_from="failing", flip_id="prod/flip-95")
+    policy = RetryPolicy(attempts=1, concurrency=2)
+    async with Dispatcher(channels, Routes(default=["webhook"]), policy, on_attempts=store_all) as dispatcher:
+        for alert in [*herd[:50], recovery, *herd[50:]]:
+            dispatcher.submit(alert)
+        await dispatcher.idle()
+
+    requests = receiver.seen("/hook")
+    bodies = [orjson.loads(r.body) for r in requests]
+    assert all(b["type"] == "cronfleet.alerts" and 1 <= len(b["data"]["alerts"]) <= 10 for b in bodies)
+    assert len(requests) <= 12  # 96 alerts, ten a message, but the recovery waits for its alarm
+    for request in requests:
+        assert spec_verify(SECRET, request.headers, request.body, time.time())
+        ids = [a["id"] for a in orjson.loads(request.body)["data"]["alerts"]]
+        digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:32]
+        assert request.headers["webhook-id"] == f"prod/alerts-{digest}"
+    sent = [(a["id"], a["job"]) for b in bodies for a in b["data"]["alerts"]]
+    assert sorted(sent) == sorted((a.flip_id, a.job) for a in [*herd, recovery])
+    group_of = {a["id"]: n for n, b in enumerate(bodies) for a in b["data"]["alerts"]}
+    assert group_of["prod/flip-7"] < group_of["prod/flip-95"]
+    assert sorted(a.alert.flip_id for a in stored if a.delivered and a.number == 1) == sorted(
+        a.flip_id for a in [*herd, recovery]
+    )
+
+
+async def test_a_failed_group_is_retried_whole_and_each_alert_gets_each_attempt(
+    receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    receiver.plan["/flaky"] = [503]  # then 200
+    recorder = Recorder()
+    channels = channels_for(receiver, client, group=5, flaky="/flaky")
+    async with Dispatcher(channels, Routes(default=["flaky"]), FAST, recorder) as dispatcher:
+        receiver.release.clear()
+        for n in range(5):
+            dispatcher.submit(an_alert(f"job-{n}", flip_id=f"prod/flip-{n}"))
+        await dispatcher.idle()
+    first, second = [orjson.loads(r.body)["data"]["alerts"] for r in receiver.seen("/flaky")]
+    assert [a["id"] for a in first] == [a["id"] for a in second]
+    assert len(first) == 5
+    [h1, h2] = [r.headers["webhook-id"] for r in receiver.seen("/flaky")]
+    assert h1 == h2  # a retry of a group is the same message: receivers drop it if they had it
+    by_alert: dict[str, list[tuple[int, bool]]] = {}
+    for attempt in recorder.attempts:
+        by_alert.setdefault(attempt.alert.flip_id, []).append((attempt.number, attempt.delivered))
+    assert by_alert == {f"prod/flip-{n}": [(1, False), (2, True)] for n in range(5)}
+
+
+async def test_a_grouped_webhook_sends_one_alert_as_a_group_too(
+    receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    channels = channels_for(receiver, client, group=50, webhook="/hook")
+    attempt = await send_test(channels, "webhook", fleet="prod", flip_id="prod/test-1")
+    assert attempt.delivered, attempt.error
+    [request] = receiver.seen("/hook")
+    body = orjson.loads(request.body)
+    assert body["type"] == "cronfleet.alerts"
+    [alert] = body["data"]["alerts"]
+    assert (alert["id"], alert["kind"], alert["test"]) == ("prod/test-1", "test", True)
+    assert spec_verify(SECRET, request.headers, request.body, time.time())
+
+
+async def test_slack_and_discord_get_a_herd_in_a_few_messages_by_default(
+    receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    recorder = Recorder()
+    channels = channels_for(receiver, client, slack="/slack", discord="/discord")
+    herd = [an_alert(f"job-{n:02}", flip_id=f"prod/flip-{n}", to_state="down") for n in range(40)]
+    async with Dispatcher(channels, Routes(default=["slack", "discord"]), FAST, recorder) as dispatcher:
+        for alert in herd:
+            dispatcher.submit(alert)
+        await dispatcher.idle()
+    assert len([a for a in recorder.attempts if a.delivered]) == 80
+    slack = [orjson.loads(r.body) for r in receiver.seen("/slack")]
+    assert len(slack) <= 4  # 20 alerts a message by default
+    assert sum(len(m["blocks"]) - 1 for m in slack) == 40
+    assert all(len(m["blocks"]) <= 50 for m in slack)
+    assert any(re.fullmatch(r"\[prod\] \d+ alerts: \d+ DOWN", m["text"]) for m in slack)
+    discord = [orjson.loads(r.body) for r in receiver.seen("/discord")]
+    assert len(discord) <= 6 and sum(len(m["embeds"]) for m in discord) == 40  # ten a message
+    assert all(len(m["embeds"]) <= 10 for m in discord)
 
 
 def test_a_dispatcher_reports_to_one_callback() -> None:
@@ -627,6 +727,26 @@ async def test_email_goes_over_starttls_or_tls_with_auth(
 
 
 @pytest.mark.parametrize("mail_server", ["starttls"], indirect=True)
+async def test_alerts_waiting_together_go_in_one_email(mail_server: MailServer) -> None:
+    recorder = Recorder()
+    herd = [an_alert(f"job-{n}", flip_id=f"prod/flip-{n}", to_state="down") for n in range(3)]
+    recovery = an_alert("job-9", flip_id="prod/flip-9", to_state="up", recovered_from="down")
+    async with Dispatcher(email_channel(mail_server), Routes(default=["mail"]), FAST, recorder) as dispatcher:
+        for alert in [*herd, recovery]:
+            dispatcher.submit(alert)
+        await dispatcher.idle()
+    assert [a.delivered for a in recorder.attempts] == [True] * 4
+    [(_envelope, message, over_tls, _authenticated)] = mail_server.received
+    assert over_tls
+    assert message["Subject"] == "[prod] 4 alerts: 3 DOWN, 1 recovered"
+    assert message["X-Cronfleet-Flip"] == "prod/flip-0 prod/flip-1 prod/flip-2 prod/flip-9"
+    body = message.get_payload(decode=True).decode()  # type: ignore[union-attr]
+    assert "4 alerts, in the order they happened." in body
+    for line in ("1. [prod] job-0 is DOWN", "3. [prod] job-2 is DOWN", "4. [prod] job-9 recovered"):
+        assert line in body
+
+
+@pytest.mark.parametrize("mail_server", ["starttls"], indirect=True)
 async def test_a_refused_login_or_an_untrusted_certificate_is_final(mail_server: MailServer) -> None:
     [wrong] = await _send_mail(email_channel(mail_server, password="not-the-password"))
     assert (wrong.delivered, wrong.final, wrong.number) == (False, True, 1)
@@ -664,7 +784,7 @@ async def test_a_slow_smtp_server_does_not_block_the_event_loop(tmp_path: Path) 
         )
         channel = build_channels(parse_channels(text, "m.toml"), client=None)["mail"]  # type: ignore[arg-type]
         ticks = 0
-        sending = asyncio.create_task(channel.send(an_alert()))
+        sending = asyncio.create_task(channel.send([an_alert()]))
         while not sending.done():
             await asyncio.sleep(0.01)
             ticks += 1

@@ -24,12 +24,13 @@ from monitor.channels import (
     retry_schedule,
     route,
 )
+from monitor.channels.base import group_title
 from monitor.channels.config import EmailSettings, WebhookSettings
-from monitor.channels.discord import discord_message
+from monitor.channels.discord import discord_group_message, discord_message
 from monitor.channels.email import email_message
 from monitor.channels.http import retry_after_seconds
 from monitor.channels.log import LogChannel, log_line
-from monitor.channels.slack import slack_message
+from monitor.channels.slack import slack_group_message, slack_message
 from monitor.channels.webhook import webhook_body
 from monitor.health import Flip, State
 
@@ -392,7 +393,7 @@ def test_the_environment_alone_defines_a_channel_and_the_default_route() -> None
             {"CRONFLEET_CHANNEL_OPS_SLACK_WEBHOOK": "https://x.example.com/secret-path"},
             "environment CRONFLEET_CHANNEL_OPS_SLACK_WEBHOOK: not CRONFLEET_CHANNEL_<NAME>_<FIELD> "
             "with FIELD one of TYPE, URL, SECRET, HOST, PORT, SECURITY, USERNAME, PASSWORD, SENDER, TO, "
-            "CA_FILE, TIMEOUT_SECONDS, LEVEL",
+            "CA_FILE, TIMEOUT_SECONDS, LEVEL, GROUP",
         ),
         (
             {"CRONFLEET_ALERTS_DEFAULT_ROUTE": "ops-slack,nowhere"},
@@ -503,7 +504,7 @@ def test_discord_pings_nobody_and_colours_by_kind() -> None:
 
 def test_an_email_has_the_title_as_subject_and_every_fact_in_the_body() -> None:
     message = email_message(
-        alert(reason="line one\nSubject: injected"), "cf@example.com", ("ops@example.com",)
+        [alert(reason="line one\nSubject: injected")], "cf@example.com", ("ops@example.com",)
     )
     assert message["Subject"] == "[prod] backup is FAILING (was running)"
     assert message["X-Cronfleet-Flip"] == "flip-42"
@@ -522,8 +523,8 @@ def test_the_log_line_is_one_line_of_key_values(caplog: pytest.LogCaptureFixture
 async def test_the_log_channel_logs_alarms_as_warnings(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cronfleet.alerts")
     channel = LogChannel("log")
-    await channel.send(alert())
-    await channel.send(alert(to_state="up", recovered_from="failing"))
+    await channel.send([alert()])
+    await channel.send([alert(to_state="up", recovered_from="failing")])
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
     assert caplog.records[0].alert["job"] == "backup"  # type: ignore[attr-defined]
 
@@ -541,3 +542,59 @@ def test_an_alert_id_names_its_fleet_and_gives_its_flip_back(fleet: str, flip_id
     made = alert_id(fleet, flip_id)
     assert made == f"{fleet}/flip-{flip_id}" and flip_of(made) == flip_id
     assert flip_of(f"{fleet}/test-0123abcd") is None
+
+
+# Groups: several alerts in one message ----------------------------------------------------------
+
+
+def test_a_group_title_counts_the_alerts_by_state() -> None:
+    alerts = [
+        alert(job="a", to_state="down"),
+        alert(job="b", to_state="down"),
+        alert(job="c", to_state="up", recovered_from="failing"),
+    ]
+    assert group_title(alerts) == "[prod] 3 alerts: 2 DOWN, 1 recovered"
+    assert group_title(alerts[:1]) == alerts[0].title()
+
+
+def test_a_full_discord_group_of_long_reasons_stays_within_discords_limits() -> None:
+    alerts = [alert(job=f"job-{n}" + "x" * 120, reason="r" * 5000, link="https://e.x/j") for n in range(10)]
+    message = discord_group_message(alerts)
+    embeds = message["embeds"]
+    assert len(embeds) == 10  # Discord's limit of embeds a message
+    size = sum(len(e["title"]) + len(e["description"]) + len(e["footer"]["text"]) for e in embeds)
+    assert size <= 6000  # and of characters across them
+    assert message["allowed_mentions"] == {"parse": []}
+    with pytest.raises(ValueError):
+        discord_group_message([*alerts, alert()])
+    assert discord_group_message(alerts[:1]) == discord_message(alerts[0])
+
+
+def test_a_full_slack_group_stays_within_slacks_limits_and_escapes_job_text() -> None:
+    alerts = [alert(job=f"job-{n}", reason="<!channel> & " + "r" * 5000) for n in range(45)]
+    message = slack_group_message(alerts)
+    assert len(message["blocks"]) == 46 <= 50  # a header and a section each
+    texts = [b["text"]["text"] for b in message["blocks"][1:]]
+    assert all(len(t) <= 3000 and "<!channel>" not in t and "&lt;!channel&gt; &amp;" in t for t in texts)
+    assert slack_group_message(alerts[:1]) == slack_message(alerts[0])
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ('type = "discord"\nurl = "https://d.example/h"\ngroup = 11', "field group: Input should be less"),
+        ('type = "slack"\nurl = "https://s.example/h"\ngroup = 0', "field group: Input should be greater"),
+    ],
+)
+def test_a_group_beyond_what_the_service_takes_is_refused_with_its_line(table: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^g.toml:4: channel 'x', {expected}"):
+        parse_channels(f"[channels.x]\n{table}\n", "g.toml")
+
+
+def test_each_channel_kind_has_its_default_group() -> None:
+    config = parse_channels(FILE, "f.toml")
+    groups = {name: s.group for name, s in config.channels.items()}
+    wanted = {"ops-hook": 1, "ops-slack": 20, "ops-discord": 10, "ops-email": 50}
+    assert {name: groups[name] for name in wanted} == wanted
+    env = parse_channels(FILE, "f.toml", {"CRONFLEET_CHANNEL_OPS_HOOK_GROUP": "25"})
+    assert env.channels["ops-hook"].group == 25
