@@ -250,10 +250,12 @@ class Dispatcher:
                 del jobs[alert.job]
         return following
 
-    async def _deliver(self, name: str, channel: Channel, alerts: list[Alert]) -> None:
-        """Try ``alerts`` on ``channel`` in one message until delivered, refused for good, or out
-        of attempts; each attempt is reported once per alert."""
-        for number in range(1, self._policy.attempts + 1):
+    async def _deliver(self, name: str, channel: Channel, alerts: list[Alert], first: int = 1) -> None:
+        """Try ``alerts`` on ``channel`` in one message, from attempt number ``first``, until
+        delivered, refused for good, or out of attempts; each attempt is reported once per alert.
+        A group refused for good is split: each of its alerts is tried alone with the attempts
+        left, so one alert the receiver cannot take never sinks the others."""
+        for number in range(first, self._policy.attempts + 1):
             started = self._clock()
             retryable, retry_after = True, None
             try:
@@ -272,7 +274,11 @@ class Dispatcher:
                         Attempt(alert, name, number, started, delivered=True, error=None, final=True)
                     )
                 return
-            final = not retryable or number == self._policy.attempts
+            last = number == self._policy.attempts
+            if not retryable and len(alerts) > 1 and not last:
+                await self._split(name, channel, alerts, number, started, error)
+                return
+            final = not retryable or last
             delay = None if final else retry_delay(self._policy, number, retry_after)
             retry_at = None if delay is None else self._clock() + timedelta(seconds=delay)
             for alert in alerts:
@@ -289,6 +295,24 @@ class Dispatcher:
             if delay is None:
                 return
             await asyncio.sleep(delay)
+
+    async def _split(
+        self, name: str, channel: Channel, alerts: list[Alert], number: int, started: datetime, error: str
+    ) -> None:
+        """Report attempt ``number`` of a group refused for good as not final, then try each of
+        its alerts alone, side by side, from the next attempt number (they are of different
+        jobs: one job's alerts never share a group)."""
+        now = self._clock()
+        for alert in alerts:
+            self._reports.put_nowait(Attempt(alert, name, number, started, False, error, False, now))
+        log.warning(
+            "alerts: %s, channel %s, attempt %d refused: %s; each alert is tried alone",
+            _jobs_of(alerts),
+            name,
+            number,
+            error,
+        )
+        await asyncio.gather(*(self._deliver(name, channel, [alert], number + 1) for alert in alerts))
 
     async def _report_loop(self) -> None:
         while True:

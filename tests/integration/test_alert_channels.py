@@ -93,6 +93,7 @@ class Receiver:
 
     base: str = ""
     plan: dict[str, list[int]] = field(default_factory=dict)
+    poison: bytes | None = None  # a body containing it is refused for good (400)
     requests: list[Request] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -120,6 +121,8 @@ def receiver() -> Iterator[Receiver]:
                 )
                 planned = state.plan.get(self.path)
                 status = planned.pop(0) if planned else 200
+                if state.poison is not None and state.poison in body:
+                    status = 400
             if self.path == "/hang":
                 state.release.wait(60)
             reply = b"ok" if status == 200 else b'{"message": "try later"}'
@@ -542,6 +545,28 @@ async def test_a_failed_group_is_retried_whole_and_each_alert_gets_each_attempt(
     for attempt in recorder.attempts:
         by_alert.setdefault(attempt.alert.flip_id, []).append((attempt.number, attempt.delivered))
     assert by_alert == {f"prod/flip-{n}": [(1, False), (2, True)] for n in range(5)}
+
+
+async def test_one_alert_a_receiver_refuses_does_not_sink_the_rest_of_its_group(
+    receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    receiver.poison = b"poisoned-reason"
+    recorder = Recorder()
+    channels = channels_for(receiver, client, slack="/slack")  # 20 alerts a message
+    alerts = [an_alert(f"job-{n}", flip_id=f"prod/flip-{n}") for n in range(5)]
+    alerts[2] = an_alert("job-2", flip_id="prod/flip-2", reason="poisoned-reason")
+    async with Dispatcher(channels, Routes(default=["slack"]), FAST, recorder) as dispatcher:
+        for alert in alerts:
+            dispatcher.submit(alert)
+        await dispatcher.idle()
+    by_alert: dict[str, list[tuple[int, bool, bool]]] = {}
+    for attempt in recorder.attempts:
+        by_alert.setdefault(attempt.alert.job, []).append((attempt.number, attempt.delivered, attempt.final))
+    # The group of five was refused (400: not retryable); each was then tried alone.
+    assert by_alert.pop("job-2") == [(1, False, False), (2, False, True)]
+    assert by_alert == {f"job-{n}": [(1, False, False), (2, True, True)] for n in (0, 1, 3, 4)}
+    texts = [orjson.loads(r.body)["text"] for r in receiver.seen("/slack")]
+    assert texts[0] == "[prod] 5 alerts: 5 FAILING" and len(texts) == 6
 
 
 async def test_a_grouped_webhook_sends_one_alert_as_a_group_too(
