@@ -25,8 +25,10 @@ from common.settings import Settings
 from common.store import AlertAttemptRow, FireRow, FlipRow, HeartbeatRow, JobRow, RunRow, Store
 from common.store.chunks import IN_LIST_CHUNK, INSERT_PARAMETERS_CHUNK
 from common.store.database import MAX_STATEMENT_PARAMETERS, statement_parameters
+from common.store.models import JobHealthRow
 from common.store.retention import purge
 from common.topology import Topology
+from monitor.health_store import HealthBatch
 from tests.conftest import Start
 from tests.fleet import Fleet, cronfleet, eventually, run_cronfleet
 from tests.integration.helpers import apply_toml, runs_of
@@ -329,3 +331,38 @@ async def test_a_monitor_with_a_retention_purges_old_history_by_itself(
         await eventually(gone)
     finally:
         await monitor.stop()
+
+
+async def test_a_long_in_list_is_planned_for_its_values_not_once_for_all(store: Store) -> None:
+    """PostgreSQL may switch a prepared statement to a generic plan after five runs, made without
+    the values. In a monitor that first looked at a fleet just applied, the health records'
+    ``job IN ($1, ..., $1000)`` lock got such a plan: a scan comparing each row with the 1,000
+    values one by one (auto_explain: 0.5 s a chunk, 2.5 s to lock a herd's 5,000 records, 10 ms
+    with the values). Every connection of the store plans each run with its own values, and
+    locks what it asks for across chunks."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite plans every statement anew")
+    names = [f"herd-{n:05}" for n in range(2500)]
+    now = utcnow()
+    async with store.session() as session, session.begin():
+        assert await session.scalar(text("SHOW plan_cache_mode")) == "force_custom_plan"
+        await session.execute(
+            JobHealthRow.__table__.insert(),  # type: ignore[attr-defined]
+            [
+                {"job": name, "state": "up", "since": now, "consecutive_failures": 0, "updated_at": now}
+                for name in names
+            ],
+        )
+        batch = HealthBatch(session, now)
+        for _ in range(3):  # more than five runs of one chunk's statement
+            assert len(await batch._lock(names)) == len(names)
+        plans = (
+            await session.execute(
+                text(
+                    "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                    "WHERE statement LIKE '%FROM job_health%FOR UPDATE%' "
+                    "AND statement NOT LIKE '%pg_prepared_statements%'"
+                )
+            )
+        ).all()
+    assert plans and all(generic == 0 for generic, _custom in plans), plans
