@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from common.cancel import stop_if_cancelled
@@ -30,13 +30,20 @@ from common.retry import until_done
 from common.store import STORE_OUTAGES, Store
 from monitor import health_store
 from monitor.health import Tick
-from monitor.health_store import Advanced, HealthBatch, log_flips, whole
+from monitor.health_store import Advanced, HealthBatch, PreparedTick, log_flips, whole
 from monitor.job_changes import JobWatch
 
 log = logging.getLogger("cronfleet.monitor")
 
 # Jobs ticked per transaction: many jobs falling due at the same instant share a transaction.
 TICK_BATCH = 5000
+# A herd: at least this many jobs due at the same instant are ticked ahead (``PreparedTick``),
+# from ``PREPARE_LEAD_SECONDS`` before it, while at least ``PREPARE_MARGIN_SECONDS`` are left.
+HERD = 500
+PREPARE_LEAD_SECONDS = 30.0
+PREPARE_MARGIN_SECONDS = 0.2
+# Prepared ticks kept at most (a bound, never reached by one herd of a sane fleet).
+PREPARED_LIMIT = 200_000
 
 
 class DeadlineHeap:
@@ -68,6 +75,10 @@ class DeadlineHeap:
         """Forget ``job``'s timer."""
         self._armed.pop(job, None)
 
+    def armed_at(self, job: str) -> datetime | None:
+        """``job``'s deadline, if armed."""
+        return self._armed.get(job)
+
     def next_at(self) -> datetime | None:
         """The earliest armed deadline, or None."""
         while self._heap:
@@ -76,6 +87,22 @@ class DeadlineHeap:
                 return at
             heapq.heappop(self._heap)
         return None
+
+    def earliest(self) -> list[str]:
+        """The jobs armed at the earliest deadline (without disarming them)."""
+        at = self.next_at()
+        found: list[str] = []
+        # Entries equal to the smallest one form a subtree at the top of the heap.
+        stack = [0] if at is not None else []
+        while stack:
+            index = stack.pop()
+            when, job = self._heap[index]
+            if when != at:
+                continue
+            if self._armed.get(job) == at:
+                found.append(job)
+            stack.extend(child for child in (2 * index + 1, 2 * index + 2) if child < len(self._heap))
+        return found
 
     def pop_due(self, now: datetime, limit: int) -> list[tuple[str, datetime]]:
         """Disarm and return (job, deadline) for up to ``limit`` jobs due at or before ``now``,
@@ -91,18 +118,24 @@ class DeadlineHeap:
         return due
 
 
-async def tick(store: Store, jobs: Sequence[str], now: datetime) -> Advanced:
+async def tick(
+    store: Store, jobs: Sequence[str], now: datetime, prepared: Mapping[str, PreparedTick] | None = None
+) -> Advanced:
     """Apply ``Tick`` at ``now`` to ``jobs`` in one transaction: each stored record is read
     locked, advanced under the job's current spec, and written back with its flips. A job that
-    is no longer stored loses its record."""
+    is no longer stored loses its record. A job's tick in ``prepared`` is taken as it is when
+    its record and spec are still those it was computed from (``HealthBatch.adopt``): the same
+    result, without reading the record or running the machine at the deadline."""
     async with store.session() as session, session.begin():
         specs = await health_store.read_specs(session, jobs)
         removed = [job for job in jobs if job not in specs]
         if removed:
             await health_store.forget(session, removed)
         batch = HealthBatch(session, now)
-        await batch.load(jobs, specs)
-        for job in jobs:
+        taken = await batch.adopt(jobs, prepared, specs) if prepared else set()
+        rest = [job for job in jobs if job not in taken]
+        await batch.load(rest, specs)
+        for job in rest:
             batch.advance(job, Tick())
         return await batch.save()
 
@@ -129,11 +162,14 @@ class Deadlines:
         # Jobs whose record a tick could not move past its deadline (a spec this cronfleet
         # refuses, a job the machine cannot advance): not ticked again until written anew.
         self._parked: set[str] = set()
+        # The next herd's ticks, computed ahead (``_prepare_herd``); dropped when a job is written.
+        self._prepared: dict[str, PreparedTick] = {}
 
     def note(self, advanced: Advanced) -> None:
         """Arm the deadlines of records just written (by the recorder, a tick or a job change)."""
         earliest = False
         for job, at in advanced.deadlines.items():
+            self._prepared.pop(job, None)  # computed from the record before this write
             if at is not None:
                 self._parked.discard(job)
                 earliest |= self.heap.arm(job, at)
@@ -167,6 +203,7 @@ class Deadlines:
                 next_look = now + self.reload
                 await asyncio.sleep(self.reload.total_seconds())
                 continue
+            await self._prepare_herd()
             await self._sleep_until(next_look)
 
     async def _rebuild(self) -> None:
@@ -188,8 +225,10 @@ class Deadlines:
 
     async def _tick_batches(self, now: datetime) -> None:
         while due := self.heap.pop_due(now, TICK_BATCH):
+            jobs = [job for job, _at in due]
+            ready = {job: ready for job in jobs if (ready := self._prepared.pop(job, None)) is not None}
             try:
-                advanced = await whole(tick(self.store, [job for job, _at in due], now))
+                advanced = await whole(tick(self.store, jobs, now, ready))
             except BaseException:
                 for job, at in due:  # ticked again once the store answers
                     self.heap.arm(job, at)
@@ -207,6 +246,43 @@ class Deadlines:
                 else:
                     self.heap.arm(job, deadline)
 
+    async def _prepare_herd(self) -> None:
+        """If a herd (``HERD`` jobs or more) is due at the next deadline, within
+        ``PREPARE_LEAD_SECONDS``, compute its ticks now, batch after batch while at least
+        ``PREPARE_MARGIN_SECONDS`` are left: at the deadline, ``tick`` then only checks and
+        writes them. Best effort: a failure leaves the ticks to be computed at the deadline."""
+        at = self.heap.next_at()
+        if at is None or not self._time_to_prepare(at, PREPARE_LEAD_SECONDS):
+            return
+        herd = self.heap.earliest()
+        if len(herd) < HERD:
+            return
+        todo = [job for job in herd if (known := self._prepared.get(job)) is None or known.at != at]
+        if len(self._prepared) + len(todo) > PREPARED_LIMIT:
+            self._prepared.clear()
+        for first in range(0, len(todo), TICK_BATCH):
+            if not self._time_to_prepare(at, PREPARE_LEAD_SECONDS):
+                return
+            some = todo[first : first + TICK_BATCH]
+            try:
+                computed = await whole(self._prepare(some, at))
+            except Exception as exc:
+                stop_if_cancelled()
+                log.debug("ticks not prepared ahead (%s); computed at their deadline", exc)
+                return
+            # A job written meanwhile (``note``) or no longer due then is not taken.
+            for job, prepared in computed.items():
+                if self.heap.armed_at(job) == at:
+                    self._prepared[job] = prepared
+
+    def _time_to_prepare(self, at: datetime, lead: float) -> bool:
+        left = (at - self.clock()).total_seconds()
+        return PREPARE_MARGIN_SECONDS <= left <= lead
+
+    async def _prepare(self, jobs: Sequence[str], at: datetime) -> dict[str, PreparedTick]:
+        async with self.store.session() as session:
+            return await health_store.prepare_ticks(session, jobs, at)
+
     async def _look(self, now: datetime) -> None:
         advanced, removed = await whole(self.watch.look(self.store, now))
         log_flips(advanced)
@@ -214,6 +290,7 @@ class Deadlines:
         for job in removed:
             self.heap.disarm(job)
             self._parked.discard(job)
+            self._prepared.pop(job, None)
         self.note(advanced)
         # Deadlines another monitor stored (it may have stopped): armed here too, to be safe.
         async with self.store.session() as session:

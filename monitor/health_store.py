@@ -26,7 +26,16 @@ from common.jobs import JobSpec, spec_from_json
 from common.store import FlipRow, JobHealthRow, JobRow, dialect_insert
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 from monitor.channels.policy import needs_alert
-from monitor.health import Flip, HealthInput, HealthPolicy, HealthRecord, State, advance, initial_record
+from monitor.health import (
+    Flip,
+    HealthInput,
+    HealthPolicy,
+    HealthRecord,
+    State,
+    Tick,
+    advance,
+    initial_record,
+)
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -68,6 +77,20 @@ class JobFlip:
     def alert(self) -> bool:
         """Whether this flip is alerted (an alarm, or the recovery from one)."""
         return needs_alert(self.flip)
+
+
+@dataclass(frozen=True)
+class PreparedTick:
+    """A Tick of one job computed ahead of its deadline ``at`` (``prepare_ticks``): the record as
+    read and its row's ``updated_at`` (its version), the fingerprint of the spec it was computed
+    under, and the record and flips a Tick at ``at`` makes of it."""
+
+    at: datetime
+    before: StoredHealth
+    updated_at: datetime
+    spec_fingerprint: str
+    after: StoredHealth
+    flips: tuple[Flip, ...]
 
 
 @dataclass
@@ -136,6 +159,39 @@ def _readable(spec: str) -> JobSpec | None:
     return parsed
 
 
+async def prepare_ticks(
+    session: AsyncSession, jobs: Collection[str], at: datetime
+) -> dict[str, PreparedTick]:
+    """What a Tick at ``at`` will make of each of ``jobs`` as stored now, read without a lock
+    and written nowhere: ``HealthBatch.adopt`` writes it at ``at`` if the record and the spec
+    are still the ones it was computed from. A job without a record or a readable spec, or
+    that the machine cannot advance, is left out (its tick takes the usual way)."""
+    specs = await read_specs(session, jobs)
+    prepared: dict[str, PreparedTick] = {}
+    query = select(_HEALTH)
+    for some in chunks(sorted(job for job in jobs if job in specs), IN_LIST_CHUNK):
+        for row in await session.execute(query.where(_HEALTH.c.job.in_(some))):
+            stored, spec = StoredHealth(_record(row), row.fingerprint), specs[row.job].spec
+            if spec is None:
+                continue
+            result = _safely(
+                row.job,
+                "prepare its tick",
+                partial(advance, stored.record, Tick(), spec, at, policy_of(spec)),
+            )
+            if result is not None:
+                record, flips = result
+                prepared[row.job] = PreparedTick(
+                    at,
+                    stored,
+                    row.updated_at,
+                    specs[row.job].fingerprint,
+                    StoredHealth(record, stored.fingerprint),
+                    tuple(flips),
+                )
+    return prepared
+
+
 class HealthBatch:
     """One transaction's health work: ``load`` the records of some jobs (locked, and created for
     jobs that have none), ``advance`` them, ``save`` what changed and the flips."""
@@ -171,21 +227,57 @@ class HealthBatch:
         self._loaded.update(found)
         self.records.update(found)
 
+    async def adopt(
+        self, jobs: Collection[str], prepared: Mapping[str, PreparedTick], specs: Mapping[str, StoredSpec]
+    ) -> set[str]:
+        """Lock the records of ``jobs`` and take the prepared Tick of each whose record (its row's
+        ``updated_at``) and spec (its fingerprint) are still those it was computed from, and
+        that leaves no deadline at or before ``now``: as if loaded and advanced by a Tick, to be
+        written by ``save``. Returns the jobs taken; the others are for ``load`` and ``advance``.
+        Every record of ``jobs`` is locked here, in job order, before ``load`` locks any."""
+        versions = await self._lock_versions(sorted(jobs))
+        taken: set[str] = set()
+        for job in jobs:
+            ready, spec = prepared.get(job), specs.get(job)
+            if ready is None or spec is None or ready.spec_fingerprint != spec.fingerprint:
+                continue
+            deadline = ready.after.record.deadline_at
+            if versions.get(job) != ready.updated_at or ready.at > self.now:
+                continue
+            if deadline is not None and deadline <= self.now:
+                continue  # another deadline has passed since: the machine must see it
+            self.specs[job] = spec
+            self._loaded[job] = ready.before
+            self.records[job] = ready.after
+            self._flips.extend(JobFlip(job, flip) for flip in ready.flips)
+            taken.add(job)
+        return taken
+
+    async def _lock_versions(self, jobs: list[str]) -> dict[str, datetime]:
+        """Lock the records of ``jobs`` (as ``_lock``) and read their ``updated_at``."""
+        rows = await self._locked_rows((_HEALTH.c.job, _HEALTH.c.updated_at), jobs)
+        return {job: at for job, at in rows}
+
     async def _lock(self, jobs: list[str]) -> dict[str, StoredHealth]:
+        rows = await self._locked_rows(tuple(_HEALTH.c), jobs)
+        return {row.job: StoredHealth(_record(row), row.fingerprint) for row in rows}
+
+    async def _locked_rows(self, columns: Sequence[Any], jobs: list[str]) -> list[Any]:
+        """``columns`` of the records of ``jobs``, locked until the transaction ends: on
+        PostgreSQL ``FOR UPDATE`` in job order, on SQLite under the database's write lock."""
         if not jobs:
-            return {}
+            return []
         postgresql = _dialect(self.session) == "postgresql"
         if not postgresql:
             # An UPDATE that matches nothing still takes SQLite's write lock, until commit.
             await self.session.execute(update(_HEALTH).where(_HEALTH.c.job == "").values(job=_HEALTH.c.job))
-        found: dict[str, StoredHealth] = {}
+        rows: list[Any] = []
         for some in chunks(jobs, IN_LIST_CHUNK):
-            query = select(_HEALTH).where(_HEALTH.c.job.in_(some)).order_by(_HEALTH.c.job)
+            query = select(*columns).where(_HEALTH.c.job.in_(some)).order_by(_HEALTH.c.job)
             if postgresql:
                 query = query.with_for_update()
-            for row in await self.session.execute(query):
-                found[row.job] = StoredHealth(_record(row), row.fingerprint)
-        return found
+            rows.extend(await self.session.execute(query))
+        return rows
 
     def advance(self, job: str, event: HealthInput, *, follow: bool = False) -> list[Flip]:
         """Feed ``event`` to ``job``'s record under its current spec; with ``follow``, the record

@@ -312,7 +312,14 @@ class Dispatcher:
             number,
             error,
         )
-        await asyncio.gather(*(self._deliver(name, channel, [alert], number + 1) for alert in alerts))
+
+        async def alone(alert: Alert) -> None:
+            await self._deliver(name, channel, [alert], number + 1)
+            for current in self._current[name]:  # tried: not left undelivered if we stop now
+                if alert in current:
+                    current.remove(alert)
+
+        await asyncio.gather(*(alone(alert) for alert in alerts))
 
     async def _report_loop(self) -> None:
         while True:

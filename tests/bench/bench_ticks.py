@@ -40,11 +40,11 @@ from monitor.health import Tick
 from monitor.health_store import Advanced, HealthBatch
 
 
-def herd(count: int, due: datetime, grace: float) -> list[JobSpec]:
-    """``count`` jobs due once an hour, all at ``due``'s minute and second."""
+def herd(count: int, due: datetime, grace: float, prefix: str = "tick") -> list[JobSpec]:
+    """``count`` jobs due once an hour, all at ``due``'s minute and second, named ``prefix-N``."""
     return [
         JobSpec(
-            name=f"tick-{i:06d}",
+            name=f"{prefix}-{i:06d}",
             schedule=f"{due.second} {due.minute} * * * *",
             grace_seconds=grace,
             action=ShellAction(argv=["true"]),

@@ -94,6 +94,7 @@ class Receiver:
     base: str = ""
     plan: dict[str, list[int]] = field(default_factory=dict)
     poison: bytes | None = None  # a body containing it is refused for good (400)
+    hold: bytes | None = None  # a body containing it (and not the poison) waits for ``release``
     requests: list[Request] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -123,7 +124,8 @@ def receiver() -> Iterator[Receiver]:
                 status = planned.pop(0) if planned else 200
                 if state.poison is not None and state.poison in body:
                     status = 400
-            if self.path == "/hang":
+            held = state.hold is not None and state.hold in body and status != 400
+            if self.path == "/hang" or held:
                 state.release.wait(60)
             reply = b"ok" if status == 200 else b'{"message": "try later"}'
             if self.path == "/discord" and status == 200:
@@ -567,6 +569,28 @@ async def test_one_alert_a_receiver_refuses_does_not_sink_the_rest_of_its_group(
     assert by_alert == {f"job-{n}": [(1, False, False), (2, True, True)] for n in (0, 1, 3, 4)}
     texts = [orjson.loads(r.body)["text"] for r in receiver.seen("/slack")]
     assert texts[0] == "[prod] 5 alerts: 5 FAILING" and len(texts) == 6
+
+
+async def test_stopping_while_a_split_group_is_tried_reports_only_what_was_not_delivered(
+    receiver: Receiver, client: aiohttp.ClientSession
+) -> None:
+    receiver.poison, receiver.hold = b"poisoned-reason", b"job-1"
+    recorder = Recorder()
+    channels = channels_for(receiver, client, slack="/slack")
+    alerts = [an_alert(f"job-{n}", flip_id=f"prod/flip-{n}") for n in range(3)]
+    alerts[2] = an_alert("job-2", flip_id="prod/flip-2", reason="poisoned-reason")
+    dispatcher = Dispatcher(channels, Routes(default=["slack"]), FAST, recorder)
+    dispatcher.start()
+    for alert in alerts:
+        dispatcher.submit(alert)
+    # Refused together, then tried alone: job-0 goes through, job-1 is held, job-2 refused.
+    await eventually(
+        lambda: _async({a.alert.job for a in recorder.attempts if a.final} == {"job-0", "job-2"})
+    )
+    left = await dispatcher.close(grace=0.2)
+    assert [(alert.job, name) for alert, name in left] == [("job-1", "slack")]
+    finals = {(a.alert.job, a.number, a.delivered) for a in recorder.attempts if a.final}
+    assert finals == {("job-0", 2, True), ("job-1", 0, False), ("job-2", 2, False)}
 
 
 async def test_a_grouped_webhook_sends_one_alert_as_a_group_too(
