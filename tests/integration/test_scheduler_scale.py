@@ -21,7 +21,7 @@ from common.store import FireRow, Store
 from common.topology import Topology
 from scheduler.service import Scheduler
 
-JOBS = 40_000  # more than PostgreSQL's 32,767 bind parameters, one per job, would allow
+JOBS = 33_000  # more than PostgreSQL's 32,767 bind parameters, one per job, would allow
 BURST = 10_000  # of which fire every second
 ACTION = {"type": "shell", "argv": ["true"]}
 
