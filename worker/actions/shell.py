@@ -107,10 +107,13 @@ def setpriv_argv(setpriv: str, argv: Sequence[str], target: Account | None) -> l
 class ShellExecutor:
     """Runs ``shell`` actions as child processes in their own process group, only programs the
     worker's allow list names (``worker.allow``), as another account when ``run_as`` says so;
-    each dies with the worker."""
+    each dies with the worker. Jobs inherit the worker's environment as it was when the
+    executor was made (``job_environment``), read once: never ``os.environ`` as some other
+    thread of the process may be changing it."""
 
     def __init__(self, allowed: CommandAllowList | None = None, *, launcher: Launcher = "auto") -> None:
         self.allowed = allowed if allowed is not None else CommandAllowList(("*",))
+        self.inherited = job_environment(os.environ.copy(), {})
         self.setpriv = None if launcher == "fork" else find_setpriv()
         if launcher == "setpriv" and self.setpriv is None:
             raise ValueError("setpriv (util-linux) is not installed on this host")
@@ -149,7 +152,7 @@ class ShellExecutor:
             # Not root, the worker runs only ``run_as`` naming itself (``refusal``): it changes
             # nothing, and could not set the groups anyway.
             target = account_ if os.geteuid() == 0 else None
-        environment = job_environment(os.environ, variables)
+        environment = {**self.inherited, **variables}
         argv: Sequence[str] = action.argv
         spawn: dict[str, Any] = {}
         if self.setpriv is not None:
