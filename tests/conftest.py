@@ -233,31 +233,6 @@ def counts(request: pytest.FixtureRequest) -> Counts:
     return say
 
 
-# The files of a minute or more of the suite, longest first (deploy/dev test --durations=150).
-# pytest-xdist hands whole files (--dist loadfile) to its processes in the order they were
-# collected: these go first, so that none of them starts late and ends alone after the rest.
-LONG_FILES = (
-    "tests/chaos/test_rabbitmq_cluster.py",
-    "tests/integration/test_scheduler_scale.py",
-    "tests/fuzz/test_wire_fuzz.py",
-    "tests/fuzz/test_apply_fuzz.py",
-    "tests/integration/test_packaging.py",
-    "tests/chaos/test_fleet_across_hosts.py",
-    "tests/integration/test_broker_permissions.py",
-    "tests/integration/test_retries.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long files first, longest first; every other test in its collected order."""
-
-    def rank(item: pytest.Item) -> int:
-        path = item.nodeid.split("::", 1)[0]
-        return LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
-
-    items.sort(key=rank)
-
-
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Keep the ``counts`` lines of each finished test for the closing summary."""
     if report.when != "call":
