@@ -171,7 +171,7 @@ async def prepare_ticks(
     query = select(_HEALTH)
     for some in chunks(sorted(job for job in jobs if job in specs), IN_LIST_CHUNK):
         for row in await session.execute(query.where(_HEALTH.c.job.in_(some))):
-            stored, spec = StoredHealth(_record(row), row.fingerprint), specs[row.job].spec
+            stored, spec = _stored(row), specs[row.job].spec
             if spec is None:
                 continue
             result = _safely(
@@ -241,9 +241,9 @@ class HealthBatch:
             ready, spec = prepared.get(job), specs.get(job)
             if ready is None or spec is None or ready.spec_fingerprint != spec.fingerprint:
                 continue
-            deadline = ready.after.record.deadline_at
             if versions.get(job) != ready.updated_at or ready.at > self.now:
                 continue
+            deadline = ready.after.record.deadline_at
             if deadline is not None and deadline <= self.now:
                 continue  # another deadline has passed since: the machine must see it
             self.specs[job] = spec
@@ -260,7 +260,7 @@ class HealthBatch:
 
     async def _lock(self, jobs: list[str]) -> dict[str, StoredHealth]:
         rows = await self._locked_rows(tuple(_HEALTH.c), jobs)
-        return {row.job: StoredHealth(_record(row), row.fingerprint) for row in rows}
+        return {row.job: _stored(row) for row in rows}
 
     async def _locked_rows(self, columns: Sequence[Any], jobs: list[str]) -> list[Any]:
         """``columns`` of the records of ``jobs``, locked until the transaction ends: on
@@ -489,6 +489,10 @@ def _safely(job: str, what: str, compute: Callable[[], T]) -> T | None:
 
 def _dialect(session: AsyncSession) -> str:
     return session.get_bind().dialect.name
+
+
+def _stored(row: Any) -> StoredHealth:
+    return StoredHealth(_record(row), row.fingerprint)
 
 
 def _record(row: Any) -> HealthRecord:

@@ -1,5 +1,5 @@
-"""Delivering alerts in the background: one queue and one task per channel, retries with backoff,
-and every attempt reported.
+"""Delivering alerts in the background: one queue and a few tasks per channel, retries with
+backoff, and every attempt reported.
 
 ``Dispatcher.submit`` returns at once: it routes the alert and puts it on the queue of each of its
 channels. Each channel has ``RetryPolicy.concurrency`` delivery tasks; each takes every alert
@@ -7,12 +7,12 @@ waiting, up to the channel's ``group``, and sends them in one message (a herd of
 ``down`` together is a few messages, not one round trip after another). The alerts of one job go
 one after another, in the order submitted (so a recovery never overtakes the alarm it ends, and
 never shares its message). A message is tried up to ``RetryPolicy.attempts`` times; each of its
-alerts gets its own attempt, with the message's outcome. A channel that fails or hangs delays only its own
-alerts, never another channel's, never the caller. Every attempt, delivered or not, reaches
-``on_attempt`` (through one reporting task, in order), so the monitor can store it; given
+alerts gets its own attempt, with the message's outcome. A channel that fails or hangs delays
+only its own alerts, never another channel's, never the caller. Every attempt, delivered or not,
+reaches ``on_attempt`` (through one reporting task, in order), so the monitor can store it; given
 ``on_attempts`` instead, the reporting task hands over every attempt waiting at that moment (at
-most ``REPORT_BATCH``) in one call, so a herd's attempts are stored in a few transactions, not one
-each. A failing callback is logged and delivery goes on.
+most ``REPORT_BATCH``) in one call, so a herd's attempts are stored in a few transactions, not
+one each. A failing callback is logged and delivery goes on.
 
     async with Dispatcher(channels, config.routes, config.delivery, on_attempt) as dispatcher:
         dispatcher.submit(alert)
