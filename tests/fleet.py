@@ -209,16 +209,27 @@ def _logging_as_in_a_new_process() -> Iterator[None]:
             logger.setLevel(saved)
 
 
-def scheduler_process(settings: Settings) -> subprocess.Popen[bytes]:
+def scheduler_process(settings: Settings, log: Path | None = None) -> subprocess.Popen[bytes]:
     """``cronfleet scheduler`` as a process of its own on the fleet's settings (a test may kill
-    it); its output is dropped."""
-    return _service_process(settings, ["scheduler"], None, None)
+    it); its output goes to ``log`` (appended), or is dropped."""
+    return _service_process(settings, ["scheduler"], None, None, log)
 
 
-def monitor_process(settings: Settings) -> subprocess.Popen[bytes]:
+def monitor_process(settings: Settings, log: Path | None = None) -> subprocess.Popen[bytes]:
     """``cronfleet monitor`` (no HTTP) as a process of its own on the fleet's settings (a test
-    may kill it); its output is dropped."""
-    return _service_process(settings, ["monitor"], None, None)
+    may kill it); its output goes to ``log`` (appended), or is dropped."""
+    return _service_process(settings, ["monitor"], None, None, log)
+
+
+def log_tails(logs: Iterable[Path], lines: int = 40) -> str:
+    """The last ``lines`` lines of each log in ``logs`` that exists, headed by its name: what a
+    failing test shows of the processes it started."""
+    parts = []
+    for log in logs:
+        if log.exists():
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {log.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 async def stop_processes(processes: Iterable[subprocess.Popen[bytes]]) -> None:
@@ -234,12 +245,16 @@ async def stop_processes(processes: Iterable[subprocess.Popen[bytes]]) -> None:
 
 
 def worker_process(
-    settings: Settings, *args: str, cwd: Path | None = None, user: str | None = None
+    settings: Settings,
+    *args: str,
+    cwd: Path | None = None,
+    user: str | None = None,
+    log: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """``cronfleet worker --concurrency 1 ARGS`` as a process of its own on the fleet's settings
     (a test may kill it), in ``cwd``, as ``user`` when given (the test must be root); its output
-    is dropped."""
-    return _service_process(settings, ["worker", "--concurrency", "1", *args], cwd, user)
+    goes to ``log`` (appended), or is dropped."""
+    return _service_process(settings, ["worker", "--concurrency", "1", *args], cwd, user, log)
 
 
 def service_environment(settings: Settings) -> dict[str, str]:
@@ -263,13 +278,17 @@ def service_environment(settings: Settings) -> dict[str, str]:
 
 
 def _service_process(
-    settings: Settings, args: list[str], cwd: Path | None, user: str | None
+    settings: Settings, args: list[str], cwd: Path | None, user: str | None, log: Path | None
 ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "cronfleet"), *args],
-        env=service_environment(settings),
-        cwd=cwd,
-        user=user,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with contextlib.ExitStack() as files:
+        output: Any = subprocess.DEVNULL
+        if log is not None:
+            output = files.enter_context(log.open("ab"))  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "cronfleet"), *args],
+            env=service_environment(settings),
+            cwd=cwd,
+            user=user,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )

@@ -30,7 +30,14 @@ from common.topology import Topology
 from tests.chaos.cluster import PrivateCluster, cluster_fixture
 from tests.chaos.conftest import PrivateBroker
 from tests.conftest import STORES, Counts
-from tests.fleet import declare_pool, monitor_process, scheduler_process, stop_processes, worker_process
+from tests.fleet import (
+    declare_pool,
+    log_tails,
+    monitor_process,
+    scheduler_process,
+    stop_processes,
+    worker_process,
+)
 from tests.integration.helpers import FireTally, apply_toml, due_fires, every_second_jobs, trigger_runs
 
 JOBS = 50
@@ -67,9 +74,13 @@ def _short(node: str) -> str:
 # On the store the fleet would use across hosts: PostgreSQL when the suite has one.
 @pytest.mark.parametrize("settings", [STORES[-1]], indirect=True)
 async def test_a_node_then_the_leaders_node_stopped_under_load_lose_nothing(
-    cluster: PrivateCluster, settings: Settings, store: Store, counts: Counts
+    cluster: PrivateCluster, settings: Settings, store: Store, counts: Counts, tmp_path: Path
 ) -> None:
     settings = settings.model_copy(update={"amqp_url": cluster.url})
+    # Each process's log, shown when the fleet does not come back.
+    names = ["monitor", *(f"worker-{i}" for i in range(WORKERS))]
+    names += [f"scheduler-{i}" for i in range(SCHEDULERS)]
+    logs = {name: tmp_path / f"{name}.log" for name in names}
     namespace = settings.namespace
     topology = Topology(namespace)
     jobs = every_second_jobs("cluster", JOBS, "tests.integration.job_functions:a_second_and_a_half", 120)
@@ -82,7 +93,7 @@ async def test_a_node_then_the_leaders_node_stopped_under_load_lose_nothing(
     recovery: list[float] = []
     moved: list[str] = []
     try:
-        processes.append(monitor_process(_rotated(settings, 0)))
+        processes.append(monitor_process(_rotated(settings, 0), logs["monitor"]))
         for index in range(WORKERS):
             processes.append(
                 worker_process(
@@ -92,10 +103,11 @@ async def test_a_node_then_the_leaders_node_stopped_under_load_lose_nothing(
                     "--import",
                     "tests.integration.job_functions",
                     cwd=REPO,
+                    log=logs[f"worker-{index}"],
                 )
             )
         for index in range(SCHEDULERS):
-            processes.append(scheduler_process(_rotated(settings, index + 2)))
+            processes.append(scheduler_process(_rotated(settings, index + 2), logs[f"scheduler-{index}"]))
         await _until(lambda: _consumed(cluster, topology), 60, "the fleet did not start consuming")
         await asyncio.sleep(3)  # the schedulers plan and publish
         began = datetime.now(UTC)
@@ -132,6 +144,8 @@ async def test_a_node_then_the_leaders_node_stopped_under_load_lose_nothing(
             await asyncio.sleep(0.5)
         consumers = cluster.consumers(namespace)
         dead_letters = cluster.depth(topology.dead_queue)
+    except AssertionError as failure:
+        raise AssertionError(f"{failure}\n{log_tails(logs.values())}") from None
     finally:
         await stop_processes(processes)
 
@@ -164,9 +178,9 @@ async def test_a_node_then_the_leaders_node_stopped_under_load_lose_nothing(
     assert dead_letters == 0
 
 
-def _consumed(cluster: PrivateCluster, topology: Topology) -> bool:
-    """Whether every consumer is there (see ``_missing_consumers``)."""
-    return not _missing_consumers(cluster.consumers(topology.namespace), topology)
+def _consumed(cluster: PrivateCluster, topology: Topology) -> list[str]:
+    """Which consumers are not there (see ``_missing_consumers``): none when all are."""
+    return _missing_consumers(cluster.consumers(topology.namespace), topology)
 
 
 def _missing_consumers(consumers: dict[str, int], topology: Topology) -> list[str]:
@@ -208,10 +222,11 @@ async def _outage(
     return failover
 
 
-async def _until(check: Callable[[], bool], timeout: float, failure: str) -> None:
-    """Wait (off the loop: ``check`` runs rabbitmqctl) until ``check()`` is true."""
+async def _until(check: Callable[[], list[str]], timeout: float, failure: str) -> None:
+    """Wait (off the loop: ``check`` runs rabbitmqctl) until ``check()`` finds nothing missing;
+    the failure names what was still missing."""
     deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(check):
+    while missing := await asyncio.to_thread(check):
         if time.monotonic() > deadline:
-            raise AssertionError(f"{failure} within {timeout:g} s")
+            raise AssertionError(f"{failure} within {timeout:g} s: {'; '.join(missing)}")
         await asyncio.sleep(0.5)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import io
 import re
 import tempfile
@@ -361,8 +362,10 @@ def jobs_files(draw: st.DrawFn) -> bytes:
     return data
 
 
+@functools.cache
 def corpus() -> list[tuple[bytes, str]]:
-    """FILES generated files (distinct), each with the apply option to use, reproducibly."""
+    """FILES generated files (distinct), each with the apply option to use, reproducibly: drawn
+    once per test process, for both stores' runs."""
     found: dict[bytes, str] = {}
 
     @settings(FUZZ, max_examples=FILES)

@@ -23,6 +23,8 @@ The run is reproducible (derandomized) and prints its counts: run with ``-s`` to
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 import hashlib
 import json
 import operator
@@ -370,7 +372,14 @@ def specs(draw: st.DrawFn, exchange: str) -> Spec:
 
 
 def draw_specs(exchange: str, count: int) -> list[Spec]:
-    """``count`` messages for ``exchange``, the same ones every run (derandomized)."""
+    """``count`` messages for ``exchange``, the same ones every run (derandomized): drawn once
+    per test process (the second store's run takes a copy: drawing them is a third of the test),
+    a copy each time, since rendering fills a spec in."""
+    return copy.deepcopy(_drawn_specs(exchange, count))
+
+
+@functools.cache
+def _drawn_specs(exchange: str, count: int) -> list[Spec]:
     drawn: list[Spec] = []
 
     @settings(GENERATION, max_examples=count)
