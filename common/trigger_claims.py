@@ -179,10 +179,13 @@ class TriggerClaims:
             raise _unavailable(self.store, "claim", trigger_id, exc) from exc
 
     async def renew(self, trigger_ids: Iterable[str], now: datetime) -> None:
-        """Extend the lease of this worker's unfinished claims among ``trigger_ids``."""
+        """Extend the lease of this worker's unfinished claims among ``trigger_ids``.
+
+        Rows are locked in trigger id order, as ``_write_many`` locks them, so that the two
+        rarely deadlock; when PostgreSQL rolls one back all the same, it is a StoreUnavailable."""
         try:
             async with self.store.session() as session, session.begin():
-                for chunk in chunks(list(trigger_ids), IN_LIST_CHUNK):
+                for chunk in chunks(sorted(set(trigger_ids)), IN_LIST_CHUNK):
                     await session.execute(
                         update(TriggerClaimRow)
                         .where(
@@ -256,8 +259,10 @@ class TriggerClaims:
         """Write new claims (``(True, row)``) and finished ones (``(False, row)``) in one
         transaction; for each, whether it went in (a new claim: of two rows for one trigger id,
         the first; a finished one: always True)."""
-        claims = [row for is_claim, row in writes if is_claim]
-        finishes = [row for is_claim, row in writes if not is_claim]
+        # In trigger id order, the order ``renew`` locks them in: two writers of the same rows
+        # that take them in the same order wait for each other instead of deadlocking.
+        claims = sorted((row for is_claim, row in writes if is_claim), key=lambda row: str(row["trigger_id"]))
+        finishes = sorted((row for is_claim, row in writes if not is_claim), key=lambda row: str(row["b_id"]))
         inserted: set[str] = set()
         try:
             async with self.store.engine.begin() as connection:

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -14,7 +15,8 @@ from common.errors import ConfigError, CronfleetError, StatementTooLarge, StoreU
 from common.store import schema
 from common.store.schema import SchemaVersion
 
-# What "the database is not there right now" looks like, as opposed to a bad statement.
+# What "the database is not there right now" looks like, as opposed to a bad statement (and a
+# transaction the server rolled back to settle a conflict: see _rolled_back_as_outage).
 STORE_OUTAGES = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 # PostgreSQL (asyncpg) takes at most 32,767 bind parameters in one statement and stock SQLite
@@ -150,7 +152,28 @@ def _engine(url: str, schema_name: str | None) -> AsyncEngine:
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     event.listen(engine.sync_engine, "before_cursor_execute", _refuse_huge_statements)
+    event.listen(engine.sync_engine, "handle_error", _rolled_back_as_outage)
     return engine
+
+
+# SQLSTATEs of a transaction PostgreSQL rolled back to settle a conflict with another: a
+# deadlock (40P01) or a serialization failure (40001). Nothing of it was written, and the same
+# work done again goes through. psycopg counts them as OperationalError; asyncpg's SQLAlchemy
+# dialect leaves them as a bare DBAPIError, which no caller would retry.
+_ROLLED_BACK_BY_THE_SERVER = frozenset({"40P01", "40001"})
+
+
+def _rolled_back_as_outage(context: ExceptionContext) -> BaseException | None:
+    """A transaction rolled back by the server to break a deadlock or a serialization conflict is
+    raised as an OperationalError (in STORE_OUTAGES): every caller then does what it does in a
+    store outage, retry or hand the work back, rather than treat it as a bug."""
+    original = context.original_exception
+    error = context.sqlalchemy_exception
+    if getattr(original, "sqlstate", None) not in _ROLLED_BACK_BY_THE_SERVER:
+        return None
+    if error is None or isinstance(error, OperationalError) or not isinstance(original, Exception):
+        return None
+    return OperationalError(context.statement, context.parameters, original)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

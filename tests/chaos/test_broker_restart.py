@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ async def test_a_broker_restart_loses_no_fire_and_repeats_none(
             runs = await runs_of(chaos_store, "through-outage", status="succeeded")
             return sum(1 for r in runs if r.scheduled_at is not None and r.scheduled_at > back) >= 3
 
-        await eventually(runs_after_restart, timeout=60)
+        await _eventually_or_report(runs_after_restart, chaos_store, back)
 
         # Every fire claimed so far, including those that fell due during the outage, ends
         # in exactly one recorded run.
@@ -93,7 +94,7 @@ async def test_a_broker_restart_loses_no_fire_and_repeats_none(
                 )
             return fires <= set(ran) and len(ran) == len(set(ran))
 
-        await eventually(every_fire_has_one_run, timeout=60)
+        await _eventually_or_report(every_fire_has_one_run, chaos_store, back)
         async with chaos_store.session() as session:
             during = (
                 (
@@ -111,3 +112,31 @@ async def test_a_broker_restart_loses_no_fire_and_repeats_none(
         assert len(ran) == len(set(ran)), "a trigger was run twice"
     finally:
         await fleet.stop()
+
+
+async def _eventually_or_report(check: Callable[[], Awaitable[bool]], store: Store, back: datetime) -> None:
+    """``eventually(check)`` within 60 s; its failure says what the store holds: each fire's
+    instant and publication, and each run's status, from a few seconds before the broker was back."""
+    try:
+        await eventually(check, timeout=60)
+    except AssertionError as failure:
+        since = back - timedelta(seconds=OUTAGE_SECONDS + 3)
+        async with store.session() as session:
+            fires = (
+                await session.execute(
+                    select(FireRow.trigger_id, FireRow.scheduled_at, FireRow.claimed_by, FireRow.published_at)
+                    .where(FireRow.scheduled_at > since)
+                    .order_by(FireRow.scheduled_at)
+                )
+            ).all()
+            runs = (
+                await session.execute(
+                    select(RunRow.trigger_id, RunRow.status, RunRow.worker, RunRow.started_at)
+                    .where(RunRow.scheduled_at > since)
+                    .order_by(RunRow.scheduled_at)
+                )
+            ).all()
+        lines = [f"broker back at {back.isoformat()}", "fires (trigger, scheduled, claimed by, published):"]
+        lines += [f"  {row}" for row in fires]
+        lines += ["runs (trigger, status, worker, started):", *(f"  {row}" for row in runs)]
+        raise AssertionError(f"{failure}\n" + "\n".join(lines)) from None

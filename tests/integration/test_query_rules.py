@@ -3,6 +3,7 @@ use an index, and old history is purged in small batches."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -18,7 +19,7 @@ from common.api_keys import create_api_key
 from common.bus import Publisher
 from common.catalog import apply_jobs, load_jobs
 from common.clock import utcnow
-from common.errors import StatementTooLarge
+from common.errors import StatementTooLarge, StoreUnavailable
 from common.jobs import JobSpec
 from common.messages import RunStatus
 from common.settings import Settings
@@ -28,6 +29,7 @@ from common.store.database import MAX_STATEMENT_PARAMETERS, statement_parameters
 from common.store.models import JobHealthRow
 from common.store.retention import purge
 from common.topology import Topology
+from common.trigger_claims import ClaimOutcome, TriggerClaims
 from monitor.health_store import HealthBatch
 from tests.conftest import Start
 from tests.fleet import Fleet, cronfleet, eventually, run_cronfleet
@@ -366,3 +368,38 @@ async def test_a_long_in_list_is_planned_for_its_values_not_once_for_all(store: 
             )
         ).all()
     assert plans and all(generic == 0 for generic, _custom in plans), plans
+
+
+async def test_a_deadlock_is_an_outage_to_retry_and_never_stops_a_worker(store: Store) -> None:
+    """PostgreSQL breaks a deadlock by rolling one transaction back (SQLSTATE 40P01). A worker
+    under load met one between renewing its leases and ending runs, and the error, not counted
+    as a store outage, stopped the worker ("unexpected error: DBAPIError: deadlock detected"):
+    measured in the cluster chaos test, one of two workers gone. Such a rollback wrote nothing,
+    and doing the work again succeeds: it is a StoreUnavailable, which every caller retries."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite locks the whole database: its writers wait, they never deadlock")
+    claims = TriggerClaims(store, "worker-deadlock", timedelta(seconds=30))
+    now = utcnow()
+    for trigger_id in ("a@1", "b@1"):
+        claim = await claims.claim(trigger_id, "0" * 64, f"run-{trigger_id}", now + timedelta(hours=1), now)
+        assert claim.outcome is ClaimOutcome.RUN
+    async with store.engine.connect() as other:
+        await other.begin()
+        # The other transaction holds b, renew takes a and waits for b, then the other asks for a.
+        await other.execute(
+            text("UPDATE trigger_claims SET lease_until = lease_until WHERE trigger_id = 'b@1'")
+        )
+        renewing = asyncio.create_task(claims.renew(["a@1", "b@1"], utcnow()))
+        await asyncio.sleep(0.3)
+        crossing = asyncio.create_task(
+            other.execute(
+                text("UPDATE trigger_claims SET lease_until = lease_until WHERE trigger_id = 'a@1'")
+            )
+        )
+        # PostgreSQL looks for deadlocks after deadlock_timeout (1 s): renew, waiting longest,
+        # is the one it rolls back.
+        with pytest.raises(StoreUnavailable, match="deadlock"):
+            await renewing
+        await crossing
+        await other.rollback()
+    await claims.renew(["a@1", "b@1"], utcnow())  # and done again, it goes through
