@@ -121,22 +121,13 @@ async def _eventually_or_report(check: Callable[[], Awaitable[bool]], store: Sto
         await eventually(check, timeout=60)
     except AssertionError as failure:
         since = back - timedelta(seconds=OUTAGE_SECONDS + 3)
+        lines = [f"broker back at {back.isoformat()}"]
         async with store.session() as session:
-            fires = (
-                await session.execute(
-                    select(FireRow.trigger_id, FireRow.scheduled_at, FireRow.claimed_by, FireRow.published_at)
-                    .where(FireRow.scheduled_at > since)
-                    .order_by(FireRow.scheduled_at)
-                )
-            ).all()
-            runs = (
-                await session.execute(
-                    select(RunRow.trigger_id, RunRow.status, RunRow.worker, RunRow.started_at)
-                    .where(RunRow.scheduled_at > since)
-                    .order_by(RunRow.scheduled_at)
-                )
-            ).all()
-        lines = [f"broker back at {back.isoformat()}", "fires (trigger, scheduled, claimed by, published):"]
-        lines += [f"  {row}" for row in fires]
-        lines += ["runs (trigger, status, worker, started):", *(f"  {row}" for row in runs)]
+            for title, table, columns in (
+                ("fires", FireRow, ("trigger_id", "scheduled_at", "claimed_by", "published_at")),
+                ("runs", RunRow, ("trigger_id", "status", "worker", "started_at")),
+            ):
+                query = select(*(getattr(table, c) for c in columns)).where(table.scheduled_at > since)
+                rows = (await session.execute(query.order_by(table.scheduled_at))).all()
+                lines += [f"{title} ({', '.join(columns)}):", *(f"  {row}" for row in rows)]
         raise AssertionError(f"{failure}\n" + "\n".join(lines)) from None
