@@ -88,10 +88,19 @@ async def permissions_command(settings: Settings, args: argparse.Namespace) -> i
             print(shlex.join(argv))
         print(f"# then run its processes with CRONFLEET_AMQP_URL={url}")
         return 0
-    for argv in commands:
-        await _run(argv, user, secret=password)
-        if argv[1] == "add_user":  # said at once: if a later command fails, the user still exists
-            print(f"created {user!r}; its password is shown once: CRONFLEET_AMQP_URL={url}", flush=True)
+    if password is not None:
+        await _run(commands[0], user, secret=password)
+        # Said at once: if a later command fails, the user still exists.
+        print(f"created {user!r}; its password is shown once: CRONFLEET_AMQP_URL={url}", flush=True)
+        commands = commands[1:]
+    # The rights in the virtual host and those on the topic exchange are independent of each
+    # other: set together (each rabbitmqctl starts an Erlang VM, a second or so).
+    ran = await asyncio.gather(
+        *(_run(argv, user, secret=password) for argv in commands), return_exceptions=True
+    )
+    failures = [outcome for outcome in ran if isinstance(outcome, BaseException)]
+    if failures:
+        raise failures[0]
     print(f"gave {user!r} the rights of a {role} in namespace {settings.namespace!r}, virtual host {vhost!r}")
     _print_rights(granted)
     return 0
