@@ -168,11 +168,10 @@ def _rolled_back_as_outage(context: ExceptionContext) -> BaseException | None:
     raised as an OperationalError (in STORE_OUTAGES): every caller then does what it does in a
     store outage, retry or hand the work back, rather than treat it as a bug."""
     original = context.original_exception
-    error = context.sqlalchemy_exception
     if getattr(original, "sqlstate", None) not in _ROLLED_BACK_BY_THE_SERVER:
         return None
-    if error is None or isinstance(error, OperationalError) or not isinstance(original, Exception):
-        return None
+    if isinstance(context.sqlalchemy_exception, OperationalError):
+        return None  # a driver that classes it so already
     return OperationalError(context.statement, context.parameters, original)
 
 
