@@ -21,6 +21,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -81,6 +82,25 @@ def link_loss_as_error() -> Iterator[None]:
         if cancelling():
             raise
         raise ConnectionError("the connection was lost before RabbitMQ answered") from exc
+
+
+class ConnectionDown(ConnectionError):
+    """The connection is closed, or between two reconnects: no channel can be opened on it now.
+    One of CONNECT_ERRORS and CONNECTION_LOST: an outage to wait out, never a bug."""
+
+
+async def open_channel(
+    connection: AbstractConnection, *, publisher_confirms: bool = True, on_return_raises: bool = False
+) -> AbstractChannel:
+    """A new channel of ``connection``. Raises ConnectionDown while the connection is closed or
+    reconnecting, where aio-pika and aiormq raise a bare RuntimeError ("Connection was not
+    opened", "<Connection ...> closed") that every caller would take for a bug."""
+    try:
+        return await connection.channel(
+            publisher_confirms=publisher_confirms, on_return_raises=on_return_raises
+        )
+    except RuntimeError as exc:
+        raise ConnectionDown(f"the connection to RabbitMQ is not open ({exc})") from exc
 
 
 # The connection (not the broker's will) failed: the same call may succeed once it is back.
@@ -240,7 +260,7 @@ class Publisher:
         one line naming what the broker refused or did not find, when it cannot be opened.
         """
         try:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channel = await open_channel(connection, on_return_raises=True)
             if declare:
                 exchanges = await topology.declare_exchanges(channel)
             else:
@@ -698,7 +718,7 @@ async def consume_forever(
         stop_if_cancelled()
         channel: AbstractChannel | None = None
         try:
-            channel = await connection.channel()
+            channel = await open_channel(connection)
             await channel.set_qos(prefetch_count=prefetch)
             queue = await declare(channel)
             async with queue.iterator() as deliveries:
@@ -818,12 +838,9 @@ async def consume_deliveries(
             # After a loss, the robust connection reconnects by itself: wait for it.
             await connection.ready()
             try:
-                channel = await connection.channel()
-            except RuntimeError as exc:
-                # aiormq's "<Connection ...> closed": the loss is known to aiormq before the
-                # robust connection starts reconnecting.
-                if "closed" not in str(exc):
-                    raise
+                channel = await open_channel(connection)
+            except ConnectionDown:
+                # The loss is known to aiormq before the robust connection starts reconnecting.
                 log.debug("the connection is closed; consuming again once it is back")
                 await asyncio.sleep(1.0)
                 continue

@@ -30,7 +30,7 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from sqlalchemy import Table, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.bus import CONNECT_ERRORS, link_loss_as_error
+from common.bus import CONNECT_ERRORS, link_loss_as_error, open_channel
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.messages import Event, RunStatus, SchedulerHeartbeat, WorkerHeartbeat
@@ -180,20 +180,20 @@ class FleetWatch:
         seen: dict[str, PoolSeen] = {}
         try:
             with link_loss_as_error():
-                channel = await self.connection.channel()
+                channel = await open_channel(self.connection)
                 try:
                     for pool in sorted(pools):
                         counts = await _counts(channel, self.topology.pool_queue(pool))
                         if counts is None:  # not declared yet: nothing waits in it
-                            channel = await self.connection.channel()
+                            channel = await open_channel(self.connection)
                             counts = (0, 0)
                         seen[pool] = PoolSeen(waiting=counts[0], consumers=counts[1])
                     dead = await _counts(channel, self.topology.dead_queue)
                     if dead is None:
-                        channel = await self.connection.channel()
+                        channel = await open_channel(self.connection)
                     backlog = await _counts(channel, self.topology.monitor_queue)
                     if backlog is None:
-                        channel = await self.connection.channel()
+                        channel = await open_channel(self.connection)
                 finally:
                     with contextlib.suppress(*CONNECT_ERRORS):
                         await channel.close()

@@ -30,6 +30,7 @@ from common.bus import (
     connect,
     consume_deliveries,
     link_loss_as_error,
+    open_channel,
 )
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
@@ -329,7 +330,7 @@ async def wait_until_drained(
         await asyncio.sleep(DRAIN_CHECK_SECONDS)
         try:
             with link_loss_as_error():
-                channel = await connection.channel()
+                channel = await open_channel(connection)
                 try:
                     queue = await channel.declare_queue(topology.monitor_queue, passive=True)
                     waiting = queue.declaration_result.message_count

@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from common.acks import consume_acked
-from common.bus import CONNECT_ERRORS, Publisher, broker_refusal, connect
+from common.bus import CONNECT_ERRORS, Publisher, broker_refusal, connect, open_channel
 from common.clock import utcnow
 from common.errors import BrokerUnavailable, ConfigError, StoreUnavailable
 from common.http_client import open_session
@@ -114,7 +114,7 @@ async def _find_pool(connection: AbstractRobustConnection, topology: Topology, p
     consumes it but does not create it (it has no ``configure`` right). Raises BrokerUnavailable
     naming the queue when it is missing or refused."""
     try:
-        channel = await connection.channel()
+        channel = await open_channel(connection)
         try:
             await topology.find_pool(channel, pool)
         finally:

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 from sqlalchemy import func, select
 
-from common.bus import CONNECT_ERRORS, connect, redact
+from common.bus import CONNECT_ERRORS, connect, open_channel, redact
 from common.catalog import read_jobs
 from common.clock import utcnow
 from common.errors import BrokerUnavailable, ConfigError, CronfleetError
@@ -149,7 +149,7 @@ async def doctor(settings: Settings, args: argparse.Namespace) -> int:
                 topology.monitor_queue,
                 topology.dead_queue,
             ]:
-                channel = await connection.channel()
+                channel = await open_channel(connection)
                 try:
                     queue = await channel.declare_queue(name, passive=True)
                     result = queue.declaration_result

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from common import fires
 from common.api_keys import ApiKey
-from common.bus import CONNECT_ERRORS
+from common.bus import CONNECT_ERRORS, open_channel
 from common.catalog import find_job, read_jobs
 from common.cli.admin import last_flip_reason
 from common.cli.fleet_status import read_fleet
@@ -328,7 +328,7 @@ async def _declare_pool(context: HttpContext, pool: str) -> None:
     if context.connection is None:
         await topology.declare_pool(context.publisher.channel, pool)
         return
-    channel = await context.connection.channel()
+    channel = await open_channel(context.connection)
     try:
         await topology.declare_pool(channel, pool)
     finally:

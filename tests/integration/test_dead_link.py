@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from common.bus import Publisher, connect
+from common.bus import ConnectionDown, Publisher, connect, open_channel
 from common.errors import BrokerUnavailable
 from common.messages import WorkerHeartbeat
 from common.settings import Settings
@@ -55,6 +56,12 @@ class Relay:
     def cut(self) -> None:
         for flowing in self._flowing:
             flowing.clear()
+
+    def unplug(self) -> None:
+        """``cut``, and refuse every new connection: the client cannot reconnect."""
+        self.cut()
+        if self.server is not None:
+            self.server.close()
 
     async def close(self) -> None:
         if self.server is not None:
@@ -158,3 +165,23 @@ async def test_a_look_at_the_fleet_in_flight_when_the_link_dies_ends_as_broker_u
     link.relay.cut()
     # The broker is unseen at this look (no heartbeat is judged); the watch goes on.
     await asyncio.wait_for(watch.look(datetime.now(UTC)), timeout=60)
+
+
+async def test_a_look_at_the_fleet_while_the_connection_is_down_ends_as_broker_unseen(
+    link: Link, store: Store, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Between two reconnects aio-pika refuses a channel with a bare RuntimeError ("Connection
+    # was not opened"): the monitor logged it as an unexpected error, traceback and all, every
+    # second until its link came back (seen in tests/chaos/test_fleet_across_hosts.py).
+    watch = FleetWatch(store, link.connection, link.topology, fleet_policy(settings), interval=1.0)
+    link.relay.unplug()
+
+    async def down() -> bool:
+        return link.connection.transport is None
+
+    await eventually(down, timeout=60, every=0.2)
+    with caplog.at_level(logging.WARNING, logger="cronfleet.monitor"):
+        await asyncio.wait_for(watch.look(datetime.now(UTC)), timeout=60)
+    assert "cannot look at the fleet's queues" in caplog.text
+    with pytest.raises(ConnectionDown):
+        await open_channel(link.connection)
