@@ -333,9 +333,14 @@ async def _store(
 
 async def _lose_runs(session: AsyncSession, worker: str, now: datetime) -> list[RunRow]:
     """Mark ``worker``'s runs still ``running`` as ``lost`` at ``now``; returns them. Runs another
-    monitor (or a late ``run.finished``) already ended are left alone."""
+    monitor (or a late ``run.finished``) already ended are left alone, including an end the
+    recorder commits while this transaction reads: the runs are read locked, and PostgreSQL reads
+    a run that an uncommitted end holds again once that end commits (without the lock, ``lost``
+    was written over it)."""
     found = await session.execute(
-        select(RunRow).where(RunRow.worker == worker, RunRow.status == RunStatus.RUNNING.value)
+        select(RunRow)
+        .where(RunRow.worker == worker, RunRow.status == RunStatus.RUNNING.value)
+        .with_for_update()
     )
     runs = list(found.scalars())
     for run in runs:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import aio_pika
 import orjson
+import pytest
 from aio_pika.abc import AbstractRobustConnection
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from common.clock import utcnow
 from common.messages import RunFinished, RunStarted, RunStatus, WorkerHeartbeat
@@ -165,19 +166,11 @@ async def test_a_dead_lettered_message_raises_the_dead_letters_alarm(
     assert (await run_cronfleet(settings, "status")).returncode == 1
 
 
-def _watch(settings: Settings, store: Store, amqp: AbstractRobustConnection) -> FleetWatch:
-    return FleetWatch(
-        store, amqp, Topology(settings.namespace), fleet_policy(settings), settings.heartbeat_seconds
-    )
-
-
-async def test_two_monitors_store_a_worker_flip_once_and_a_late_finish_is_recorded_over_lost(
-    settings: Settings, store: Store, amqp: AbstractRobustConnection
-) -> None:
+async def _start_held_run(store: Store) -> RunStarted:
+    """Job ``held`` with run ``r1`` recorded running on worker ``w1`` since now."""
     await apply_toml(
         store, '[jobs.held]\nschedule = "@daily"\naction = { type = "shell", argv = ["true"] }\n'
     )
-    policy = fleet_policy(settings)
     t0 = utcnow()
     started = RunStarted(
         run_id="r1",
@@ -190,6 +183,21 @@ async def test_two_monitors_store_a_worker_flip_once_and_a_late_finish_is_record
     )
     async with store.session() as session, session.begin():
         await record_batch(session, [started], t0)
+    return started
+
+
+def _watch(settings: Settings, store: Store, amqp: AbstractRobustConnection) -> FleetWatch:
+    return FleetWatch(
+        store, amqp, Topology(settings.namespace), fleet_policy(settings), settings.heartbeat_seconds
+    )
+
+
+async def test_two_monitors_store_a_worker_flip_once_and_a_late_finish_is_recorded_over_lost(
+    settings: Settings, store: Store, amqp: AbstractRobustConnection
+) -> None:
+    policy = fleet_policy(settings)
+    started = await _start_held_run(store)
+    t0 = started.started_at
     beat = WorkerHeartbeat(worker="w1", pool="default", at=t0, concurrency=1, running=1)
     watches = [_watch(settings, store, amqp) for _ in range(2)]
     for watch in watches:
@@ -226,3 +234,44 @@ async def test_two_monitors_store_a_worker_flip_once_and_a_late_finish_is_record
         health = await session.get(JobHealthRow, "held")
     # The job's health already counted the loss; an older finish does not move it back.
     assert health is not None and health.state == "failing"
+
+
+async def test_a_run_that_ends_while_its_silent_worker_s_runs_are_marked_lost_keeps_its_real_end(
+    settings: Settings, store: Store, amqp: AbstractRobustConnection
+) -> None:
+    """The fleet watch read a silent worker's ``running`` runs, then wrote ``lost`` over each by
+    its id: a ``run.finished`` the recorder committed in between was overwritten, and the fire
+    ended ``lost`` though it had succeeded, with nothing left to deliver it again (its trigger
+    was acked). Measured in tests/chaos/test_fleet_across_hosts.py under load: 8 fires of a cut
+    worker, whose ends the monitor was still recording as it judged the worker silent."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite has one writer at a time: the watch reads the run after the end is kept")
+    started = await _start_held_run(store)
+    t0 = started.started_at
+    watch = _watch(settings, store, amqp)
+    watch.clock = lambda: t0
+    await watch.look(t0 - timedelta(seconds=10))
+    watch.note(WorkerHeartbeat(worker="w1", pool="default", at=t0, concurrency=1, running=1))
+    await watch.look(t0)
+    finished = RunFinished(
+        **started.model_dump(exclude={"type"}),
+        finished_at=t0 + timedelta(seconds=1),
+        duration_seconds=1.0,
+        status=RunStatus.SUCCEEDED,
+    )
+    after = t0 + fleet_policy(settings).heartbeat_timeout + timedelta(seconds=1)
+    async with store.session() as recording, recording.begin():
+        # The run's end is written, not yet committed, when the watch judges its worker silent.
+        await record_batch(recording, [finished], after)
+        judging = asyncio.create_task(watch.look(after))
+        await eventually(lambda: _waiting_for_a_lock(store), timeout=30, every=0.05)
+    await judging
+
+    [run] = await runs_of(store, "held")
+    assert (run.status, run.finished_at) == ("succeeded", t0 + timedelta(seconds=1))
+    assert await flips_of(store, "@worker:w1") == [("new", "up"), ("up", "down")]
+
+
+async def _waiting_for_a_lock(store: Store) -> bool:
+    async with store.engine.connect() as connection:
+        return bool(await connection.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
