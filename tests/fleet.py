@@ -232,6 +232,23 @@ def log_tails(logs: Iterable[Path], lines: int = 40) -> str:
     return "\n".join(parts)
 
 
+def log_lines_about(logs: Iterable[Path], needles: Iterable[str], limit: int = 80) -> str:
+    """Every line of the logs in ``logs`` that names one of ``needles`` (trigger ids, run ids),
+    at most ``limit``, each headed by its log's name: the story a failing test tells of the
+    fires it lost."""
+    wanted = [needle for needle in needles if needle]
+    found: list[str] = []
+    for log in logs:
+        if not log.exists():
+            continue
+        for line in log.read_text(errors="replace").splitlines():
+            if any(needle in line for needle in wanted):
+                found.append(f"{log.name}: {line}")
+    shown = found[:limit]
+    more = f"\n... and {len(found) - limit} more" if len(found) > limit else ""
+    return "\n".join(shown) + more
+
+
 async def stop_processes(processes: Iterable[subprocess.Popen[bytes]]) -> None:
     """SIGTERM every process, then wait for each (30 s at most, then SIGKILL)."""
     processes = list(processes)

@@ -41,7 +41,7 @@ from common.settings import Settings
 from common.store import FireRow, FleetHealthRow, RunRow, Store
 from tests.chaos.hosts import Host, NamespacedBroker, NamespacedPostgres, Network, refusal, sweep_abandoned
 from tests.conftest import TEST_KEYS, Counts
-from tests.fleet import eventually, service_environment
+from tests.fleet import eventually, log_lines_about, service_environment
 from tests.integration.helpers import apply_toml
 from worker.actions import RunContext
 from worker.functions import job_function
@@ -269,6 +269,13 @@ async def test_links_of_a_worker_a_scheduler_and_the_monitor_cut_and_restored_lo
     for component, state, detail in health:
         if state != "up":
             counts(f"  fleet: {component} {state} ({detail})")
+    if missing or lost or unflagged or not back:
+        # What the processes said of the fires that went wrong, and what was not yet normal.
+        story = log_lines_about(
+            sorted(fleet.logs.glob("*.log")),
+            [*missing[:8], *(r.trigger_id for r in lost[:8]), *(r.run_id for r in lost[:8]), *unflagged[:8]],
+        )
+        counts(f"not normal at the end: {'; '.join(not_normal) or 'nothing'}\n{story}")
     assert missing == [], f"fires never run: {missing[:5]}"
     assert lost == [], f"runs lost: {[(r.trigger_id, r.worker, r.status) for r in lost[:5]]}"
     assert unflagged == [], f"fires run twice without a flag: {unflagged[:5]}"
@@ -277,6 +284,7 @@ async def test_links_of_a_worker_a_scheduler_and_the_monitor_cut_and_restored_lo
 
 @dataclass(frozen=True)
 class _Run:
+    run_id: str
     trigger_id: str
     status: str
     worker: str
@@ -295,10 +303,15 @@ async def _runs(store: Store, trigger_ids: list[str]) -> list[_Run]:
         for first in range(0, len(trigger_ids), 500):
             rows = await session.execute(
                 select(
-                    RunRow.trigger_id, RunRow.status, RunRow.worker, RunRow.redelivered, RunRow.started_at
+                    RunRow.run_id,
+                    RunRow.trigger_id,
+                    RunRow.status,
+                    RunRow.worker,
+                    RunRow.redelivered,
+                    RunRow.started_at,
                 ).where(RunRow.trigger_id.in_(trigger_ids[first : first + 500]))
             )
-            runs.extend(_Run(str(t), str(s), str(w), bool(r), at) for t, s, w, r, at in rows)
+            runs.extend(_Run(str(i), str(t), str(s), str(w), bool(r), at) for i, t, s, w, r, at in rows)
     return runs
 
 
