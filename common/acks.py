@@ -158,9 +158,10 @@ async def consume_acked(
     prefetch: int,
     on_delivery: Callable[[AckedDelivery], object],
     ready: asyncio.Event,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """``common.bus.consume_deliveries``, handing each delivery over as an ``AckedDelivery`` whose
-    settlement is written together with the others of its channel."""
+    settlement is written together with the others of its channel; ``on_stop`` as there."""
     by_channel: dict[int, ChannelAcks] = {}
 
     def deliver(delivery: Delivery) -> None:
@@ -173,4 +174,4 @@ async def consume_acked(
             acks = by_channel[id(channel)] = ChannelAcks(channel)
         on_delivery(AckedDelivery(delivery.raw, acks))
 
-    await consume_deliveries(connection, declare, prefetch, deliver, ready)
+    await consume_deliveries(connection, declare, prefetch, deliver, ready, on_stop)

@@ -813,6 +813,17 @@ async def ack_deliveries(deliveries: Iterable[Delivery], *, requeue_instead: boo
             log.warning("could not settle deliveries up to %d (%s); the broker will redeliver them", tag, exc)
 
 
+async def _stop_consuming(
+    channel: aiormq.abc.AbstractChannel, consumer_tag: str | None, on_stop: Callable[[], Awaitable[None]]
+) -> None:
+    """Cancel the consumer ``consumer_tag`` of ``channel`` (no delivery comes after), then await
+    ``on_stop()`` with the channel still open."""
+    if consumer_tag is not None:
+        with contextlib.suppress(*CONNECT_ERRORS):
+            await channel.basic_cancel(consumer_tag)
+    await on_stop()
+
+
 def _end(ended: asyncio.Future[None], _frame: object) -> None:
     if not ended.done():
         ended.set_result(None)
@@ -824,13 +835,19 @@ async def consume_deliveries(
     prefetch: int,
     on_delivery: Callable[[Delivery], object],
     ready: asyncio.Event,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Hand every delivery of the queue that ``declare`` returns to ``on_delivery`` as a
     ``Delivery``, in the order delivered, forever; ``ready`` is set once consuming.
 
     The consumer sits on the channel under aio-pika's, so nothing restores it by itself: when the
     broker cancels it (the queue was deleted, a quorum leader moved) or the channel or connection
-    is lost, the queue is declared again on a new channel and consumed again."""
+    is lost, the queue is declared again on a new channel and consumed again.
+
+    Cancelled, it stops consuming, then awaits ``on_stop()`` (when given) before it closes the
+    channel: the deliveries still being worked on are settled on the channel they came on, which
+    closed first would take them back (and the broker closes the whole connection on a frame for
+    a channel it closed)."""
     while True:
         stop_if_cancelled()
         channel: AbstractChannel | None = None
@@ -853,9 +870,14 @@ async def consume_deliveries(
                 on_delivery(Delivery(message))
 
             raw.on_consumer_cancel_callbacks.add(partial(_end, ended))
-            await raw.basic_consume(queue.name, deliver)
+            consuming = await raw.basic_consume(queue.name, deliver)
             ready.set()
-            await asyncio.wait({ended, raw.closing}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await asyncio.wait({ended, raw.closing}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                if on_stop is not None and not raw.is_closed:
+                    await _stop_consuming(raw, consuming.consumer_tag, on_stop)
+                raise
             if ended.done():
                 log.warning("the consumer of %s was cancelled by the broker; consuming again", queue.name)
             else:

@@ -87,16 +87,19 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                     tasks.create_task(_heartbeat_forever(settings, options, publisher, handler, name))
                     tasks.create_task(handler.keep_claims())
                     tasks.create_task(handler.recover_lapsed())
+                    # Asked to stop, it stops consuming and lets the running jobs finish, report
+                    # and ack on their channel before it closes.
                     await consume_acked(
                         connection,
                         lambda channel: topology.find_pool(channel, options.pool),
                         options.concurrency,
                         lambda message: runs.start(handler.handle(message)),
                         options.ready,
+                        on_stop=lambda: runs.drain(settings.drain_seconds),
                     )
             finally:
-                # Consuming has stopped; the connection stays open so that the jobs still
-                # running can finish, report and ack before the worker exits.
+                # Whatever else ended consuming: the jobs still running finish on the open
+                # connection (their channel gone, the broker has taken their triggers back).
                 await runs.drain(settings.drain_seconds)
     finally:
         await connection.close()
@@ -148,7 +151,12 @@ class RunningJobs:
         if not self._tasks:
             return
         log.warning("stopping: waiting up to %gs for %d running job(s)", seconds, len(self._tasks))
-        _done, left = await asyncio.wait(set(self._tasks), timeout=seconds)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        # A delivery that arrived as consuming stopped may start a job while these are waited for.
+        while self._tasks and loop.time() < deadline:
+            await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+        left = set(self._tasks)
         for task in left:
             task.cancel()
         if left:

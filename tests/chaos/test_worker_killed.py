@@ -7,11 +7,14 @@ import asyncio
 import signal
 from pathlib import Path
 
+from aio_pika.abc import AbstractRobustConnection
+
 from common.settings import Settings
 from common.store import Store
+from common.topology import Topology
 from tests.conftest import Start
 from tests.fleet import eventually, run_cronfleet, worker_process
-from tests.integration.helpers import apply_toml, runs_of
+from tests.integration.helpers import apply_toml, flips_of, runs_of
 
 
 async def _signal_a_worker_mid_run(
@@ -58,8 +61,8 @@ async def test_a_trigger_held_by_a_killed_worker_runs_again_marked_as_redelivere
     assert done.read_text() == "ran\n"
 
 
-async def test_a_worker_asked_to_stop_lets_its_running_job_finish(
-    settings: Settings, store: Store, fleet: Start, tmp_path: Path
+async def test_a_worker_asked_to_stop_lets_its_running_job_finish_and_acks_its_trigger(
+    settings: Settings, store: Store, fleet: Start, tmp_path: Path, amqp: AbstractRobustConnection
 ) -> None:
     done = tmp_path / "done"
     # SIGTERM, as a rolling deploy sends it.
@@ -69,3 +72,14 @@ async def test_a_worker_asked_to_stop_lets_its_running_job_finish(
     assert len(runs) == 1 and runs[0].redelivered is False
     assert done.read_text() == "ran\n"
     assert len(await runs_of(store, "deploying")) == 1
+    # Its heartbeats went on while it waited for the job: the monitor never took the run for
+    # lost (before, it did, and alerted that the job failed).
+    assert ("running", "failing") not in await flips_of(store, "deploying")
+    # The trigger was acked before the worker let its channel go: nothing waits in the queue for
+    # the next worker to find and record as a duplicate. (The worker closed its consuming channel
+    # first, then acked on it: the broker took the trigger back, and closed the connection with
+    # CHANNEL_ERROR "expected 'channel.open'".)
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(Topology(settings.namespace).pool_queue("default"), passive=True)
+    assert queue.declaration_result.message_count == 0
+    await channel.close()

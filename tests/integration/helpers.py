@@ -13,7 +13,7 @@ from common.catalog import apply_jobs
 from common.clock import utcnow
 from common.jobs import JobSpec, parse_jobs
 from common.messages import trigger_id
-from common.store import JobStateRow, RunRow, Store
+from common.store import FlipRow, JobStateRow, RunRow, Store
 
 
 async def apply_toml(store: Store, text: str) -> list[JobSpec]:
@@ -30,6 +30,13 @@ async def runs_of(store: Store, job: str, **where: Any) -> list[RunRow]:
         query = query.where(getattr(RunRow, column) == value)
     async with store.session() as session:
         return list((await session.execute(query)).scalars())
+
+
+async def flips_of(store: Store, key: str) -> list[tuple[str, str]]:
+    """(from, to) of the stored flips of ``key`` (a job, or a fleet component), oldest first."""
+    async with store.session() as session:
+        query = select(FlipRow).where(FlipRow.job == key).order_by(FlipRow.at, FlipRow.id)
+        return [(flip.from_state, flip.to_state) for flip in (await session.execute(query)).scalars()]
 
 
 async def state_of(store: Store, job: str) -> JobStateRow | None:

@@ -24,7 +24,7 @@ from monitor.fleet_watch import FleetWatch, fleet_policy
 from monitor.recorder import record_batch
 from tests.conftest import Start
 from tests.fleet import eventually, run_cronfleet, worker_process
-from tests.integration.helpers import apply_toml, runs_of
+from tests.integration.helpers import apply_toml, flips_of, runs_of
 
 ACTION_JOB = """
 [jobs.nightly]
@@ -43,13 +43,6 @@ async def component_is(store: Store, key: str, state: str) -> FleetHealthRow | N
     """``key``'s record if it is in ``state``, else None (for ``eventually``)."""
     found = await component(store, key)
     return found if found is not None and found.state == state else None
-
-
-async def flips_of(store: Store, key: str) -> list[tuple[str, str]]:
-    """(from, to) of ``key``'s stored flips, oldest first."""
-    async with store.session() as session:
-        query = select(FlipRow).where(FlipRow.job == key).order_by(FlipRow.at, FlipRow.id)
-        return [(flip.from_state, flip.to_state) for flip in (await session.execute(query)).scalars()]
 
 
 async def test_no_scheduler_is_down_and_starting_one_brings_it_up(
