@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.collector import collector_paused
-from common.retry import until_done
+from common.retry import OutageLog, until_done
 from common.store import STORE_OUTAGES, Store
 from monitor import health_store
 from monitor.health import Tick
@@ -186,6 +186,7 @@ class Deadlines:
         stop_if_cancelled()
         await self._rebuild()
         next_look: datetime | None = None
+        outage = OutageLog(log, "the monitor's deadline timers, waiting for the store")
         while True:
             stop_if_cancelled()
             now = self.clock()
@@ -194,10 +195,11 @@ class Deadlines:
                 if next_look is None or now >= next_look:
                     await self._look(now)
                     next_look = now + self.reload
+                outage.ended()
             except Exception as exc:
                 stop_if_cancelled()  # a cancellation a driver turned into an error
                 if isinstance(exc, STORE_OUTAGES):
-                    log.warning("the monitor cannot reach the store to tick deadlines (%s); retrying", exc)
+                    outage.failed(exc)
                 else:
                     log.exception("unexpected error while ticking deadlines; retrying")
                 next_look = now + self.reload

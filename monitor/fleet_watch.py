@@ -34,6 +34,7 @@ from common.bus import CONNECT_ERRORS, link_loss_as_error, open_channel
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
 from common.messages import Event, RunStatus, SchedulerHeartbeat, WorkerHeartbeat
+from common.retry import OutageLog
 from common.settings import Settings
 from common.store import STORE_OUTAGES, FleetHealthRow, JobRow, RunRow, Store
 from common.topology import Topology
@@ -126,14 +127,16 @@ class FleetWatch:
         ``interval`` seconds, forever. An unavailable store or broker is logged and retried."""
         await started()
         stop_if_cancelled()
+        outage = OutageLog(log, "the monitor's fleet watch, waiting for the store")
         while True:
             stop_if_cancelled()
             try:
                 await self.look(self.clock())
+                outage.ended()
             except Exception as exc:
                 stop_if_cancelled()
                 if isinstance(exc, STORE_OUTAGES):
-                    log.warning("the monitor cannot reach the store to watch the fleet (%s); retrying", exc)
+                    outage.failed(exc)
                 else:
                     log.exception("unexpected error while watching the fleet; retrying")
             await asyncio.sleep(self.interval)

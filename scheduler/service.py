@@ -21,6 +21,7 @@ from common.clock import Clock, utcnow
 from common.envelope import Accepted, open_envelope
 from common.errors import BrokerUnavailable
 from common.messages import CONTROL_ADAPTER, SchedulerHeartbeat, Trigger, trigger_id
+from common.retry import OutageLog
 from common.services import ServiceOptions, dead_local_instances, local_prefix
 from common.settings import Settings
 from common.signing import Role
@@ -133,6 +134,7 @@ class Scheduler:
         An unavailable store or broker is logged and retried; it never stops the loop.
         """
         reload_every = self.settings.jobs_reload_seconds
+        outage = OutageLog(log, "scheduler waiting for the store or the broker")
         while True:
             now = self.clock()
             try:
@@ -141,8 +143,9 @@ class Scheduler:
                 if self._reloaded_at is None or (now - self._reloaded_at).total_seconds() >= reload_every:
                     await self.reload()
                     await self.fire_due(self.clock())
+                outage.ended()
             except OUTAGES as exc:
-                log.warning("scheduler cannot reach the store or the broker (%s); retrying", exc)
+                outage.failed(exc)
                 self._reloaded_at = self.clock()
                 # What is due stays due: wait a moment rather than spin on it.
                 await asyncio.sleep(_OUTAGE_PAUSE)

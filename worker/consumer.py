@@ -55,7 +55,7 @@ from common.retries import (
     next_attempt,
     retry_expires_at,
 )
-from common.retry import until_done
+from common.retry import OutageLog, until_done
 from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
 from common.trigger_claims import Claim, ClaimOutcome, Lapsed, RetryTurn, TriggerClaims
 from worker.actions import ActionResult, Executor, RunContext
@@ -136,7 +136,7 @@ class TriggerHandler:
         repeat of one of their triggers may then run again elsewhere (and is marked redelivered).
         """
         every = self.claims.lease.total_seconds() / 3
-        said = ""
+        outage = OutageLog(log, f"the runs go on, their claims renewed every {every:g}s")
         while True:
             await asyncio.sleep(every)
             if not self._held:
@@ -144,11 +144,9 @@ class TriggerHandler:
             try:
                 await self.claims.renew(list(self._held), self.clock())
             except StoreUnavailable as exc:
-                if str(exc) != said:
-                    said = str(exc)
-                    log.warning("%s; the runs go on, renewing again in %gs", said, every)
+                outage.failed(exc)
             else:
-                said = ""
+                outage.ended()
 
     async def _handle(self, message: AckedDelivery) -> None:
         # Verified against this fleet's namespace and the routing key the trigger came with: a
@@ -504,18 +502,16 @@ class TriggerHandler:
         recorded ``lost`` and followed per the job's ``on_lost`` (with ``retry`` and attempts
         left, the next attempt; otherwise the fire ends there: nobody will deliver it again)."""
         every = self.claims.lease.total_seconds() / 3
-        said = ""
+        outage = OutageLog(log, f"lapsed long runs, looked for every {every:g}s")
         while True:
             await asyncio.sleep(every)
             try:
                 for lapsed in await self.claims.lapsed(self.clock()):
                     await self._recover(lapsed)
             except StoreUnavailable as exc:
-                if str(exc) != said:
-                    said = str(exc)
-                    log.warning("%s; looking again in %gs", said, every)
+                outage.failed(exc)
             else:
-                said = ""
+                outage.ended()
 
     async def _recover(self, lapsed: Lapsed) -> None:
         """End one lapsed long run (see ``recover_lapsed``), unless another worker does first."""
