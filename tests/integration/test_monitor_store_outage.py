@@ -4,6 +4,7 @@ when the outage lasts, it tells every alert channel, and again when it ends."""
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,14 +20,14 @@ from common.clock import utcnow
 from common.messages import HeartbeatKind, JobHeartbeat
 from common.settings import Settings
 from common.signing import Role
-from common.store import AlertAttemptRow, Store
+from common.store import AlertAttemptRow, FleetHealthRow, Store
 from common.topology import Topology, event_routing_key
 from monitor.service import EventRecorder
 from monitor.store_watch import STORE_ALERT_JOB
 from tests.conftest import POSTGRES_URL
-from tests.fleet import Fleet, eventually
+from tests.fleet import Fleet, eventually, run_cronfleet
 from tests.integration import test_alert_channels as receivers
-from tests.integration.helpers import runs_of
+from tests.integration.helpers import apply_toml, flips_of, runs_of
 from tests.integration.test_alert_channels import SECRET, Receiver
 from tests.tcp_proxy import TcpProxy
 
@@ -132,3 +133,58 @@ async def test_a_long_store_outage_is_told_to_every_channel_and_so_is_its_end(
     finally:
         await fleet.stop()
         await proxy.cut()
+
+
+async def test_a_store_outage_longer_than_the_heartbeat_timeout_takes_no_live_worker_for_silent(
+    settings: Settings, store: Store
+) -> None:
+    """While the store is down the monitor's heartbeats wait with the events it holds. Once it is
+    back, the fleet watch must not judge a worker by the heartbeats it had before the outage: the
+    worker never stopped sending them, and its run goes on."""
+    if store.dialect != "postgresql":
+        pytest.skip("the monitor reaches the store through a TCP proxy the test cuts")
+    await apply_toml(
+        store,
+        '[jobs.long]\nschedule = "0 0 1 1 *"\ntimeout_seconds = 120\n'
+        'action = { type = "shell", argv = ["sleep", "60"] }\n',
+    )
+    target = make_url(settings.database_url)
+    proxy = await TcpProxy(target.host or "127.0.0.1", target.port or 5432).start()
+    through_proxy = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    monitor = Fleet(settings.model_copy(update={"database_url": through_proxy}))
+    # Stopped at the end with its job still running: nothing to wait for.
+    worker = Fleet(settings.model_copy(update={"drain_seconds": 0}))
+    try:
+        await monitor.start("monitor")
+        await worker.start("worker")
+        assert (await run_cronfleet(settings, "trigger", "long")).returncode == 0
+        [run] = await eventually(lambda: runs_of(store, "long", status="running"), timeout=30)
+        component = f"@worker:{run.worker}"
+        await eventually(lambda: _component_state(store, component, "up"), timeout=30)
+
+        await proxy.cut()
+        # Four heartbeat timeouts (1.5 s each here) without the store.
+        await asyncio.sleep(4 * settings.fleet_missed_heartbeats * settings.heartbeat_seconds)
+        await proxy.start()
+        restored = utcnow()
+
+        async def seen_since_restored() -> bool:
+            found = await _component_state(store, component, "up")
+            return found is not None and found > restored
+
+        await eventually(seen_since_restored, timeout=30)
+        # And a few looks more, in case one was still on its way.
+        await asyncio.sleep(3 * settings.heartbeat_seconds)
+    finally:
+        await worker.stop()
+        await monitor.stop()
+        await proxy.cut()
+    assert await flips_of(store, component) == [("new", "up")]
+    assert [r.status for r in await runs_of(store, "long")] in (["running"], ["succeeded"], ["failed"])
+
+
+async def _component_state(store: Store, component: str, state: str) -> datetime | None:
+    """When the monitor last saw ``component`` (its ``seen_at``), if it is in ``state``."""
+    async with store.session() as session:
+        row = await session.get(FleetHealthRow, component)
+    return row.seen_at if row is not None and row.state == state else None
