@@ -62,7 +62,9 @@ class HealthRecord:
     them after a restart. ``open_alarm``: the alarm state entered since the job was last up, so
     that the flip back to ``up`` is known as a recovery. ``last_run_at`` and ``last_finished_at``:
     the start of the latest run seen (its finish when the start is unknown) and the latest finish,
-    which tell an older or repeated input from a new one.
+    which tell an older or repeated input from a new one. ``lost_run_id``: the run the latest
+    finish declared lost, while no run has started or ended since: should its worker report its
+    real end after all (it was cut off, not dead), that end replaces the loss.
     """
 
     state: State
@@ -75,6 +77,7 @@ class HealthRecord:
     open_alarm: State | None = None
     last_run_at: datetime | None = None
     last_finished_at: datetime | None = None
+    lost_run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,7 @@ class _Finish:
     verdict: _Verdict
     what: str  # "run r1 failed with exit code 2"
     ran: bool = True  # False: the run never ran (expired, skipped), so it has no duration
+    lost: bool = False  # the monitor declared the run lost: its real end may still come
 
 
 def _finish_of_run(event: RunFinishedInput) -> _Finish:
@@ -318,6 +322,7 @@ def _finish_of_run(event: RunFinishedInput) -> _Finish:
             )
         case _:
             what = f"{subject} was lost (its worker stopped sending heartbeats)"
+            return _Finish(event.run_id, event.started_at, event.at, _Verdict.FAILURE, what, lost=True)
     return _Finish(event.run_id, event.started_at, event.at, _Verdict.FAILURE, what)
 
 
@@ -416,6 +421,7 @@ class _Machine:
             last_run_at=start.at,
             consecutive_failures=failures,
             due_at=None if paused else self.due_after(instant),
+            lost_run_id=None,
         )
         if paused:
             return
@@ -435,6 +441,10 @@ class _Machine:
 
     def finish(self, finish: _Finish, instant: datetime) -> None:
         record = self.record
+        if record.run_id is None and finish.run_id is not None and finish.run_id == record.lost_run_id:
+            if not finish.lost:
+                self.correct_loss(finish, instant)
+            return
         abandoned = None
         started = finish.started_at
         if record.run_id is not None and record.run_started_at is not None:
@@ -492,6 +502,7 @@ class _Machine:
             last_run_at=last_run_at,
             last_finished_at=last_finished_at,
             due_at=None if paused else self.due_after(instant),
+            lost_run_id=finish.run_id if finish.lost else None,
         )
         if paused:
             return
@@ -506,6 +517,21 @@ class _Machine:
             self.move(State.FAILING, instant, f"{self.failure_verdict(failures)}: {what}")
         else:
             self.move(State.UP, instant, f"{what} ({failures} of {threshold} failures before failing)")
+
+    def correct_loss(self, finish: _Finish, instant: datetime) -> None:
+        """The run the latest finish declared lost ended after all, as ``finish`` says: its verdict
+        replaces the loss in the count of failures, and a job failing only because of the loss is
+        up again (a recovery). Its schedule is left as the loss left it: a run due since then
+        that did not come stays late or down."""
+        record = self.record
+        failures = max(0, record.consecutive_failures - 1)
+        if finish.verdict is _Verdict.SUCCESS:
+            failures = 0
+        elif finish.verdict is _Verdict.FAILURE:
+            failures += 1
+        self.record = replace(record, consecutive_failures=failures, lost_run_id=None)
+        if record.state is State.FAILING and failures < self.policy.failures_before_failing:
+            self.move(State.UP, instant, f"{finish.what}: its worker reported it after it was declared lost")
 
     def failure_verdict(self, failures: int) -> str:
         return "last run failed" if failures == 1 else f"last {failures} runs failed"

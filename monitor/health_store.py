@@ -507,6 +507,7 @@ def _record(row: Any) -> HealthRecord:
         open_alarm=None if row.open_alarm is None else State(row.open_alarm),
         last_run_at=row.last_run_at,
         last_finished_at=row.last_finished_at,
+        lost_run_id=row.lost_run_id,
     )
 
 
@@ -524,6 +525,7 @@ def _values(job: str, stored: StoredHealth, now: datetime) -> dict[str, Any]:
         "open_alarm": None if record.open_alarm is None else record.open_alarm.value,
         "last_run_at": record.last_run_at,
         "last_finished_at": record.last_finished_at,
+        "lost_run_id": record.lost_run_id,
         "fingerprint": stored.fingerprint,
         "updated_at": now,
     }

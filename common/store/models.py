@@ -271,6 +271,7 @@ class JobHealthRow(Base):
     open_alarm: Mapped[str | None] = mapped_column(String(16), nullable=True)
     last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    lost_run_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     fingerprint: Mapped[str | None] = mapped_column(String(32), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

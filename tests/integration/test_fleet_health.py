@@ -185,7 +185,7 @@ def _watch(settings: Settings, store: Store, amqp: AbstractRobustConnection) -> 
     )
 
 
-async def test_two_monitors_store_a_worker_flip_once_and_a_late_finish_is_recorded_over_lost(
+async def test_two_monitors_flip_a_worker_once_and_a_late_finish_recorded_over_lost_heals_the_job(
     settings: Settings, store: Store, amqp: AbstractRobustConnection
 ) -> None:
     policy = fleet_policy(settings)
@@ -225,8 +225,10 @@ async def test_two_monitors_store_a_worker_flip_once_and_a_late_finish_is_record
     assert run.status == "succeeded" and run.finished_at == t0 + timedelta(seconds=2)
     async with store.session() as session:
         health = await session.get(JobHealthRow, "held")
-    # The job's health already counted the loss; an older finish does not move it back.
-    assert health is not None and health.state == "failing"
+    # The loss was the job's only failure, and its run did succeed: the job is up again, told as
+    # a recovery (it was left failing, until its next run, after an alert that was not true).
+    assert health is not None and health.state == "up" and health.lost_run_id is None
+    assert await flips_of(store, "held") == [("new", "running"), ("running", "failing"), ("failing", "up")]
 
 
 async def test_a_run_that_ends_while_its_silent_worker_s_runs_are_marked_lost_keeps_its_real_end(

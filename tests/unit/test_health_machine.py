@@ -718,3 +718,52 @@ def test_any_sequence_flips_consistently_and_replays_identically(
         assert later.from_state is earlier.to_state
         assert later.at >= earlier.at
     assert _play(first_spec, threshold, plan) == seen
+
+
+# r1 of FIXTURES["running"] (started 10:00:01), declared lost at 10:02, whose worker (cut off, not
+# dead) reports its real end later.
+R1_LOST = RunFinishedInput("r1", RunStatus.LOST, at(10, 2), at(10, 0, 1))
+R1_REPORTED_OK = RunFinishedInput("r1", RunStatus.SUCCEEDED, at(10, 0, 31), at(10, 0, 1))
+
+
+def test_the_real_end_of_a_run_declared_lost_replaces_the_loss() -> None:
+    record, _ = FIXTURES["running"]()
+    after, flips = run(record, [(R1_LOST, at(10, 2)), (R1_REPORTED_OK, at(10, 3))])
+    assert path(flips) == "failing>up"
+    assert flips[-1].recovered_from is State.FAILING
+    assert flips[-1].reason == (
+        "run r1 succeeded: its worker reported it after it was declared lost; recovered from failing"
+    )
+    assert after.consecutive_failures == 0 and after.lost_run_id is None
+    # Delivered again, it changes nothing more; nor does the loss declared again.
+    _, more = run(after, [(R1_REPORTED_OK, at(10, 4)), (R1_LOST, at(10, 4))])
+    assert more == []
+
+
+def test_a_run_declared_lost_that_really_failed_keeps_the_job_failing_once() -> None:
+    record, _ = FIXTURES["running"]()
+    failed = RunFinishedInput("r1", RunStatus.FAILED, at(10, 0, 31), at(10, 0, 1), exit_code=2)
+    after, flips = run(record, [(R1_LOST, at(10, 2)), (failed, at(10, 3))])
+    assert path(flips) == "failing" and after.consecutive_failures == 1
+
+
+def test_the_real_end_of_a_lost_run_is_history_once_a_newer_run_started() -> None:
+    record, _ = FIXTURES["running"]()
+    after, flips = run(
+        record,
+        [
+            (R1_LOST, at(10, 2)),
+            (RunStartedInput("r2", at(10, 2, 30)), at(10, 2, 30)),
+            (R1_REPORTED_OK, at(10, 3)),
+        ],
+    )
+    assert path(flips) == "failing" and after.run_id == "r2" and after.consecutive_failures == 1
+
+
+def test_under_a_failure_threshold_the_real_end_of_a_lost_run_only_clears_the_count() -> None:
+    record, _ = FIXTURES["running"]()
+    lenient = HealthPolicy(failures_before_failing=2)
+    after, flips = run(record, [(R1_LOST, at(10, 2))], policy=lenient)
+    assert path(flips) == "up" and after.consecutive_failures == 1
+    after, flips = run(after, [(R1_REPORTED_OK, at(10, 3))], policy=lenient)
+    assert flips == [] and after.consecutive_failures == 0
