@@ -113,7 +113,7 @@ class PoolSeen:
 @dataclass(frozen=True)
 class WorkerSeen:
     """A worker's newest heartbeat, the running jobs it reported then, and how many runs the
-    store still has ``running`` on it (looked up only when the decision needs it)."""
+    store still has ``running`` on it."""
 
     last_heartbeat: datetime
     running: int
@@ -140,13 +140,6 @@ class Decision:
     lose_runs: bool = False
 
 
-def needs_held_runs(
-    record: ComponentRecord | None, seen: WorkerSeen, policy: FleetPolicy, now: datetime
-) -> bool:
-    """Whether deciding about this worker now needs ``seen.held`` (it is up and silent too long)."""
-    return record is not None and record.state is State.UP and _silent(seen.last_heartbeat, policy, now)
-
-
 def decide(
     kind: Kind, record: ComponentRecord | None, seen: Observation, policy: FleetPolicy, now: datetime
 ) -> Decision:
@@ -166,7 +159,8 @@ def decide(
     raise ValueError(f"a {type(seen).__name__} says nothing about a {kind.value}")
 
 
-def _silent(last: datetime | None, policy: FleetPolicy, now: datetime) -> bool:
+def silent(last: datetime | None, policy: FleetPolicy, now: datetime) -> bool:
+    """Whether a process last heard at ``last`` (None: never) is silent at ``now``."""
     return last is None or now - last > policy.heartbeat_timeout
 
 
@@ -183,7 +177,7 @@ def _scheduler(record: ComponentRecord, seen: SchedulerSeen, policy: FleetPolicy
     last = seen.last_heartbeat
     if record.seen_at is not None and (last is None or last < record.seen_at):
         last = record.seen_at
-    if not _silent(last, policy, now):
+    if not silent(last, policy, now):
         assert last is not None
         detail = f"last heartbeat at {_at(last)}"
         return _to(record, State.UP, now, "a scheduler sends heartbeats", seen_at=last, detail=detail)
@@ -222,8 +216,10 @@ def _worker(record: ComponentRecord | None, seen: WorkerSeen, policy: FleetPolic
         last, running = record.seen_at, record.count or 0
     detail = f"{running} running at its last heartbeat, {_at(last)}"
     if record is None:
-        if _silent(last, policy, now):
-            return Decision(None)  # a heartbeat too old to matter: never listed
+        if silent(last, policy, now):
+            # A heartbeat too old to matter: never listed. Runs the store still has running on it
+            # (their start recorded once it was forgotten, or it was never heard) are lost.
+            return Decision(None, lose_runs=seen.held > 0)
         return _to(
             ComponentRecord(State.NEW, since=now),
             State.UP,
@@ -236,10 +232,13 @@ def _worker(record: ComponentRecord | None, seen: WorkerSeen, policy: FleetPolic
     if record.state is State.DOWN:
         if newer:
             return _to(record, State.UP, now, "heartbeats again", seen_at=last, count=running, detail=detail)
+        if seen.held > 0:
+            # Runs whose start was recorded after it went down (late events): lost as well.
+            return Decision(record, lose_runs=True)
         if now - record.since > policy.forget_after:
             return Decision(None)
         return Decision(record)
-    if not _silent(last, policy, now):
+    if not silent(last, policy, now):
         return _to(record, State.UP, now, "heartbeats", seen_at=last, count=running, detail=detail)
     if seen.held == 0:
         # It left holding no run the store knows as running: a clean stop (its last heartbeat

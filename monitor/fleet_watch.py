@@ -50,7 +50,7 @@ from monitor.fleet import (
     WorkerSeen,
     component_key,
     decide,
-    needs_held_runs,
+    silent,
 )
 from monitor.health import RunFinishedInput, State
 from monitor.health_store import Advanced, HealthBatch, JobFlip, log_flips, read_specs, store_flips, whole
@@ -244,29 +244,33 @@ class FleetWatch:
     async def _workers(
         self, session: AsyncSession, rows: dict[str, FleetHealthRow], now: datetime
     ) -> list[tuple[Kind, str, Observation]]:
-        """A look at every worker this monitor heard or the store lists; the runs each still
-        holds in the store are counted only for a worker about to be judged gone."""
+        """A look at every worker this monitor heard or the store lists, with the runs each still
+        holds in the store; and at every worker neither knows that holds runs (forgotten, or
+        never heard) and whose latest run started longer than a heartbeat timeout ago."""
+        held = await _held_runs(session)
         seen: dict[str, WorkerSeen] = {}
         for stored_row in rows.values():
             if stored_row.kind == Kind.WORKER.value and stored_row.seen_at is not None:
-                seen[stored_row.name] = WorkerSeen(stored_row.seen_at, stored_row.count or 0)
+                count = held.get(stored_row.name, (0, None))[0]
+                seen[stored_row.name] = WorkerSeen(stored_row.seen_at, stored_row.count or 0, count)
         for name, beat in self.workers.items():
             stored = seen.get(name)
             if stored is None or beat.at > stored.last_heartbeat:
-                seen[name] = WorkerSeen(beat.at, beat.running)
-        looks: list[tuple[Kind, str, Observation]] = []
-        for name, worker in sorted(seen.items()):
-            row = rows.get(component_key(Kind.WORKER, name))
-            record = None if row is None else _record(row)
-            if needs_held_runs(record, worker, self.policy, now):
-                held = await session.scalar(
-                    select(func.count())
-                    .select_from(RunRow)
-                    .where(RunRow.worker == name, RunRow.status == RunStatus.RUNNING.value)
-                )
-                worker = WorkerSeen(worker.last_heartbeat, worker.running, held or 0)
-            looks.append((Kind.WORKER, name, worker))
-        return looks
+                seen[name] = WorkerSeen(beat.at, beat.running, held.get(name, (0, None))[0])
+        for name, (count, latest) in held.items():
+            if name not in seen and silent(latest, self.policy, now):
+                seen[name] = WorkerSeen(latest, 0, count)
+        return [(Kind.WORKER, name, worker) for name, worker in sorted(seen.items())]
+
+
+async def _held_runs(session: AsyncSession) -> dict[str, tuple[int, datetime]]:
+    """Each worker with runs the store has ``running``: how many, and when the latest started."""
+    rows = await session.execute(
+        select(RunRow.worker, func.count(), func.max(RunRow.started_at))
+        .where(RunRow.status == RunStatus.RUNNING.value, RunRow.worker.is_not(None))
+        .group_by(RunRow.worker)
+    )
+    return {str(worker): (int(count), latest) for worker, count, latest in rows}
 
 
 async def _known_pools(session: AsyncSession) -> set[str]:

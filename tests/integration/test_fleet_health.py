@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import aio_pika
@@ -179,6 +179,18 @@ async def _start_held_run(store: Store) -> RunStarted:
     return started
 
 
+async def _watching_w1_up(
+    settings: Settings, store: Store, amqp: AbstractRobustConnection, t0: datetime
+) -> FleetWatch:
+    """A fleet watch that has seen the broker since before ``t0`` and worker ``w1`` up at ``t0``."""
+    watch = _watch(settings, store, amqp)
+    watch.clock = lambda: t0
+    await watch.look(t0 - timedelta(seconds=10))
+    watch.note(WorkerHeartbeat(worker="w1", pool="default", at=t0, concurrency=1, running=1))
+    await watch.look(t0)
+    return watch
+
+
 def _watch(settings: Settings, store: Store, amqp: AbstractRobustConnection) -> FleetWatch:
     return FleetWatch(
         store, amqp, Topology(settings.namespace), fleet_policy(settings), settings.heartbeat_seconds
@@ -243,11 +255,7 @@ async def test_a_run_that_ends_while_its_silent_worker_s_runs_are_marked_lost_ke
         pytest.skip("SQLite has one writer at a time: the watch reads the run after the end is kept")
     started = await _start_held_run(store)
     t0 = started.started_at
-    watch = _watch(settings, store, amqp)
-    watch.clock = lambda: t0
-    await watch.look(t0 - timedelta(seconds=10))
-    watch.note(WorkerHeartbeat(worker="w1", pool="default", at=t0, concurrency=1, running=1))
-    await watch.look(t0)
+    watch = await _watching_w1_up(settings, store, amqp, t0)
     finished = RunFinished(
         **started.model_dump(exclude={"type"}),
         finished_at=t0 + timedelta(seconds=1),
@@ -270,3 +278,32 @@ async def test_a_run_that_ends_while_its_silent_worker_s_runs_are_marked_lost_ke
 async def _waiting_for_a_lock(store: Store) -> bool:
     async with store.engine.connect() as connection:
         return bool(await connection.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")))
+
+
+async def test_a_run_recorded_after_its_worker_was_judged_gone_does_not_stay_running(
+    settings: Settings, store: Store, amqp: AbstractRobustConnection
+) -> None:
+    """A ``run.started`` recorded once its worker was already down, or forgotten (a late event):
+    nothing judged that worker again, and the run stayed ``running`` for good. It is marked lost
+    at the next look, like the runs the worker held when it went down."""
+    policy = fleet_policy(settings)
+    started = await _start_held_run(store)
+    t0 = started.started_at
+    watch = await _watching_w1_up(settings, store, amqp, t0)
+    after = t0 + policy.heartbeat_timeout + timedelta(seconds=1)
+    await watch.look(after)  # w1 down, r1 lost
+    assert await flips_of(store, "@worker:w1") == [("new", "up"), ("up", "down")]
+
+    async def start(run_id: str, worker: str) -> None:
+        late = started.model_copy(update={"run_id": run_id, "trigger_id": f"held@{run_id}", "worker": worker})
+        async with store.session() as session, session.begin():
+            await record_batch(session, [late], after)
+
+    await start("r2", "w1")  # w1 is down
+    await start("r3", "w9")  # never heard of, and its run began long ago
+    await watch.look(after + timedelta(seconds=1))
+    statuses = {run.run_id: run.status for run in await runs_of(store, "held")}
+    assert statuses == {"r1": "lost", "r2": "lost", "r3": "lost"}
+    # No new flip for w1 (already down), none for a worker never heard of: each run's job is told.
+    assert await flips_of(store, "@worker:w1") == [("new", "up"), ("up", "down")]
+    assert await flips_of(store, "@worker:w9") == []

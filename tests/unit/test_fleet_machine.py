@@ -22,7 +22,6 @@ from monitor.fleet import (
     WorkerSeen,
     component_key,
     decide,
-    needs_held_runs,
 )
 from monitor.health import State
 
@@ -159,9 +158,7 @@ def test_a_heartbeat_too_old_to_matter_never_lists_a_worker() -> None:
 
 def test_a_silent_worker_holding_runs_goes_down_and_its_runs_are_lost() -> None:
     up = decide(Kind.WORKER, None, WorkerSeen(s(0), 1), POLICY, s(0)).record
-    seen = WorkerSeen(s(0), 1)
-    assert not needs_held_runs(up, seen, POLICY, s(15))
-    assert needs_held_runs(up, seen, POLICY, s(16))
+    assert not decide(Kind.WORKER, up, WorkerSeen(s(0), 1, held=1), POLICY, s(15)).flips
     down = decide(Kind.WORKER, up, WorkerSeen(s(0), 1, held=1), POLICY, s(16))
     assert moves(down) == [(State.UP, State.DOWN)] and down.lose_runs and down.flips[0].alarm
     assert "1 run(s) of it marked lost" in down.flips[0].reason
@@ -270,3 +267,14 @@ def test_the_thresholds_come_from_the_settings() -> None:
     assert policy == FleetPolicy(timedelta(seconds=15), timedelta(minutes=5), timedelta(hours=1))
     with pytest.raises(ValueError):
         Settings(fleet_missed_heartbeats=1)  # a single late heartbeat would declare a worker gone
+
+
+def test_a_run_recorded_after_its_worker_went_down_or_was_forgotten_is_lost_without_a_flip() -> None:
+    up = decide(Kind.WORKER, None, WorkerSeen(s(0), 1), POLICY, s(0)).record
+    down = decide(Kind.WORKER, up, WorkerSeen(s(0), 1, held=1), POLICY, s(16)).record
+    late = decide(Kind.WORKER, down, WorkerSeen(s(0), 1, held=1), POLICY, s(30))
+    assert late == Decision(down, lose_runs=True)
+    # Never listed (forgotten, or never heard), silent, holding runs: they are lost too.
+    assert decide(Kind.WORKER, None, WorkerSeen(s(0), 0, held=2), POLICY, s(100)) == Decision(
+        None, lose_runs=True
+    )
