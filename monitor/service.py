@@ -38,6 +38,7 @@ from common.envelope import Accepted, Rejected, RejectionReason, internal_error,
 from common.errors import BrokerUnavailable, ConfigError
 from common.http_client import open_session
 from common.messages import EVENT_ADAPTER, Event
+from common.retry import until_done
 from common.services import ServiceOptions
 from common.settings import Settings
 from common.signing import Keyring
@@ -141,8 +142,6 @@ class EventRecorder:
         for delivery, opened in batch:
             if isinstance(opened, Accepted):
                 accepted.append((delivery, opened.message))
-                if self.on_event is not None:
-                    self.on_event(opened.message)
             else:
                 await self._refuse(delivery, opened)
         if accepted:
@@ -161,8 +160,11 @@ class EventRecorder:
         await ack_deliveries(delivery for delivery, _opened in batch)
 
     def _open(self, delivery: Delivery, now: datetime) -> Accepted[Event] | Rejected:
+        """Verify and parse ``delivery``; a verified event is handed to ``on_event`` now, as it
+        arrives, not once its batch is written: a heartbeat waiting behind a store outage or a
+        slow batch is proof of life all the same."""
         try:
-            return open_envelope(
+            opened = open_envelope(
                 delivery.body,
                 delivery.headers,
                 self.keyring,
@@ -174,23 +176,23 @@ class EventRecorder:
         except Exception as exc:
             log.exception("unexpected error opening event %s", delivery.routing_key)
             return internal_error(exc)
+        if isinstance(opened, Accepted) and self.on_event is not None:
+            self.on_event(opened.message)
+        return opened
 
     async def _record_held(self, accepted: list[tuple[Delivery, Event]], now: datetime) -> BatchOutcome:
         """Record ``accepted`` in one transaction, waiting out store outages with backoff."""
-        delay = 0.5
-        while True:
-            try:
-                outcome = await whole(self._record(accepted, now))
-            except STORE_OUTAGES as exc:
-                log.error("the store is unavailable (%s); %d event(s) held, retrying", exc, len(accepted))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            self.recorded += outcome.recorded
-            log_flips(outcome.health)
-            if self.on_health is not None:
-                self.on_health(outcome.health)
-            return outcome
+        outcome = await until_done(
+            lambda: whole(self._record(accepted, now)),
+            STORE_OUTAGES,
+            log,
+            f"{len(accepted)} event(s) held until the store answers",
+        )
+        self.recorded += outcome.recorded
+        log_flips(outcome.health)
+        if self.on_health is not None:
+            self.on_health(outcome.health)
+        return outcome
 
     async def _record(self, accepted: list[tuple[Delivery, Event]], now: datetime) -> BatchOutcome:
         async with self.store.session() as session, session.begin():

@@ -11,13 +11,13 @@ from typing import Any, cast
 import aio_pika
 import orjson
 import pytest
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from sqlalchemy import make_url, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from common.bus import Delivery, Publisher
 from common.clock import utcnow
-from common.messages import HeartbeatKind, JobHeartbeat
+from common.messages import Event, HeartbeatKind, JobHeartbeat, WorkerHeartbeat
 from common.settings import Settings
 from common.signing import Role
 from common.store import AlertAttemptRow, FleetHealthRow, Store
@@ -40,23 +40,9 @@ async def test_events_are_held_while_the_store_is_down_and_recorded_when_it_is_b
 ) -> None:
     keyring = settings.keyring()
     channel = await amqp.channel()
-    topology = Topology(settings.namespace)
-    events = (await topology.declare_exchanges(channel))["events"]
     queue = await channel.declare_queue(exclusive=True)
     beat = JobHeartbeat(id="held-1", job="held", kind=HeartbeatKind.SUCCESS, at=utcnow())
-    body = beat.to_bytes()
-    # Under its own topic: the monitor refuses an event under another one (wrong_routing_key).
-    routing_key = event_routing_key(beat)
-    await queue.bind(events, routing_key)
-    headers = keyring.sign(Role.PING, settings.namespace, routing_key, body, job=beat.job)
-    await events.publish(aio_pika.Message(body, headers=headers), routing_key)
-    raw = await channel.get_underlay_channel()
-
-    async def get() -> Delivery | None:
-        delivered = await raw.basic_get(queue.name, no_ack=False)
-        return Delivery(delivered) if delivered.delivery_tag is not None else None
-
-    message = await eventually(get)
+    message = await _delivered(settings, channel, queue, beat, Role.PING)
 
     publisher = await Publisher.open(amqp, Topology(settings.namespace), keyring)
     unreachable = Store(create_async_engine("postgresql+asyncpg://cronfleet@127.0.0.1:1/none"))
@@ -188,3 +174,57 @@ async def _component_state(store: Store, component: str, state: str) -> datetime
     async with store.session() as session:
         row = await session.get(FleetHealthRow, component)
     return row.seen_at if row is not None and row.state == state else None
+
+
+async def test_a_heartbeat_reaches_the_fleet_watch_as_it_arrives_even_while_the_store_holds_events_up(
+    settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    """The fleet watch judges workers by the heartbeats the recorder hands it. It handed them
+    over when their batch was written: behind a store outage or a slow batch, a live worker's
+    heartbeats waited unseen, and a worker could be judged silent while its proof of life sat in
+    the monitor's own inbox."""
+    keyring = settings.keyring()
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    job_beat = JobHeartbeat(id="held-2", job="held", kind=HeartbeatKind.SUCCESS, at=utcnow())
+    held = await _delivered(settings, channel, queue, job_beat, Role.PING)
+    worker_beat = WorkerHeartbeat(worker="w-alive", pool="default", at=utcnow(), concurrency=1, running=0)
+    alive = await _delivered(settings, channel, queue, worker_beat, Role.EVENT)
+
+    publisher = await Publisher.open(amqp, Topology(settings.namespace), keyring)
+    unreachable = Store(create_async_engine("postgresql+asyncpg://cronfleet@127.0.0.1:1/none"))
+    seen: list[Event] = []
+    recorder = EventRecorder(unreachable, publisher, keyring, "monitor-test", on_event=seen.append)
+    writing = asyncio.create_task(recorder.write_forever())
+    try:
+        recorder.receive(held)
+        await eventually(lambda: asyncio.sleep(0, recorder.inbox.empty() and not recorder.idle))
+        # The first batch is held by the store outage; the worker's heartbeat arrives meanwhile.
+        recorder.receive(alive)
+        assert worker_beat in seen
+    finally:
+        writing.cancel()
+        await asyncio.gather(writing, return_exceptions=True)
+        await unreachable.close()
+        await channel.close()
+
+
+async def _delivered(
+    settings: Settings, channel: AbstractChannel, queue: AbstractQueue, event: Event, role: Role
+) -> Delivery:
+    """``event`` published signed with ``role`` under its own topic (the monitor refuses an event
+    under another one, wrong_routing_key) to ``queue``, and taken from it unacked."""
+    events = (await Topology(settings.namespace).declare_exchanges(channel))["events"]
+    body = event.to_bytes()
+    routing_key = event_routing_key(event)
+    await queue.bind(events, routing_key)
+    job = event.job if isinstance(event, JobHeartbeat) else None
+    headers = settings.keyring().sign(role, settings.namespace, routing_key, body, job=job)
+    await events.publish(aio_pika.Message(body, headers=headers), routing_key)
+    raw = await channel.get_underlay_channel()
+
+    async def get() -> Delivery | None:
+        delivered = await raw.basic_get(queue.name, no_ack=False)
+        return Delivery(delivered) if delivered.delivery_tag is not None else None
+
+    return await eventually(get)
