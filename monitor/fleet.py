@@ -112,12 +112,20 @@ class PoolSeen:
 
 @dataclass(frozen=True)
 class WorkerSeen:
-    """A worker's newest heartbeat, the running jobs it reported then, and how many runs the
-    store still has ``running`` on it."""
+    """A worker's newest heartbeat, the running jobs it reported then, how many runs the store
+    still has ``running`` on it, and when the latest of those started (None: unknown)."""
 
     last_heartbeat: datetime
     running: int
     held: int = 0
+    held_since: datetime | None = None
+
+
+def _left_behind(seen: WorkerSeen, policy: FleetPolicy, now: datetime) -> bool:
+    """Whether a worker judged gone (down, or not listed) holds runs recorded after that which are
+    lost too: it is silent, and so is the latest of them (a worker back from a cut may start a
+    run a moment before its first heartbeat arrives)."""
+    return seen.held > 0 and silent(seen.held_since, policy, now)
 
 
 @dataclass(frozen=True)
@@ -219,7 +227,7 @@ def _worker(record: ComponentRecord | None, seen: WorkerSeen, policy: FleetPolic
         if silent(last, policy, now):
             # A heartbeat too old to matter: never listed. Runs the store still has running on it
             # (their start recorded once it was forgotten, or it was never heard) are lost.
-            return Decision(None, lose_runs=seen.held > 0)
+            return Decision(None, lose_runs=_left_behind(seen, policy, now))
         return _to(
             ComponentRecord(State.NEW, since=now),
             State.UP,
@@ -232,7 +240,7 @@ def _worker(record: ComponentRecord | None, seen: WorkerSeen, policy: FleetPolic
     if record.state is State.DOWN:
         if newer:
             return _to(record, State.UP, now, "heartbeats again", seen_at=last, count=running, detail=detail)
-        if seen.held > 0:
+        if _left_behind(seen, policy, now):
             # Runs whose start was recorded after it went down (late events): lost as well.
             return Decision(record, lose_runs=True)
         if now - record.since > policy.forget_after:

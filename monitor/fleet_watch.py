@@ -251,19 +251,20 @@ class FleetWatch:
         seen: dict[str, WorkerSeen] = {}
         for stored_row in rows.values():
             if stored_row.kind == Kind.WORKER.value and stored_row.seen_at is not None:
-                count = held.get(stored_row.name, (0, None))[0]
-                seen[stored_row.name] = WorkerSeen(stored_row.seen_at, stored_row.count or 0, count)
+                count, since = held.get(stored_row.name, (0, None))
+                seen[stored_row.name] = WorkerSeen(stored_row.seen_at, stored_row.count or 0, count, since)
         for name, beat in self.workers.items():
             stored = seen.get(name)
             if stored is None or beat.at > stored.last_heartbeat:
-                seen[name] = WorkerSeen(beat.at, beat.running, held.get(name, (0, None))[0])
+                count, since = held.get(name, (0, None))
+                seen[name] = WorkerSeen(beat.at, beat.running, count, since)
         for name, (count, latest) in held.items():
-            if name not in seen and silent(latest, self.policy, now):
-                seen[name] = WorkerSeen(latest, 0, count)
+            if name not in seen and latest is not None and silent(latest, self.policy, now):
+                seen[name] = WorkerSeen(latest, 0, count, latest)
         return [(Kind.WORKER, name, worker) for name, worker in sorted(seen.items())]
 
 
-async def _held_runs(session: AsyncSession) -> dict[str, tuple[int, datetime]]:
+async def _held_runs(session: AsyncSession) -> dict[str, tuple[int, datetime | None]]:
     """Each worker with runs the store has ``running``: how many, and when the latest started."""
     rows = await session.execute(
         select(RunRow.worker, func.count(), func.max(RunRow.started_at))

@@ -276,9 +276,16 @@ def test_the_thresholds_come_from_the_settings() -> None:
 def test_a_run_recorded_after_its_worker_went_down_or_was_forgotten_is_lost_without_a_flip() -> None:
     up = decide(Kind.WORKER, None, WorkerSeen(s(0), 1), POLICY, s(0)).record
     down = decide(Kind.WORKER, up, WorkerSeen(s(0), 1, held=1), POLICY, s(16)).record
-    late = decide(Kind.WORKER, down, WorkerSeen(s(0), 1, held=1), POLICY, s(30))
+    late = decide(Kind.WORKER, down, WorkerSeen(s(0), 1, held=1, held_since=s(10)), POLICY, s(30))
     assert late == Decision(down, lose_runs=True)
+    # A run that started a moment ago: the worker may be back from a cut, its first heartbeat on
+    # its way. It is not lost yet.
+    fresh = decide(Kind.WORKER, down, WorkerSeen(s(0), 1, held=1, held_since=s(29)), POLICY, s(30))
+    assert fresh == Decision(down)
+
     # Never listed (forgotten, or never heard), silent, holding runs: they are lost too.
-    assert decide(Kind.WORKER, None, WorkerSeen(s(0), 0, held=2), POLICY, s(100)) == Decision(
-        None, lose_runs=True
-    )
+    def unlisted(held_since: datetime) -> Decision:
+        return decide(Kind.WORKER, None, WorkerSeen(s(0), 0, held=2, held_since=held_since), POLICY, s(100))
+
+    assert unlisted(s(1)) == Decision(None, lose_runs=True)
+    assert unlisted(s(99)) == Decision(None)
