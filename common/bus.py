@@ -813,14 +813,19 @@ async def ack_deliveries(deliveries: Iterable[Delivery], *, requeue_instead: boo
             log.warning("could not settle deliveries up to %d (%s); the broker will redeliver them", tag, exc)
 
 
+# How long a stopping consumer waits for the broker to confirm it no longer delivers.
+STOP_CONSUMING_SECONDS = 5.0
+
+
 async def _stop_consuming(
     channel: aiormq.abc.AbstractChannel, consumer_tag: str | None, on_stop: Callable[[], Awaitable[None]]
 ) -> None:
     """Cancel the consumer ``consumer_tag`` of ``channel`` (no delivery comes after), then await
     ``on_stop()`` with the channel still open."""
     if consumer_tag is not None:
+        # Bounded: on a link that died silently, the drain must not wait for AMQP's heartbeat.
         with contextlib.suppress(*CONNECT_ERRORS):
-            await channel.basic_cancel(consumer_tag)
+            await channel.basic_cancel(consumer_tag, timeout=STOP_CONSUMING_SECONDS)
     await on_stop()
 
 

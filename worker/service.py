@@ -153,14 +153,23 @@ class RunningJobs:
         log.warning("stopping: waiting up to %gs for %d running job(s)", seconds, len(self._tasks))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        # A delivery that arrived as consuming stopped may start a job while these are waited for.
-        while self._tasks and loop.time() < deadline:
-            await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+        try:
+            # A delivery that arrived as consuming stopped may start a job while these are waited for.
+            while self._tasks and loop.time() < deadline:
+                await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+        except asyncio.CancelledError:
+            # Asked to stop again while waiting (a second signal): the jobs end now.
+            await self._kill("were killed: asked to stop again")
+            raise
+        await self._kill("did not finish in time and were killed")
+
+    async def _kill(self, why: str) -> None:
+        """Cancel the jobs still running and wait for them to end."""
         left = set(self._tasks)
         for task in left:
             task.cancel()
         if left:
-            log.warning("stopping: %d job(s) did not finish in time and were killed", len(left))
+            log.warning("stopping: %d job(s) %s", len(left), why)
             await asyncio.gather(*left, return_exceptions=True)
 
 

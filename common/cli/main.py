@@ -233,7 +233,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 async def _until_signal(work: Awaitable[int]) -> int:
-    """Run ``work``; SIGTERM or SIGINT cancels it cleanly and the command exits 0. Only in the main
+    """Run ``work``; SIGTERM or SIGINT cancels it cleanly and the command exits 0, and a second one
+    asks every task still stopping again (a worker's drain then kills its jobs). Only in the main
     thread, the one signals reach: elsewhere (the tests run ``main`` in a thread) no handler is
     installed and this process's handlers stay as they are."""
     task = asyncio.ensure_future(work)
@@ -243,6 +244,14 @@ async def _until_signal(work: Awaitable[int]) -> int:
 
     def stop() -> None:
         nonlocal stopped
+        if stopped:
+            # Asked again (a second SIGTERM, Ctrl-C twice): every task still stopping is asked
+            # again, since a task group passes only the first request on to its tasks; a worker
+            # waiting for its running jobs then kills them.
+            for stopping in asyncio.all_tasks(loop):
+                if stopping.cancelling():
+                    stopping.cancel()
+            return
         stopped = True
         task.cancel()
 

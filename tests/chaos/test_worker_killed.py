@@ -83,3 +83,38 @@ async def test_a_worker_asked_to_stop_lets_its_running_job_finish_and_acks_its_t
     queue = await channel.declare_queue(Topology(settings.namespace).pool_queue("default"), passive=True)
     assert queue.declaration_result.message_count == 0
     await channel.close()
+
+
+async def test_a_worker_asked_to_stop_twice_kills_its_jobs_at_once(
+    settings: Settings, store: Store, fleet: Start, tmp_path: Path
+) -> None:
+    """A second SIGTERM (or Ctrl-C) during the drain ends the running jobs now, as an operator who
+    asks twice expects: the worker no longer waits out the drain (25 s by default) twice over."""
+    await apply_toml(
+        store,
+        """
+        [jobs.endless]
+        schedule = "0 0 1 1 *"
+        timeout_seconds = 120
+        action = { type = "shell", argv = ["sleep", "100"] }
+        """,
+    )
+    await fleet("monitor")
+    log = tmp_path / "worker.log"
+    worker = worker_process(settings, log=log)
+    try:
+        assert (await run_cronfleet(settings, "trigger", "endless")).returncode == 0
+        await eventually(lambda: runs_of(store, "endless", status="running"), timeout=30)
+        worker.send_signal(signal.SIGTERM)
+
+        async def draining() -> bool:
+            return "stopping: waiting up to" in log.read_text(errors="replace")
+
+        await eventually(draining, timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        # Well within the 25 s the drain would otherwise wait.
+        assert await asyncio.to_thread(worker.wait, 15) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert "1 job(s) were killed: asked to stop again" in log.read_text(errors="replace")
