@@ -322,8 +322,8 @@ def _finish_of_run(event: RunFinishedInput) -> _Finish:
             )
         case _:
             what = f"{subject} was lost (its worker stopped sending heartbeats)"
-            return _Finish(event.run_id, event.started_at, event.at, _Verdict.FAILURE, what, lost=True)
-    return _Finish(event.run_id, event.started_at, event.at, _Verdict.FAILURE, what)
+    lost = event.outcome is RunStatus.LOST
+    return _Finish(event.run_id, event.started_at, event.at, _Verdict.FAILURE, what, lost=lost)
 
 
 def _finish_of_heartbeat(event: HeartbeatInput) -> _Finish:
