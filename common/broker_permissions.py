@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from common.messages import (
     JOB_NAME_PATTERN,
     POOL_PATTERN,
+    EventBatch,
     JobHeartbeat,
     RunFinished,
     RunStarted,
@@ -223,7 +224,9 @@ def permissions(
                 rf"{_event_type(kind)}\.{job}" for kind in (RunStarted, RunFinished) for job in job_names
             ]
             beats = [rf"{_event_type(WorkerHeartbeat)}\.{pool}" for pool in pool_names]
-            needs.publish(events, run_events + beats)
+            # Its runs' events and heartbeats sent together (``event.batch.<pool>``).
+            batches = [rf"{_event_type(EventBatch)}\.{pool}" for pool in pool_names]
+            needs.publish(events, run_events + beats + batches)
             needs.publish(dead)
             # A failed run's retry: the trigger's signed bytes again, to wait in a delay queue.
             needs.publish(retry)

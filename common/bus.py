@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from operator import attrgetter
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,12 +48,20 @@ from common.envelope import (
     one_line,
 )
 from common.errors import BrokerUnavailable, ConfigError
+from common.event_batches import batch_body, pack
 from common.failover import FailoverConnection
-from common.messages import JOBS_CHANGED_ROUTING_KEY, JobHeartbeat, JobsChanged, WireMessage
+from common.messages import (
+    BATCHED_EVENT_TYPES,
+    EVENT_BATCH_TYPE,
+    JOBS_CHANGED_ROUTING_KEY,
+    JobHeartbeat,
+    JobsChanged,
+    WireMessage,
+)
 from common.retries import ATTEMPT_HEADER, DELAY_HEADER
 from common.roles import signing_role
 from common.settings import amqp_urls, split_urls
-from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, Role
+from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Key, Keyring, Role
 from common.topology import Topology, event_routing_key
 
 log = logging.getLogger("cronfleet.bus")
@@ -215,6 +224,21 @@ class Received(Protocol):
     def message_id(self) -> str | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class _OutgoingEvent:
+    """An event waiting to be sent: its body, its topic, the key that signs it, and its pool
+    when it may travel in a batch (a run event or a worker heartbeat)."""
+
+    body: bytes
+    routing_key: str
+    signer: Key
+    pool: str | None
+
+    def batch_key(self) -> tuple[str, str] | None:
+        """Events of one key and one pool may share a batch; None: this one goes alone."""
+        return None if self.pool is None else (self.signer.id, self.pool)
+
+
 class Publisher:
     """Signs and publishes messages of one fleet (``namespace``), each confirmed by the broker
     before returning.
@@ -231,17 +255,19 @@ class Publisher:
         exchanges: Mapping[str, AbstractExchange],
         keyring: Keyring,
         namespace: str,
+        *,
+        batch_events: bool = True,
     ) -> None:
         self.channel = channel
         self.namespace = namespace
         self._exchanges = exchanges
         self._keyring = keyring
+        # Whether run events and worker heartbeats published together go as ``event.batch``.
+        self._batch_events = batch_events
         # Event message ids: unique without a call to the system's random source per event.
         self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count()
-        self._events: Batcher[tuple[bytes, str, Mapping[str, Any], str], datetime | BaseException] = Batcher(
-            partial(self._send_together, "events")
-        )
+        self._events: Batcher[_OutgoingEvent, datetime | BaseException] = Batcher(self._send_events)
 
     @classmethod
     async def open(
@@ -251,13 +277,15 @@ class Publisher:
         keyring: Keyring,
         *,
         declare: bool = True,
+        batch_events: bool = True,
     ) -> Publisher:
         """A publisher of ``topology``'s namespace on a new confirmed channel of ``connection``.
 
         With ``declare`` the exchanges and both shared queues are declared (created if need be,
         which takes ``configure`` rights); without, the exchanges are only looked up passively,
-        which takes no right at all (``cronfleet ping``, workers). Raises BrokerUnavailable, in
-        one line naming what the broker refused or did not find, when it cannot be opened.
+        which takes no right at all (``cronfleet ping``, workers). Without ``batch_events`` every
+        event goes alone (``CRONFLEET_EVENT_BATCHES=false``). Raises BrokerUnavailable, in one
+        line naming what the broker refused or did not find, when it cannot be opened.
         """
         try:
             channel = await open_channel(connection, on_return_raises=True)
@@ -271,7 +299,7 @@ class Publisher:
             raise BrokerUnavailable(
                 broker_refusal(f"cannot open a publisher in namespace {topology.namespace!r}", exc)
             ) from exc
-        return cls(channel, exchanges, keyring, topology.namespace)
+        return cls(channel, exchanges, keyring, topology.namespace, batch_events=batch_events)
 
     async def trigger_body(self, body: bytes, pool: str, message_id: str) -> None:
         """Publish an already serialised trigger ``body`` (as kept in the outbox) to ``pool``."""
@@ -331,6 +359,24 @@ class Publisher:
             for body, routing_key, headers, message_id in messages
         ]
         return await self._send_framed(role, framed)
+
+    async def _send_events(self, events: Sequence[_OutgoingEvent]) -> list[datetime | BaseException]:
+        """Publish ``events``, those one key signs together as ``event.batch`` messages, in one
+        write; per event, the instant its message's confirm came back or why it was not
+        published."""
+        messages: list[tuple[bytes, str, Mapping[str, Any], str]] = []
+        carried: list[int] = []
+        for group in pack(events, _OutgoingEvent.batch_key, attrgetter("body")):
+            if len(group) == 1:
+                body, routing_key = group[0].body, group[0].routing_key
+            else:
+                pool = cast(str, group[0].pool)
+                body, routing_key = batch_body(pool, [e.body for e in group]), f"{EVENT_BATCH_TYPE}.{pool}"
+            headers = group[0].signer.sign(self.namespace, routing_key, body)
+            messages.append((body, routing_key, headers, f"{self._id_prefix}{next(self._ids):x}"))
+            carried.append(len(group))
+        results = await self._send_together("events", messages)
+        return [result for result, count in zip(results, carried, strict=True) for _ in range(count)]
 
     def _channel_number(self) -> int:
         """The number of the channel this publisher writes on now; 0 while it has none."""
@@ -396,17 +442,18 @@ class Publisher:
     async def event(self, event: WireMessage, body: bytes | None = None) -> None:
         """Publish a run event or heartbeat on the events exchange under its topic; returns once
         the broker confirmed it. ``body``: ``event.to_bytes()``, when the caller has it already.
-        Events published concurrently (a worker's runs) go out together, in one write
-        (``_send_together``); each still fails alone."""
+        Events published concurrently (a worker's runs) go out together: those one key signs
+        as ``event.batch`` messages (``common.event_batches``), all in one write."""
         body = event.to_bytes() if body is None else body
         routing_key = event_routing_key(event)
+        role = signing_role(event)
         job = event.job if isinstance(event, JobHeartbeat) else None
-        signer = self._keyring.signer(signing_role(event), job)
-        headers = signer.sign(self.namespace, routing_key, body)
-        message = (body, routing_key, headers, f"{self._id_prefix}{next(self._ids):x}")
+        signer = self._keyring.signer(role, job)
+        pool = event.pool if self._batch_events and isinstance(event, BATCHED_EVENT_TYPES) else None
+        outgoing = _OutgoingEvent(body, routing_key, signer, pool)
 
         async def once() -> None:
-            result = await self._events.submit(message)
+            result = await self._events.submit(outgoing)
             if isinstance(result, BaseException):
                 raise result
 

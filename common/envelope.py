@@ -18,6 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from common.bounds import MAX_MESSAGE_BYTES
 from common.messages import (
     WIRE_FIELDS,
+    EventBatch,
     JobHeartbeat,
     RunFinished,
     RunStarted,
@@ -63,7 +64,7 @@ class RejectionReason(enum.StrEnum):
 
 
 # The messages published on the events exchange, each under its own topic (event_routing_key).
-EVENT_TYPES = (RunStarted, RunFinished, JobHeartbeat, WorkerHeartbeat, SchedulerHeartbeat)
+EVENT_TYPES = (RunStarted, RunFinished, JobHeartbeat, WorkerHeartbeat, SchedulerHeartbeat, EventBatch)
 
 _SIGNATURE_REJECTIONS = {
     SignatureCheck.MISSING_SIGNATURE: RejectionReason.MISSING_SIGNATURE,
@@ -131,9 +132,9 @@ def open_envelope(
         return Rejected(RejectionReason.MALFORMED, _first_error(exc))
     except Exception as exc:  # a parser bug must not stop a consumer: refuse the message instead
         return internal_error(exc)
-    missing = WIRE_FIELDS - getattr(message, "model_fields_set", WIRE_FIELDS)
+    missing = _missing_wire_fields(message)
     if missing:
-        return Rejected(RejectionReason.MALFORMED, f"a message must carry {' and '.join(sorted(missing))}")
+        return Rejected(RejectionReason.MALFORMED, missing)
     refusal = role_refusal(checked.key, message)
     if refusal is not None:
         return Rejected(RejectionReason.WRONG_ROLE, refusal)
@@ -150,12 +151,26 @@ def open_envelope(
     if isinstance(message, EVENT_TYPES) and routing_key != (expected := event_routing_key(message)):
         return Rejected(
             RejectionReason.WRONG_ROUTING_KEY,
-            one_line(f"a {message.type} must be published as {expected!r}, not {routing_key!r}"),
+            one_line(f"{_a(message.type)} must be published as {expected!r}, not {routing_key!r}"),
         )
     expires_at = getattr(message, "expires_at", None)
     if check_expiry and isinstance(expires_at, datetime) and expires_at <= now:
         return Rejected(RejectionReason.EXPIRED, f"expired at {expires_at.isoformat()}")
     return Accepted(message)
+
+
+def _missing_wire_fields(message: object) -> str | None:
+    """Why ``message`` (or an event of a batch) lacks ``v`` or ``type`` on the wire; None when
+    every one carries both."""
+    missing = WIRE_FIELDS - getattr(message, "model_fields_set", WIRE_FIELDS)
+    if missing:
+        return f"a message must carry {' and '.join(sorted(missing))}"
+    if isinstance(message, EventBatch):
+        for position, event in enumerate(message.events):
+            inner = WIRE_FIELDS - event.model_fields_set
+            if inner:
+                return f"events.{position}: an event must carry {' and '.join(sorted(inner))}"
+    return None
 
 
 def _signature_headers(headers: Mapping[str, object]) -> dict[str, object]:
@@ -165,6 +180,10 @@ def _signature_headers(headers: Mapping[str, object]) -> dict[str, object]:
         value = headers.get(name)
         found[name] = bytes(value) if isinstance(value, bytearray) else value
     return found
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def internal_error(exc: BaseException) -> Rejected:

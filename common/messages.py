@@ -316,6 +316,41 @@ Event = Annotated[
     Field(discriminator="type"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+# The most events one ``event.batch`` may carry (the monitor records up to this many at once).
+MAX_BATCH_EVENTS = 500
+EVENT_BATCH_TYPE = "event.batch"
+
+# What a batch may carry: what a worker sends about the runs of one pool, and its heartbeats.
+BatchedEvent = Annotated[RunStarted | RunFinished | WorkerHeartbeat, Field(discriminator="type")]
+BATCHED_EVENT_TYPES = (RunStarted, RunFinished, WorkerHeartbeat)
+
+
+class EventBatch(WireMessage):
+    """Several events of one worker's pool, signed and sent as one message: each is recorded as
+    if it had come alone. A busy worker sends its runs' events this way, so that the broker, and
+    the monitor's signature check, see one message instead of hundreds."""
+
+    type: Literal["event.batch"] = "event.batch"
+    pool: PoolName
+    events: Annotated[list[BatchedEvent], Field(min_length=1, max_length=MAX_BATCH_EVENTS)]
+
+    @model_validator(mode="after")
+    def _of_its_pool(self) -> EventBatch:
+        for position, event in enumerate(self.events):
+            if event.pool != self.pool:
+                raise ValueError(
+                    f"events.{position} is of pool {event.pool!r}, not of the batch's {self.pool!r}"
+                )
+        return self
+
+
+# What the monitor's queue carries: one event, or a batch of them.
+MonitoredMessage = Annotated[
+    RunStarted | RunFinished | JobHeartbeat | WorkerHeartbeat | SchedulerHeartbeat | EventBatch,
+    Field(discriminator="type"),
+]
+MONITORED_ADAPTER: TypeAdapter[MonitoredMessage] = TypeAdapter(MonitoredMessage)
 TRIGGER_ADAPTER: TypeAdapter[Trigger] = TypeAdapter(Trigger)
 
 ALL_MESSAGES: tuple[type[WireMessage], ...] = (
@@ -325,5 +360,6 @@ ALL_MESSAGES: tuple[type[WireMessage], ...] = (
     JobHeartbeat,
     WorkerHeartbeat,
     SchedulerHeartbeat,
+    EventBatch,
     JobsChanged,
 )

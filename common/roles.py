@@ -1,7 +1,8 @@
 """Who may sign what: the one table of which key role each message needs.
 
 A trigger needs a ``trigger`` key; run events and process heartbeats an ``event`` key; a job
-heartbeat an ``event`` key or a ``ping`` key (one limited to some jobs only for those). A legacy
+heartbeat an ``event`` key or a ``ping`` key (one limited to some jobs only for those); a batch of
+run events and worker heartbeats an ``event`` key. A legacy
 key (no role) passes everywhere. So whoever can ping cannot make a worker run anything.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from common.messages import (
+    EventBatch,
     JobHeartbeat,
     JobsChanged,
     RunFinished,
@@ -27,6 +29,8 @@ SIGNED_BY: Mapping[type, frozenset[Role]] = {
     WorkerHeartbeat: frozenset({Role.EVENT}),
     SchedulerHeartbeat: frozenset({Role.EVENT}),
     JobHeartbeat: frozenset({Role.EVENT, Role.PING}),
+    # A worker's run events and heartbeats of one pool, together: what signs each of them.
+    EventBatch: frozenset({Role.EVENT}),
     # Whoever changes jobs: ``cronfleet apply`` (a trigger key), the HTTP API (a monitor's).
     JobsChanged: frozenset({Role.TRIGGER, Role.EVENT}),
 }

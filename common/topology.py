@@ -15,6 +15,7 @@ from aiormq.exceptions import ChannelPreconditionFailed
 
 from common.errors import BrokerUnavailable
 from common.messages import (
+    EventBatch,
     JobHeartbeat,
     RunFinished,
     RunStarted,
@@ -225,7 +226,8 @@ async def _declare_queue(channel: AbstractChannel, name: str, arguments: dict[st
 
 
 def event_routing_key(event: WireMessage) -> str:
-    """The topic an event is published under: ``<type>.<job or pool or scheduler>``."""
+    """The topic an event is published under: ``<type>.<job or pool or scheduler>`` (a batch of
+    events: ``event.batch.<pool>``)."""
     match event:
         case RunStarted() | RunFinished() | JobHeartbeat():
             return f"{event.type}.{event.job}"
@@ -233,4 +235,6 @@ def event_routing_key(event: WireMessage) -> str:
             return f"{event.type}.{event.pool}"
         case SchedulerHeartbeat():
             return event.type
+        case EventBatch():
+            return f"{event.type}.{event.pool}"
     raise TypeError(f"{type(event).__name__} is not an event")

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 from aio_pika.abc import AbstractRobustConnection
@@ -37,7 +38,7 @@ from common.clock import Clock, utcnow
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
 from common.errors import BrokerUnavailable, ConfigError
 from common.http_client import open_session
-from common.messages import EVENT_ADAPTER, Event
+from common.messages import MONITORED_ADAPTER, Event, EventBatch, MonitoredMessage
 from common.retry import until_done
 from common.services import ServiceOptions
 from common.settings import Settings
@@ -94,7 +95,7 @@ class EventRecorder:
         self.on_event = on_event
         # Each delivery is verified and parsed as it arrives, while the batch before it is being
         # written (the store works in its own thread or server meanwhile).
-        self.inbox: asyncio.Queue[tuple[Delivery, Accepted[Event] | Rejected]] = asyncio.Queue()
+        self.inbox: asyncio.Queue[tuple[Delivery, Accepted[MonitoredMessage] | Rejected]] = asyncio.Queue()
         self.recorded = 0
         self.rejected = 0
         self._writing = False
@@ -114,8 +115,10 @@ class EventRecorder:
             stop_if_cancelled()  # acking goes through aio-pika, which can swallow a cancellation
             batch = [await self.inbox.get()]
             self._writing = True
-            while len(batch) < BATCH_LIMIT and not self.inbox.empty():
+            events = _event_count(batch[0][1])
+            while events < BATCH_LIMIT and not self.inbox.empty():
                 batch.append(self.inbox.get_nowait())
+                events += _event_count(batch[-1][1])
             try:
                 await self._write(batch, self.clock())
             except Exception:
@@ -137,13 +140,18 @@ class EventRecorder:
         now = self.clock()
         await self._write([(delivery, self._open(delivery, now)) for delivery in batch], now)
 
-    async def _write(self, batch: list[tuple[Delivery, Accepted[Event] | Rejected]], now: datetime) -> None:
-        accepted: list[tuple[Delivery, Event]] = []
+    async def _write(
+        self, batch: list[tuple[Delivery, Accepted[MonitoredMessage] | Rejected]], now: datetime
+    ) -> None:
+        accepted: list[_Received] = []
         for delivery, opened in batch:
             if isinstance(opened, Accepted):
-                accepted.append((delivery, opened.message))
+                accepted.extend(_received(delivery, opened.message))
             else:
                 await self._refuse(delivery, opened)
+        # A message is refused once, for its first event that could not be recorded; the other
+        # events of an ``event.batch`` are recorded all the same.
+        refusals: dict[Delivery, Rejected] = {}
         if accepted:
             try:
                 outcome = await self._record_held(accepted, now)
@@ -151,24 +159,31 @@ class EventRecorder:
                 # Not an outage: some event cannot be recorded. Write them one by one so that one
                 # bad event goes to the dead-letter queue instead of blocking every other.
                 log.warning("a batch of %d event(s) failed (%s); recording one by one", len(accepted), exc)
-                for delivery, event in accepted:
-                    await self._record_alone(delivery, event, now)
+                for received in accepted:
+                    refusal = await self._record_alone(received, now)
+                    if refusal is not None:
+                        refusals.setdefault(received.delivery, refusal)
             else:
                 for position, conflict in outcome.conflicts.items():
-                    await self._refuse(accepted[position][0], Rejected(RejectionReason.ID_CONFLICT, conflict))
+                    received = accepted[position]
+                    refusals.setdefault(
+                        received.delivery, Rejected(RejectionReason.ID_CONFLICT, received.where + conflict)
+                    )
+        for delivery, refusal in refusals.items():
+            await self._refuse(delivery, refusal)
         # What was refused is already settled; the rest was recorded (or repeated): one ack.
         await ack_deliveries(delivery for delivery, _opened in batch)
 
-    def _open(self, delivery: Delivery, now: datetime) -> Accepted[Event] | Rejected:
-        """Verify and parse ``delivery``; a verified event is handed to ``on_event`` now, as it
-        arrives, not once its batch is written: a heartbeat waiting behind a store outage or a
+    def _open(self, delivery: Delivery, now: datetime) -> Accepted[MonitoredMessage] | Rejected:
+        """Verify and parse ``delivery``; each verified event is handed to ``on_event`` now, as
+        it arrives, not once its batch is written: a heartbeat waiting behind a store outage or a
         slow batch is proof of life all the same."""
         try:
             opened = open_envelope(
                 delivery.body,
                 delivery.headers,
                 self.keyring,
-                EVENT_ADAPTER,
+                MONITORED_ADAPTER,
                 now,
                 namespace=self.publisher.namespace,
                 routing_key=delivery.routing_key,
@@ -177,10 +192,11 @@ class EventRecorder:
             log.exception("unexpected error opening event %s", delivery.routing_key)
             return internal_error(exc)
         if isinstance(opened, Accepted) and self.on_event is not None:
-            self.on_event(opened.message)
+            for event in _events_of(opened.message):
+                self.on_event(event)
         return opened
 
-    async def _record_held(self, accepted: list[tuple[Delivery, Event]], now: datetime) -> BatchOutcome:
+    async def _record_held(self, accepted: list[_Received], now: datetime) -> BatchOutcome:
         """Record ``accepted`` in one transaction, waiting out store outages with backoff."""
         outcome = await until_done(
             lambda: whole(self._record(accepted, now)),
@@ -194,20 +210,24 @@ class EventRecorder:
             self.on_health(outcome.health)
         return outcome
 
-    async def _record(self, accepted: list[tuple[Delivery, Event]], now: datetime) -> BatchOutcome:
+    async def _record(self, accepted: list[_Received], now: datetime) -> BatchOutcome:
         async with self.store.session() as session, session.begin():
-            return await record_batch(session, [event for _delivery, event in accepted], now)
+            return await record_batch(session, [received.event for received in accepted], now)
 
-    async def _record_alone(self, delivery: Delivery, event: Event, now: datetime) -> None:
-        """Record one event; dead-letter it when it cannot be recorded or conflicts."""
+    async def _record_alone(self, received: _Received, now: datetime) -> Rejected | None:
+        """Record one event; why its message must be dead-lettered when it cannot be recorded
+        or conflicts, else None."""
         try:
-            outcome = await self._record_held([(delivery, event)], now)
+            outcome = await self._record_held([received], now)
         except Exception as exc:
-            log.exception("cannot record event %s; dead-lettered", delivery.routing_key)
-            await self._refuse(delivery, internal_error(exc))
-            return
+            log.exception(
+                "cannot record event %s%s; dead-lettered", received.where, received.delivery.routing_key
+            )
+            refusal = internal_error(exc)
+            return Rejected(refusal.reason, received.where + refusal.detail)
         if outcome.conflicts:
-            await self._refuse(delivery, Rejected(RejectionReason.ID_CONFLICT, outcome.conflicts[0]))
+            return Rejected(RejectionReason.ID_CONFLICT, received.where + outcome.conflicts[0])
+        return None
 
     async def _refuse(self, delivery: Delivery, rejected: Rejected) -> None:
         """Refuse ``delivery``: copied to the dead-letter queue with why (the batch's ack then
@@ -224,6 +244,34 @@ class EventRecorder:
             log.exception("could not dead-letter event %s; the broker dead-letters it", delivery.routing_key)
             await delivery.settle_alone(ack=False)
         # Otherwise the copy is on the dead-letter queue: the batch's ack settles the original.
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """One verified event and the message it came in; ``where``: its place in that message
+    (``"events.3: "`` in a batch, ``""`` alone), to name it in a refusal."""
+
+    delivery: Delivery
+    event: Event
+    where: str = ""
+
+
+def _events_of(message: MonitoredMessage) -> list[Event]:
+    """The events a verified message carries: itself, or a batch's."""
+    return list(message.events) if isinstance(message, EventBatch) else [message]
+
+
+def _received(delivery: Delivery, message: MonitoredMessage) -> list[_Received]:
+    if isinstance(message, EventBatch):
+        return [_Received(delivery, event, f"events.{i}: ") for i, event in enumerate(message.events)]
+    return [_Received(delivery, message)]
+
+
+def _event_count(opened: Accepted[MonitoredMessage] | Rejected) -> int:
+    """How many events an opened delivery adds to a batch (a refused one: one, to settle)."""
+    if isinstance(opened, Accepted) and isinstance(opened.message, EventBatch):
+        return len(opened.message.events)
+    return 1
 
 
 async def serve(settings: Settings, options: ServiceOptions) -> None:

@@ -63,7 +63,9 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
         # One session for every http run: at most one connection per run at a time.
         async with open_session(options.concurrency, user_agent="cronfleet-worker/1") as session:
             publisher = await _until_ready(
-                lambda: Publisher.open(connection, topology, keyring, declare=False)
+                lambda: Publisher.open(
+                    connection, topology, keyring, declare=False, batch_events=settings.event_batches
+                )
             )
             await _until_ready(lambda: _find_pool(connection, topology, options.pool))
             handler = TriggerHandler(

@@ -191,11 +191,12 @@ def make_events(jobs: Sequence[JobSpec], n: int, base: datetime) -> EventSet:
     return EventSet(events, runs, heartbeats)
 
 
-async def publish_events(publisher: Publisher, events: Sequence[Event]) -> None:
-    """Publish ``events`` as a worker does (signed, confirmed), pipelined in batches, in order
-    within each batch as far as the channel goes."""
-    for first in range(0, len(events), PUBLISH_BATCH):
-        await asyncio.gather(*(publisher.event(e) for e in events[first : first + PUBLISH_BATCH]))
+async def publish_events(publisher: Publisher, events: Sequence[Event], together: int) -> None:
+    """Publish ``events`` as a worker does (signed, confirmed), ``together`` at a time: the
+    publisher sends the events of one key it has ready as one ``event.batch`` (so ``together``
+    is about how many events a message carries; 1: one message per event, in order)."""
+    for first in range(0, len(events), together):
+        await asyncio.gather(*(publisher.event(e) for e in events[first : first + together]))
 
 
 # --- 1. ingestion through the real monitor ----------------------------------------------------
@@ -252,7 +253,9 @@ class Ingestion:
         return self.events / self.seconds
 
 
-async def ingestion(settings: Settings, place: StorePlace, n: int, jobs: int, stall: float) -> Ingestion:
+async def ingestion(
+    settings: Settings, place: StorePlace, n: int, jobs: int, stall: float, together: int
+) -> Ingestion:
     """Pre-publish about ``n`` events, then time the real monitor draining them into the store."""
     store = await Store.open(place.url, place.schema)
     connection = await connect(settings.amqp_url, "bench-publisher", wait=False)
@@ -261,7 +264,7 @@ async def ingestion(settings: Settings, place: StorePlace, n: int, jobs: int, st
         await apply_jobs(store, specs, utcnow())
         made = make_events(specs, n, utcnow() - timedelta(hours=1))
         publisher = await Publisher.open(connection, Topology(settings.namespace), settings.keyring())
-        await publish_events(publisher, made.events)
+        await publish_events(publisher, made.events, together)
         if DRAIN_PROFILER is not None:
             DRAIN_PROFILER.enable()
         task, started = await start_monitor(settings)
@@ -618,9 +621,13 @@ async def run(args: argparse.Namespace) -> int:
                     await place.create()
                     try:
                         print(
-                            f"[1] {place.label}: {args.events} events over {args.jobs} jobs ...", flush=True
+                            f"[1] {place.label}: {args.events} events over {args.jobs} jobs, "
+                            f"{args.together} a message ...",
+                            flush=True,
                         )
-                        result = await ingestion(settings, place, args.events, args.jobs, args.stall)
+                        result = await ingestion(
+                            settings, place, args.events, args.jobs, args.stall, args.together
+                        )
                     finally:
                         await place.drop()
                     queue = f"{namespace}.bare"
@@ -697,7 +704,8 @@ async def run(args: argparse.Namespace) -> int:
     print(f"{'measure':<62} {'value':>12}")
     print("-" * 75)
     for result, bare_rate in ingested:
-        print(f"{f'monitor events/s, {result.store} (N={result.events})':<62} {result.per_second:>12.0f}")
+        label = f"monitor events/s, {result.store} (N={result.events}, {args.together} a message)"
+        print(f"{label:<62} {result.per_second:>12.0f}")
         print(f"{'  bare aio-pika consume+ack msgs/s, same run':<62} {bare_rate:>12.0f}")
         print(f"{'  ratio monitor / bare':<62} {result.per_second / bare_rate:>11.1%}")
     for lag in lags:
@@ -750,6 +758,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="the webhook's group: alerts per POST (default 1: each alone, the webhook's default)",
+    )
+    parser.add_argument(
+        "--together",
+        type=int,
+        default=100,
+        help="events published together, so about how many an event.batch carries (1: one message each)",
     )
     parser.add_argument("--stall", type=float, default=60.0, help="give up when nothing moves this long")
     parser.add_argument(

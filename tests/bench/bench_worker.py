@@ -58,12 +58,14 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import orjson
 from sqlalchemy import text
 
 from common.actions import HttpAction, PythonAction, ShellAction
 from common.bus import Publisher, connect
 from common.clock import utcnow
 from common.jobs import JobSpec
+from common.messages import EVENT_BATCH_ROUTING_KEY
 from common.settings import Settings, normalise_database_url
 from common.store import Store
 from common.topology import Topology
@@ -149,13 +151,21 @@ class FinishedCounter:
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=1000)
         queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(Topology(self.settings.namespace).events_exchange, routing_key="run.finished.#")
+        events = Topology(self.settings.namespace).events_exchange
+        await queue.bind(events, routing_key="run.finished.#")
+        # A busy worker sends its events in batches (docs/protocol.md 9.8).
+        await queue.bind(events, routing_key=EVENT_BATCH_ROUTING_KEY)
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            self.times.append(time.perf_counter())
+            now = time.perf_counter()
+            body = orjson.loads(message.body)
+            for event in body["events"] if body["type"] == "event.batch" else [body]:
+                if event["type"] != "run.finished":
+                    continue
+                self.times.append(now)
+                if event["status"] != "succeeded":
+                    self.failed += 1
             self.first.set()
-            if b'"status":"succeeded"' not in message.body:
-                self.failed += 1
             await message.ack()
             if len(self.times) >= n:
                 self.done.set()

@@ -106,23 +106,30 @@ class Signed:
         return cls(queue)
 
     async def first(self, kind: str) -> AbstractIncomingMessage:
-        """The first message of ``kind`` (a body ``type``) since the last ``clear``; waits for it."""
+        """The first message of ``kind`` (a body ``type``), or the first ``event.batch`` carrying
+        one, since the last ``clear``; waits for it."""
 
         async def found() -> AbstractIncomingMessage | None:
             await self._fetch()
-            return next((m for m in self.messages if orjson.loads(m.body)["type"] == kind), None)
+            return next((m for m in self.messages if kind in _types(m.body)), None)
 
         message: AbstractIncomingMessage = await eventually(found)
         return message
 
     async def key_id(self, kind: str) -> str:
-        """The id of the key that signed the first message of ``kind``."""
+        """The id of the key that signed the first message of ``kind`` (or the batch with it)."""
         return str(((await self.first(kind)).headers or {})[KEY_ID_HEADER])
 
     async def clear(self) -> None:
         """Forget every message published so far."""
         await self._fetch()
         self.messages.clear()
+
+
+def _types(body: bytes) -> set[str]:
+    """The ``type`` of a message, with those of the events of a batch."""
+    message = orjson.loads(body)
+    return {message["type"], *(event["type"] for event in message.get("events", []))}
 
 
 def _trigger(job: str, marker: Path, pool: str = "default") -> Trigger:

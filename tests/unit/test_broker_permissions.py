@@ -95,9 +95,16 @@ def test_a_worker_reads_its_pools_and_writes_events_and_dead_letters_never_trigg
     assert matches(worker.write, T.dead_exchange)
     assert not matches(worker.write, T.triggers_exchange)
     assert not matches(worker.configure, T.pool_queue("b"))
-    for key in ("run.started.j", "run.finished.j", "worker.heartbeat.a"):
+    for key in ("run.started.j", "run.finished.j", "worker.heartbeat.a", "event.batch.a"):
         assert matches(worker.topic_write, key), key
-    for key in ("worker.heartbeat.b", "job.heartbeat.j", "scheduler.heartbeat", "run.finished.j.k"):
+    for key in (
+        "worker.heartbeat.b",
+        "job.heartbeat.j",
+        "scheduler.heartbeat",
+        "run.finished.j.k",
+        "event.batch.b",
+        "event.batch",
+    ):
         assert not matches(worker.topic_write, key), key
 
 

@@ -18,9 +18,10 @@ from common.bus import amqp_value
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
 from common.messages import (
     CONTROL_ADAPTER,
-    EVENT_ADAPTER,
     JOBS_CHANGED_ROUTING_KEY,
+    MONITORED_ADAPTER,
     TRIGGER_ADAPTER,
+    EventBatch,
     JobHeartbeat,
     JobsChanged,
     RunFinished,
@@ -53,7 +54,7 @@ def _open_event(body: bytes, keys: Keyring, headers: Any = None, routing_key: st
     """``body`` opened as the monitor would, signed by the event key unless ``headers`` are given."""
     if headers is None:
         headers = keys.sign(Role.EVENT, NS, routing_key, body)
-    return open_envelope(body, headers, keys, EVENT_ADAPTER, NOW, namespace=NS, routing_key=routing_key)
+    return open_envelope(body, headers, keys, MONITORED_ADAPTER, NOW, namespace=NS, routing_key=routing_key)
 
 
 def _trigger(expires_in: timedelta) -> Trigger:
@@ -275,6 +276,11 @@ MESSAGES: dict[str, WireMessage] = {
     "worker.heartbeat": WorkerHeartbeat(worker="w", pool="default", at=NOW, concurrency=1, running=0),
     "scheduler.heartbeat": SchedulerHeartbeat(scheduler="s", at=NOW, jobs=0),
 }
+# A batch: a worker's run events and heartbeats of one pool, signed by an event key.
+MESSAGES["event.batch"] = EventBatch(
+    pool="default",
+    events=[MESSAGES["run.started"], MESSAGES["run.finished"], MESSAGES["worker.heartbeat"]],  # type: ignore[list-item]
+)
 ROLE_KEYS = Keyring.parse(
     f"""
     trigger:trigger-hmac:{"t" * 32}
@@ -294,6 +300,7 @@ ALLOWED = {
     "job.heartbeat of b": {"event", "ping", "legacy"},
     "worker.heartbeat": {"event", "legacy"},
     "scheduler.heartbeat": {"event", "legacy"},
+    "event.batch": {"event", "legacy"},
 }
 
 
@@ -301,7 +308,7 @@ def test_every_message_type_is_accepted_only_under_the_roles_that_may_sign_it() 
     assert {type(message) for message in MESSAGES.values()} | {JobsChanged} == set(SIGNED_BY)
     for label, message in MESSAGES.items():
         body = message.to_bytes()
-        adapter: Any = TRIGGER_ADAPTER if isinstance(message, Trigger) else EVENT_ADAPTER
+        adapter: Any = TRIGGER_ADAPTER if isinstance(message, Trigger) else MONITORED_ADAPTER
         routing_key = message.pool if isinstance(message, Trigger) else event_routing_key(message)
         for key in ROLE_KEYS.keys:
             headers = key.sign(NS, routing_key, body)
@@ -388,7 +395,7 @@ def test_a_legacy_key_still_signs_and_verifies_every_message() -> None:
     legacy = Keyring.parse(f"old:{'o' * 32}")
     for message in MESSAGES.values():
         body = message.to_bytes()
-        adapter: Any = TRIGGER_ADAPTER if isinstance(message, Trigger) else EVENT_ADAPTER
+        adapter: Any = TRIGGER_ADAPTER if isinstance(message, Trigger) else MONITORED_ADAPTER
         routing_key = message.pool if isinstance(message, Trigger) else event_routing_key(message)
         headers = legacy.sign(Role.TRIGGER, NS, routing_key, body)
         opened = open_envelope(body, headers, legacy, adapter, NOW, namespace=NS, routing_key=routing_key)
@@ -427,4 +434,67 @@ def test_an_event_under_another_routing_key_than_its_own_is_wrong_routing_key() 
             opened = _open_event(body, keys, routing_key=other)
             assert isinstance(opened, Rejected), (own, other)
             assert opened.reason is RejectionReason.WRONG_ROUTING_KEY, (own, other, opened)
-            assert opened.detail == f"a {message.type} must be published as {own!r}, not {other!r}"
+            article = "an" if message.type.startswith("e") else "a"
+            assert opened.detail == f"{article} {message.type} must be published as {own!r}, not {other!r}"
+
+
+def _batch_body(*events: bytes, pool: str = "default") -> bytes:
+    return (
+        b'{"v":1,"type":"event.batch","pool":"' + pool.encode() + b'","events":[' + b",".join(events) + b"]}"
+    )
+
+
+def test_a_batch_is_accepted_whole_with_its_events_in_order() -> None:
+    keys = keyring()
+    events = [MESSAGES["run.started"], MESSAGES["run.finished"], MESSAGES["worker.heartbeat"]]
+    body = _batch_body(*(e.to_bytes() for e in events))
+    opened = _open_event(body, keys, routing_key="event.batch.default")
+    assert isinstance(opened, Accepted)
+    assert opened.message == EventBatch(pool="default", events=events)  # type: ignore[arg-type]
+
+
+def test_a_batch_with_one_bad_event_is_refused_whole_naming_that_event() -> None:
+    keys = keyring()
+    good = MESSAGES["run.started"].to_bytes()
+    for bad, detail in (
+        (good.replace(b'"run_id":"r1",', b""), "event.batch.events.2.run.started.run_id: Field required"),
+        (good.replace(b'{"v":1,', b"{"), "events.2: an event must carry v"),
+        (
+            _batch_body(good),
+            "event.batch.events.2: Input tag 'event.batch' found using 'type' does not match",
+        ),
+        (
+            b'{"v":1,"type":"trigger"}',
+            "event.batch.events.2: Input tag 'trigger' found using 'type' does not match",
+        ),
+        # Job and scheduler heartbeats go alone: they are of no pool.
+        (MESSAGES["job.heartbeat of a"].to_bytes(), "event.batch.events.2: Input tag 'job.heartbeat' found"),
+        (
+            good.replace(b'"pool":"default"', b'"pool":"gpu"'),
+            "event.batch: Value error, events.2 is of pool 'gpu', not of the batch's 'default'",
+        ),
+    ):
+        opened = _open_event(_batch_body(good, good, bad), keys, routing_key="event.batch.default")
+        assert isinstance(opened, Rejected) and opened.reason is RejectionReason.MALFORMED, bad
+        assert opened.detail.startswith(detail), opened.detail
+
+
+def test_a_batch_of_no_event_or_of_too_many_is_malformed() -> None:
+    keys = keyring()
+    beat = MESSAGES["worker.heartbeat"].to_bytes()
+    for count in (0, 501):
+        opened = _open_event(_batch_body(*[beat] * count), keys, routing_key="event.batch.default")
+        assert isinstance(opened, Rejected) and opened.reason is RejectionReason.MALFORMED, count
+        assert opened.detail.startswith("event.batch.events: "), opened.detail
+    assert isinstance(
+        _open_event(_batch_body(*[beat] * 500), keys, routing_key="event.batch.default"), Accepted
+    )
+
+
+def test_a_batch_under_another_pool_s_topic_is_wrong_routing_key() -> None:
+    keys = keyring()
+    opened = _open_event(
+        _batch_body(MESSAGES["worker.heartbeat"].to_bytes()), keys, routing_key="event.batch.gpu"
+    )
+    assert isinstance(opened, Rejected) and opened.reason is RejectionReason.WRONG_ROUTING_KEY
+    assert opened.detail == "an event.batch must be published as 'event.batch.default', not 'event.batch.gpu'"

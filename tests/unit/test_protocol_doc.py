@@ -38,6 +38,7 @@ from common.messages import (
     CONTROL_ADAPTER,
     EVENT_ADAPTER,
     JOBS_CHANGED_ROUTING_KEY,
+    MONITORED_ADAPTER,
     TRIGGER_ADAPTER,
     JobsChanged,
     RetryPolicy,
@@ -286,7 +287,9 @@ def test_every_example_body_is_accepted_by_its_model_and_by_the_receivers() -> N
     assert {kind for kind, _ in examples} == set(MODELS), "one example (at least) per message type"
     for kind, body in examples:
         strict = MODELS[kind].model_validate_json(body, strict=True)
-        adapter: Any = {"trigger": TRIGGER_ADAPTER, "jobs.changed": CONTROL_ADAPTER}.get(kind, EVENT_ADAPTER)
+        adapter: Any = {"trigger": TRIGGER_ADAPTER, "jobs.changed": CONTROL_ADAPTER}.get(
+            kind, MONITORED_ADAPTER
+        )
         received = adapter.validate_python(orjson.loads(body))  # as common.envelope parses it
         assert received == strict, f"the example {kind} body parses differently for a receiver"
         assert received.type == kind, f"an example marked {kind} is a {received.type}"
