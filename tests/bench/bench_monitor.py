@@ -9,13 +9,16 @@ schema of the PostgreSQL at ``--postgres-url`` (dropped at the end):
 
 1. **Ingestion.** ``--jobs`` jobs are applied; N signed events over them (``run.started`` /
    ``run.finished`` pairs, and one ``start`` / ``success`` job-heartbeat pair in every five) are
-   published to a private namespace *before* the monitor starts. Then the real monitor
-   (``monitor.service.serve``: verify, record in batches, advance each job's health, ack after
-   commit) drains them; the clock runs from the moment it consumes (``options.ready``) until the
-   store holds every run and heartbeat (polled).
-2. **The bare loop, same run.** The same N bodies and signed headers, pre-published to a quorum
-   queue with the monitor queue's arguments, drained by a bare aio-pika loop (same prefetch, one
-   ack per message, as the monitor acks). The ratio monitor / bare is reported per store.
+   published to a private namespace *before* the monitor starts, ``--together`` at a time as a
+   busy worker publishes them: its run events go as ``event.batch`` messages of up to that many
+   events (job heartbeats always alone; ``--together 1``: one message per event). Then the real
+   monitor (``monitor.service.serve``: verify, record in batches, advance each job's health, ack
+   after commit) drains them; the clock runs from the moment it consumes (``options.ready``)
+   until the store holds every run and heartbeat (polled).
+2. **The bare loop, same run.** The same N bodies and signed headers, one message per event,
+   pre-published to a quorum queue with the monitor queue's arguments, drained by a bare
+   aio-pika loop (same prefetch, one ack per message): what merely consuming the events costs
+   when each is a message. The ratio monitor / bare is reported per store.
 3. **Deadlines.** ``--deadline-jobs`` jobs all due at the same instant (the worst case: one herd),
    or with ``--spread S`` due over S seconds (as many each second), with ``--grace`` seconds of
    grace, no run ever. The real monitor learns them (first health record), ticks them ``late`` at

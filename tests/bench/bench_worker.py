@@ -65,7 +65,6 @@ from common.actions import HttpAction, PythonAction, ShellAction
 from common.bus import Publisher, connect
 from common.clock import utcnow
 from common.jobs import JobSpec
-from common.messages import EVENT_BATCH_ROUTING_KEY
 from common.settings import Settings, normalise_database_url
 from common.store import Store
 from common.topology import Topology
@@ -154,7 +153,7 @@ class FinishedCounter:
         events = Topology(self.settings.namespace).events_exchange
         await queue.bind(events, routing_key="run.finished.#")
         # A busy worker sends its events in batches (docs/protocol.md 9.8).
-        await queue.bind(events, routing_key=EVENT_BATCH_ROUTING_KEY)
+        await queue.bind(events, routing_key="event.batch.*")
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             now = time.perf_counter()
