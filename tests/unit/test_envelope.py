@@ -498,3 +498,32 @@ def test_a_batch_under_another_pool_s_topic_is_wrong_routing_key() -> None:
     )
     assert isinstance(opened, Rejected) and opened.reason is RejectionReason.WRONG_ROUTING_KEY
     assert opened.detail == "an event.batch must be published as 'event.batch.default', not 'event.batch.gpu'"
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(
+    st.lists(st.one_of(_json, st.just(MESSAGES["run.started"].to_bytes())), max_size=5),
+    # Any pool but one holding a line break: no routing key can (nothing could sign it).
+    st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=8),
+)
+def test_no_signed_batch_can_crash_the_opener(events: list[Any], pool: str) -> None:
+    parts = [e if isinstance(e, bytes) else orjson.dumps(e) for e in events]
+    body = (
+        b'{"v":1,"type":"event.batch","pool":'
+        + orjson.dumps(pool)
+        + b',"events":['
+        + b",".join(parts)
+        + b"]}"
+    )
+    opened = _open_event(body, keyring(), routing_key=f"event.batch.{pool}")
+    assert isinstance(opened, (Accepted, Rejected))
