@@ -10,7 +10,7 @@ import decimal
 import itertools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -29,7 +29,13 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq.abc import ChannelFrame, DeliveredMessage
-from aiormq.exceptions import AMQPConnectionError, AMQPError, ChannelInvalidStateError, DeliveryError
+from aiormq.exceptions import (
+    AMQPConnectionError,
+    AMQPError,
+    ChannelAccessRefused,
+    ChannelInvalidStateError,
+    DeliveryError,
+)
 from pamqp import encode as pamqp_encode
 from pamqp import frame as pamqp_frame
 from pamqp.body import ContentBody
@@ -239,6 +245,23 @@ class _OutgoingEvent:
         return None if self.pool is None else (self.signer.id, self.pool)
 
 
+def _alone(_event: _OutgoingEvent) -> None:
+    """No event shares a message (``CRONFLEET_EVENT_BATCHES=false``)."""
+    return None
+
+
+def _access_refused(exc: BaseException) -> bool:
+    """Whether the broker refused ``exc``'s publish for want of a right (``ACCESS_REFUSED``)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the chain: BrokerUnavailable, CancelledError, ChannelAccessRefused
+        if seen is None:
+            return False
+        if isinstance(seen, ChannelAccessRefused) or "ACCESS_REFUSED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class Publisher:
     """Signs and publishes messages of one fleet (``namespace``), each confirmed by the broker
     before returning.
@@ -257,13 +280,18 @@ class Publisher:
         namespace: str,
         *,
         batch_events: bool = True,
+        batch_pools: Collection[str] | None = None,
     ) -> None:
         self.channel = channel
         self.namespace = namespace
         self._exchanges = exchanges
         self._keyring = keyring
-        # Whether run events and worker heartbeats published together go as ``event.batch``.
+        # Whether run events and worker heartbeats published together go as ``event.batch``,
+        # and of which pools (None: any). A worker batches its own pool's only: it may publish
+        # ``event.batch.<its pool>`` and no other (the end of a lost run of another pool that it
+        # records goes alone).
         self._batch_events = batch_events
+        self._batch_pools = None if batch_pools is None else frozenset(batch_pools)
         # Event message ids: unique without a call to the system's random source per event.
         self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count()
@@ -278,13 +306,15 @@ class Publisher:
         *,
         declare: bool = True,
         batch_events: bool = True,
+        batch_pools: Collection[str] | None = None,
     ) -> Publisher:
         """A publisher of ``topology``'s namespace on a new confirmed channel of ``connection``.
 
         With ``declare`` the exchanges and both shared queues are declared (created if need be,
         which takes ``configure`` rights); without, the exchanges are only looked up passively,
         which takes no right at all (``cronfleet ping``, workers). Without ``batch_events`` every
-        event goes alone (``CRONFLEET_EVENT_BATCHES=false``). Raises BrokerUnavailable, in one
+        event goes alone (``CRONFLEET_EVENT_BATCHES=false``); with ``batch_pools``, only events of
+        those pools may share a message. Raises BrokerUnavailable, in one
         line naming what the broker refused or did not find, when it cannot be opened.
         """
         try:
@@ -299,7 +329,14 @@ class Publisher:
             raise BrokerUnavailable(
                 broker_refusal(f"cannot open a publisher in namespace {topology.namespace!r}", exc)
             ) from exc
-        return cls(channel, exchanges, keyring, topology.namespace, batch_events=batch_events)
+        return cls(
+            channel,
+            exchanges,
+            keyring,
+            topology.namespace,
+            batch_events=batch_events,
+            batch_pools=batch_pools,
+        )
 
     async def trigger_body(self, body: bytes, pool: str, message_id: str) -> None:
         """Publish an already serialised trigger ``body`` (as kept in the outbox) to ``pool``."""
@@ -365,8 +402,8 @@ class Publisher:
         write; per event, the instant its message's confirm came back or why it was not
         published."""
         messages: list[tuple[bytes, str, Mapping[str, Any], str]] = []
-        carried: list[int] = []
-        for group in pack(events, _OutgoingEvent.batch_key, attrgetter("body")):
+        groups = pack(events, _OutgoingEvent.batch_key if self._batch_events else _alone, attrgetter("body"))
+        for group in groups:
             if len(group) == 1:
                 body, routing_key = group[0].body, group[0].routing_key
             else:
@@ -374,9 +411,33 @@ class Publisher:
                 body, routing_key = batch_body(pool, [e.body for e in group]), f"{EVENT_BATCH_TYPE}.{pool}"
             headers = group[0].signer.sign(self.namespace, routing_key, body)
             messages.append((body, routing_key, headers, f"{self._id_prefix}{next(self._ids):x}"))
-            carried.append(len(group))
         results = await self._send_together("events", messages)
-        return [result for result, count in zip(results, carried, strict=True) for _ in range(count)]
+        refused = [
+            result
+            for result, group in zip(results, groups, strict=True)
+            if len(group) > 1 and isinstance(result, BaseException) and _access_refused(result)
+        ]
+        if refused:
+            # A broker user with the rights of a worker before event batches: say so once, and
+            # send every event alone from now on. What the closed channel refused goes again,
+            # alone, once the broker has reopened it (as after a lost connection,
+            # ``_until_reconnected``).
+            if self._batch_events:
+                log.warning(
+                    "RabbitMQ refused an event.batch (%s): this process now sends each event alone. "
+                    "Give its user the right to publish event.batch.<pool> (cronfleet broker "
+                    "permissions --role worker --apply), or set CRONFLEET_EVENT_BATCHES=false",
+                    refused[0],
+                )
+                self._batch_events = False
+            for index, result in enumerate(results):
+                if isinstance(result, BaseException) and _access_refused(result):
+                    again = BrokerUnavailable(f"to be sent again alone: {result}")
+                    again.__cause__ = ConnectionError(
+                        "the broker closed the channel of a refused event.batch"
+                    )
+                    results[index] = again
+        return [result for result, group in zip(results, groups, strict=True) for _ in group]
 
     def _channel_number(self) -> int:
         """The number of the channel this publisher writes on now; 0 while it has none."""
@@ -449,7 +510,11 @@ class Publisher:
         role = signing_role(event)
         job = event.job if isinstance(event, JobHeartbeat) else None
         signer = self._keyring.signer(role, job)
-        pool = event.pool if self._batch_events and isinstance(event, BATCHED_EVENT_TYPES) else None
+        pool = None
+        if isinstance(event, BATCHED_EVENT_TYPES) and (
+            self._batch_pools is None or event.pool in self._batch_pools
+        ):
+            pool = event.pool
         outgoing = _OutgoingEvent(body, routing_key, signer, pool)
 
         async def once() -> None:

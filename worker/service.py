@@ -64,7 +64,12 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
         async with open_session(options.concurrency, user_agent="cronfleet-worker/1") as session:
             publisher = await _until_ready(
                 lambda: Publisher.open(
-                    connection, topology, keyring, declare=False, batch_events=settings.event_batches
+                    connection,
+                    topology,
+                    keyring,
+                    declare=False,
+                    batch_events=settings.event_batches,
+                    batch_pools=(options.pool,),
                 )
             )
             await _until_ready(lambda: _find_pool(connection, topology, options.pool))

@@ -323,6 +323,48 @@ async def test_a_worker_consumes_its_pool_and_publishes_events_and_dead_letters_
     await refused(worker, declare_exchange(topology.triggers_exchange))
 
 
+async def test_a_worker_whose_user_may_not_publish_batches_sends_each_event_alone_after_one_warning(
+    vhost: PrivateVhost,
+) -> None:
+    """A worker upgraded before its broker user's rights (docs/operations.md, "Upgrading to event
+    batches"): its first batch is refused; its events then go alone, nothing is lost, and it says
+    so once."""
+    _scheduler, scheduling = await declare_everything(vhost, "a")
+    worker = vhost.add_user("worker", "--pool", "a")
+    topology = vhost.topology
+    # The rights of a worker before event batches: its run events and its pool's heartbeats only.
+    old = r"^(run\.(started|finished)\..*|worker\.heartbeat\.a)$"
+    await asyncio.to_thread(
+        rabbitmqctl,
+        "set_topic_permissions",
+        "-p",
+        vhost.name,
+        vhost.users[-1],
+        topology.events_exchange,
+        old,
+        "^$",
+    )
+    publisher = await opened(vhost, worker, "test-worker", declare=False)
+    with capture_logs("cronfleet.bus") as logged:
+        for round_ in range(2):
+            beat = WorkerHeartbeat(worker="w1", pool="a", at=utcnow(), concurrency=1, running=round_)
+            async with asyncio.timeout(30):
+                await asyncio.gather(
+                    publisher.event(run_started(f"job-{round_}", "a")), publisher.event(beat)
+                )
+    assert sum("event.batch" in line for line in logged) == 1, logged
+    monitor_queue = await scheduling.channel.get_queue(topology.monitor_queue, ensure=False)
+    keys = []
+    while (message := await monitor_queue.get(no_ack=True, fail=False)) is not None:
+        keys.append(message.routing_key)
+    assert sorted(keys) == [
+        "run.started.job-0",
+        "run.started.job-1",
+        "worker.heartbeat.a",
+        "worker.heartbeat.a",
+    ]
+
+
 async def test_a_worker_without_configure_rights_runs_triggers_end_to_end(vhost: PrivateVhost) -> None:
     """A real worker process, as a worker user, waits (one log line) for its pool's queue until
     a scheduler declares it, then runs a signed trigger; the run is in the monitor's queue."""
