@@ -60,6 +60,8 @@ log = logging.getLogger("cronfleet.monitor")
 
 BATCH_LIMIT = 500
 PREFETCH = 2 * BATCH_LIMIT
+# How many events may wait verified and parsed for the next batches; more wait as received.
+OPENED_AHEAD_LIMIT = 2 * BATCH_LIMIT
 # Connections the HTTP alert channels hold at most, all channels together.
 ALERT_CONNECTIONS = 100
 # How often a starting monitor asks whether its queue is drained.
@@ -94,8 +96,15 @@ class EventRecorder:
         # Sees every verified event (the fleet watch keeps the heartbeats of schedulers and workers).
         self.on_event = on_event
         # Each delivery is verified and parsed as it arrives, while the batch before it is being
-        # written (the store works in its own thread or server meanwhile).
-        self.inbox: asyncio.Queue[tuple[Delivery, Accepted[MonitoredMessage] | Rejected]] = asyncio.Queue()
+        # written (the store works in its own thread or server meanwhile); beyond
+        # OPENED_AHEAD_LIMIT events opened and waiting, a delivery waits unopened (a backlog of
+        # ``event.batch`` messages would otherwise hold up to PREFETCH x 500 parsed events).
+        self.inbox: asyncio.Queue[tuple[Delivery, Accepted[MonitoredMessage] | Rejected | None]] = (
+            asyncio.Queue()
+        )
+        self._opened_ahead = 0
+        # A delivery taken from the inbox that did not fit in the batch: the next one starts with it.
+        self._next: tuple[Delivery, Accepted[MonitoredMessage] | Rejected] | None = None
         self.recorded = 0
         self.rejected = 0
         self._writing = False
@@ -103,22 +112,45 @@ class EventRecorder:
     @property
     def idle(self) -> bool:
         """Nothing delivered is waiting or being written."""
-        return self.inbox.empty() and not self._writing
+        return self.inbox.empty() and self._next is None and not self._writing
 
     def receive(self, delivery: Delivery) -> None:
-        """Take a delivery from the broker: open it now, write it with the next batch."""
-        self.inbox.put_nowait((delivery, self._open(delivery, self.clock())))
+        """Take a delivery from the broker: open it now (unless many events wait opened
+        already), write it with the next batch."""
+        if self._opened_ahead >= OPENED_AHEAD_LIMIT:
+            self.inbox.put_nowait((delivery, None))
+            return
+        opened = self._open(delivery, self.clock())
+        self._opened_ahead += _event_count(opened)
+        self.inbox.put_nowait((delivery, opened))
+
+    def _take(
+        self, item: tuple[Delivery, Accepted[MonitoredMessage] | Rejected | None]
+    ) -> tuple[Delivery, Accepted[MonitoredMessage] | Rejected]:
+        """An inbox item, opened now if it waited unopened."""
+        delivery, opened = item
+        if opened is None:
+            return delivery, self._open(delivery, self.clock())
+        self._opened_ahead -= _event_count(opened)
+        return delivery, opened
 
     async def write_forever(self) -> None:
-        """Take whatever has arrived, verify it, record it, ack it; forever."""
+        """Take whatever has arrived, verify it, record it, ack it; forever. A batch holds at
+        most BATCH_LIMIT events, but for a single message that carries more."""
         while True:
             stop_if_cancelled()  # acking goes through aio-pika, which can swallow a cancellation
-            batch = [await self.inbox.get()]
+            if self._next is None:
+                self._next = self._take(await self.inbox.get())
+            batch, self._next = [self._next], None
             self._writing = True
             events = _event_count(batch[0][1])
             while events < BATCH_LIMIT and not self.inbox.empty():
-                batch.append(self.inbox.get_nowait())
-                events += _event_count(batch[-1][1])
+                taken = self._take(self.inbox.get_nowait())
+                if events + _event_count(taken[1]) > BATCH_LIMIT:
+                    self._next = taken
+                    break
+                batch.append(taken)
+                events += _event_count(taken[1])
             try:
                 await self._write(batch, self.clock())
             except Exception:
@@ -267,7 +299,7 @@ def _received(delivery: Delivery, message: MonitoredMessage) -> list[_Received]:
     return [_Received(delivery, message)]
 
 
-def _event_count(opened: Accepted[MonitoredMessage] | Rejected) -> int:
+def _event_count(opened: Accepted[MonitoredMessage] | Rejected | None) -> int:
     """How many events an opened delivery adds to a batch (a refused one: one, to settle)."""
     if isinstance(opened, Accepted) and isinstance(opened.message, EventBatch):
         return len(opened.message.events)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
-from common.bus import Publisher, connect
+import monitor.service
+from common.bus import Delivery, Publisher, connect
 from common.clock import utcnow
 from common.envelope import REJECTION_DETAIL_HEADER, REJECTION_HEADER
 from common.event_batches import batch_body
@@ -157,3 +160,85 @@ async def test_with_batches_off_every_event_goes_alone_under_its_own_topic(
     while (message := await everything.get(fail=False)) is not None:
         keys.append(message.routing_key)
     assert keys == ["run.started.alone"] * 20
+
+
+async def _batch_delivered(
+    settings: Settings, channel: AbstractChannel, queue: AbstractQueue, events: list[RunStarted]
+) -> Delivery:
+    """An ``event.batch`` of ``events`` published to ``queue`` and taken from it unacked."""
+    exchange = (await Topology(settings.namespace).declare_exchanges(channel))["events"]
+    await queue.bind(exchange, "event.batch.default")
+    body = batch_body("default", [e.to_bytes() for e in events])
+    headers = settings.keyring().sign(Role.EVENT, settings.namespace, "event.batch.default", body)
+    await exchange.publish(aio_pika.Message(body, headers=headers), "event.batch.default")
+    raw = await channel.get_underlay_channel()
+
+    async def get() -> Delivery | None:
+        delivered = await raw.basic_get(queue.name, no_ack=False)
+        return Delivery(delivered) if delivered.delivery_tag is not None else None
+
+    return await eventually(get)
+
+
+async def test_a_backlog_of_batches_waits_unopened_and_is_written_in_transactions_of_at_most_500_events(
+    settings: Settings, store: Store, amqp: AbstractRobustConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefetch counts messages: 1,000 batches of 500 events would hold 500,000 parsed events.
+    Beyond OPENED_AHEAD_LIMIT events opened and waiting, a delivery waits as it came."""
+    sizes: list[int] = []
+    real = monitor.service.record_batch
+
+    async def counted(session: Any, events: Any, now: Any) -> Any:
+        sizes.append(len(events))
+        return await real(session, events, now)
+
+    monkeypatch.setattr(monitor.service, "record_batch", counted)
+    channel = await amqp.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    deliveries = [
+        await _batch_delivered(
+            settings, channel, queue, [_started(f"r{b}-{i}", "backlog") for i in range(400)]
+        )
+        for b in range(4)
+    ]
+    publisher = await Publisher.open(amqp, Topology(settings.namespace), settings.keyring())
+    seen: list[Any] = []
+    recorder = monitor.service.EventRecorder(
+        store, publisher, settings.keyring(), "monitor-test", on_event=seen.append
+    )
+    for delivery in deliveries:
+        recorder.receive(delivery)
+    assert len(seen) == 3 * 400, "the fourth batch waits unopened: 1,200 events already wait opened"
+    writing = asyncio.create_task(recorder.write_forever())
+    try:
+        await eventually(lambda: _recorded(store, "backlog", 1600))
+        await eventually(lambda: asyncio.sleep(0, recorder.idle))
+    finally:
+        writing.cancel()
+        await asyncio.gather(writing, return_exceptions=True)
+        await channel.close()
+    assert len(seen) == 1600
+    assert sum(sizes) == 1600 and max(sizes) <= monitor.service.BATCH_LIMIT, sizes
+
+
+async def test_a_worker_batches_the_events_of_its_own_pool_only(
+    settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    """A worker may publish ``event.batch.<its pool>`` and no other: the ends it records for lost
+    runs of another pool go alone."""
+    topology = Topology(settings.namespace)
+    connection = await connect(settings.amqp_url, "pool-publisher", wait=False)
+    try:
+        publisher = await Publisher.open(connection, topology, settings.keyring(), batch_pools=["default"])
+        watch = await amqp.channel()
+        everything = await watch.declare_queue(exclusive=True)
+        await everything.bind(topology.events_exchange, routing_key="#")
+        other = [_started(f"g{i}", "elsewhere").model_copy(update={"pool": "gpu"}) for i in range(5)]
+        own = [_started(f"d{i}", "here") for i in range(5)]
+        await asyncio.gather(*(publisher.event(e) for e in other + own))
+    finally:
+        await connection.close()
+    keys = []
+    while (message := await everything.get(fail=False)) is not None:
+        keys.append(message.routing_key)
+    assert sorted(keys) == ["event.batch.default"] + ["run.started.elsewhere"] * 5
