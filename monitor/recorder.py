@@ -6,7 +6,7 @@ heartbeats it repeats, job states, the heartbeat runs it may finish) is read up 
 per kind; no event queries alone. Rows are plain values written back with Core statements (new
 rows by executemany INSERTs, changed ones by ``health_store.update_rows``), not through the ORM's
 unit of work. The specs of its jobs are read once per batch and parsed once per spec text
-(``health_store``), and each job's next expected time comes from ``NextFires``, which needs no
+(``health_store``), and each job's next expected time comes from ``common.next_fires``, which needs no
 croniter while the answer is the one it gave last for that schedule.
 
 In the same transaction, each new run event and job heartbeat is fed to the job's health machine
@@ -36,7 +36,6 @@ import orjson
 from sqlalchemy import Table, and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.jobs import JobSpec
 from common.messages import (
     Event,
     HeartbeatKind,
@@ -45,6 +44,7 @@ from common.messages import (
     RunStarted,
     RunStatus,
 )
+from common.next_fires import next_fires
 from common.run_metrics import add_finished
 from common.store import HeartbeatRow, JobStateRow, RunRow
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
@@ -304,34 +304,7 @@ class _Batch:
         for job, after in self.due_after.items():
             stored = specs.get(job)
             spec = None if stored is None else stored.spec
-            self.states[job].next_expected_at = None if spec is None else _next_fires.after(spec, after)
-
-
-class NextFires:
-    """``next_fire`` for many jobs sharing schedules, remembering for each (schedule, zone) the
-    last interval it computed: the first fire strictly after ``a`` is ``f``, so for every ``t``
-    with ``a <= t < f`` it is ``f`` too (no fire lies in between). Jobs finishing one after the
-    other mostly ask inside the interval of the previous one and need no croniter at all."""
-
-    LIMIT = 65536
-
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, str], tuple[datetime, datetime]] = {}
-
-    def after(self, spec: JobSpec, after: datetime) -> datetime:
-        """The first fire of ``spec`` strictly after ``after`` (``common.cron.next_fire``)."""
-        key = (spec.schedule_text(), spec.timezone)
-        known = self._last.get(key)
-        if known is not None and known[0] <= after < known[1]:
-            return known[1]
-        fire = spec.next_fire(after)
-        if len(self._last) >= self.LIMIT:
-            self._last.clear()
-        self._last[key] = (after, fire)
-        return fire
-
-
-_next_fires = NextFires()
+            self.states[job].next_expected_at = None if spec is None else next_fires.after(spec, after)
 
 
 async def _insert(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> None:

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from common.actions import ShellAction
 from common.cron import next_fire
 from common.jobs import JobSpec
+from common.next_fires import NextFires
 from monitor.health_store import _readable
-from monitor.recorder import NextFires
 
 SCHEDULES = ["* * * * *", "*/7 * * * *", "30 2 * * *", "0 0 * * 0", "*/5 * * * * *", "@hourly"]
 ZONES = ["UTC", "America/New_York", "Europe/Berlin", "Australia/Lord_Howe"]
