@@ -26,7 +26,7 @@ from common.messages import (
     Trigger,
     WorkerHeartbeat,
 )
-from common.roles import role_refusal
+from common.roles import role_refusal, with_article
 from common.signing import KEY_ID_HEADER, SIGNATURE_HEADER, Keyring, SignatureCheck
 from common.topology import event_routing_key
 
@@ -151,7 +151,7 @@ def open_envelope(
     if isinstance(message, EVENT_TYPES) and routing_key != (expected := event_routing_key(message)):
         return Rejected(
             RejectionReason.WRONG_ROUTING_KEY,
-            one_line(f"{_a(message.type)} must be published as {expected!r}, not {routing_key!r}"),
+            one_line(f"{with_article(message.type)} must be published as {expected!r}, not {routing_key!r}"),
         )
     expires_at = getattr(message, "expires_at", None)
     if check_expiry and isinstance(expires_at, datetime) and expires_at <= now:
@@ -180,10 +180,6 @@ def _signature_headers(headers: Mapping[str, object]) -> dict[str, object]:
         value = headers.get(name)
         found[name] = bytes(value) if isinstance(value, bytearray) else value
     return found
-
-
-def _a(kind: str) -> str:
-    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def internal_error(exc: BaseException) -> Rejected:

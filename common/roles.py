@@ -57,7 +57,10 @@ def role_refusal(key: Key, message: object) -> str | None:
     kind = getattr(message, "type", type(message).__name__)
     if key.role not in allowed:
         needed = " or ".join(sorted(role.value for role in allowed)) or "no"
-        return f"key {key.id!r} is {_a(key.role.value)} key; a {kind} must be signed by {_a(needed)} key"
+        return (
+            f"key {key.id!r} is {with_article(key.role.value)} key; "
+            f"{with_article(kind)} must be signed by {with_article(needed)} key"
+        )
     job = getattr(message, "job", None)
     if key.jobs is not None and job not in key.jobs:
         jobs = ", ".join(sorted(key.jobs))
@@ -65,5 +68,6 @@ def role_refusal(key: Key, message: object) -> str | None:
     return None
 
 
-def _a(word: str) -> str:
+def with_article(word: str) -> str:
+    """``word`` after its indefinite article: ``an event``, ``a run.started``."""
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"

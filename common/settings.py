@@ -101,8 +101,8 @@ class Settings(BaseSettings):
     jobs_reload_seconds: float = Field(default=2.0, gt=0)
     drain_seconds: float = Field(default=25.0, ge=0)
     # Whether a worker sends the run events and heartbeats it has ready together, as one
-    # ``event.batch`` (docs/protocol.md 9.8). Off: one message per event, as before version 1's
-    # batches: for a monitor or broker rights not yet upgraded (docs/operations.md, "Upgrading").
+    # ``event.batch`` (docs/protocol.md 9.8). Off: one message per event, for a monitor or broker
+    # rights not yet upgraded (docs/operations.md, "Upgrading to event batches").
     event_batches: bool = True
     # How long a worker's claim on a trigger outlives its last renewal (renewed every third of
     # it while the job runs): the time a trigger left by a dead worker waits before another

@@ -534,3 +534,14 @@ def test_a_key_that_may_sign_a_batch_may_sign_every_event_it_can_carry() -> None
     """Roles are checked on the batch, not on each event in it: no event may need more."""
     for kind in BATCHED_EVENT_TYPES:
         assert SIGNED_BY[EventBatch] <= SIGNED_BY[kind], kind
+
+
+def test_a_batch_under_a_ping_key_is_wrong_role_in_plain_words() -> None:
+    batch = MESSAGES["event.batch"]
+    body = batch.to_bytes()
+    headers = ROLE_KEYS.sign(Role.PING, NS, "event.batch.default", body)
+    opened = open_envelope(
+        body, headers, ROLE_KEYS, MONITORED_ADAPTER, NOW, namespace=NS, routing_key="event.batch.default"
+    )
+    assert isinstance(opened, Rejected) and opened.reason is RejectionReason.WRONG_ROLE
+    assert opened.detail == "key 'ping' is a ping key; an event.batch must be signed by an event key"
