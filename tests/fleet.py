@@ -41,7 +41,9 @@ class Fleet:
             service_options = ServiceOptions(name=f"{name}-{len(self.tasks)}", **options)
             if name == "worker" and self.declare_pools:
                 await declare_pool(self.settings, service_options.pool)
-            task = asyncio.create_task(load_service(name)(self.settings, service_options))
+            task = asyncio.create_task(
+                load_service(name)(self.settings, service_options), name=service_options.name
+            )
             self.tasks.append(task)
             ready = asyncio.create_task(service_options.ready.wait())
             done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
@@ -53,13 +55,36 @@ class Fleet:
                 raise TimeoutError(f"{name} did not become ready within 20s")
 
     async def stop(self) -> None:
-        """Cancel every process and wait for each to finish."""
+        """Cancel every process and wait for each to finish; fail, printing where every task of
+        the loop waits, when one has not finished within STOP_SECONDS (a service that does not
+        stop when asked is a bug, and a silent wait would hold the suite until its timeout)."""
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
+        tasks, self.tasks = self.tasks, []
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=STOP_SECONDS)
+        if pending:
+            print_task_stacks(f"{len(pending)} service(s) did not stop within {STOP_SECONDS:g}s")
+            raise AssertionError(
+                f"{', '.join(task.get_name() for task in pending)} did not stop within "
+                f"{STOP_SECONDS:g}s of being cancelled (every task's stack is printed above)"
+            )
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.tasks.clear()
+                task.result()
+
+
+STOP_SECONDS = 60.0
+"""How long a cancelled service may take to stop: its drain (drain_seconds) and closing."""
+
+
+def print_task_stacks(why: str) -> None:
+    """Print, to stderr, ``why`` and where each unfinished task of the running loop waits."""
+    print(f"\n=== {why}: the loop's tasks ===", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        print(f"--- {task!r}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
 
 
 async def declare_pool(settings: Settings, pool: str) -> None:

@@ -100,7 +100,9 @@ async def serve(settings: Settings, options: ServiceOptions) -> None:
                         connection,
                         lambda channel: topology.find_pool(channel, options.pool),
                         options.concurrency,
-                        lambda message: runs.start(handler.handle(message)),
+                        lambda message: runs.start(
+                            handler.handle(message), f"trigger {message.message_id or '?'}"
+                        ),
                         options.ready,
                         on_stop=lambda: runs.drain(settings.drain_seconds),
                     )
@@ -146,9 +148,9 @@ class RunningJobs:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, run: Coroutine[Any, Any, None]) -> None:
-        """Run ``run`` as a task this object keeps until it ends."""
-        task = asyncio.create_task(run)
+    def start(self, run: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``run`` as a task named ``name`` that this object keeps until it ends."""
+        task = asyncio.create_task(run, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -171,13 +173,27 @@ class RunningJobs:
         await self._kill("did not finish in time and were killed")
 
     async def _kill(self, why: str) -> None:
-        """Cancel the jobs still running and wait for them to end."""
+        """Cancel the jobs still running and wait up to KILL_SECONDS for them to end: a job whose
+        clean-up hangs (its lease given back to a store that is down, say) is named in an error
+        and left, so that the worker still stops."""
         left = set(self._tasks)
         for task in left:
             task.cancel()
-        if left:
-            log.warning("stopping: %d job(s) %s", len(left), why)
-            await asyncio.gather(*left, return_exceptions=True)
+        if not left:
+            return
+        log.warning("stopping: %d job(s) %s", len(left), why)
+        _, stuck = await asyncio.wait(left, timeout=KILL_SECONDS)
+        if stuck:
+            log.error(
+                "stopping: %d killed job(s) did not end within %gs and are abandoned: %s",
+                len(stuck),
+                KILL_SECONDS,
+                ", ".join(sorted(task.get_name() for task in stuck)),
+            )
+
+
+KILL_SECONDS = 10.0
+"""How long a killed job may take to clean up (end its process, give back its lease)."""
 
 
 async def _heartbeat_forever(
