@@ -37,8 +37,8 @@ from common.cli.alerts import attempt_fields
 from common.clock import Clock, utcnow
 from common.http_client import open_session
 from common.settings import Settings
-from common.store import STORE_OUTAGES, AlertAttemptRow, FlipRow, Store
-from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
+from common.store import STORE_OUTAGES, AlertAttemptRow, FlipRow, Store, bulk
+from common.store.chunks import IN_LIST_CHUNK, chunks
 from monitor.channels import (
     Alert,
     Attempt,
@@ -216,9 +216,7 @@ class Alerting:
         if not rows and not done and not let_go:
             return
         async with self.store.session() as session, session.begin():
-            if rows:
-                for some in chunks(rows, rows_per_insert(len(rows[0]))):
-                    await session.execute(_ATTEMPTS.insert(), list(some))
+            await bulk.insert_rows(session, _ATTEMPTS, rows)
             if done:
                 await self._settle(session, done, done=True)
             if let_go:

@@ -236,8 +236,8 @@ class Deadlines:
                     self.heap.arm(job, at)
                 raise
             self.ticks += len(due)
+            self._tell(advanced)  # the alerts first: people wait for them, the log does not
             log_flips(advanced)
-            self._tell(advanced)
             for job, _at in due:
                 deadline = advanced.deadlines.get(job)
                 if deadline is None:

@@ -18,13 +18,12 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, delete, func, select, update
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import Table, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.jobs import JobSpec, spec_from_json
-from common.store import FlipRow, JobHealthRow, JobRow, dialect_insert
-from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
+from common.store import FlipRow, JobHealthRow, JobRow, bulk, dialect_insert
+from common.store.chunks import IN_LIST_CHUNK, chunks
 from monitor.channels.policy import needs_alert
 from monitor.health import (
     Flip,
@@ -43,8 +42,6 @@ T = TypeVar("T")
 
 _HEALTH = cast(Table, JobHealthRow.__table__)
 _FLIPS = cast(Table, FlipRow.__table__)
-# Written with every change of a record, whatever else changed.
-_ALWAYS_WRITTEN = frozenset({"job", "updated_at"})
 
 
 @dataclass(frozen=True)
@@ -91,6 +88,8 @@ class PreparedTick:
     spec_fingerprint: str
     after: StoredHealth
     flips: tuple[Flip, ...]
+    # The columns ``after`` changes (``changed_columns``), computed ahead too.
+    changes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -181,13 +180,15 @@ async def prepare_ticks(
             )
             if result is not None:
                 record, flips = result
+                after = StoredHealth(record, stored.fingerprint)
                 prepared[row.job] = PreparedTick(
                     at,
                     stored,
                     row.updated_at,
                     specs[row.job].fingerprint,
-                    StoredHealth(record, stored.fingerprint),
+                    after,
                     tuple(flips),
+                    changed_columns(row.job, stored, after),
                 )
     return prepared
 
@@ -202,6 +203,8 @@ class HealthBatch:
         self.specs: dict[str, StoredSpec] = {}
         self.records: dict[str, StoredHealth] = {}
         self._loaded: dict[str, StoredHealth] = {}
+        # What adopted ticks change, computed with them: valid while their record is unchanged.
+        self._changes: dict[str, tuple[StoredHealth, dict[str, Any]]] = {}
         self._flips: list[JobFlip] = []
 
     async def load(self, jobs: Collection[str], specs: Mapping[str, StoredSpec]) -> None:
@@ -249,6 +252,7 @@ class HealthBatch:
             self.specs[job] = spec
             self._loaded[job] = ready.before
             self.records[job] = ready.after
+            self._changes[job] = (ready.after, ready.changes)
             self._flips.extend(JobFlip(job, flip) for flip in ready.flips)
             taken.add(job)
         return taken
@@ -307,103 +311,43 @@ class HealthBatch:
         # ``updated_at``); records that changed the same columns (a herd of jobs turning
         # ``down`` at once) share one statement.
         by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        changes = self._changes
         for job, stored in sorted(self.records.items()):
             loaded = self._loaded.get(job)
-            if stored == loaded:
+            if stored is loaded or stored == loaded:
                 continue
-            values = _values(job, stored, self.now)
-            if loaded is not None:
-                before = _values(job, loaded, self.now)
-                values = {k: v for k, v in values.items() if k in _ALWAYS_WRITTEN or v != before[k]}
+            if loaded is None:
+                values = _values(job, stored, self.now)
+            else:
+                known = changes.get(job)
+                if known is not None and known[0] is stored:
+                    values = dict(known[1])
+                else:
+                    values = changed_columns(job, loaded, stored)
+                values["updated_at"] = self.now
             by_columns.setdefault(tuple(values), []).append(values)
         for rows in by_columns.values():
-            await update_rows(self.session, _HEALTH, "job", rows)
+            await bulk.update_rows(self.session, _HEALTH, "job", rows)
         saved = await store_flips(self.session, self._flips, self.now)
         advanced = Advanced({job: stored.record.deadline_at for job, stored in self.records.items()}, saved)
         self._loaded.update(self.records)
+        self._changes.clear()
         self._flips = []
         return advanced
 
 
 async def store_flips(session: AsyncSession, flips: Sequence[JobFlip], now: datetime) -> list[JobFlip]:
-    """Insert ``flips`` (of jobs or of the fleet) in order, in bounded chunks, each alerted one
-    with its alert pending and held by this monitor (``monitor.alerts``); the flips with their
-    ids."""
+    """Insert ``flips`` (of jobs or of the fleet) in order, each alerted one with its alert pending
+    and held by this monitor (``monitor.alerts``); the flips with their ids, increasing in order."""
     if not flips:
         return []
-    rows = [_flip_values(f, now) for f in flips]
-    # Each chunk is one multi-row INSERT whatever the store. Asking the driver for the ids in
-    # the order of the rows (``sort_by_parameter_order``) makes SQLite insert one row per
-    # statement (10,000 statements for a herd of jobs turning ``down``); instead each returned
-    # row says which flip it is by its content. Two flips of the same content in one chunk are
-    # interchangeable, so which of their ids each gets does not matter.
-    insert = _FLIPS.insert().returning(_FLIPS.c.id, *(_FLIPS.c[name] for name in _FLIP_KEY))
-    ids: list[int] = []
-    for some in chunks(rows, rows_per_insert(len(rows[0]))):
-        waiting: dict[tuple[Any, ...], list[int]] = {}
-        for position, row in enumerate(some):
-            waiting.setdefault(_flip_key(row), []).append(position)
-        returned = [
-            (stored.id, _flip_key(stored._mapping)) for stored in await session.execute(insert, list(some))
-        ]
-        found: list[int | None] = [None] * len(some)
-        for flip_id, key in returned:
-            positions = waiting.get(key)
-            if positions:
-                found[positions.pop(0)] = flip_id
-        if None in found or len(returned) != len(some):
-            # Never seen; a driver that changed what it returns must not stop the monitor's
-            # writes for good. Both stores number the rows of one INSERT in their order.
-            log.error("the ids of %d stored flips could not be matched by content; taken in order", len(some))
-            found = sorted(flip_id for flip_id, _key in returned)
-        ids.extend(cast(list[int], found))
+    ids = await bulk.insert_rows_with_ids(session, _FLIPS, [_flip_values(f, now) for f in flips])
     return [replace(item, id=flip_id) for item, flip_id in zip(flips, ids, strict=True)]
-
-
-# The columns that tell the flips of one INSERT apart (with ``at`` compared as an instant).
-_FLIP_KEY = ("job", "at", "from_state", "to_state", "reason", "recovered_from")
-
-
-def _flip_key(row: Mapping[Any, Any]) -> tuple[Any, ...]:
-    return tuple(row[name].timestamp() if name == "at" else row[name] for name in _FLIP_KEY)
 
 
 # How long the monitor that stores a flip holds its pending alert before it must renew its hold;
 # past it, another monitor may claim the alert (``monitor.alerts``).
 ALERT_LEASE = timedelta(seconds=60)
-
-
-async def update_rows(session: AsyncSession, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
-    """Write ``rows`` (each the key ``key`` and the same other columns of ``table``), in chunks of
-    at most ``IN_LIST_CHUNK`` rows. On PostgreSQL each chunk is one ``UPDATE ... FROM unnest(...)``
-    carrying one array per column (as many parameters as columns, whatever the rows): the server
-    joins once instead of running one UPDATE per row. On SQLite, an executemany of one UPDATE
-    (the database is in process: a statement per row costs no round trip)."""
-    columns = [column for column in table.columns if column.key in rows[0]] if rows else []
-    if not columns:
-        return
-    if _dialect(session) == "postgresql":
-        given = select(
-            *(
-                func.unnest(bindparam(f"a_{c.key}", type_=postgresql.ARRAY(c.type))).label(c.key)
-                for c in columns
-            )
-        ).subquery("given")
-        statement: Any = (
-            update(table)
-            .where(table.c[key] == given.c[key])
-            .values({c.key: given.c[c.key] for c in columns if c.key != key})
-        )
-        for some in chunks(rows, IN_LIST_CHUNK):
-            await session.execute(statement, {f"a_{c.key}": [row[c.key] for row in some] for c in columns})
-        return
-    statement = (
-        update(table)
-        .where(table.c[key] == bindparam(f"b_{key}"))
-        .values({c.key: bindparam(f"b_{c.key}") for c in columns if c.key != key})
-    )
-    for some in chunks(rows, IN_LIST_CHUNK):
-        await session.execute(statement, [{f"b_{k}": v for k, v in row.items()} for row in some])
 
 
 # How long a cancelled ``whole`` lets its transaction finish before cancelling it too.
@@ -509,6 +453,13 @@ def _record(row: Any) -> HealthRecord:
         last_finished_at=row.last_finished_at,
         lost_run_id=row.lost_run_id,
     )
+
+
+def changed_columns(job: str, before: StoredHealth, after: StoredHealth) -> dict[str, Any]:
+    """The columns of ``job``'s row that differ from ``before`` to ``after``, with its key (and
+    without ``updated_at``, which the write sets)."""
+    old, new = _values(job, before, before.record.since), _values(job, after, before.record.since)
+    return {k: v for k, v in new.items() if k == "job" or (k != "updated_at" and v != old[k])}
 
 
 def _values(job: str, stored: StoredHealth, now: datetime) -> dict[str, Any]:

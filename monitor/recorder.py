@@ -4,7 +4,7 @@ A batch of events is recorded inside the caller's transaction with a handful of 
 whatever its size (each within ``common.store.chunks``' bounds): what it touches (runs, the
 heartbeats it repeats, job states, the heartbeat runs it may finish) is read up front, one query
 per kind; no event queries alone. Rows are plain values written back with Core statements (new
-rows by executemany INSERTs, changed ones by ``health_store.update_rows``), not through the ORM's
+rows and changed ones through ``common.store.bulk``, in the driver's terms), not through the ORM's
 unit of work. The specs of its jobs are read once per batch and parsed once per spec text
 (``health_store``), and each job's next expected time comes from ``common.next_fires``, which needs no
 croniter while the answer is the one it gave last for that schedule.
@@ -46,10 +46,10 @@ from common.messages import (
 )
 from common.next_fires import next_fires
 from common.run_metrics import add_finished
-from common.store import HeartbeatRow, JobStateRow, RunRow
-from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
+from common.store import HeartbeatRow, JobStateRow, RunRow, bulk
+from common.store.chunks import IN_LIST_CHUNK, chunks
 from monitor.health import HealthInput, health_input
-from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs, update_rows
+from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs
 
 log = logging.getLogger("cronfleet.monitor")
 
@@ -229,12 +229,11 @@ class _Batch:
         self._new.setdefault(table, []).append(row)
 
     async def save(self) -> None:
-        """Insert what is new (executemany INSERTs) and write back what changed
-        (``update_rows``), each statement within ``common.store.chunks``' bounds."""
+        """Insert what is new and write back what changed (``common.store.bulk``)."""
         for table in (_RUNS, _HEARTBEATS, _STATES):
             inserted = [_row_values(table, row) for row in self._new.get(table, [])]
             if inserted:
-                await _insert(self.session, table, inserted)
+                await bulk.insert_rows(self.session, table, inserted)
         for table, rows, key in ((_RUNS, self.runs, "run_id"), (_STATES, self.states, "job")):
             changed = []
             for name, row in rows.items():
@@ -244,7 +243,7 @@ class _Batch:
                     if values != before:
                         changed.append(values)
             if changed:
-                await update_rows(self.session, table, key, changed)
+                await bulk.update_rows(self.session, table, key, changed)
 
     def open_heartbeat_run(self, job: str, at: datetime) -> _Run | None:
         """The latest heartbeat run of ``job`` still running that started at or before ``at``."""
@@ -305,13 +304,6 @@ class _Batch:
             stored = specs.get(job)
             spec = None if stored is None else stored.spec
             self.states[job].next_expected_at = None if spec is None else next_fires.after(spec, after)
-
-
-async def _insert(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Insert ``rows`` into ``table``: executemany of one compiled INSERT (a multi-row VALUES
-    would be compiled anew for every batch size), in chunks of bounded size."""
-    for some in chunks(rows, rows_per_insert(len(table.columns))):
-        await session.execute(table.insert(), list(some))
 
 
 async def record_batch(session: AsyncSession, events: Sequence[Event], now: datetime) -> BatchOutcome:

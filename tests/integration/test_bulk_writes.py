@@ -1,0 +1,113 @@
+"""Rows written through ``common.store.bulk`` are stored exactly as SQLAlchemy stores them: the
+same values read back, the same text in the column (SQLite compares instants as text), on each
+store; inserted ids come back in order, across chunks; updates touch only the rows named."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import JSON, Column, Integer, MetaData, Table, select, text
+
+from common.store import AlertAttemptRow, FlipRow, Store, bulk
+
+FLIPS = cast(Table, FlipRow.__table__)
+ATTEMPTS = cast(Table, AlertAttemptRow.__table__)
+AT = datetime(2026, 11, 28, 9, 0, 0, tzinfo=UTC)  # no microseconds: isoformat would drop them
+
+
+def flip(job: str, **changes: Any) -> dict[str, Any]:
+    """A flip row as the monitor writes it."""
+    return {
+        "alert": "pending",
+        "alert_lease_until": AT + timedelta(seconds=60, microseconds=7),
+        "job": job,
+        "at": AT,
+        "from_state": "late",
+        "to_state": "down",
+        "reason": "no run since it was due",
+        "recovered_from": None,
+        "created_at": AT.astimezone(timezone(timedelta(hours=-5))),  # another zone, the same instant
+        **changes,
+    }
+
+
+async def stored(store: Store, ids: list[int]) -> dict[int, tuple[Any, ...]]:
+    """Each flip's columns as SQLAlchemy reads them, and its instants' text as the store keeps it."""
+    instant_text = "CAST(at AS TEXT) || '|' || CAST(alert_lease_until AS TEXT)"
+    async with store.session() as session:
+        rows = await session.execute(select(FLIPS).where(FLIPS.c.id.in_(ids)))
+        values = {row.id: tuple(row._mapping[name] for name in flip("x")) for row in rows}
+        texts = await session.execute(
+            text(f"SELECT id, {instant_text} FROM flips WHERE id IN ({','.join(map(str, ids))})")
+        )
+        return {flip_id: (*values[flip_id], stored_text) for flip_id, stored_text in texts}
+
+
+async def test_inserted_rows_read_back_and_are_stored_as_sqlalchemy_stores_them(store: Store) -> None:
+    rows = [flip("bulk"), flip("bulk-2", alert=None, alert_lease_until=None, recovered_from="down")]
+    async with store.session() as session, session.begin():
+        ids = await bulk.insert_rows_with_ids(session, FLIPS, rows)
+        reference = [
+            (await session.execute(FLIPS.insert().values(row).returning(FLIPS.c.id))).scalar_one()
+            for row in rows
+        ]
+    assert ids == sorted(ids) and len(set(ids)) == 2
+    written, by_sqlalchemy = await stored(store, ids), await stored(store, reference)
+    assert [written[i] for i in ids] == [by_sqlalchemy[i] for i in reference]
+    assert written[ids[0]][:4] == ("pending", AT + timedelta(seconds=60, microseconds=7), "bulk", AT)
+
+
+async def test_ids_follow_the_rows_order_across_chunks(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bulk, "BULK_ROWS", 7)
+    rows = [flip(f"job-{i:02d}") for i in range(30)]
+    async with store.session() as session, session.begin():
+        ids = await bulk.insert_rows_with_ids(session, FLIPS, rows)
+    assert ids == sorted(ids) and len(set(ids)) == 30
+    async with store.session() as session:
+        jobs = dict(list(await session.execute(select(FLIPS.c.id, FLIPS.c.job).where(FLIPS.c.id.in_(ids)))))
+    assert [jobs[i] for i in ids] == [row["job"] for row in rows]
+
+
+async def test_an_update_writes_the_columns_given_to_the_rows_named_and_no_other(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bulk, "BULK_ROWS", 2)
+    async with store.session() as session, session.begin():
+        ids = await bulk.insert_rows_with_ids(session, FLIPS, [flip(f"u-{i}") for i in range(5)])
+    later = AT + timedelta(hours=1, microseconds=1)
+    changes = [{"id": i, "alert": "done", "alert_lease_until": None, "at": later} for i in ids[:4]]
+    async with store.session() as session, session.begin():
+        await bulk.update_rows(session, FLIPS, "id", changes)
+    rows = await stored(store, ids)
+    assert [rows[i][:4] for i in ids[:4]] == [("done", None, f"u-{n}", later) for n in range(4)]
+    assert rows[ids[4]][:4] == ("pending", AT + timedelta(seconds=60, microseconds=7), "u-4", AT)
+
+
+async def test_attempts_with_booleans_and_no_flip_read_back(store: Store) -> None:
+    row = {
+        "flip_id": None,
+        "alert_id": "fleet/test",
+        "kind": "test",
+        "job": "j",
+        "channel": "hook",
+        "attempt": 1,
+        "at": AT,
+        "delivered": True,
+        "error": None,
+        "final": False,
+        "retry_at": None,
+    }
+    async with store.session() as session, session.begin():
+        await bulk.insert_rows(session, ATTEMPTS, [row])
+    async with store.session() as session:
+        [read] = await session.execute(select(ATTEMPTS).where(ATTEMPTS.c.alert_id == "fleet/test"))
+    assert {name: read._mapping[name] for name in row} == row
+
+
+async def test_a_column_type_it_does_not_know_is_refused_before_anything_is_written(store: Store) -> None:
+    table = Table("not_bulk", MetaData(), Column("id", Integer, primary_key=True), Column("data", JSON))
+    async with store.session() as session:
+        with pytest.raises(TypeError, match=r"not_bulk.data"):
+            await bulk.insert_rows(session, table, [{"id": 1, "data": {}}])
