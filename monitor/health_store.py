@@ -89,7 +89,7 @@ class PreparedTick:
     after: StoredHealth
     flips: tuple[Flip, ...]
     # The columns ``after`` changes (``changed_columns``), computed ahead too.
-    changes: dict[str, Any] = field(default_factory=dict)
+    changes: dict[str, Any]
 
 
 @dataclass

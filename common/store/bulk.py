@@ -65,7 +65,12 @@ async def insert_rows_with_ids(
                 "SELECT nextval(pg_get_serial_sequence($1, $2)) FROM generate_series(1, $3)",
                 (table.name, id_column, len(some)),
             )
-            given = sorted(int(row[0]) for row in taken)
+            given = sorted(int(row[0]) for row in taken if row[0] is not None)
+            if len(given) != len(some):
+                raise RuntimeError(
+                    f"{table.name}.{id_column} takes its values from no sequence of its own: "
+                    "the store's schema is not the one its migrations made"
+                )
             some = [{id_column: given_id, **row} for given_id, row in zip(given, some, strict=True)]
             await insert_rows(session, table, some)
             ids.extend(given)
@@ -197,6 +202,11 @@ _POSTGRESQL = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
 def _pg_type(column: Column[Any]) -> str:
+    """The array element type of ``column``'s values. Text goes as VARCHAR without its length, as
+    SQLAlchemy sends it: a cast to VARCHAR(n) would cut a longer value short where the column
+    refuses it."""
+    if isinstance(column.type, String):  # Text too
+        return "VARCHAR"
     return str(column.type.compile(dialect=_POSTGRESQL))
 
 

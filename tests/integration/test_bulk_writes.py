@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import pytest
 from sqlalchemy import JSON, Column, Integer, MetaData, Table, select, text
+from sqlalchemy.exc import DBAPIError
 
 from common.store import AlertAttemptRow, FlipRow, Store, bulk
 
@@ -111,3 +112,11 @@ async def test_a_column_type_it_does_not_know_is_refused_before_anything_is_writ
     async with store.session() as session:
         with pytest.raises(TypeError, match=r"not_bulk.data"):
             await bulk.insert_rows(session, table, [{"id": 1, "data": {}}])
+
+
+async def test_a_value_longer_than_its_column_is_refused_not_cut_on_postgresql(store: Store) -> None:
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite keeps text of any length whatever the column says")
+    async with store.session() as session:
+        with pytest.raises(DBAPIError, match="too long"):
+            await bulk.insert_rows(session, FLIPS, [flip("j" * 65)])
