@@ -192,8 +192,10 @@ class RunningJobs:
             )
 
 
-KILL_SECONDS = 10.0
-"""How long a killed job may take to clean up (end its process, give back its lease)."""
+KILL_SECONDS = 30.0
+"""How long a killed job may take to clean up: end its process (a shell job gets 5 s between
+SIGTERM and SIGKILL), report its end and give back its lease. Well above what that takes under
+load: a job abandoned sooner would still touch the store and the broker the worker then closes."""
 
 
 async def _heartbeat_forever(
