@@ -173,29 +173,15 @@ class RunningJobs:
         await self._kill("did not finish in time and were killed")
 
     async def _kill(self, why: str) -> None:
-        """Cancel the jobs still running and wait up to KILL_SECONDS for them to end: a job whose
-        clean-up hangs (its lease given back to a store that is down, say) is named in an error
-        and left, so that the worker still stops."""
+        """Cancel the jobs still running and wait for them to end."""
         left = set(self._tasks)
         for task in left:
             task.cancel()
-        if not left:
-            return
-        log.warning("stopping: %d job(s) %s", len(left), why)
-        _, stuck = await asyncio.wait(left, timeout=KILL_SECONDS)
-        if stuck:
-            log.error(
-                "stopping: %d killed job(s) did not end within %gs and are abandoned: %s",
-                len(stuck),
-                KILL_SECONDS,
-                ", ".join(sorted(task.get_name() for task in stuck)),
+        if left:
+            log.warning(
+                "stopping: %d job(s) %s: %s", len(left), why, ", ".join(sorted(t.get_name() for t in left))
             )
-
-
-KILL_SECONDS = 30.0
-"""How long a killed job may take to clean up: end its process (a shell job gets 5 s between
-SIGTERM and SIGKILL), report its end and give back its lease. Well above what that takes under
-load: a job abandoned sooner would still touch the store and the broker the worker then closes."""
+            await asyncio.gather(*left, return_exceptions=True)
 
 
 async def _heartbeat_forever(
