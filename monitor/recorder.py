@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any, TypeGuard, cast
 
 import orjson
-from sqlalchemy import Table, and_, select
+from sqlalchemy import ColumnElement, Table, and_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.messages import (
@@ -146,6 +146,19 @@ for _table, _model in ((_RUNS, _Run), (_HEARTBEATS, _Heartbeat), (_STATES, _Stat
         raise RuntimeError(f"monitor.recorder's {_model.__name__} does not match the table {_table.name}")
 
 
+def open_heartbeat_runs(jobs: Sequence[str], latest: datetime) -> ColumnElement[bool]:
+    """The heartbeat runs of ``jobs`` still running that started no later than ``latest``, opened
+    without a rid (one opened with a rid is closed by its own rid only). Read through
+    ``ix_runs_job_running``: the runs still going, not every run of the job ever kept."""
+    return and_(
+        _RUNS.c.job.in_(jobs),
+        _RUNS.c.status == RunStatus.RUNNING.value,
+        _RUNS.c.started_at <= latest,
+        _RUNS.c.source == "heartbeat",
+        _RUNS.c.run_id.startswith("hb:"),
+    )
+
+
 def _row_values(table: Table, row: Any) -> dict[str, Any]:
     """Every column of ``table`` from ``row`` (a ``_Run``, ``_State`` or ``_Heartbeat``)."""
     return {key: getattr(row, key) for key in _COLUMNS[table]}
@@ -199,22 +212,14 @@ class _Batch:
                 self._keep(_STATES, state.job, state)
                 self.states[state.job] = state
         # The heartbeat runs a success or fail of this batch may end: those still running that
-        # started no later than the latest such heartbeat of their job (ix_runs_job_started).
+        # started no later than the latest such heartbeat.
         ending: dict[str, datetime] = {}
         for e in heartbeats:
             if e.kind is not HeartbeatKind.START and e.rid is None:
                 ending[e.job] = max(e.at, ending.get(e.job, e.at))
-        latest = max(ending.values(), default=None)
+        latest = max(ending.values(), default=self.now)
         for some in chunks(sorted(ending), IN_LIST_CHUNK):
-            where = and_(
-                _RUNS.c.job.in_(some),
-                _RUNS.c.source == "heartbeat",
-                _RUNS.c.status == RunStatus.RUNNING.value,
-                _RUNS.c.started_at <= latest,
-                # A run opened with a rid is closed by its own rid only.
-                _RUNS.c.run_id.startswith("hb:"),
-            )
-            for run in await _read(session, _RUNS, _Run, where):
+            for run in await _read(session, _RUNS, _Run, open_heartbeat_runs(some, latest)):
                 if run.run_id not in self.runs:
                     self._keep(_RUNS, run.run_id, run)
                     self.runs[run.run_id] = run

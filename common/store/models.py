@@ -199,6 +199,9 @@ Index("ix_runs_finished", RunRow.finished_at)
 # Only the runs still going, by worker: the monitor marks a dead worker's runs lost through it.
 _RUNNING = text("status = 'running'")
 Index("ix_runs_worker_running", RunRow.worker, postgresql_where=_RUNNING, sqlite_where=_RUNNING)
+# Only the runs still going, by job: the heartbeat runs a success or fail may end. Through
+# ix_runs_job_started that read went over every run of the job in the store.
+Index("ix_runs_job_running", RunRow.job, RunRow.started_at, postgresql_where=_RUNNING, sqlite_where=_RUNNING)
 
 
 class HeartbeatRow(Base):

@@ -21,7 +21,7 @@ from common.catalog import apply_jobs, load_jobs
 from common.clock import utcnow
 from common.errors import StatementTooLarge, StoreUnavailable
 from common.jobs import JobSpec
-from common.messages import RunStatus
+from common.messages import HeartbeatKind, JobHeartbeat, RunStatus
 from common.settings import Settings
 from common.store import AlertAttemptRow, FireRow, FlipRow, HeartbeatRow, JobRow, RunRow, Store
 from common.store.chunks import IN_LIST_CHUNK, INSERT_PARAMETERS_CHUNK
@@ -31,6 +31,7 @@ from common.store.retention import purge
 from common.topology import Topology
 from common.trigger_claims import ClaimOutcome, TriggerClaims
 from monitor.health_store import HealthBatch
+from monitor.recorder import record_batch
 from tests.conftest import Start
 from tests.fleet import Fleet, cronfleet, eventually, run_cronfleet
 from tests.integration.helpers import apply_toml, runs_of
@@ -403,3 +404,46 @@ async def test_a_deadlock_is_an_outage_to_retry_and_never_stops_a_worker(store: 
         await crossing
         await other.rollback()
     await claims.renew(["a@1", "b@1"], utcnow())  # and done again, it goes through
+
+
+async def test_a_heartbeat_reads_its_jobs_runs_still_going_not_their_whole_history(store: Store) -> None:
+    """A success heartbeat may end its job's open heartbeat run: the monitor reads the runs of the
+    job still going (``ix_runs_job_running``), not every run the job ever had, which an index on
+    (job, started_at) went through, one row at a time, for each batch with a heartbeat."""
+    now = utcnow()
+    async with store.session() as session, session.begin():
+        for n in range(50):
+            at = now - timedelta(hours=n + 1)
+            session.add(_run(f"history-{n}", started=at, finished=at))
+            other = _run(f"elsewhere-{n}", started=at, finished=None)
+            other.job = "other"
+            session.add(other)
+    statements: list[tuple[str, Any]] = []
+
+    def capture(*args: Any) -> None:
+        _conn, _cursor, statement, parameters, _context, _executemany = args
+        if "FROM runs" in statement and "LIKE" in statement:
+            statements.append((statement, parameters))
+
+    beat = JobHeartbeat(id="beat-1", job="j", kind=HeartbeatKind.SUCCESS, at=now)
+    event.listen(Engine, "before_cursor_execute", capture)
+    try:
+        async with store.session() as session, session.begin():
+            await record_batch(session, [beat], now)
+    finally:
+        event.remove(Engine, "before_cursor_execute", capture)
+    assert len(statements) == 1, statements
+    statement, parameters = statements[0]
+    async with store.engine.connect() as connection, connection.begin():
+        if store.dialect == "postgresql":
+            # A table this small is read whole whatever its indexes; which index is what counts.
+            await connection.exec_driver_sql("ANALYZE runs")
+            await connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+        plan = " ".join(
+            str(row[-1]) for row in await connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+        )
+    if store.dialect == "sqlite":
+        async with store.engine.connect() as connection:
+            rows = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            plan = " ".join(str(row[-1]) for row in rows)
+    assert "ix_runs_job_running" in plan, plan
