@@ -124,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, text in (
         ("upgrade", database.upgrade, "migrate the store to this cronfleet's schema"),
         ("current", database.current, "show the store's schema revision"),
-        ("purge", database.purge_history, "delete old finished runs, heartbeats, fires and alert attempts"),
+        (
+            "purge",
+            database.purge_history,
+            "delete old finished runs, heartbeats, fires, alert attempts and routine flips",
+        ),
         ("grant-worker", database.grant_worker, "PostgreSQL: the rights a worker's role needs"),
     ):
         sub = db_commands.add_parser(name, help=text, description=text)

@@ -235,7 +235,7 @@ async def test_purge_deletes_old_history_in_batches_and_keeps_what_is_live(store
     async with store.session() as session:
         attempts = set((await session.execute(select(AlertAttemptRow.alert_id))).scalars())
         flips = (await session.execute(select(func.count()).select_from(FlipRow))).scalar_one()
-    assert attempts == {"flip-recent"} and flips == 1, "alert attempts age out; flips are kept"
+    assert attempts == {"flip-recent"} and flips == 1, "alert attempts age out; alarm flips are kept"
     async with store.session() as session:
         runs = set((await session.execute(select(RunRow.run_id))).scalars())
         beats = set((await session.execute(select(HeartbeatRow.id))).scalars())
@@ -244,13 +244,55 @@ async def test_purge_deletes_old_history_in_batches_and_keeps_what_is_live(store
     assert (await purge(store, timedelta(days=30), now)).total == 0
 
 
+async def test_purge_forgets_old_routine_flips_and_keeps_alarms_recoveries_and_each_jobs_latest(
+    store: Store,
+) -> None:
+    now = utcnow()
+    old, recent = now - timedelta(days=40), now - timedelta(days=1)
+
+    def flip(
+        job: str, at: Any, to: str, *, alert: str | None = None, recovered: str | None = None
+    ) -> FlipRow:
+        return FlipRow(
+            job=job,
+            at=at,
+            from_state="up",
+            to_state=to,
+            reason=f"to {to}",
+            created_at=at,
+            alert=alert,
+            recovered_from=recovered,
+        )
+
+    async with store.session() as session, session.begin():
+        for i in range(12):  # every run of a busy job: up -> running -> up
+            session.add(flip("busy", old + timedelta(minutes=i), "running" if i % 2 == 0 else "up"))
+        session.add(flip("busy", old + timedelta(hours=1), "down", alert="done"))
+        session.add(flip("busy", old + timedelta(hours=2), "up", alert="done", recovered="down"))
+        session.add(flip("busy", recent, "running"))
+        session.add(flip("quiet", old, "paused"))  # its latest: `status` shows its reason
+
+    purged = await purge(store, timedelta(days=30), now, batch=5)
+
+    async with store.session() as session:
+        kept = (await session.execute(select(FlipRow.job, FlipRow.to_state).order_by(FlipRow.id))).all()
+    assert purged.flips == 12
+    assert [tuple(row) for row in kept] == [
+        ("busy", "down"),
+        ("busy", "up"),
+        ("busy", "running"),
+        ("quiet", "paused"),
+    ]
+    assert (await purge(store, timedelta(days=30), now)).total == 0
+
+
 def test_db_purge_takes_an_age_and_says_what_it_removed(settings: Settings) -> None:
     result = cronfleet(settings, "db", "purge", "--older-than", "30d")
     assert result.returncode == 0, result.stderr
     assert (
         result.stdout.strip()
-        == "purged 0 run(s), 0 heartbeat(s), 0 fire(s), 0 trigger claim(s) and 0 alert attempt(s) "
-        "older than 30d"
+        == "purged 0 run(s), 0 heartbeat(s), 0 fire(s), 0 trigger claim(s), 0 alert attempt(s) and "
+        "0 routine flip(s) older than 30d"
     )
     bad = cronfleet(settings, "db", "purge", "--older-than", "a while")
     assert bad.returncode == 1 and "like 30d, 12h or 90m" in bad.stderr and "Traceback" not in bad.stderr
