@@ -26,14 +26,15 @@ conflict, for the caller to dead-letter.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeGuard, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Table, and_, select
+from sqlalchemy import ColumnElement, Table, and_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.messages import (
@@ -318,6 +319,9 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
     Process heartbeats carry no run: they are accepted and change nothing.
     """
     batch = _Batch(session, now)
+    await take_turn(
+        session, {e.job for e in events if isinstance(e, RunStarted | RunFinished | JobHeartbeat)}
+    )
     await batch.load(events)
     recorded = 0
     conflicts: dict[int, str] = {}
@@ -350,6 +354,38 @@ async def record_batch(session: AsyncSession, events: Sequence[Event], now: date
     for job, event_input in health_inputs:
         health.advance(job, event_input)
     return BatchOutcome(recorded, conflicts, await health.save())
+
+
+async def take_turn(session: AsyncSession, jobs: Collection[str]) -> None:
+    """Hold ``jobs`` until the transaction ends, before anything of theirs is read: two monitors
+    recording events of the same job at once (a run's start in one's batch, its end in the
+    other's) take turns, the second reading what the first wrote. Read first, the second inserted
+    the run and the job's state again (a unique violation) or wrote over the first's changes.
+
+    PostgreSQL: a transaction advisory lock per job, taken in key order (two batches sharing jobs
+    wait for each other, never in a cycle; a deadlock would still be retried as an outage).
+    SQLite: its one write lock, taken now rather than at the first write."""
+    if not jobs:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        keys = sorted({_job_lock_key(job) for job in jobs})
+        await session.execute(_TAKE_JOB_LOCKS, {"space": _JOB_LOCKS, "keys": keys})
+    else:
+        # An UPDATE that matches nothing still takes SQLite's write lock, until commit.
+        await session.execute(update(_STATES).where(_STATES.c.job == "").values(job=_STATES.c.job))
+
+
+# The key space of the jobs' advisory locks (the two-key form: apart from the one-key locks of
+# the schema upgrade and the fleet watch), and the lock of one job in it.
+_JOB_LOCKS = 0x6A6F62  # "job"
+_TAKE_JOB_LOCKS = text(
+    "SELECT count(pg_advisory_xact_lock(:space, key)) FROM unnest(CAST(:keys AS integer[])) AS key"
+)
+
+
+def _job_lock_key(job: str) -> int:
+    """A stable 32-bit key of ``job`` (two jobs may share one: they then take turns too)."""
+    return int.from_bytes(hashlib.blake2b(job.encode(), digest_size=4).digest(), "big", signed=True)
 
 
 def feeds_health(event: Event) -> TypeGuard[RunStarted | RunFinished | JobHeartbeat]:
