@@ -239,6 +239,51 @@ async def start_monitor(settings: Settings) -> tuple[asyncio.Task[None], float]:
     return task, time.perf_counter()
 
 
+def _monitor_process(settings: Settings, name: str, ready: Any, stop: Any) -> None:
+    """A monitor in a process of its own (``--monitors``): ``ready`` is set once it consumes;
+    it stops when ``stop`` is set."""
+
+    async def main() -> None:
+        options = ServiceOptions(name=name)
+        task = asyncio.create_task(monitor.service.serve(settings, options), name=name)
+        await options.ready.wait()
+        ready.set()
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await stop_task(task)
+
+    asyncio.run(main())
+
+
+class MonitorProcesses:
+    """``count`` monitors, each in a process of its own, consuming the same queue."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._ready = [context.Event() for _ in range(count)]
+        self._processes = [
+            context.Process(target=_monitor_process, args=(settings, f"bench-monitor-{i}", ready, self._stop))
+            for i, ready in enumerate(self._ready)
+        ]
+
+    async def start(self) -> float:
+        """Start them; the instant (perf_counter) the first began consuming."""
+        for process in self._processes:
+            process.start()
+        while not any(ready.is_set() for ready in self._ready):
+            if not any(process.is_alive() for process in self._processes):
+                raise RuntimeError("no monitor process started")
+            await asyncio.sleep(0.005)
+        return time.perf_counter()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for process in self._processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+
+
 async def stop_task(task: asyncio.Task[Any]) -> None:
     task.cancel()
     try:
@@ -261,9 +306,10 @@ class Ingestion:
 
 
 async def ingestion(
-    settings: Settings, place: StorePlace, n: int, jobs: int, stall: float, together: int
+    settings: Settings, place: StorePlace, n: int, jobs: int, stall: float, together: int, monitors: int = 1
 ) -> Ingestion:
-    """Pre-publish about ``n`` events, then time the real monitor draining them into the store."""
+    """Pre-publish about ``n`` events, then time the real monitor draining them into the store
+    (``monitors`` > 1: that many monitor processes, timed from the first one consuming)."""
     store = await Store.open(place.url, place.schema)
     connection = await connect(settings.amqp_url, "bench-publisher", wait=False)
     try:
@@ -274,7 +320,11 @@ async def ingestion(
         await publish_events(publisher, made.events, together)
         if DRAIN_PROFILER is not None:
             DRAIN_PROFILER.enable()
-        task, started = await start_monitor(settings)
+        processes = MonitorProcesses(settings, monitors) if monitors > 1 else None
+        if processes is not None:
+            started = await processes.start()
+        else:
+            task, started = await start_monitor(settings)
         try:
             # A point lookup of the last run and heartbeat (the monitor records in delivery
             # order), not a count of a growing table every few milliseconds in the monitor's own
@@ -298,8 +348,12 @@ async def ingestion(
         finally:
             if DRAIN_PROFILER is not None:
                 DRAIN_PROFILER.disable()
-            await stop_task(task)
-        return Ingestion(place.label, len(made.events), finished - started)
+            if processes is not None:
+                processes.stop()
+            else:
+                await stop_task(task)
+        label = place.label if monitors == 1 else f"{place.label}, {monitors} monitor processes"
+        return Ingestion(label, len(made.events), finished - started)
     finally:
         await connection.close()
         await store.close()
@@ -633,7 +687,7 @@ async def run(args: argparse.Namespace) -> int:
                             flush=True,
                         )
                         result = await ingestion(
-                            settings, place, args.events, args.jobs, args.stall, args.together
+                            settings, place, args.events, args.jobs, args.stall, args.together, args.monitors
                         )
                     finally:
                         await place.drop()
@@ -771,6 +825,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=100,
         help="events published together, so about how many an event.batch carries (1: one message each)",
+    )
+    parser.add_argument(
+        "--monitors",
+        type=int,
+        default=1,
+        help="monitor processes draining the ingestion queue together (1: one, in the bench's process)",
     )
     parser.add_argument("--stall", type=float, default=60.0, help="give up when nothing moves this long")
     parser.add_argument(
