@@ -363,7 +363,9 @@ async def take_turn(session: AsyncSession, jobs: Collection[str]) -> None:
     the run and the job's state again (a unique violation) or wrote over the first's changes.
 
     PostgreSQL: a transaction advisory lock per job, taken in key order (two batches sharing jobs
-    wait for each other, never in a cycle; a deadlock would still be retried as an outage).
+    wait for each other, never in a cycle; a deadlock would still be retried as an outage). A
+    batch holds at most 500 events, so at most 500 such locks, well within the server's shared
+    lock table (64 per allowed connection by default, shared by all of them).
     SQLite: its one write lock, taken now rather than at the first write."""
     if not jobs:
         return
