@@ -19,6 +19,9 @@ last run in ``job_state``, as a duplicate does not. A
 unknown to the store, or stored with a spec this cronfleet refuses, has no health record; its
 runs are still recorded.
 
+Two monitors share the events queue, so events of one job can be in two batches at once: a
+batch first takes its jobs' turn (``take_turn``), and reads them only once the other has written.
+
 An event that reuses a recorded id for something else (a heartbeat id with another job, kind,
 instant or content; a run id of another job or trigger) changes nothing and is reported as a
 conflict, for the caller to dead-letter.
