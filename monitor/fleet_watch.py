@@ -27,7 +27,7 @@ from typing import Any, cast
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity
-from sqlalchemy import Table, delete, func, select, text, update
+from sqlalchemy import Table, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.bus import CONNECT_ERRORS, link_loss_as_error, open_channel
@@ -37,6 +37,7 @@ from common.messages import Event, RunStatus, SchedulerHeartbeat, WorkerHeartbea
 from common.retry import OutageLog
 from common.settings import Settings
 from common.store import STORE_OUTAGES, FleetHealthRow, JobRow, RunRow, Store
+from common.store.locks import dialect_of, take_sqlite_write_lock
 from common.topology import Topology
 from monitor.fleet import (
     ComponentRecord,
@@ -294,11 +295,10 @@ async def _counts(channel: AbstractChannel, queue: str) -> tuple[int, int] | Non
 
 async def _lock(session: AsyncSession) -> None:
     """Take the fleet's turn for this transaction: one monitor decides the fleet at a time."""
-    if session.get_bind().dialect.name == "postgresql":
+    if dialect_of(session) == "postgresql":
         await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _FLEET_LOCK})
     else:
-        # An UPDATE that matches nothing still takes SQLite's write lock, until commit.
-        await session.execute(update(_FLEET).where(_FLEET.c.component == "").values(state=_FLEET.c.state))
+        await take_sqlite_write_lock(session)
 
 
 def _record(row: FleetHealthRow) -> ComponentRecord:

@@ -18,12 +18,13 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, delete, select, update
+from sqlalchemy import Table, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.jobs import JobSpec, spec_from_json
 from common.store import FlipRow, JobHealthRow, JobRow, bulk, dialect_insert
 from common.store.chunks import IN_LIST_CHUNK, chunks
+from common.store.locks import dialect_of, take_sqlite_write_lock
 from monitor.channels.policy import needs_alert
 from monitor.health import (
     Flip,
@@ -224,7 +225,7 @@ class HealthBatch:
         if missing:
             # Another monitor may create the same rows at the same moment: whichever is first
             # stays, and both then advance the stored one.
-            insert = dialect_insert(_dialect(self.session), _HEALTH).on_conflict_do_nothing()
+            insert = dialect_insert(dialect_of(self.session), _HEALTH).on_conflict_do_nothing()
             await self.session.execute(insert, [_values(job, h, self.now) for job, h in missing.items()])
             found.update(await self._lock(sorted(missing)))
         self._loaded.update(found)
@@ -271,10 +272,9 @@ class HealthBatch:
         PostgreSQL ``FOR UPDATE`` in job order, on SQLite under the database's write lock."""
         if not jobs:
             return []
-        postgresql = _dialect(self.session) == "postgresql"
+        postgresql = dialect_of(self.session) == "postgresql"
         if not postgresql:
-            # An UPDATE that matches nothing still takes SQLite's write lock, until commit.
-            await self.session.execute(update(_HEALTH).where(_HEALTH.c.job == "").values(job=_HEALTH.c.job))
+            await take_sqlite_write_lock(self.session)
         rows: list[Any] = []
         for some in chunks(jobs, IN_LIST_CHUNK):
             query = select(*columns).where(_HEALTH.c.job.in_(some)).order_by(_HEALTH.c.job)
@@ -429,10 +429,6 @@ def _safely(job: str, what: str, compute: Callable[[], T]) -> T | None:
     except Exception:
         log.exception("cannot %s for job %s; left as it was", what, job)
         return None
-
-
-def _dialect(session: AsyncSession) -> str:
-    return session.get_bind().dialect.name
 
 
 def _stored(row: Any) -> StoredHealth:

@@ -37,7 +37,7 @@ from datetime import datetime
 from typing import Any, TypeGuard, cast
 
 import orjson
-from sqlalchemy import ColumnElement, Table, and_, select, text, update
+from sqlalchemy import ColumnElement, Table, and_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.messages import (
@@ -52,6 +52,7 @@ from common.next_fires import next_fires
 from common.run_metrics import add_finished
 from common.store import HeartbeatRow, JobStateRow, RunRow, bulk
 from common.store.chunks import IN_LIST_CHUNK, chunks
+from common.store.locks import dialect_of, take_sqlite_write_lock
 from monitor.health import HealthInput, health_input
 from monitor.health_store import Advanced, HealthBatch, StoredSpec, read_specs
 
@@ -372,12 +373,11 @@ async def take_turn(session: AsyncSession, jobs: Collection[str]) -> None:
     SQLite: its one write lock, taken now rather than at the first write."""
     if not jobs:
         return
-    if session.get_bind().dialect.name == "postgresql":
+    if dialect_of(session) == "postgresql":
         keys = sorted({_job_lock_key(job) for job in jobs})
         await session.execute(_TAKE_JOB_LOCKS, {"space": _JOB_LOCKS, "keys": keys})
     else:
-        # An UPDATE that matches nothing still takes SQLite's write lock, until commit.
-        await session.execute(update(_STATES).where(_STATES.c.job == "").values(job=_STATES.c.job))
+        await take_sqlite_write_lock(session)
 
 
 # The key space of the jobs' advisory locks (the two-key form: apart from the one-key locks of

@@ -30,6 +30,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.store.chunks import chunks
+from common.store.locks import dialect_of
 from common.store.models import UTCDateTime
 
 # Rows per statement (PostgreSQL) or per executemany (SQLite): bounded, whatever the rows.
@@ -42,7 +43,7 @@ async def insert_rows(session: AsyncSession, table: Table, rows: Sequence[Mappin
     """Insert ``rows`` (each with the same columns of ``table``) in the session's transaction."""
     if not rows:
         return
-    dialect, columns = _dialect(session), tuple(rows[0])
+    dialect, columns = dialect_of(session), tuple(rows[0])
     connection = await session.connection()
     statement = _insert_statement(dialect, table, columns)
     for some in chunks(rows, BULK_ROWS):
@@ -56,7 +57,7 @@ async def insert_rows_with_ids(
     order of ``rows`` (and increasing in it)."""
     if not rows:
         return []
-    dialect = _dialect(session)
+    dialect = dialect_of(session)
     connection = await session.connection()
     ids: list[int] = []
     for some in chunks(rows, BULK_ROWS):
@@ -99,7 +100,7 @@ async def update_rows(
     rows of ``table`` with that key."""
     if not rows:
         return
-    dialect, others = _dialect(session), tuple(name for name in rows[0] if name != key)
+    dialect, others = dialect_of(session), tuple(name for name in rows[0] if name != key)
     if not others:
         return
     # The order of the statement's parameters: the key first in PostgreSQL's join, last in
@@ -208,7 +209,3 @@ def _pg_type(column: Column[Any]) -> str:
     if isinstance(column.type, String):  # Text too
         return "VARCHAR"
     return str(column.type.compile(dialect=_POSTGRESQL))
-
-
-def _dialect(session: AsyncSession) -> str:
-    return session.get_bind().dialect.name

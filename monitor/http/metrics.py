@@ -42,6 +42,7 @@ from common.store import (
     MissedFireRow,
     RunRow,
 )
+from common.store.locks import dialect_of
 from monitor.http.auth import API_KEY_HEADER, ApiError
 from monitor.http.context import HttpContext, context_of
 from monitor.http.dashboard import errors
@@ -123,7 +124,7 @@ class StoreCollector(Collector):
 
 def _seconds(session: AsyncSession, later: Any, earlier: Any) -> ColumnElement[Any]:
     """``later - earlier`` in seconds, in the store's SQL."""
-    if session.get_bind().dialect.name == "postgresql":
+    if dialect_of(session) == "postgresql":
         return func.extract("epoch", later - earlier)
     return (func.julianday(later) - func.julianday(earlier)) * 86400.0
 
