@@ -13,7 +13,9 @@ postgresql``). Each run is whole: the signature check, the trigger claim in the 
 ``run.started`` and ``run.finished`` confirmed by the broker, the ack. The rate is counted from
 the first ``run.finished`` to the last, as a bare consumer bound to the events exchange sees them
 (worker start-up is not counted), and so is the CPU the worker processes spent per run, their own
-and with the jobs they ran (on a busy host the CPU per run is the steadier figure).
+and with the jobs they ran (on a busy host the CPU per run is the steadier figure), the CPU the
+broker (every ``beam.smp`` on the host) spent per run, and how busy the host's cores were over
+the span: a second worker process can only add what the first left of the two cores.
 
 The kinds: ``python`` calls a registered no-op function declared non-blocking (called on the
 worker's loop), ``python-thread`` the same no-op as a plain sync function (called in a
@@ -249,6 +251,10 @@ class Rate:
     cpu_with_jobs_ms: float | None = None
     # CPU the http sink's processes spent per run, in ms (http runs only).
     sink_cpu_ms: float | None = None
+    # CPU the broker (every ``beam.smp`` on this host) spent per run, in ms.
+    broker_cpu_ms: float | None = None
+    # How busy the host's cores were over the timed span, in % of all of them.
+    host_busy: float | None = None
 
     @property
     def per_second(self) -> float:
@@ -265,6 +271,30 @@ def cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
         children += int(fields[13]) + int(fields[14])
     tick = os.sysconf("SC_CLK_TCK")
     return own / tick, (own + children) / tick
+
+
+def host_ticks() -> tuple[int, int]:
+    """The host's CPU ticks so far (``/proc/stat``): busy, and in all."""
+    fields = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_since(before: tuple[int, int]) -> float:
+    """The % of the host's cores busy since ``before`` (``host_ticks``)."""
+    busy, total = host_ticks()
+    return 100 * (busy - before[0]) / max(total - before[1], 1)
+
+
+def broker_pids() -> list[int]:
+    """The RabbitMQ nodes running on this host (``beam.smp``): the broker shares the cores, and
+    its CPU per run says how much of the second core it takes."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if stat.read_text().strip() == "beam.smp":
+                found.append(int(stat.parent.name))
+    return found
 
 
 def process_tree(pids: Sequence[int]) -> list[int]:
@@ -305,10 +335,14 @@ async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, si
                 pids = [pid for pid in process_tree(pids) if pid not in pids]
             first_runs, (first_own, first_all) = len(counter.times), cpu_seconds(pids)
             first_sink = cpu_seconds(sink.pids)[0]
+            brokers = broker_pids()
+            first_broker, first_ticks = cpu_seconds(brokers)[0], host_ticks()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(counter.done.wait(), timeout=args.timeout)
+            host_busy = busy_since(first_ticks)
             own, everything = cpu_seconds(pids)
             sink_cpu = cpu_seconds(sink.pids)[0] - first_sink
+            broker_cpu = cpu_seconds(brokers)[0] - first_broker
             times = counter.times
             note = (
                 "" if len(times) >= args.runs else f"only {len(times)} of {args.runs} in {args.timeout:g} s"
@@ -324,6 +358,8 @@ async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, si
                 cpu_ms=1000 * (own - first_own) / counted,
                 cpu_with_jobs_ms=1000 * (everything - first_all) / counted,
                 sink_cpu_ms=1000 * sink_cpu / counted if kind == "http" else None,
+                broker_cpu_ms=1000 * broker_cpu / counted,
+                host_busy=host_busy,
             )
         finally:
             # Under py-spy, the workers (its children) are stopped: py-spy then writes and ends.
@@ -447,17 +483,23 @@ async def bare_rate(args: argparse.Namespace, processes: int) -> Rate:
         consumers = [subprocess.Popen(command, cwd=ROOT) for _ in range(processes)]  # noqa: ASYNC220
         pids = [consumer.pid for consumer in consumers]
         await asyncio.wait_for(first_seen.wait(), timeout=args.timeout)
+        brokers = broker_pids()
         first_runs, (first_own, _) = len(times), cpu_seconds(pids)
+        first_broker, first_ticks = cpu_seconds(brokers)[0], host_ticks()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), timeout=args.timeout)
+        host_busy = busy_since(first_ticks)
         own, _ = cpu_seconds(pids)
+        counted = max(len(times) - first_runs, 1)
         note = "" if len(times) >= args.runs else f"only {len(times)} of {args.runs}"
         return Rate(
             f"bare aio-pika loop, {processes} process(es)",
             len(times),
             times[-1] - times[0],
             note,
-            cpu_ms=1000 * (own - first_own) / max(len(times) - first_runs, 1),
+            cpu_ms=1000 * (own - first_own) / counted,
+            broker_cpu_ms=1000 * (cpu_seconds(brokers)[0] - first_broker) / counted,
+            host_busy=host_busy,
         )
     finally:
         stop(consumers)
@@ -576,13 +618,19 @@ async def run(args: argparse.Namespace) -> int:
         sink.stop()
     print()
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; sink {args.sink}")
-    print(f"{'measure':<56} {'runs/s':>8} {'cpu ms/run':>11} {'+ jobs':>8} {'sink':>6}")
-    print("-" * 93)
+    print(
+        f"{'measure':<56} {'runs/s':>8} {'cpu ms/run':>11} {'+ jobs':>8} {'broker':>7} "
+        f"{'host %':>7} {'sink':>6}"
+    )
+    print("-" * 109)
     for rate in rates:
         cpu = "" if rate.cpu_ms is None else f"{rate.cpu_ms:>11.2f} {rate.cpu_with_jobs_ms or 0:>8.2f}"
+        broker = (
+            "" if rate.broker_cpu_ms is None else f"{rate.broker_cpu_ms:>7.2f} {rate.host_busy or 0:>7.0f}"
+        )
         sink_cpu = "" if rate.sink_cpu_ms is None else f" {rate.sink_cpu_ms:>6.2f}"
         note = f"  ({rate.note})" if rate.note else ""
-        print(f"{rate.label:<56} {rate.per_second:>8.0f} {cpu:>20}{sink_cpu}{note}")
+        print(f"{rate.label:<56} {rate.per_second:>8.0f} {cpu:>20} {broker:>15}{sink_cpu}{note}")
     return 0
 
 
