@@ -25,6 +25,12 @@ to a local endpoint that answers JSON with a ``requestId`` (``tests/bench/http_s
 measures the worker, not the sink; ``--sink threading`` is the ``ThreadingHTTPServer`` used
 before); ``shell`` runs ``true``. The CPU the sink spent per run is printed too.
 
+``--cpu-limit SHARE`` puts each worker process (and each bare-loop process) in a cgroup of its
+own limited to SHARE of one core (root, the ``cpu`` controller): on two cores shared with the
+broker and the store, one unlimited worker already keeps most of the host busy, so a second
+cannot double anything; limited, each process has a slower core of its own and the broker the
+rest, and the ratio of two to one says whether the processes wait for each other.
+
 ``--profile DIR`` runs each worker under ``py-spy record`` (raw collapsed stacks in ``DIR``; the
 worker is left dumpable for it, which a real worker is not); ``BENCH_WORKER_PROFILE=PATH`` runs
 each under cProfile instead (``PATH.<n>``, written when it exits).
@@ -184,8 +190,58 @@ DUMPABLE_CRONFLEET = (
 )
 
 
+class CpuLimits:
+    """A cgroup per process, each limited to ``share`` of one core (``--cpu-limit``): with the
+    broker and the store on the same two cores, a second worker process can only add what the
+    first leaves of them; limited, each process has a slower core of its own and the broker the
+    rest, as on a host with more cores. Needs root and the ``cpu`` controller (cgroup v1 or v2).
+    """
+
+    PERIOD_US = 100_000
+
+    def __init__(self, share: float, label: str) -> None:
+        v2 = Path("/sys/fs/cgroup")
+        controllers = v2 / "cgroup.controllers"
+        if controllers.exists() and "cpu" in controllers.read_text().split():
+            self.root, self.v2 = v2, True
+        else:
+            self.root, self.v2 = Path("/sys/fs/cgroup/cpu"), False
+        self.share = share
+        self.label = f"cronfleet-bench-{label}-{uuid.uuid4().hex[:6]}"
+        self.groups: list[Path] = []
+
+    def wrap(self, command: Sequence[str]) -> list[str]:
+        """``command`` run in a new cgroup of its own (whatever it starts stays in it)."""
+        group = self.root / f"{self.label}-{len(self.groups)}"
+        group.mkdir()
+        quota = int(self.share * self.PERIOD_US)
+        if self.v2:
+            (group / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        self.groups.append(group)
+        enter = f'echo $$ > {group / "cgroup.procs"} && exec "$@"'
+        return ["sh", "-c", enter, "sh", *command]
+
+    def close(self) -> None:
+        """Remove the cgroups (their processes have exited)."""
+        for group in self.groups:
+            for _ in range(50):
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
 def start_workers(
-    settings: Settings, processes: int, concurrency: int, profile: str | None = None, label: str = ""
+    settings: Settings,
+    processes: int,
+    concurrency: int,
+    profile: str | None = None,
+    label: str = "",
+    limits: CpuLimits | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     """``processes`` real ``cronfleet worker`` processes on ``settings``; their output is dropped
     (appended to the file ``BENCH_WORKER_LOG`` names, when set). With ``profile`` (a directory),
@@ -223,6 +279,8 @@ def start_workers(
             ]
             for n in range(processes)
         ]
+    if limits is not None:
+        commands = [limits.wrap(command) for command in commands]
     return [
         subprocess.Popen(command, env=environment, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=output)
         for command in commands
@@ -321,12 +379,13 @@ async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, si
         await (await Store.open(url, schema, upgrade=True)).close()
         counter = FinishedCounter(settings)
         workers: list[subprocess.Popen[bytes]] = []
+        limits = None if args.cpu_limit is None else CpuLimits(args.cpu_limit, f"{kind}-{processes}p")
         try:
             # Declares the topology, then fills the pool; the counter listens before any worker.
             await publish_triggers(settings, action_of(kind, sink.url), args.runs)
             await counter.open(args.runs)
             label = f"{kind}-{processes}p"
-            workers = start_workers(settings, processes, args.concurrency, args.profile, label)
+            workers = start_workers(settings, processes, args.concurrency, args.profile, label, limits)
             pids = [worker.pid for worker in workers]
             # CPU is counted from the first run's end (start-up left out) to the last's.
             with contextlib.suppress(TimeoutError):
@@ -376,6 +435,8 @@ async def cronfleet_rate(args: argparse.Namespace, kind: str, processes: int, si
                 stop(workers)
             if counter.times or hasattr(counter, "connection"):
                 await counter.close()
+            if limits is not None:
+                limits.close()
             await cleanup(settings, schema)
 
 
@@ -450,6 +511,7 @@ async def bare_rate(args: argparse.Namespace, processes: int) -> Rate:
     body = b"x" * 300
     producer = await aio_pika.connect_robust(args.amqp_url)
     consumers: list[subprocess.Popen[bytes]] = []
+    limits = None if args.cpu_limit is None else CpuLimits(args.cpu_limit, f"bare-{processes}p")
     try:
         channel = await producer.channel(publisher_confirms=True)
         await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
@@ -480,7 +542,8 @@ async def bare_rate(args: argparse.Namespace, processes: int) -> Rate:
         await sink.consume(on_event)
         command = [sys.executable, str(THIS_FILE), "--amqp-url", args.amqp_url]
         command += ["--concurrency", str(args.concurrency), "--bare-consumer", queue_name, sink.name]
-        consumers = [subprocess.Popen(command, cwd=ROOT) for _ in range(processes)]  # noqa: ASYNC220
+        commands = [command if limits is None else limits.wrap(command) for _ in range(processes)]
+        consumers = [subprocess.Popen(each, cwd=ROOT) for each in commands]  # noqa: ASYNC220
         pids = [consumer.pid for consumer in consumers]
         await asyncio.wait_for(first_seen.wait(), timeout=args.timeout)
         brokers = broker_pids()
@@ -503,6 +566,8 @@ async def bare_rate(args: argparse.Namespace, processes: int) -> Rate:
         )
     finally:
         stop(consumers)
+        if limits is not None:
+            limits.close()
         with contextlib.suppress(Exception):
             await (await producer.channel()).queue_delete(queue_name)
         await producer.close()
@@ -654,6 +719,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--sink-processes", type=int, default=2, help="asyncio sink processes on one port")
     parser.add_argument("--profile", metavar="DIR", help="run each worker under py-spy, samples in DIR")
+    parser.add_argument(
+        "--cpu-limit",
+        type=float,
+        metavar="SHARE",
+        help="limit each worker (and bare loop) process to SHARE of one core, in a cgroup of its own",
+    )
     parser.add_argument(
         "--amqp-url", default=os.environ.get("CRONFLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     )
