@@ -36,7 +36,9 @@ worker is left dumpable for it, which a real worker is not); ``BENCH_WORKER_PROF
 each under cProfile instead (``PATH.<n>``, written when it exits).
 
 Beside it, in the same run: **Celery** (``-P solo``, one process, a no-op task, no result
-backend: what Celery does with no events and no confirms), drained from a pre-filled queue; and
+backend: what Celery does with no events and no confirms) and **taskiq** (taskiq-aio-pika, one
+worker process, 64 tasks at once, a no-op async task, its quorum queue, no result backend), each
+drained from a pre-filled queue and timed until the queue is empty (the last task delivered); and
 **a bare aio-pika loop** doing per message what a worker does on the wire and nothing else:
 consume, publish two confirmed messages of an event's size, ack; in as many processes of their
 own as the workers (``--processes``), with their CPU per message.
@@ -597,16 +599,52 @@ async def bare_consumer(args: argparse.Namespace, queue_name: str, sink: str) ->
 
 
 CELERY_APP = "tests.bench.bench_worker_celery"
+TASKIQ_APP = "tests.bench.bench_worker_taskiq"
 
 
 async def celery_rate(args: argparse.Namespace) -> Rate:
     """Celery 5 ``-P solo``, a no-op task, drained from a pre-filled queue (no result backend)."""
-    if shutil.which("celery", path=str(Path(sys.executable).parent)) is None:
-        return Rate("Celery solo, no-op task", 0, 0.0, "celery is not installed: pip install celery")
     queue = f"benchw-celery-{uuid.uuid4().hex[:8]}"
-    environment = {**os.environ, "BENCH_AMQP_URL": args.amqp_url, "BENCH_CELERY_QUEUE": queue}
+    worker = [
+        str(Path(sys.executable).parent / "celery"),
+        *("-A", CELERY_APP, "worker", "-P", "solo", "-Q", queue),
+        *("--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "WARNING"),
+    ]
+    label = "Celery solo, no-op task"
+    return await drained_rate(args, label, CELERY_APP, {"BENCH_CELERY_QUEUE": queue}, queue, worker)
+
+
+async def taskiq_rate(args: argparse.Namespace) -> Rate:
+    """taskiq (taskiq-aio-pika, one worker process, 64 tasks at once), a no-op async task,
+    drained from a pre-filled quorum queue (no result backend)."""
+    queue = f"benchw-taskiq-{uuid.uuid4().hex[:8]}"
+    worker = [
+        str(Path(sys.executable).parent / "taskiq"),
+        *("worker", f"{TASKIQ_APP}:broker", "--workers", "1", "--max-async-tasks", "64"),
+        *("--no-configure-logging", "--log-level", "WARNING"),
+    ]
+    label = "taskiq, 1 worker process, no-op async task"
+    extra = [f"{queue}.dead_letter", f"{queue}.delay"]
+    return await drained_rate(args, label, TASKIQ_APP, {"BENCH_TASKIQ_QUEUE": queue}, queue, worker, extra)
+
+
+async def drained_rate(
+    args: argparse.Namespace,
+    label: str,
+    module: str,
+    environment: dict[str, str],
+    queue: str,
+    worker: list[str],
+    extra_queues: Sequence[str] = (),
+) -> Rate:
+    """A reference worker (``worker``, a command) draining ``--runs`` no-op tasks that
+    ``module.fill`` put in ``queue`` beforehand: from the first task taken to the queue empty
+    (the last delivered, so acked early: no events, no confirms, no store)."""
+    if shutil.which(worker[0]) is None:
+        return Rate(label, 0, 0.0, f"{Path(worker[0]).name} is not installed: pip install -e '.[bench]'")
+    environment = {**os.environ, "BENCH_AMQP_URL": args.amqp_url, **environment}
     fill = subprocess.run(  # noqa: ASYNC221 (before anything is timed)
-        [sys.executable, "-c", f"from {CELERY_APP} import fill; fill({args.runs})"],
+        [sys.executable, "-c", f"from {module} import fill; fill({args.runs})"],
         env=environment,
         cwd=ROOT,
         capture_output=True,
@@ -614,17 +652,9 @@ async def celery_rate(args: argparse.Namespace) -> Rate:
         timeout=300,
     )
     if fill.returncode != 0:
-        return Rate("Celery solo, no-op task", 0, 0.0, f"could not fill the queue: {fill.stderr[-300:]}")
-    celery = subprocess.Popen(  # noqa: ASYNC220
-        [
-            str(Path(sys.executable).parent / "celery"),
-            *("-A", CELERY_APP, "worker", "-P", "solo", "-Q", queue),
-            *("--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "WARNING"),
-        ],
-        env=environment,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        return Rate(label, 0, 0.0, f"could not fill the queue: {fill.stderr[-300:]}")
+    process = subprocess.Popen(  # noqa: ASYNC220
+        worker, env=environment, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     connection = await aio_pika.connect_robust(args.amqp_url)
     try:
@@ -642,16 +672,18 @@ async def celery_rate(args: argparse.Namespace) -> Rate:
                 break
             await asyncio.sleep(0.02)
         if first is None or last is None:
-            return Rate("Celery solo, no-op task", 0, 0.0, "did not drain")
-        return Rate("Celery solo, no-op task (drained, acked early)", args.runs, last - first)
+            return Rate(label, 0, 0.0, "did not drain")
+        return Rate(f"{label} (drained, acked early)", args.runs, last - first)
     finally:
-        celery.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
         try:
-            celery.wait(30)
+            process.wait(30)
         except subprocess.TimeoutExpired:
-            celery.kill()
+            process.kill()
         channel = await connection.channel()
-        await channel.queue_delete(queue)
+        for name in (queue, *extra_queues):
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
         await connection.close()
 
 
@@ -679,6 +711,8 @@ async def run(args: argparse.Namespace) -> int:
                 rates.append(await bare_rate(args, processes))
             print("[reference] Celery ...", flush=True)
             rates.append(await celery_rate(args))
+            print("[reference] taskiq ...", flush=True)
+            rates.append(await taskiq_rate(args))
     finally:
         sink.stop()
     print()
