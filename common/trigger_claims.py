@@ -34,21 +34,22 @@ the lease (``CRONFLEET_CLAIM_LEASE_SECONDS``, 30 s by default).
 from __future__ import annotations
 
 import enum
-import functools
+import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import Table, bindparam, delete, select, update
+from sqlalchemy import Table, delete, select, update
 
 from common.batching import Batcher
 from common.bounds import LATEST_INSTANT
 from common.errors import StoreUnavailable
 from common.messages import RunStatus
-from common.store import STORE_OUTAGES, Store, TriggerClaimRow, dialect_insert
-from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
+from common.store import STORE_OUTAGES, Store, TriggerClaimRow, bulk, dialect_insert
+from common.store.chunks import IN_LIST_CHUNK, chunks
 
 
 class ClaimOutcome(enum.Enum):
@@ -74,28 +75,18 @@ class Claim:
 
 
 _CLAIMS = cast(Table, TriggerClaimRow.__table__)
-# One finished claim, executed for many at once. The lease is renewed: it is now the finishing
-# worker's time to publish the retry the end may call for (``take_retry``).
-_FINISH = (
-    update(_CLAIMS)
-    .where(_CLAIMS.c.trigger_id == bindparam("b_id"), _CLAIMS.c.run_id == bindparam("b_run"))
-    .values(
-        finished_at=bindparam("b_at"),
-        finished_event=bindparam("b_event"),
-        lease_until=bindparam("b_lease"),
-    )
-)
+# A finished claim is written to the row its run holds: by trigger id and run id.
+_FINISH_KEY = ("trigger_id", "run_id")
 
 
-@functools.cache
-def _claim_insert(dialect: str) -> Any:
-    """The INSERT of new claims in ``dialect``, for many rows at once: skips a trigger id someone
-    holds, and returns the ids that went in."""
-    return (
-        dialect_insert(dialect, _CLAIMS)
-        .on_conflict_do_nothing(index_elements=["trigger_id"])
-        .returning(_CLAIMS.c.trigger_id)
-    )
+def _write_now(
+    claims: list[dict[str, object]], finishes: list[dict[str, object]], connection: sqlite3.Connection
+) -> set[Any]:
+    """``TriggerClaims._write_many``'s statements on a SQLite connection of one's own: the trigger
+    ids of the new claims that went in."""
+    inserted = bulk.insert_new_rows_now(connection, _CLAIMS, "trigger_id", "run_id", claims)
+    bulk.update_rows_now(connection, _CLAIMS, _FINISH_KEY, finishes)
+    return inserted
 
 
 class RetryTurn(enum.Enum):
@@ -207,11 +198,11 @@ class TriggerClaims:
             (
                 False,
                 {
-                    "b_id": trigger_id,
-                    "b_run": run_id,
-                    "b_at": now,
-                    "b_event": finished_event,
-                    "b_lease": now + self.lease,
+                    "trigger_id": trigger_id,
+                    "run_id": run_id,
+                    "finished_at": now,
+                    "finished_event": finished_event,
+                    "lease_until": now + self.lease,
                 },
             )
         )
@@ -262,18 +253,21 @@ class TriggerClaims:
         # In trigger id order, the order ``renew`` locks them in: two writers of the same rows
         # that take them in the same order wait for each other instead of deadlocking.
         claims = sorted((row for is_claim, row in writes if is_claim), key=lambda row: str(row["trigger_id"]))
-        finishes = sorted((row for is_claim, row in writes if not is_claim), key=lambda row: str(row["b_id"]))
-        inserted: set[str] = set()
+        finishes = sorted(
+            (row for is_claim, row in writes if not is_claim), key=lambda row: str(row["trigger_id"])
+        )
+        # In the driver's terms (``common.store.bulk``): a worker writes two rows a run. On a
+        # SQLite file, the transaction is one step of the loop (``common.store.sqlite_writer``).
+        writer = self.store.sqlite_writer()
         try:
-            async with self.store.engine.begin() as connection:
-                if claims:
-                    insert = _claim_insert(self.store.dialect)
-                    for some in chunks(claims, rows_per_insert(len(claims[0]))):
-                        inserted.update((await connection.execute(insert, list(some))).scalars())
-                for some in chunks(finishes, IN_LIST_CHUNK):
-                    await connection.execute(_FINISH, list(some))
+            if writer is not None:
+                inserted = await writer.transaction(partial(_write_now, claims, finishes))
+            else:
+                async with self.store.session() as session, session.begin():
+                    inserted = await bulk.insert_new_rows(session, _CLAIMS, "trigger_id", "run_id", claims)
+                    await bulk.update_rows(session, _CLAIMS, _FINISH_KEY, finishes)
         except STORE_OUTAGES as exc:
-            first = claims[0]["trigger_id"] if claims else finishes[0]["b_id"]
+            first = claims[0]["trigger_id"] if claims else finishes[0]["trigger_id"]
             what = f"{len(claims)} claim(s) and {len(finishes)} end(s) of runs, {first} first"
             raise _unavailable(self.store, "write", what, exc) from exc
         won = []

@@ -20,7 +20,8 @@ for it is built, never stored in a form SQLAlchemy would not read back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -29,7 +30,7 @@ from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, String, Tabl
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.store.chunks import chunks
+from common.store.chunks import IN_LIST_CHUNK, chunks
 from common.store.locks import dialect_of
 from common.store.models import UTCDateTime
 
@@ -93,23 +94,116 @@ async def insert_rows_with_ids(
     return ids
 
 
-async def update_rows(
-    session: AsyncSession, table: Table, key: str, rows: Sequence[Mapping[str, Any]]
-) -> None:
-    """Write ``rows`` (each the key column ``key`` and the same other columns of ``table``) to the
-    rows of ``table`` with that key."""
+async def insert_new_rows(
+    session: AsyncSession, table: Table, key: str, witness: str, rows: Sequence[Mapping[str, Any]]
+) -> set[Any]:
+    """Insert those of ``rows`` (each with the same columns of ``table``) whose ``key`` no row of
+    ``table`` holds yet, skipping the others (of two rows with one key, the first goes in); return
+    the keys of the rows that went in. ``witness``: a column whose value each row holds alone
+    (a fresh id), by which a row that went in is told from one that was there before."""
     if not rows:
-        return
-    dialect, others = dialect_of(session), tuple(name for name in rows[0] if name != key)
-    if not others:
-        return
-    # The order of the statement's parameters: the key first in PostgreSQL's join, last in
-    # SQLite's WHERE.
-    columns = (key, *others) if dialect == "postgresql" else (*others, key)
+        return set()
+    dialect, columns = dialect_of(session), tuple(rows[0])
     connection = await session.connection()
-    statement = _update_statement(dialect, table, key, others)
+    statement = _insert_statement(dialect, table, columns, skip_taken=key)
+    inserted: set[Any] = set()
+    for some in chunks(rows, BULK_ROWS):
+        parameters = _parameters(dialect, table, columns, some)
+        if dialect == "postgresql":
+            inserted.update((await connection.exec_driver_sql(statement, parameters)).scalars())
+            continue
+        await connection.exec_driver_sql(statement, parameters)
+        for query, keys in _held_queries(table, key, witness, some):
+            inserted |= _went_in(await connection.exec_driver_sql(query, keys), some, key, witness)
+    return inserted
+
+
+def insert_new_rows_now(
+    connection: sqlite3.Connection, table: Table, key: str, witness: str, rows: Sequence[Mapping[str, Any]]
+) -> set[Any]:
+    """``insert_new_rows`` on a SQLite connection of one's own (``common.store.sqlite_writer``),
+    in its transaction."""
+    if not rows:
+        return set()
+    columns = tuple(rows[0])
+    statement = _insert_statement("sqlite", table, columns, skip_taken=key)
+    inserted: set[Any] = set()
+    for some in chunks(rows, BULK_ROWS):
+        connection.executemany(statement, _parameters("sqlite", table, columns, some))
+        for query, keys in _held_queries(table, key, witness, some):
+            inserted |= _went_in(connection.execute(query, keys), some, key, witness)
+    return inserted
+
+
+def _held_queries(
+    table: Table, key: str, witness: str, rows: Sequence[Mapping[str, Any]]
+) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """The SELECTs (and their parameters) that read back, on SQLite, each of ``rows``' keys with
+    the ``witness`` of the row holding it. SQLite's executemany hands back no rows: what went in
+    is read back under the write lock the transaction holds since its INSERT."""
+    keys = list(dict.fromkeys(row[key] for row in rows))
+    for few in chunks(keys, IN_LIST_CHUNK):
+        query = (
+            f'SELECT {_quoted(table, key)}, {_quoted(table, witness)} FROM "{table.name}" '
+            f"WHERE {_quoted(table, key)} IN ({', '.join('?' for _ in few)})"
+        )
+        yield query, tuple(few)
+
+
+def _went_in(
+    held: Iterable[Sequence[Any]], rows: Sequence[Mapping[str, Any]], key: str, witness: str
+) -> set[Any]:
+    """The keys whose row, as ``held`` reads it back, is one of ``rows``."""
+    mine = {(row[key], row[witness]) for row in rows}
+    return {held_key for held_key, held_witness in held if (held_key, held_witness) in mine}
+
+
+async def update_rows(
+    session: AsyncSession, table: Table, key: str | tuple[str, ...], rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """Write ``rows`` (each the key column ``key``, or every column of a key of several, and the
+    same other columns of ``table``) to the rows of ``table`` with that key."""
+    dialect = dialect_of(session)
+    plan = _update_plan(dialect, table, key, rows)
+    if plan is None:
+        return
+    statement, columns = plan
+    connection = await session.connection()
     for some in chunks(rows, BULK_ROWS):
         await connection.exec_driver_sql(statement, _parameters(dialect, table, columns, some))
+
+
+def update_rows_now(
+    connection: sqlite3.Connection,
+    table: Table,
+    key: str | tuple[str, ...],
+    rows: Sequence[Mapping[str, Any]],
+) -> None:
+    """``update_rows`` on a SQLite connection of one's own (``common.store.sqlite_writer``), in
+    its transaction."""
+    plan = _update_plan("sqlite", table, key, rows)
+    if plan is None:
+        return
+    statement, columns = plan
+    for some in chunks(rows, BULK_ROWS):
+        connection.executemany(statement, _parameters("sqlite", table, columns, some))
+
+
+def _update_plan(
+    dialect: str, table: Table, key: str | tuple[str, ...], rows: Sequence[Mapping[str, Any]]
+) -> tuple[str, tuple[str, ...]] | None:
+    """The UPDATE of ``rows`` by ``key`` and the order of its parameters' columns; None when
+    there is nothing to write."""
+    if not rows:
+        return None
+    keys = (key,) if isinstance(key, str) else key
+    others = tuple(name for name in rows[0] if name not in keys)
+    if not others:
+        return None
+    # The order of the statement's parameters: the key first in PostgreSQL's join, last in
+    # SQLite's WHERE.
+    columns = (*keys, *others) if dialect == "postgresql" else (*others, *keys)
+    return _update_statement(dialect, table, keys, others), columns
 
 
 def _parameters(
@@ -140,27 +234,36 @@ def _converted(values: list[Any], convert: Convert | None) -> list[Any]:
 
 
 @cache
-def _insert_statement(dialect: str, table: Table, columns: tuple[str, ...]) -> str:
+def _insert_statement(
+    dialect: str, table: Table, columns: tuple[str, ...], skip_taken: str | None = None
+) -> str:
+    """The INSERT of rows of ``columns``; with ``skip_taken``, one that skips a row whose value of
+    that (unique) column is taken and, on PostgreSQL, returns it of the rows that went in."""
     names = ", ".join(_quoted(table, name) for name in columns)
+    skip = "" if skip_taken is None else f" ON CONFLICT ({_quoted(table, skip_taken)}) DO NOTHING"
     if dialect == "postgresql":
         arrays = ", ".join(f"${i}::{_pg_type(table.c[name])}[]" for i, name in enumerate(columns, 1))
-        return f'INSERT INTO "{table.name}" ({names}) SELECT * FROM unnest({arrays})'
-    return f'INSERT INTO "{table.name}" ({names}) VALUES ({", ".join("?" for _ in columns)})'
+        returning = "" if skip_taken is None else f" RETURNING {_quoted(table, skip_taken)}"
+        return f'INSERT INTO "{table.name}" ({names}) SELECT * FROM unnest({arrays}){skip}{returning}'
+    return f'INSERT INTO "{table.name}" ({names}) VALUES ({", ".join("?" for _ in columns)}){skip}'
 
 
 @cache
-def _update_statement(dialect: str, table: Table, key: str, others: tuple[str, ...]) -> str:
+def _update_statement(dialect: str, table: Table, keys: tuple[str, ...], others: tuple[str, ...]) -> str:
     if dialect == "postgresql":
-        columns = (key, *others)
+        columns = (*keys, *others)
         arrays = ", ".join(f"${i}::{_pg_type(table.c[name])}[]" for i, name in enumerate(columns, 1))
         given = ", ".join(_quoted(table, name) for name in columns)
         assignments = ", ".join(f"{_quoted(table, name)} = given.{_quoted(table, name)}" for name in others)
+        matched = " AND ".join(
+            f'"{table.name}".{_quoted(table, name)} = given.{_quoted(table, name)}' for name in keys
+        )
         return (
-            f'UPDATE "{table.name}" SET {assignments} FROM unnest({arrays}) AS given({given}) '
-            f'WHERE "{table.name}".{_quoted(table, key)} = given.{_quoted(table, key)}'
+            f'UPDATE "{table.name}" SET {assignments} FROM unnest({arrays}) AS given({given}) WHERE {matched}'
         )
     assignments = ", ".join(f"{_quoted(table, name)} = ?" for name in others)
-    return f'UPDATE "{table.name}" SET {assignments} WHERE {_quoted(table, key)} = ?'
+    matched = " AND ".join(f"{_quoted(table, name)} = ?" for name in keys)
+    return f'UPDATE "{table.name}" SET {assignments} WHERE {matched}'
 
 
 def _quoted(table: Table, name: str) -> str:

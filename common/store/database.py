@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,10 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from common.errors import ConfigError, CronfleetError, StatementTooLarge, StoreUnavailable
 from common.store import schema
 from common.store.schema import SchemaVersion
+from common.store.sqlite_writer import SqliteWriter
 
 # What "the database is not there right now" looks like, as opposed to a bad statement (and a
-# transaction the server rolled back to settle a conflict: see _rolled_back_as_outage).
-STORE_OUTAGES = (OperationalError, InterfaceError, OSError, TimeoutError)
+# transaction the server rolled back to settle a conflict: see _rolled_back_as_outage). sqlite3's
+# own OperationalError comes from the writer that bypasses SQLAlchemy (``SqliteWriter``).
+STORE_OUTAGES = (OperationalError, InterfaceError, OSError, TimeoutError, sqlite3.OperationalError)
 
 # PostgreSQL (asyncpg) takes at most 32,767 bind parameters in one statement and stock SQLite
 # builds 32,766. No statement may come near: statements are chunked (``common.store.chunks``), and
@@ -32,6 +35,7 @@ class Store:
         self.engine = engine
         self.schema_name = schema_name
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._sqlite_writer: SqliteWriter | None = None
 
     @property
     def dialect(self) -> str:
@@ -106,7 +110,20 @@ class Store:
 
     async def close(self) -> None:
         """Release every connection."""
+        if self._sqlite_writer is not None:
+            await self._sqlite_writer.close()
         await self.engine.dispose()
+
+    def sqlite_writer(self) -> SqliteWriter | None:
+        """The writer of whole transactions in one step (``common.store.sqlite_writer``) on this
+        store's SQLite database file; None on PostgreSQL, or on SQLite in memory or opened with
+        URL options, where a connection of its own would not be the same database."""
+        url = self.engine.url
+        if self.dialect != "sqlite" or not url.database or url.database == ":memory:" or url.query:
+            return None
+        if self._sqlite_writer is None:
+            self._sqlite_writer = SqliteWriter(url.database)
+        return self._sqlite_writer
 
     def session(self) -> AsyncSession:
         """A new session; use ``async with store.session() as s, s.begin():``."""

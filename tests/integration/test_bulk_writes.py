@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import JSON, Column, Integer, MetaData, Table, select, text
 from sqlalchemy.exc import DBAPIError
 
-from common.store import AlertAttemptRow, FlipRow, Store, bulk
+from common.store import AlertAttemptRow, FlipRow, Store, TriggerClaimRow, bulk
 
 FLIPS = cast(Table, FlipRow.__table__)
 ATTEMPTS = cast(Table, AlertAttemptRow.__table__)
@@ -120,3 +120,56 @@ async def test_a_value_longer_than_its_column_is_refused_not_cut_on_postgresql(s
     async with store.session() as session:
         with pytest.raises(DBAPIError, match="too long"):
             await bulk.insert_rows(session, FLIPS, [flip("j" * 65)])
+
+
+CLAIMS = cast(Table, TriggerClaimRow.__table__)
+
+
+def claim(trigger_id: str, run_id: str) -> dict[str, Any]:
+    """A claim row as a worker writes it."""
+    return {
+        "trigger_id": trigger_id,
+        "body_sha256": "0" * 64,
+        "run_id": run_id,
+        "worker": "w",
+        "claimed_at": AT,
+        "lease_until": AT + timedelta(seconds=30, microseconds=1),
+        "trigger_expires_at": AT + timedelta(hours=1),
+    }
+
+
+async def test_new_rows_go_in_and_those_whose_key_is_taken_do_not(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bulk, "BULK_ROWS", 3)
+    async with store.session() as session, session.begin():
+        assert await bulk.insert_new_rows(session, CLAIMS, "trigger_id", "run_id", [claim("t-1", "old")]) == {
+            "t-1"
+        }
+    rows = [claim("t-1", "r-1"), claim("t-2", "r-2"), claim("t-2", "r-2b"), claim("t-3", "r-3")]
+    async with store.session() as session, session.begin():
+        inserted = await bulk.insert_new_rows(session, CLAIMS, "trigger_id", "run_id", rows)
+    assert inserted == {"t-2", "t-3"}
+    async with store.session() as session:
+        held = dict(list(await session.execute(select(CLAIMS.c.trigger_id, CLAIMS.c.run_id))))
+        [lease] = (
+            await session.execute(select(CLAIMS.c.lease_until).where(CLAIMS.c.trigger_id == "t-3"))
+        ).all()
+    # Of two new rows with one key the first goes in; a taken key keeps its row.
+    assert held == {"t-1": "old", "t-2": "r-2", "t-3": "r-3"}
+    assert lease[0] == AT + timedelta(seconds=30, microseconds=1)
+
+
+async def test_an_update_by_a_key_of_two_columns_touches_only_rows_matching_both(store: Store) -> None:
+    async with store.session() as session, session.begin():
+        await bulk.insert_rows(session, CLAIMS, [claim("k-1", "a"), claim("k-2", "b")])
+    ended = AT + timedelta(minutes=1)
+    changes = [
+        {"trigger_id": "k-1", "run_id": "a", "finished_at": ended, "finished_event": "{}"},
+        {"trigger_id": "k-2", "run_id": "not-b", "finished_at": ended, "finished_event": "{}"},
+    ]
+    async with store.session() as session, session.begin():
+        await bulk.update_rows(session, CLAIMS, ("trigger_id", "run_id"), changes)
+    async with store.session() as session:
+        finished = dict(list(await session.execute(select(CLAIMS.c.trigger_id, CLAIMS.c.finished_at))))
+    assert finished == {"k-1": ended, "k-2": None}
