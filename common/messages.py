@@ -7,6 +7,7 @@ come from these classes (``cronfleet schema``).
 from __future__ import annotations
 
 import enum
+import functools
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -99,17 +100,34 @@ class WireMessage(BaseModel):
     # Fields added after version 1 was published, left out of the body at their default, so that
     # a message that does not use them is byte for byte what an older peer writes and accepts.
     _omitted_at_default: ClassVar[frozenset[str]] = frozenset()
+    # True on a message whose fields orjson writes as pydantic's JSON mode does (text, numbers,
+    # booleans, enums, instants, JSON values; no nested model): its body is written from its
+    # values straight, a worker's two events a run without a model_dump each
+    # (``tests/unit/test_message_bytes.py`` holds the two ways to the same bytes).
+    _flat: ClassVar[bool] = False
 
     def to_bytes(self) -> bytes:
         """The exact body bytes to sign and publish."""
-        omitted = {
-            name for name in self._omitted_at_default if getattr(self, name) == _default_of(self, name)
-        }
+        omitted = {name for name, default in _defaults(type(self)) if getattr(self, name) == default}
+        if self._flat:
+            values = {name: value for name, value in self.__dict__.items() if value is not None}
+            for name in omitted:
+                del values[name]
+            return orjson.dumps(values, option=orjson.OPT_UTC_Z)
+        return self.model_bytes(omitted)
+
+    def model_bytes(self, omitted: set[str] | None = None) -> bytes:
+        """``to_bytes`` through pydantic's JSON mode, whatever the message (``omitted``: the
+        fields left out at their default)."""
+        if omitted is None:
+            omitted = {name for name, default in _defaults(type(self)) if getattr(self, name) == default}
         return orjson.dumps(self.model_dump(mode="json", exclude_none=True, exclude=omitted))
 
 
-def _default_of(message: BaseModel, name: str) -> Any:
-    return type(message).model_fields[name].default
+@functools.cache
+def _defaults(message: type[WireMessage]) -> tuple[tuple[str, Any], ...]:
+    """The fields ``message`` leaves out at their default, with that default."""
+    return tuple((name, message.model_fields[name].default) for name in sorted(message._omitted_at_default))
 
 
 def trigger_id(job: str, scheduled_at: datetime) -> str:
@@ -230,6 +248,7 @@ class RunEvent(WireMessage):
     attempt: Attempt = 1
 
     _omitted_at_default: ClassVar[frozenset[str]] = frozenset({"attempt"})
+    _flat: ClassVar[bool] = True
 
 
 class RunStarted(RunEvent):
@@ -266,6 +285,8 @@ class RunFinished(RunEvent):
 class JobHeartbeat(WireMessage):
     """A job (or anything acting for it) says it started, succeeded or failed."""
 
+    _flat: ClassVar[bool] = True
+
     type: Literal["job.heartbeat"] = "job.heartbeat"
     id: Identifier
     job: JobName
@@ -280,6 +301,8 @@ class JobHeartbeat(WireMessage):
 class WorkerHeartbeat(WireMessage):
     """A worker is alive, consuming ``pool``."""
 
+    _flat: ClassVar[bool] = True
+
     type: Literal["worker.heartbeat"] = "worker.heartbeat"
     worker: Identifier
     pool: PoolName
@@ -290,6 +313,8 @@ class WorkerHeartbeat(WireMessage):
 
 class SchedulerHeartbeat(WireMessage):
     """A scheduler is alive and planning ``jobs`` jobs."""
+
+    _flat: ClassVar[bool] = True
 
     type: Literal["scheduler.heartbeat"] = "scheduler.heartbeat"
     scheduler: Identifier

@@ -27,6 +27,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import orjson
 from pydantic import ValidationError
@@ -263,7 +264,9 @@ class TriggerHandler:
                     # Never started: another run of the job is in flight (``skip``), or the
                     # trigger went stale while waiting for it (``queue``).
                     skipped = self._finished(started, ActionResult(RunStatus.SKIPPED, error=blocked))
-                    await self._end(message, message.body, message.headers, trigger, attempt, run_id, skipped)
+                    await self._end(
+                        message, message.body, message.headers, trigger, attempt, run_id, *skipped
+                    )
                     return
                 try:
                     await self.publisher.event(started)
@@ -300,7 +303,7 @@ class TriggerHandler:
                     result = await self._execute(trigger, run_id, attempt)
                     finished = self._finished(started, result)
                     await self._end(
-                        settling, message.body, message.headers, trigger, attempt, run_id, finished
+                        settling, message.body, message.headers, trigger, attempt, run_id, *finished
                     )
                 finally:
                     self.running -= 1
@@ -320,14 +323,14 @@ class TriggerHandler:
         attempt: int,
         run_id: str,
         finished: RunFinished,
+        body_of_end: bytes,
     ) -> None:
-        """Keep the end of a run in its claim, publish the retry it calls for (the trigger's
-        ``body`` again, with its signature ``headers``), report it, ack ``message`` (None: acked
-        already)."""
+        """Keep the end of a run (``finished``, ``body_of_end`` its bytes) in its claim, publish
+        the retry it calls for (the trigger's ``body`` again, with its signature ``headers``),
+        report it, ack ``message`` (None: acked already)."""
         # The claim keeps the end before it is reported: a repeat of the trigger reports it
         # again rather than running the job a second time (and publishes the retry if need be).
         key = claim_key(trigger.id, attempt)
-        body_of_end = finished.to_bytes()
         await until_done(
             lambda: self.claims.finish(key, run_id, body_of_end.decode(), self.clock()),
             (StoreUnavailable,),
@@ -474,9 +477,9 @@ class TriggerHandler:
         lost run's end is recorded (``lost``) and, under ``on_lost = "retry"`` with attempts left,
         the next attempt follows; under ``fail`` the fire ends there."""
         finished = self._lost_run(trigger, attempt, claim, redelivered=bool(message.redelivered))
-        await self._end(message, message.body, message.headers, trigger, attempt, run_id, finished)
+        await self._end(message, message.body, message.headers, trigger, attempt, run_id, *finished)
 
-    def _lost_run(self, trigger: Trigger, attempt: int, claim: Claim, *, redelivered: bool) -> RunFinished:
+    def _lost_run(self, trigger: Trigger, attempt: int, claim: Claim, *, redelivered: bool) -> Ended:
         """The ``run.finished`` (``lost``) of the run that held ``claim`` when its worker died."""
         lost_at = self.clock()
         gone = RunStarted(
@@ -523,7 +526,7 @@ class TriggerHandler:
         attempt = _attempt_of_key(lapsed.key, trigger.id)
         headers = orjson.loads(lapsed.envelope).get("headers", {})
         finished = self._lost_run(trigger, attempt, lapsed.holder, redelivered=False)
-        await self._end(None, lapsed.body, headers, trigger, attempt, run_id, finished)
+        await self._end(None, lapsed.body, headers, trigger, attempt, run_id, *finished)
 
     async def _report_duplicate(
         self, message: AckedDelivery, trigger: Trigger, attempt: int, claim: Claim
@@ -543,7 +546,7 @@ class TriggerHandler:
         repeat = self._start(
             trigger, f"{key}#duplicate-{uuid.uuid4().hex[:12]}", bool(message.redelivered), attempt
         )
-        await self.publisher.event(self._finished(repeat, ActionResult(RunStatus.DUPLICATE, error=why)))
+        await self.publisher.event(*self._finished(repeat, ActionResult(RunStatus.DUPLICATE, error=why)))
         await message.settle()
 
     def _refusal(self, trigger: Trigger) -> str | None:
@@ -581,7 +584,7 @@ class TriggerHandler:
                 trigger, f"{key}#{rejected.reason.value}", bool(message.redelivered), attempt
             )
             await self.publisher.event(
-                self._finished(
+                *self._finished(
                     started, ActionResult(outcome, error=f"{rejected.reason.value}: {rejected.detail}")
                 )
             )
@@ -628,18 +631,18 @@ class TriggerHandler:
         )
         log.info("run %s of %s %s", event.run_id, event.trigger_id, event.status.value)
 
-    def _finished(self, started: RunStarted, result: ActionResult) -> RunFinished:
-        """The ``run.finished`` of ``started``: always a valid event, whatever ``result`` holds.
+    def _finished(self, started: RunStarted, result: ActionResult) -> Ended:
+        """The ``run.finished`` of ``started``, and its bytes: always a valid event, whatever
+        ``result`` holds.
 
         Output and errors are made wire text (no NUL, valid UTF-8, bounded); should the event
         still not validate, a failed run saying why is reported instead.
         """
         finished_at = max(self.clock(), started.started_at)
-        ended = {
-            **started.model_dump(exclude={"type"}),
-            "finished_at": finished_at,
-            "duration_seconds": (finished_at - started.started_at).total_seconds(),
-        }
+        # The run's fields as they are (a run event is flat: its values are the fields' own).
+        ended = {name: value for name, value in started.__dict__.items() if name != "type"}
+        ended["finished_at"] = finished_at
+        ended["duration_seconds"] = (finished_at - started.started_at).total_seconds()
         try:
             event = RunFinished(
                 **ended,
@@ -651,12 +654,19 @@ class TriggerHandler:
                 result=result.result,
                 endpoint_request_id=result.endpoint_request_id,
             )
-            event.to_bytes()
+            return Ended(event, event.to_bytes())
         except (ValidationError, TypeError, ValueError) as exc:
             log.exception("the result of run %s cannot be reported as it is", started.run_id)
             why = one_line(f"internal_error: {type(exc).__name__}: {exc}")
             event = RunFinished(**ended, status=RunStatus.FAILED, error=why)
-        return event
+            return Ended(event, event.to_bytes())
+
+
+class Ended(NamedTuple):
+    """A run's ``run.finished`` and the bytes of its body."""
+
+    event: RunFinished
+    body: bytes
 
 
 def _wire_text(text: str | None, *, keep_end: bool = False) -> str | None:
