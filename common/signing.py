@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import hashlib
 import hmac
 import re
 import secrets
@@ -78,7 +77,7 @@ def signed_bytes(namespace: str, routing_key: str, body: bytes) -> bytes:
 
 def signature(secret: bytes, data: bytes) -> str:
     """The lowercase hex HMAC-SHA256 of ``data`` (usually ``signed_bytes(...)``) under ``secret``."""
-    return hmac.new(secret, data, hashlib.sha256).hexdigest()
+    return hmac.digest(secret, data, "sha256").hex()
 
 
 @dataclass(frozen=True)
