@@ -69,6 +69,9 @@ _REPORTED_REFUSALS = {
     RejectionReason.NOT_ALLOWED: RunStatus.FAILED,
 }
 
+# The guard of a run no lease keeps from overlapping others: it never blocks.
+_UNGUARDED: contextlib.nullcontext[str | None] = contextlib.nullcontext(None)
+
 REQUEUE_PAUSE_SECONDS = 1.0
 # How often a worker asks again about a trigger another run holds.
 CLAIM_POLL_SECONDS = 0.5
@@ -257,7 +260,13 @@ class TriggerHandler:
         key = claim_key(trigger.id, attempt)
         self._held[key] = run_id
         try:
-            async with self._overlap_guard(trigger, run_id, expires_at, dead) as blocked:
+            # Under ``allow`` (most jobs) no lease is taken: nothing to guard.
+            guard = (
+                _UNGUARDED
+                if trigger.policy is Overlap.ALLOW
+                else self._overlap_guard(trigger, run_id, expires_at, dead)
+            )
+            async with guard as blocked:
                 # Started once the job's lease (if any) is held: the wait is not part of the run.
                 started = self._start(trigger, run_id, redelivered, attempt)
                 if blocked is not None:
