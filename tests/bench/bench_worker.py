@@ -615,17 +615,19 @@ async def celery_rate(args: argparse.Namespace) -> Rate:
 
 
 async def taskiq_rate(args: argparse.Namespace) -> Rate:
-    """taskiq (taskiq-aio-pika, one worker process, 64 tasks at once), a no-op async task,
-    drained from a pre-filled quorum queue (no result backend)."""
+    """taskiq (taskiq-aio-pika, one worker process, ``--concurrency`` tasks at once, as many
+    prefetched), a no-op async task, drained from a pre-filled quorum queue (no result backend)."""
     queue = f"benchw-taskiq-{uuid.uuid4().hex[:8]}"
+    at_once = str(args.concurrency)
     worker = [
         str(Path(sys.executable).parent / "taskiq"),
-        *("worker", f"{TASKIQ_APP}:broker", "--workers", "1", "--max-async-tasks", "64"),
+        *("worker", f"{TASKIQ_APP}:broker", "--workers", "1", "--max-async-tasks", at_once),
         *("--no-configure-logging", "--log-level", "WARNING"),
     ]
-    label = "taskiq, 1 worker process, no-op async task"
+    label = f"taskiq, 1 worker process, {at_once} at once, no-op async task"
     extra = [f"{queue}.dead_letter", f"{queue}.delay"]
-    return await drained_rate(args, label, TASKIQ_APP, {"BENCH_TASKIQ_QUEUE": queue}, queue, worker, extra)
+    environment = {"BENCH_TASKIQ_QUEUE": queue, "BENCH_TASKIQ_QOS": at_once}
+    return await drained_rate(args, label, TASKIQ_APP, environment, queue, worker, extra)
 
 
 async def drained_rate(

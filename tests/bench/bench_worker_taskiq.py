@@ -11,11 +11,13 @@ from taskiq_aio_pika.exchange import Exchange  # type: ignore[import-not-found, 
 from taskiq_aio_pika.queue import Queue  # type: ignore[import-not-found, unused-ignore]
 
 QUEUE = os.environ.get("BENCH_TASKIQ_QUEUE", "benchw-taskiq")
+# Prefetch: the tasks run at once (the bench's --concurrency, as cronfleet's worker is given).
+QOS = int(os.environ.get("BENCH_TASKIQ_QOS", "64"))
 FILL_BATCH = 500
 
 broker = AioPikaBroker(
     os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
-    qos=64,
+    qos=QOS,
     exchange=Exchange(name=QUEUE),
     task_queues=[Queue(name=QUEUE)],
     dead_letter_queue=Queue(name=f"{QUEUE}.dead_letter"),
