@@ -62,6 +62,7 @@ async def test_inserted_rows_read_back_and_are_stored_as_sqlalchemy_stores_them(
 
 async def test_ids_follow_the_rows_order_across_chunks(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bulk, "BULK_ROWS", 7)
+    monkeypatch.setattr(bulk, "rows_per_insert", lambda _columns: 3)
     rows = [flip(f"job-{i:02d}") for i in range(30)]
     async with store.session() as session, session.begin():
         ids = await bulk.insert_rows_with_ids(session, FLIPS, rows)
@@ -75,6 +76,7 @@ async def test_an_update_writes_the_columns_given_to_the_rows_named_and_no_other
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(bulk, "BULK_ROWS", 2)
+    monkeypatch.setattr(bulk, "rows_per_insert", lambda _columns: 2)
     async with store.session() as session, session.begin():
         ids = await bulk.insert_rows_with_ids(session, FLIPS, [flip(f"u-{i}") for i in range(5)])
     later = AT + timedelta(hours=1, microseconds=1)
@@ -141,7 +143,9 @@ def claim(trigger_id: str, run_id: str) -> dict[str, Any]:
 async def test_new_rows_go_in_and_those_whose_key_is_taken_do_not(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Two rows with one key in one statement, on each store.
     monkeypatch.setattr(bulk, "BULK_ROWS", 3)
+    monkeypatch.setattr(bulk, "rows_per_insert", lambda _columns: 3)
     async with store.session() as session, session.begin():
         assert await bulk.insert_new_rows(session, CLAIMS, "trigger_id", "run_id", [claim("t-1", "old")]) == {
             "t-1"
@@ -165,8 +169,10 @@ async def test_an_update_by_a_key_of_two_columns_touches_only_rows_matching_both
         await bulk.insert_rows(session, CLAIMS, [claim("k-1", "a"), claim("k-2", "b")])
     ended = AT + timedelta(minutes=1)
     changes = [
-        {"trigger_id": "k-1", "run_id": "a", "finished_at": ended, "finished_event": "{}"},
+        {"trigger_id": "k-1", "run_id": "a", "finished_at": AT, "finished_event": "{}"},
         {"trigger_id": "k-2", "run_id": "not-b", "finished_at": ended, "finished_event": "{}"},
+        # Of two rows for one key, the last is written.
+        {"trigger_id": "k-1", "run_id": "a", "finished_at": ended, "finished_event": "{}"},
     ]
     async with store.session() as session, session.begin():
         await bulk.update_rows(session, CLAIMS, ("trigger_id", "run_id"), changes)
