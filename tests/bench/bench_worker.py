@@ -326,7 +326,10 @@ def cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
     (``/proc/<pid>/stat``: utime, stime, cutime, cstime). Less noisy than a rate on a busy host."""
     own = children = 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone since: what it spent is not counted
+            continue
         own += int(fields[11]) + int(fields[12])
         children += int(fields[13]) + int(fields[14])
     tick = os.sysconf("SC_CLK_TCK")
@@ -348,11 +351,17 @@ def busy_since(before: tuple[int, int]) -> float:
 
 def broker_pids() -> list[int]:
     """The RabbitMQ nodes running on this host (``beam.smp``): the broker shares the cores, and
-    its CPU per run says how much of the second core it takes."""
+    its CPU per run says how much of the second core it takes. A short-lived ``beam.smp`` (a
+    ``rabbitmqctl``) is left out: only those that have run for a minute count."""
     found = []
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    tick = os.sysconf("SC_CLK_TCK")
     for stat in Path("/proc").glob("[0-9]*/comm"):
-        with contextlib.suppress(OSError):
-            if stat.read_text().strip() == "beam.smp":
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if stat.read_text().strip() != "beam.smp":
+                continue
+            started = int((stat.parent / "stat").read_text().rsplit(")", 1)[1].split()[19]) / tick
+            if uptime - started > 60:
                 found.append(int(stat.parent.name))
     return found
 
