@@ -177,6 +177,9 @@ def _others(rows: Sequence[Mapping[str, Any]], keys: tuple[str, ...]) -> tuple[s
 
 Run = Callable[[str, Sequence[Any]], list[Any]]
 T = TypeVar("T")
+# The name of the rows a statement carries (SQLite's VALUES list, PostgreSQL's unnest), joined to
+# the table: a query plan scans them, never the table.
+GIVEN = "given"
 
 
 async def _on_sqlite(session: AsyncSession, work: Callable[[Run], T]) -> T:
@@ -254,24 +257,25 @@ def _sqlite_insert(table: Table, columns: tuple[str, ...], count: int, skip_take
 @lru_cache(maxsize=1024)
 def _sqlite_went_in(table: Table, key: str, witness: str, count: int) -> str:
     """The positions (``n`` of each ``(key, witness, n)`` given) of the rows that hold their key."""
+    given = GIVEN
     return (
-        f"SELECT group_concat(given.column3) FROM (VALUES {', '.join(['(?, ?, ?)'] * count)}) AS given "
-        f'JOIN "{table.name}" ON "{table.name}".{_quoted(table, key)} = given.column1 '
-        f'AND "{table.name}".{_quoted(table, witness)} = given.column2'
+        f"SELECT group_concat({given}.column3) FROM (VALUES {', '.join(['(?, ?, ?)'] * count)}) AS {given} "
+        f'JOIN "{table.name}" ON "{table.name}".{_quoted(table, key)} = {given}.column1 '
+        f'AND "{table.name}".{_quoted(table, witness)} = {given}.column2'
     )
 
 
 @lru_cache(maxsize=1024)
 def _sqlite_update(table: Table, keys: tuple[str, ...], others: tuple[str, ...], count: int) -> str:
-    row = f"({', '.join('?' for _ in (*keys, *others))})"
+    row, given = f"({', '.join('?' for _ in (*keys, *others))})", GIVEN
     assignments = ", ".join(
-        f"{_quoted(table, name)} = given.column{len(keys) + n}" for n, name in enumerate(others, 1)
+        f"{_quoted(table, name)} = {given}.column{len(keys) + n}" for n, name in enumerate(others, 1)
     )
     matched = " AND ".join(
-        f'"{table.name}".{_quoted(table, name)} = given.column{n}' for n, name in enumerate(keys, 1)
+        f'"{table.name}".{_quoted(table, name)} = {given}.column{n}' for n, name in enumerate(keys, 1)
     )
     return (
-        f'UPDATE "{table.name}" SET {assignments} FROM (VALUES {", ".join([row] * count)}) AS given '
+        f'UPDATE "{table.name}" SET {assignments} FROM (VALUES {", ".join([row] * count)}) AS {given} '
         f"WHERE {matched}"
     )
 
@@ -321,12 +325,14 @@ def _update_statement(table: Table, keys: tuple[str, ...], others: tuple[str, ..
     """PostgreSQL's UPDATE of rows of ``keys`` then ``others``, one array each, by ``keys``."""
     columns = (*keys, *others)
     arrays = ", ".join(f"${i}::{_pg_type(table.c[name])}[]" for i, name in enumerate(columns, 1))
-    given = ", ".join(_quoted(table, name) for name in columns)
-    assignments = ", ".join(f"{_quoted(table, name)} = given.{_quoted(table, name)}" for name in others)
+    names = ", ".join(_quoted(table, name) for name in columns)
+    assignments = ", ".join(f"{_quoted(table, name)} = {GIVEN}.{_quoted(table, name)}" for name in others)
     matched = " AND ".join(
-        f'"{table.name}".{_quoted(table, name)} = given.{_quoted(table, name)}' for name in keys
+        f'"{table.name}".{_quoted(table, name)} = {GIVEN}.{_quoted(table, name)}' for name in keys
     )
-    return f'UPDATE "{table.name}" SET {assignments} FROM unnest({arrays}) AS given({given}) WHERE {matched}'
+    return (
+        f'UPDATE "{table.name}" SET {assignments} FROM unnest({arrays}) AS {GIVEN}({names}) WHERE {matched}'
+    )
 
 
 def _quoted(table: Table, name: str) -> str:
