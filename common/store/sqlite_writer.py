@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -24,6 +25,9 @@ T = TypeVar("T")
 # How long a transaction waits for another process's write lock before it is an outage, as the
 # store's own connections do (``busy_timeout``).
 LOCK_TIMEOUT_SECONDS = 30
+# It waits in steps this long (SQLite's own wait), so that a writer being closed stops waiting:
+# a worker that stops is not held up to LOCK_TIMEOUT_SECONDS by a lock someone else keeps.
+LOCK_STEP_SECONDS = 0.5
 
 
 class SqliteWriter:
@@ -34,6 +38,7 @@ class SqliteWriter:
         self.path = path
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="cronfleet-sqlite-writer")
         self._connection: sqlite3.Connection | None = None
+        self._closing = False
 
     async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """What ``work`` returns, called with the connection inside a transaction that holds the
@@ -42,17 +47,18 @@ class SqliteWriter:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._in_transaction, work)
 
     async def close(self) -> None:
-        """Close the connection and stop the thread; a later ``transaction`` opens them again."""
-        thread, self._thread = (
-            self._thread,
-            ThreadPoolExecutor(1, thread_name_prefix="cronfleet-sqlite-writer"),
-        )
-        await asyncio.get_running_loop().run_in_executor(thread, self._close)
-        thread.shutdown()
+        """Close the connection (a later ``transaction`` opens it again). A transaction still
+        waiting for the write lock gives up ("database is locked") within LOCK_STEP_SECONDS."""
+        self._closing = True
+        try:
+            # On the writer's thread, after what is queued: the connection is that thread's.
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._close)
+        finally:
+            self._closing = False
 
     def _in_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         connection = self._connection or self._open()
-        connection.execute("BEGIN IMMEDIATE")
+        self._begin(connection)
         try:
             result = work(connection)
             connection.execute("COMMIT")
@@ -62,9 +68,23 @@ class SqliteWriter:
             raise
         return result
 
+    def _begin(self, connection: sqlite3.Connection) -> None:
+        """Begin a transaction holding the write lock, waiting for it up to LOCK_TIMEOUT_SECONDS
+        (less once the writer is being closed); then "database is locked" is raised."""
+        deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
+        while True:
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                locked = exc.sqlite_errorcode == sqlite3.SQLITE_BUSY
+                if not locked or self._closing or time.monotonic() >= deadline:
+                    raise
+
     def _open(self) -> sqlite3.Connection:
         # Autocommit mode (isolation_level None): the transactions are the writer's own.
-        connection = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_SECONDS, isolation_level=None)
+        step = min(LOCK_STEP_SECONDS, LOCK_TIMEOUT_SECONDS)
+        connection = sqlite3.connect(self.path, timeout=step, isolation_level=None)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         self._connection = connection

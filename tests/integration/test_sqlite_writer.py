@@ -4,6 +4,7 @@ goes back to the broker), and the writer carries on once the lock is free."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from datetime import timedelta
 
@@ -64,3 +65,22 @@ async def test_a_write_lock_held_past_the_timeout_is_an_outage_and_the_writer_ca
     claim = await claims.claim("job@1", "0" * 64, "run-2", now + timedelta(hours=1), now)
     assert claim.outcome is ClaimOutcome.RUN
     assert await _claims_held(store) == ["job@1"]
+
+
+async def test_a_store_closed_while_its_writer_waits_for_the_lock_does_not_wait_with_it(store: Store) -> None:
+    writer = _writer_of(store)
+    claims = TriggerClaims(store, "worker-1", timedelta(seconds=30))
+    now = utcnow()
+    other = sqlite3.connect(writer.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        waiting = asyncio.create_task(claims.claim("job@2", "0" * 64, "run-1", now + timedelta(hours=1), now))
+        await asyncio.sleep(1)  # the claim now waits for the lock the other connection holds
+        assert not waiting.done()
+        # Far less than the 30 s the claim would wait for the lock: closing does not wait for it.
+        await asyncio.wait_for(store.close(), timeout=20)
+        with pytest.raises(StoreUnavailable, match="database is locked"):
+            await waiting
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
