@@ -75,7 +75,9 @@ class Claim:
 
 
 _CLAIMS = cast(Table, TriggerClaimRow.__table__)
-# A finished claim is written to the row its run holds: by trigger id and run id.
+# A finished claim is written to the row its run holds: by trigger id and run id. Its lease is
+# renewed as it is: it is now the finishing worker's time to publish the retry the end may call
+# for (``take_retry``).
 _FINISH_KEY = ("trigger_id", "run_id")
 
 
@@ -257,7 +259,8 @@ class TriggerClaims:
             (row for is_claim, row in writes if not is_claim), key=lambda row: str(row["trigger_id"])
         )
         # In the driver's terms (``common.store.bulk``): a worker writes two rows a run. On a
-        # SQLite file, the transaction is one step of the loop (``common.store.sqlite_writer``).
+        # SQLite file, the transaction is one call on the writer's thread
+        # (``common.store.sqlite_writer``), not a hand-over to aiosqlite's a statement.
         writer = self.store.sqlite_writer()
         try:
             if writer is not None:
