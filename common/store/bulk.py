@@ -144,11 +144,9 @@ async def update_rows(
         await _on_sqlite(session, lambda run: _update_sqlite(run, table, keys, rows))
         return
     others = _others(rows, keys)
-    # PostgreSQL's join: one row per key, the last, as a statement per row would leave it.
-    last = list({tuple(row[name] for name in keys): row for row in rows}.values())
     connection = await session.connection()
     statement = _update_statement(table, keys, others)
-    for some in chunks(last, BULK_ROWS):
+    for some in chunks(_last_by_key(rows, keys), BULK_ROWS):
         await connection.exec_driver_sql(statement, _pg_parameters(table, (*keys, *others), some))
 
 
@@ -168,6 +166,12 @@ def update_rows_now(
 def _others(rows: Sequence[Mapping[str, Any]], keys: tuple[str, ...]) -> tuple[str, ...]:
     """The columns ``rows`` write besides ``keys``."""
     return tuple(name for name in rows[0] if name not in keys)
+
+
+def _last_by_key(rows: Sequence[Mapping[str, Any]], keys: tuple[str, ...]) -> list[Mapping[str, Any]]:
+    """One row per key, the last, as a statement per row would leave it: which of several rows
+    one UPDATE ... FROM takes is not defined, on either store."""
+    return list({tuple(row[name] for name in keys): row for row in rows}.values())
 
 
 # SQLite: one statement for each chunk of rows, their values in one VALUES list. sqlite3 lets
@@ -228,9 +232,7 @@ def _update_sqlite(run: Run, table: Table, keys: tuple[str, ...], rows: Sequence
     """Write ``rows`` to the rows of ``table`` with their ``keys``."""
     others = _others(rows, keys)
     columns = (*keys, *others)
-    # One row per key, the last: which of several rows one UPDATE ... FROM takes is not defined.
-    last = list({tuple(row[name] for name in keys): row for row in rows}.values())
-    for some in chunks(last, rows_per_insert(len(columns))):
+    for some in chunks(_last_by_key(rows, keys), rows_per_insert(len(columns))):
         values = _sqlite_values(table, columns, some)
         run(_sqlite_update(table, keys, others, len(some)), [value for row in values for value in row])
 
@@ -257,25 +259,24 @@ def _sqlite_insert(table: Table, columns: tuple[str, ...], count: int, skip_take
 @lru_cache(maxsize=1024)
 def _sqlite_went_in(table: Table, key: str, witness: str, count: int) -> str:
     """The positions (``n`` of each ``(key, witness, n)`` given) of the rows that hold their key."""
-    given = GIVEN
     return (
-        f"SELECT group_concat({given}.column3) FROM (VALUES {', '.join(['(?, ?, ?)'] * count)}) AS {given} "
-        f'JOIN "{table.name}" ON "{table.name}".{_quoted(table, key)} = {given}.column1 '
-        f'AND "{table.name}".{_quoted(table, witness)} = {given}.column2'
+        f"SELECT group_concat({GIVEN}.column3) FROM (VALUES {', '.join(['(?, ?, ?)'] * count)}) AS {GIVEN} "
+        f'JOIN "{table.name}" ON "{table.name}".{_quoted(table, key)} = {GIVEN}.column1 '
+        f'AND "{table.name}".{_quoted(table, witness)} = {GIVEN}.column2'
     )
 
 
 @lru_cache(maxsize=1024)
 def _sqlite_update(table: Table, keys: tuple[str, ...], others: tuple[str, ...], count: int) -> str:
-    row, given = f"({', '.join('?' for _ in (*keys, *others))})", GIVEN
+    row = f"({', '.join('?' for _ in (*keys, *others))})"
     assignments = ", ".join(
-        f"{_quoted(table, name)} = {given}.column{len(keys) + n}" for n, name in enumerate(others, 1)
+        f"{_quoted(table, name)} = {GIVEN}.column{len(keys) + n}" for n, name in enumerate(others, 1)
     )
     matched = " AND ".join(
-        f'"{table.name}".{_quoted(table, name)} = {given}.column{n}' for n, name in enumerate(keys, 1)
+        f'"{table.name}".{_quoted(table, name)} = {GIVEN}.column{n}' for n, name in enumerate(keys, 1)
     )
     return (
-        f'UPDATE "{table.name}" SET {assignments} FROM (VALUES {", ".join([row] * count)}) AS {given} '
+        f'UPDATE "{table.name}" SET {assignments} FROM (VALUES {", ".join([row] * count)}) AS {GIVEN} '
         f"WHERE {matched}"
     )
 

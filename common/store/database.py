@@ -115,9 +115,10 @@ class Store:
         await self.engine.dispose()
 
     def sqlite_writer(self) -> SqliteWriter | None:
-        """The writer of whole transactions in one step (``common.store.sqlite_writer``) on this
-        store's SQLite database file; None on PostgreSQL, or on SQLite in memory or opened with
-        URL options, where a connection of its own would not be the same database."""
+        """The writer of whole transactions, each one call on a thread of its own
+        (``common.store.sqlite_writer``), on this store's SQLite database file; None on
+        PostgreSQL, or on SQLite in memory or opened with URL options, where a connection of its
+        own would not be the same database."""
         url = self.engine.url
         if self.dialect != "sqlite" or not url.database or url.database == ":memory:" or url.query:
             return None

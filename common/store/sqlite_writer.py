@@ -1,11 +1,12 @@
-"""A SQLite transaction in one step of the event loop: the hot writes of a busy worker.
+"""A SQLite transaction in one hand-over to a thread: the hot writes of a busy worker.
 
 Through SQLAlchemy and aiosqlite, each statement, its cursor, the commit and the connection's
 return to the pool are each a hop to aiosqlite's thread and back, and on a busy loop each hop
 waits its turn: a claims write of 30 rows took 9 ms, of which SQLite spent well under one, and
 each run waits for two such writes. Here the whole transaction (``BEGIN IMMEDIATE``, the
 statements, ``COMMIT``) is one call on a thread of the writer's own, holding its own connection
-to the same database file, with the store's settings (WAL, ``busy_timeout``).
+to the same database file in WAL mode, and waiting for another process's write lock as long as
+the store's own connections do.
 
 Errors are sqlite3's own: ``sqlite3.OperationalError`` (locked past the timeout, the disk) is in
 ``STORE_OUTAGES``, like the errors SQLAlchemy raises for the same causes.
@@ -85,8 +86,12 @@ class SqliteWriter:
         # Autocommit mode (isolation_level None): the transactions are the writer's own.
         step = min(LOCK_STEP_SECONDS, LOCK_TIMEOUT_SECONDS)
         connection = sqlite3.connect(self.path, timeout=step, isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            connection.close()  # the next transaction opens one afresh
+            raise
         self._connection = connection
         return connection
 
