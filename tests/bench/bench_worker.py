@@ -276,6 +276,9 @@ def start_workers(
         commands = [
             [
                 *(spy, "record", "--format", "raw", "--rate", "200"),
+                # BENCH_PYSPY_FLAGS: more py-spy flags, e.g. "--gil" (only the thread holding
+                # the GIL: where the CPU goes, without the threads waiting for it).
+                *os.environ.get("BENCH_PYSPY_FLAGS", "").split(),
                 *("--output", f"{profile}/{label}-{n}.txt"),
                 *("--", sys.executable, "-c", DUMPABLE_CRONFLEET, *arguments),
             ]
