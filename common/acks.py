@@ -23,7 +23,8 @@ from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp.commands import Basic
 
 from common.batching import Batcher
-from common.bus import CONNECT_ERRORS, Delivery, consume_deliveries
+from common.connection import CONNECT_ERRORS
+from common.consuming import Delivery, consume_deliveries
 
 log = logging.getLogger("cronfleet.bus")
 
@@ -160,7 +161,7 @@ async def consume_acked(
     ready: asyncio.Event,
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """``common.bus.consume_deliveries``, handing each delivery over as an ``AckedDelivery`` whose
+    """``common.consuming.consume_deliveries``, handing each delivery over as an ``AckedDelivery`` whose
     settlement is written together with the others of its channel; ``on_stop`` as there."""
     by_channel: dict[int, ChannelAcks] = {}
 

@@ -9,7 +9,7 @@ Every such loop calls ``stop_if_cancelled`` once per turn.
 The reverse happens too: aiormq cancels every call in flight (a publish's confirm, a channel
 open, a passive declare) when it finds its connection dead (no frame for three heartbeat
 intervals), and the task that made it, which nobody cancelled, gets a ``CancelledError``.
-``cancelling`` tells the two apart (``common.bus.link_loss_as_error``).
+``cancelling`` tells the two apart (``common.connection.link_loss_as_error``).
 """
 
 from __future__ import annotations

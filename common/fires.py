@@ -15,11 +15,12 @@ from typing import NamedTuple, cast
 
 from sqlalchemy import Table, and_, delete, or_, select, update
 
-from common.bus import FramedMessage, Publisher
 from common.clock import utcnow
 from common.collector import collector_paused
 from common.errors import BrokerUnavailable
+from common.framing import FramedMessage
 from common.messages import Trigger
+from common.publisher import Publisher
 from common.store import FireRow, Store, dialect_insert
 from common.store.chunks import IN_LIST_CHUNK, chunks, rows_per_insert
 

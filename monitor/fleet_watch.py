@@ -30,9 +30,9 @@ from aiormq.exceptions import ChannelNotFoundEntity
 from sqlalchemy import Table, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from common.bus import CONNECT_ERRORS, link_loss_as_error, open_channel
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
+from common.connection import CONNECT_ERRORS, link_loss_as_error, open_channel
 from common.messages import Event, RunStatus, SchedulerHeartbeat, WorkerHeartbeat
 from common.retry import OutageLog
 from common.settings import Settings

@@ -23,22 +23,15 @@ from datetime import datetime
 
 from aio_pika.abc import AbstractRobustConnection
 
-from common.bus import (
-    CONNECT_ERRORS,
-    Delivery,
-    Publisher,
-    ack_deliveries,
-    connect,
-    consume_deliveries,
-    link_loss_as_error,
-    open_channel,
-)
 from common.cancel import stop_if_cancelled
 from common.clock import Clock, utcnow
+from common.connection import CONNECT_ERRORS, connect, link_loss_as_error, open_channel
+from common.consuming import Delivery, ack_deliveries, consume_deliveries
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
 from common.errors import BrokerUnavailable, ConfigError
 from common.http_client import open_session
 from common.messages import MONITORED_ADAPTER, Event, EventBatch, MonitoredMessage
+from common.publisher import Publisher
 from common.retry import until_done
 from common.services import ServiceOptions
 from common.settings import Settings

@@ -15,12 +15,15 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.exc import SQLAlchemyError
 
 from common import fires
-from common.bus import CONNECT_ERRORS, FramedMessage, Publisher, connect, consume_forever, settle
 from common.catalog import load_jobs, planned_pools, read_job_changes, record_next_fires
 from common.clock import Clock, utcnow
+from common.connection import CONNECT_ERRORS, connect
+from common.consuming import consume_forever, settle
 from common.envelope import Accepted, open_envelope
 from common.errors import BrokerUnavailable
+from common.framing import FramedMessage
 from common.messages import CONTROL_ADAPTER, SchedulerHeartbeat, Trigger, trigger_id
+from common.publisher import Publisher
 from common.retry import OutageLog
 from common.services import ServiceOptions, dead_local_instances, local_prefix
 from common.settings import Settings

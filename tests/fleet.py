@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from common.bus import connect
 from common.cli.main import main
+from common.connection import connect
 from common.services import ServiceOptions, load_service
 from common.settings import SETTINGS_PREFIX, Settings
 from common.topology import Topology

@@ -33,7 +33,6 @@ import orjson
 from pydantic import ValidationError
 
 from common.acks import AckedDelivery
-from common.bus import Publisher
 from common.clock import Clock, utcnow
 from common.envelope import Rejected, RejectionReason, internal_error, one_line, open_envelope
 from common.errors import BrokerUnavailable, StoreUnavailable
@@ -46,6 +45,7 @@ from common.messages import (
     RunStatus,
     Trigger,
 )
+from common.publisher import Publisher
 from common.retries import (
     attempt_of,
     backoff_delay,

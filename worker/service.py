@@ -13,11 +13,12 @@ from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from common.acks import consume_acked
-from common.bus import CONNECT_ERRORS, Publisher, broker_refusal, connect, open_channel
 from common.clock import utcnow
+from common.connection import CONNECT_ERRORS, broker_refusal, connect, open_channel
 from common.errors import BrokerUnavailable, ConfigError, StoreUnavailable
 from common.http_client import open_session
 from common.messages import WorkerHeartbeat
+from common.publisher import Publisher
 from common.retry import until_done
 from common.services import ServiceOptions
 from common.settings import Settings

@@ -15,15 +15,16 @@ from sqlalchemy import ScalarSelect, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common import fires
-from common.bus import CONNECT_ERRORS, Publisher, connect
 from common.catalog import apply_jobs, find_job, read_jobs
 from common.cli.fleet_status import COLUMNS as FLEET_COLUMNS
 from common.cli.fleet_status import fleet_down, read_fleet
 from common.cli.output import emit
 from common.clock import utcnow
+from common.connection import CONNECT_ERRORS, connect
 from common.errors import BrokerUnavailable, ConfigError, CronfleetError, JobFileError, NoAction, NotFound
 from common.jobs import JobSpec, load_jobs_file
 from common.messages import ALL_MESSAGES, HeartbeatKind, JobHeartbeat, RunStatus
+from common.publisher import Publisher
 from common.redact import redact
 from common.settings import Settings
 from common.signing import Keyring, Role, new_ed25519_pair, new_key

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 from sqlalchemy import func, select
 
-from common.bus import CONNECT_ERRORS, connect, open_channel, redact
 from common.catalog import read_jobs
 from common.clock import utcnow
+from common.connection import CONNECT_ERRORS, connect, open_channel, redact
 from common.errors import BrokerUnavailable, ConfigError, CronfleetError
 from common.settings import Settings, amqp_urls
 from common.signing import Keyring, Role

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from aio_pika.abc import AbstractRobustConnection
 from fastapi import Request
 
-from common.bus import Publisher
 from common.clock import Clock, utcnow
+from common.publisher import Publisher
 from common.settings import Settings
 from common.signing import Keyring
 from common.store import Store

@@ -22,10 +22,10 @@ from sqlalchemy import select
 
 from common import fires
 from common.api_keys import ApiKey
-from common.bus import CONNECT_ERRORS, open_channel
 from common.catalog import find_job, read_jobs
 from common.cli.admin import last_flip_reason
 from common.cli.fleet_status import read_fleet
+from common.connection import CONNECT_ERRORS, open_channel
 from common.cron import next_fire
 from common.cron_words import describe_schedule
 from common.errors import BrokerUnavailable, ConfigError, CronfleetError

@@ -60,11 +60,13 @@ import scheduler.service
 import worker.service
 from common import fires
 from common.actions import AnyAction, ShellAction
-from common.bus import FramedMessage, Publisher, connect
 from common.catalog import apply_jobs
 from common.clock import utcnow
+from common.connection import connect
+from common.framing import FramedMessage
 from common.jobs import JobSpec
 from common.messages import RunStatus, Trigger, trigger_id
+from common.publisher import Publisher
 from common.services import ServiceOptions
 from common.settings import Settings
 from common.signing import Role

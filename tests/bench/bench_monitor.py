@@ -58,9 +58,9 @@ from sqlalchemy import func, select, text
 
 import monitor.service
 from common.actions import ShellAction
-from common.bus import Publisher, connect
 from common.catalog import apply_jobs
 from common.clock import utcnow
+from common.connection import connect
 from common.jobs import JobSpec
 from common.messages import (
     Event,
@@ -71,6 +71,7 @@ from common.messages import (
     RunStatus,
     trigger_id,
 )
+from common.publisher import Publisher
 from common.roles import signing_role
 from common.services import ServiceOptions
 from common.settings import Settings, normalise_database_url

@@ -268,7 +268,8 @@ async def _celery_beat_start(jobs_file: Path, amqp_url: str, directory: Path) ->
 
 async def _tell_schedulers(amqp_url: str, namespace: str) -> bool:
     """Publish ``jobs.changed`` as ``cronfleet apply`` does; whether it went out."""
-    from common.bus import Publisher, connect
+    from common.connection import connect
+    from common.publisher import Publisher
     from common.settings import Settings
     from common.topology import Topology
 
@@ -446,7 +447,7 @@ async def run_rows_only(postgres_url: str, jobs: int) -> None:
     import psutil
     from sqlalchemy import text
 
-    from common.bus import Publisher
+    from common.publisher import Publisher
     from common.settings import Settings, normalise_database_url
     from common.store import Store
     from common.topology import Topology

@@ -72,9 +72,10 @@ import orjson
 from sqlalchemy import text
 
 from common.actions import HttpAction, PythonAction, ShellAction
-from common.bus import Publisher, connect
 from common.clock import utcnow
+from common.connection import connect
 from common.jobs import JobSpec
+from common.publisher import Publisher
 from common.settings import Settings, normalise_database_url
 from common.store import Store
 from common.topology import Topology

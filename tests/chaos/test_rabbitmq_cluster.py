@@ -7,7 +7,7 @@ Every process is given every node's URL (``CRONFLEET_AMQP_URL=amqp://...node0,am
 client whose node stops reconnects to the next one (``common.failover``). The queues are quorum
 queues with a member on each node: when the leader's node stops, a follower takes over.
 
-Measured before the publisher published again what a lost connection cut (``common.bus``): when
+Measured before the publisher published again what a lost connection cut (``common.publisher``): when
 the first node stopped, 10 runs stayed ``running`` for ever (their run.started was routed, its
 confirm lost, the trigger given back and run by another run), so 10 fires showed two runs.
 """

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiormq.connection import Connection, SSLContextProvider
 
-from common.bus import connect
+from common.connection import connect
 from common.errors import BrokerUnavailable
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")

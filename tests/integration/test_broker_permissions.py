@@ -28,8 +28,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from aiormq.exceptions import ChannelAccessRefused
 
 from common.actions import ShellAction
-from common.bus import Publisher, connect
 from common.clock import utcnow
+from common.connection import connect
 from common.envelope import Rejected, RejectionReason
 from common.errors import BrokerUnavailable
 from common.messages import (
@@ -41,6 +41,7 @@ from common.messages import (
     Trigger,
     WorkerHeartbeat,
 )
+from common.publisher import Publisher
 from common.settings import Settings
 from common.store import Store
 from common.topology import Topology

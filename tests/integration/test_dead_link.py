@@ -24,9 +24,10 @@ from urllib.parse import urlsplit
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from common.bus import ConnectionDown, Publisher, connect, open_channel
+from common.connection import ConnectionDown, connect, open_channel
 from common.errors import BrokerUnavailable
 from common.messages import WorkerHeartbeat
+from common.publisher import Publisher
 from common.settings import Settings
 from common.store import Store
 from common.topology import Topology

@@ -13,11 +13,13 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 import monitor.service
-from common.bus import Delivery, Publisher, connect
 from common.clock import utcnow
+from common.connection import connect
+from common.consuming import Delivery
 from common.envelope import REJECTION_DETAIL_HEADER, REJECTION_HEADER
 from common.event_batches import batch_body
 from common.messages import MONITORED_ADAPTER, EventBatch, RunFinished, RunStarted, RunStatus
+from common.publisher import Publisher
 from common.settings import Settings
 from common.signing import Role
 from common.store import Store

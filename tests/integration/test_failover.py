@@ -17,10 +17,12 @@ from urllib.parse import urlsplit
 import pytest
 from aio_pika.robust_connection import RobustConnection
 
-from common.bus import Delivery, Publisher, connect, consume_deliveries, redact
+from common.connection import connect, redact
+from common.consuming import Delivery, consume_deliveries
 from common.errors import BrokerUnavailable, ConfigError
 from common.failover import ROTATES, FailoverConnection
 from common.messages import WorkerHeartbeat
+from common.publisher import Publisher
 from common.settings import Settings, amqp_urls
 from common.topology import Topology
 from tests.conftest import AMQP_URL, keyring

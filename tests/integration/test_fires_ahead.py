@@ -13,10 +13,10 @@ from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import select
 
 from common import fires
-from common.bus import Publisher
 from common.catalog import apply_jobs
 from common.clock import utcnow
 from common.jobs import JobSpec, parse_jobs
+from common.publisher import Publisher
 from common.settings import Settings
 from common.store import FireRow, Store
 from common.topology import Topology

@@ -13,10 +13,10 @@ import orjson
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import delete, select
 
-from common.bus import Publisher
 from common.clock import utcnow
 from common.jobs import JobSpec
 from common.messages import HeartbeatKind, JobHeartbeat, RunFinished, RunStarted, RunStatus, WireMessage
+from common.publisher import Publisher
 from common.settings import Settings
 from common.store import FlipRow, JobHealthRow, JobStateRow, Store
 from common.topology import Topology

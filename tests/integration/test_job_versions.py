@@ -10,10 +10,10 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import select
 
-from common.bus import Publisher
 from common.catalog import apply_jobs, read_job_changes, remove_job, save_job
 from common.clock import utcnow
 from common.jobs import JobSpec, parse_jobs
+from common.publisher import Publisher
 from common.settings import Settings
 from common.store import JobRow, Store
 from common.topology import Topology

@@ -15,9 +15,10 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from sqlalchemy import make_url, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from common.bus import Delivery, Publisher
 from common.clock import utcnow
+from common.consuming import Delivery
 from common.messages import Event, HeartbeatKind, JobHeartbeat, WorkerHeartbeat
+from common.publisher import Publisher
 from common.settings import Settings
 from common.signing import Role
 from common.store import AlertAttemptRow, FleetHealthRow, Store

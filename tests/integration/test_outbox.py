@@ -12,9 +12,9 @@ from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import select
 
 from common import fires
-from common.bus import Publisher
 from common.clock import utcnow
 from common.jobs import parse_jobs
+from common.publisher import Publisher
 from common.services import dead_local_instances, local_prefix
 from common.settings import Settings
 from common.store import FireRow, Store

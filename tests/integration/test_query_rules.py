@@ -17,12 +17,12 @@ from sqlalchemy import Engine, event, func, select, text
 
 from common import fires
 from common.api_keys import create_api_key
-from common.bus import Publisher
 from common.catalog import apply_jobs, load_jobs
 from common.clock import utcnow
 from common.errors import StatementTooLarge, StoreUnavailable
 from common.jobs import JobSpec
 from common.messages import HeartbeatKind, JobHeartbeat, RunStatus
+from common.publisher import Publisher
 from common.settings import Settings
 from common.store import AlertAttemptRow, FireRow, FlipRow, HeartbeatRow, JobRow, RunRow, Store, bulk
 from common.store.chunks import IN_LIST_CHUNK, INSERT_PARAMETERS_CHUNK

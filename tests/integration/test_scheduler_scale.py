@@ -16,10 +16,10 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import func, select
 
-from common.bus import Publisher
 from common.catalog import apply_jobs
 from common.clock import utcnow
 from common.jobs import JobSpec
+from common.publisher import Publisher
 from common.settings import Settings
 from common.store import FireRow, Store
 from common.topology import Topology

@@ -16,11 +16,11 @@ from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import select
 
 from common import fires
-from common.bus import Publisher
 from common.catalog import apply_jobs
 from common.clock import utcnow
 from common.jitter import jitter_offset
 from common.jobs import parse_jobs
+from common.publisher import Publisher
 from common.settings import Settings
 from common.store import FireRow, JobRow, MissedFireRow, Store
 from common.topology import Topology

@@ -9,12 +9,12 @@ from datetime import datetime, timedelta
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from common.actions import ShellAction
-from common.bus import Publisher
 from common.clock import utcnow
 from common.envelope import Accepted, open_envelope
 from common.errors import BrokerUnavailable
 from common.jobs import JobSpec
 from common.messages import TRIGGER_ADAPTER
+from common.publisher import Publisher
 from common.settings import Settings
 from common.topology import Topology
 

@@ -13,8 +13,8 @@ from pamqp import decode as pamqp_decode
 from pamqp import encode as pamqp_encode
 
 from common.actions import ShellAction
+from common.amqp_headers import amqp_value
 from common.bounds import MAX_MESSAGE_BYTES
-from common.bus import amqp_value
 from common.envelope import Accepted, Rejected, RejectionReason, internal_error, open_envelope
 from common.messages import (
     BATCHED_EVENT_TYPES,

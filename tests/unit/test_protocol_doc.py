@@ -30,7 +30,6 @@ import pytest
 from pydantic import BaseModel
 
 from common.actions import HttpAction, PythonAction, ShellAction
-from common.bus import Publisher
 from common.cli import admin
 from common.envelope import Accepted, Rejected, RejectionReason, open_envelope
 from common.messages import (
@@ -45,6 +44,7 @@ from common.messages import (
     Trigger,
     WireMessage,
 )
+from common.publisher import Publisher
 from common.retries import DELAY_STEPS
 from common.roles import SIGNED_BY
 from common.settings import Settings

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from common.connection import redact as broker_redact
 from common.redact import MASK, is_secret_name, redact, redact_url
 
 
@@ -88,3 +89,21 @@ def test_text_without_a_secret_is_unchanged(text: str) -> None:
 def test_redact_never_raises(text: str) -> None:
     redact({"a": [text, {"b": text}], text: text})
     redact_url("https://" + text)
+
+
+@pytest.mark.parametrize(
+    ("urls", "shown"),
+    [
+        ("amqp://u:p%40ss@h1:5672/v,amqp://u:p@h2/", "amqp://u:***@h1:5672/v,amqp://u:***@h2/"),
+        # A port out of range made the broker's log line raise instead of masking the password.
+        ("amqp://u:secret@h:99999/", "amqp://u:***@h:99999/"),
+        ("amqp://guest@h/", "amqp://guest@h/"),
+    ],
+)
+def test_every_password_of_a_list_of_broker_urls_is_masked(urls: str, shown: str) -> None:
+    assert broker_redact(urls) == shown
+
+
+@given(st.text())
+def test_masking_broker_urls_never_raises(text: str) -> None:
+    broker_redact("amqp://" + text)
