@@ -767,3 +767,12 @@ def test_under_a_failure_threshold_the_real_end_of_a_lost_run_only_clears_the_co
     assert path(flips) == "up" and after.consecutive_failures == 1
     after, flips = run(after, [(R1_REPORTED_OK, at(10, 3))], policy=lenient)
     assert flips == [] and after.consecutive_failures == 0
+
+
+def test_a_changed_record_is_the_record_with_those_fields_and_no_other_name_is_taken() -> None:
+    record = HealthRecord(State.UP, since=DUE, due_at=DUE, deadline_at=DUE)
+    moved = record.changed(state=State.LATE, since=DUE + timedelta(seconds=1))
+    assert moved == HealthRecord(State.LATE, since=DUE + timedelta(seconds=1), due_at=DUE, deadline_at=DUE)
+    assert record.state is State.UP  # the original is untouched
+    with pytest.raises(TypeError, match="stat"):
+        record.changed(stat=State.DOWN)
