@@ -1,4 +1,5 @@
-"""Pausing Python's cyclic garbage collector around short, latency-bound work."""
+"""Python's cyclic garbage collector: paused around short, latency-bound work, and kept off the
+objects a long-running process builds once at its start."""
 
 from __future__ import annotations
 
@@ -23,3 +24,25 @@ def collector_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+# Young objects allowed before a collection of the youngest generation (Python's default: 700).
+# A busy process allocates far more than that in objects that live for one run or one batch:
+# each collection would walk them and promote them to the older generations, which are then
+# walked again. 10,000 of them are a few megabytes at most.
+YOUNG_OBJECTS_BEFORE_COLLECTING = 10_000
+
+
+def freeze_startup_heap() -> None:
+    """Leave what the process built to start (its modules, settings, jobs, connections) out of
+    every later collection, and collect the young generation less often.
+
+    Collected once now, then frozen (``gc.freeze``): a full collection walks every tracked
+    object, and in a worker running 2,000 runs a second that came once a second and took 60 ms,
+    on objects that live as long as the process. What it creates afterwards is collected as
+    usual, after ``YOUNG_OBJECTS_BEFORE_COLLECTING`` new objects instead of 700. Call it once,
+    when the process is ready."""
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_OBJECTS_BEFORE_COLLECTING, middle, old)

@@ -8,6 +8,7 @@ import logging
 
 from common.catalog import apply_jobs
 from common.clock import utcnow
+from common.collector import freeze_startup_heap
 from common.errors import ConfigError, JobFileError
 from common.jobs import load_jobs_file
 from common.services import ServiceOptions, load_service, parse_listen_address
@@ -18,11 +19,15 @@ log = logging.getLogger("cronfleet")
 
 
 async def run_services(settings: Settings, services: list[tuple[str, ServiceOptions]]) -> int:
-    """Run the named services side by side until cancelled or one of them fails."""
+    """Run the named services side by side until cancelled or one of them fails. Once every one
+    is ready, what they built to start is left out of the garbage collector's walks
+    (``common.collector.freeze_startup_heap``)."""
     settings.keyring()  # fail fast, in one line, before anything starts
     async with asyncio.TaskGroup() as tasks:
         for name, options in services:
             tasks.create_task(load_service(name)(settings, options), name=name)
+        await asyncio.gather(*(options.ready.wait() for _name, options in services))
+        freeze_startup_heap()
     return 0
 
 

@@ -59,6 +59,7 @@ from sqlalchemy import func, select, text
 import monitor.service
 from common.actions import ShellAction
 from common.catalog import apply_jobs
+from common.cli.fleet import run_services
 from common.clock import utcnow
 from common.connection import connect
 from common.jobs import JobSpec
@@ -246,7 +247,8 @@ def _monitor_process(settings: Settings, name: str, ready: Any, stop: Any) -> No
 
     async def main() -> None:
         options = ServiceOptions(name=name)
-        task = asyncio.create_task(monitor.service.serve(settings, options), name=name)
+        # As `cronfleet monitor` runs it (``run_services``: its heap frozen once ready).
+        task = asyncio.create_task(run_services(settings, [("monitor", options)]), name=name)
         await options.ready.wait()
         ready.set()
         await asyncio.get_running_loop().run_in_executor(None, stop.wait)
