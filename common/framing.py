@@ -36,6 +36,7 @@ class ConfirmInstants:
             self.all_done.set()
 
     def note(self, index: int, _future: asyncio.Future[Any]) -> None:
+        """Message ``index`` was settled now (a done-callback of its confirmation)."""
         now = datetime.now(UTC)
         if self._last is None or now - self._last > _SAME_CONFIRM:
             self._last = now
