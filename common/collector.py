@@ -38,10 +38,10 @@ def freeze_startup_heap() -> None:
     every later collection, and collect the young generation less often.
 
     Collected once now, then frozen (``gc.freeze``): a full collection walks every tracked
-    object, and in a worker running 2,000 runs a second that came once a second and took 60 ms,
-    on objects that live as long as the process. What it creates afterwards is collected as
-    usual, after ``YOUNG_OBJECTS_BEFORE_COLLECTING`` new objects instead of 700. Call it once,
-    when the process is ready."""
+    object, and a worker running 2,000 runs a second had one a second, 60 ms each, mostly over
+    objects that live as long as the process. What it creates afterwards is collected as usual,
+    after ``YOUNG_OBJECTS_BEFORE_COLLECTING`` new objects instead of 700; a frozen object is
+    still freed once nothing refers to it. Call it once, when the process is ready."""
     gc.collect()
     gc.freeze()
     _young, middle, old = gc.get_threshold()
