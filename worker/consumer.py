@@ -260,13 +260,7 @@ class TriggerHandler:
         key = claim_key(trigger.id, attempt)
         self._held[key] = run_id
         try:
-            # Under ``allow`` (most jobs) no lease is taken: nothing to guard.
-            guard = (
-                _UNGUARDED
-                if trigger.policy is Overlap.ALLOW
-                else self._overlap_guard(trigger, run_id, expires_at, dead)
-            )
-            async with guard as blocked:
+            async with self._overlap_guard(trigger, run_id, expires_at, dead) as blocked:
                 # Started once the job's lease (if any) is held: the wait is not part of the run.
                 started = self._start(trigger, run_id, redelivered, attempt)
                 if blocked is not None:
@@ -410,20 +404,25 @@ class TriggerHandler:
                 case RetryTurn.BUSY:
                     await asyncio.sleep(CLAIM_POLL_SECONDS)
 
-    @contextlib.asynccontextmanager
-    async def _overlap_guard(
+    def _overlap_guard(
         self, trigger: Trigger, run_id: str, expires_at: datetime, dead: str | None = None
-    ) -> AsyncIterator[str | None]:
+    ) -> contextlib.AbstractAsyncContextManager[str | None]:
         """Hold the job's lease around the block under overlap ``skip`` or ``queue``, renewed
-        while it runs. Yields None once held (at once under ``allow``), or why the run does not
-        start: under ``skip`` when another (live) run holds the lease, under ``queue`` when the
-        trigger expired while waiting for it. A lease ``dead`` holds is waited out under both:
-        that run was lost with its worker (this run replaces it), and its lease outlives it by
-        its ttl, on purpose."""
+        while it runs. Yields None once held (at once under ``allow``, most jobs, which take no
+        lease), or why the run does not start: under ``skip`` when another (live) run holds the
+        lease, under ``queue`` when the trigger expired while waiting for it. A lease ``dead``
+        holds is waited out under both: that run was lost with its worker (this run replaces
+        it), and its lease outlives it by its ttl, on purpose."""
+        if trigger.policy is Overlap.ALLOW:
+            return _UNGUARDED
+        return self._leased(trigger, run_id, expires_at, dead)
+
+    @contextlib.asynccontextmanager
+    async def _leased(
+        self, trigger: Trigger, run_id: str, expires_at: datetime, dead: str | None
+    ) -> AsyncIterator[str | None]:
+        """``_overlap_guard`` under ``skip`` or ``queue``."""
         policy = trigger.policy
-        if policy is Overlap.ALLOW:
-            yield None
-            return
         key = exclusive_key(trigger.job)
         ttl = (
             timedelta(seconds=trigger.exclusive_ttl_seconds)
