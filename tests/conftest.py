@@ -22,7 +22,7 @@ from common.settings import Settings, normalise_database_url
 from common.signing import Keyring
 from common.store import Store
 from common.topology import Topology
-from tests.fleet import Fleet
+from tests.fleet import Fleet, end_leftover_tasks
 
 # One key of each role signs (t1, e1, p1); a second of each verifies too, as after a rotation.
 TEST_KEYS = ",".join(
@@ -195,6 +195,15 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
     opened = await Store.open(settings.database_url, settings.database_schema)
     yield opened
     await opened.close()
+
+
+@pytest.fixture(autouse=True)
+async def _tasks_end_with_their_test() -> AsyncIterator[None]:
+    """Once every other fixture of the test has ended, no task of its loop is left running:
+    each is cancelled, and one that does not end soon after fails the test with its stack
+    (``end_leftover_tasks``)."""
+    yield
+    await end_leftover_tasks()
 
 
 @pytest.fixture

@@ -87,6 +87,31 @@ def print_task_stacks(why: str) -> None:
         task.print_stack(file=sys.stderr)
 
 
+LEFTOVER_SECONDS = 15.0
+"""How long a task the test left running may take to end once cancelled."""
+
+
+async def end_leftover_tasks(timeout: float = LEFTOVER_SECONDS) -> None:
+    """Cancel every task of the running loop but the caller's and wait for them to end; fail,
+    printing where each waits, when one has not ended within ``timeout``. The loop's own closing
+    does the same with no bound: a task that ignores its cancellation held a test's teardown
+    until the suite's timeout (300 s) with no word of where it waited."""
+    leftover = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in leftover:
+        task.cancel()
+    if not leftover:
+        return
+    _, pending = await asyncio.wait(leftover, timeout=timeout)
+    if pending:
+        print_task_stacks(
+            f"{len(pending)} task(s) left by the test did not end within {timeout:g}s of being cancelled"
+        )
+        raise AssertionError(
+            f"{', '.join(task.get_name() for task in pending)} did not end within {timeout:g}s of "
+            "being cancelled (every task's stack is printed above)"
+        )
+
+
 async def declare_pool(settings: Settings, pool: str) -> None:
     """Declare ``pool``'s queue (and the shared topology) as a scheduler does (on the first node
     of ``amqp_url`` that answers)."""
