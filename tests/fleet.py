@@ -87,7 +87,7 @@ def print_task_stacks(why: str) -> None:
         task.print_stack(file=sys.stderr)
 
 
-LEFTOVER_SECONDS = 15.0
+LEFTOVER_SECONDS = 60.0
 """How long a task the test left running may take to end once cancelled."""
 
 
