@@ -37,7 +37,6 @@ import logging
 import math
 import multiprocessing
 import os
-import platform
 import secrets
 import subprocess
 import sys
@@ -59,6 +58,10 @@ import monitor.service
 import scheduler.service
 import worker.service
 from common import fires
+
+# The repository, so that tests.bench imports when this file runs as a script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from common.actions import AnyAction, ShellAction
 from common.catalog import apply_jobs
 from common.clock import utcnow
@@ -72,6 +75,7 @@ from common.settings import Settings
 from common.signing import Role
 from common.store import FireRow, RunRow, Store
 from common.topology import Topology
+from tests.bench.machine import machine
 from worker.actions import ActionResult, Executor, RunContext
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -667,8 +671,7 @@ async def run(args: argparse.Namespace) -> int:
     version = await broker_version(args.amqp_url)
     print(f"cronfleet code from {args.code}", flush=True)
     print(
-        f"cronfleet e2e bench: {os.cpu_count()} cpu(s) ({platform.machine()}), "
-        f"Python {platform.python_version()}, "
+        f"cronfleet e2e bench: {machine()}, "
         f"RabbitMQ {version}, mode={args.mode}, worker concurrency={args.concurrency}, batch={args.batch}",
         flush=True,
     )

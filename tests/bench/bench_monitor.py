@@ -40,7 +40,6 @@ import logging
 import math
 import multiprocessing
 import os
-import platform
 import secrets
 import sys
 import tempfile
@@ -57,6 +56,10 @@ import orjson
 from sqlalchemy import func, select, text
 
 import monitor.service
+
+# The repository, so that tests.bench imports when this file runs as a script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from common.actions import ShellAction
 from common.catalog import apply_jobs
 from common.cli.fleet import run_services
@@ -79,6 +82,7 @@ from common.services import ServiceOptions
 from common.settings import Settings, normalise_database_url
 from common.store import AlertAttemptRow, FlipRow, HeartbeatRow, RunRow, Store
 from common.topology import Topology, event_routing_key
+from tests.bench.machine import machine
 
 POOL = "default"
 PUBLISH_BATCH = 500
@@ -664,8 +668,7 @@ async def run(args: argparse.Namespace) -> int:
     run_id = uuid.uuid4().hex[:8]
     keys = ",".join(f"{role}:bench-{role}:{secrets.token_hex(16)}" for role in ("trigger", "event", "ping"))
     print(
-        f"cronfleet monitor bench: {os.cpu_count()} cpu(s) ({platform.machine()}), "
-        f"Python {platform.python_version()}, batch limit {monitor.service.BATCH_LIMIT}, "
+        f"cronfleet monitor bench: {machine()}, batch limit {monitor.service.BATCH_LIMIT}, "
         f"prefetch {monitor.service.PREFETCH}",
         flush=True,
     )

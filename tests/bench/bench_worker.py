@@ -51,7 +51,6 @@ import asyncio
 import base64
 import contextlib
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -71,6 +70,9 @@ import aio_pika
 import orjson
 from sqlalchemy import text
 
+# The repository, so that tests.bench imports when this file runs as a script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from common.actions import HttpAction, PythonAction, ShellAction
 from common.clock import utcnow
 from common.connection import connect
@@ -79,6 +81,7 @@ from common.publisher import Publisher
 from common.settings import Settings, normalise_database_url
 from common.store import Store
 from common.topology import Topology
+from tests.bench.machine import machine
 from worker.actions import RunContext
 from worker.functions import job_function
 
@@ -707,8 +710,7 @@ async def drained_rate(
 
 async def run(args: argparse.Namespace) -> int:
     print(
-        f"cronfleet worker bench: {os.cpu_count()} cpu(s) ({platform.machine()}), Python "
-        f"{platform.python_version()}, store {args.store}, concurrency {args.concurrency}, "
+        f"cronfleet worker bench: {machine()}, store {args.store}, concurrency {args.concurrency}, "
         f"{args.runs} runs each",
         flush=True,
     )
