@@ -740,7 +740,6 @@ async def run(args: argparse.Namespace) -> int:
 
 async def celery_beat_lag(amqp_url: str, jobs: int, seconds: float, tmp: Path) -> dict[str, Any]:
     """The Celery beat reference of the fire-lag run (``tests/bench/ref_celery_beat.py``)."""
-    sys.path.insert(0, ROOT)
     from tests.bench import ref_celery_beat
 
     directory = Path(tempfile.mkdtemp(prefix="beat-", dir=tmp))
